@@ -1,0 +1,29 @@
+"""nnunet-ssp: self-supervised pretraining for nnU-Net v2 2D cardiac cine segmentation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="nnunet-ssp",
+    version="0.1.0",
+    description="Self-supervised pretraining (SimCLR, PCL, DINO, MIM) for nnU-Net v2 2D CMR cine segmentation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nnunet_ssp", "nnunet_ssp.*", "pretraining", "pretraining.*",
+                                    "trainers", "trainers.*"]),
+    package_data={"trainers": ["nnunet_ext/*.py"]},
+    install_requires=[
+        "nnunetv2>=2.8.1,<2.9",
+        "torch>=2.1.2",
+        "batchgeneratorsv2>=0.3.2",
+        "SimpleITK>=2.2",
+        "numpy>=1.24",
+        "scipy>=1.10",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={
+        "console_scripts": [
+            "nnunet_ssp=nnunet_ssp.cli:main",
+            "ssp_pretrain=pretraining.cli:main",
+        ]
+    },
+)
