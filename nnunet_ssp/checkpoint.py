@@ -1,0 +1,139 @@
+"""The SSP checkpoint contract: one self-describing file per pretraining run.
+
+A contract checkpoint is a plain dict of tensors and JSON-able metadata, so it loads with
+``torch.load(..., weights_only=True)`` and can never execute code. It holds:
+
+- ``format`` / ``format_version``;
+- ``method`` and ``parts`` (``["encoder"]`` or ``["encoder", "decoder"]``);
+- ``network_weights``: CPU tensors of those parts under nnU-Net's own state-dict keys;
+- ``network``: architecture class, kwargs and input channels (a :class:`NetworkSpec`);
+- ``plans``: dataset, plans identifier, configuration, patch size, spacing, normalization;
+- ``pretraining`` (settings) and ``data`` (summary of what it was trained on);
+- ``versions`` of the libraries that wrote it, and ``created`` (UTC time).
+
+Saving first proves that the weights load into a fresh network built from the plans.
+"""
+import hashlib
+import os
+import platform
+import pickle
+from datetime import datetime, timezone
+from importlib import metadata
+
+import torch
+
+from nnunet_ssp.errors import SSPError
+from nnunet_ssp.io import torch_save_atomic
+from nnunet_ssp.methods import METHOD_PARTS, parts_of_method
+from nnunet_ssp.network import PARTS, NetworkSpec, PlansTarget, check_fit, extract_parts
+
+FORMAT_NAME = "nnunet_ssp.checkpoint"
+FORMAT_VERSION = 1
+FINAL_CHECKPOINT = "checkpoint_final.pth"
+CHECKPOINT_ENV = "nnUNet_ssp_checkpoint"
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for dist in ("nnunet-ssp", "nnunetv2", "torch", "dynamic_network_architectures", "batchgeneratorsv2"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def default_checkpoint_folder(results_root: str, dataset_name: str, method: str, plans_name: str,
+                              configuration: str) -> str:
+    """``$nnUNet_results/<Dataset>/ssp/<method>__<plans>__<configuration>``: where ssp_pretrain writes and the
+    trainers look."""
+    return os.path.join(results_root, dataset_name, "ssp", f"{method}__{plans_name}__{configuration}")
+
+
+def build_checkpoint(network: torch.nn.Module, target: PlansTarget, method: str, pretraining: dict = None,
+                     data: dict = None) -> dict:
+    """The contract dict for ``network`` (the method's parts only), verified against a fresh network from the plans."""
+    parts = parts_of_method(method)
+    spec = target.network_spec
+    weights = extract_parts(network, parts)
+    check_fit(weights, spec.build(num_output_channels=target.num_segmentation_heads), parts,
+              source=f"{method} network")
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "method": method,
+        "parts": list(parts),
+        "network_weights": weights,
+        "network": spec.as_dict(),
+        "plans": target.summary(),
+        "pretraining": dict(pretraining or {}),
+        "data": dict(data or {}),
+        "versions": library_versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def save_checkpoint(path: str, network: torch.nn.Module, target: PlansTarget, method: str,
+                    pretraining: dict = None, data: dict = None) -> dict:
+    """Writes a contract checkpoint atomically and returns it."""
+    checkpoint = build_checkpoint(network, target, method, pretraining, data)
+    torch_save_atomic(checkpoint, path)
+    return checkpoint
+
+
+def load_checkpoint(path: str) -> dict:
+    """Loads and validates a contract checkpoint with ``weights_only=True``; SSPError for anything else."""
+    if not os.path.isfile(path):
+        raise SSPError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SSPError(f"{path}: refused to load: the file holds objects a weights-only load does not allow "
+                       f"({first_line[:200]})") from None
+    except Exception as e:  # zip/pickle corruption: torch raises several unrelated types here
+        raise SSPError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                       f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no details'})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
+        raise SSPError(f"{path}: not an nnunet_ssp checkpoint (no '{FORMAT_NAME}' format marker); "
+                       f"nnU-Net's own checkpoints go to nnUNetv2_train -pretrained_weights instead")
+    if checkpoint.get("format_version") != FORMAT_VERSION:
+        raise SSPError(f"{path}: checkpoint format version {checkpoint.get('format_version')} is not supported "
+                       f"(this nnunet_ssp reads version {FORMAT_VERSION})")
+    missing = [k for k in ("method", "parts", "network_weights", "network", "plans") if k not in checkpoint]
+    if missing:
+        raise SSPError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if checkpoint["method"] not in METHOD_PARTS or not set(checkpoint["parts"]) <= set(PARTS):
+        raise SSPError(f"{path}: unknown method '{checkpoint['method']}' or parts {checkpoint['parts']}")
+    return checkpoint
+
+
+def verify_checkpoint(checkpoint: dict, target: PlansTarget, parts, source: str) -> list:
+    """Raises SSPError unless ``parts`` of the checkpoint fit the network of ``target``.
+
+    Returns warnings for differences that leave the weights loadable (patch size, spacing, normalization).
+    """
+    absent = [p for p in parts if p not in checkpoint["parts"]]
+    if absent:
+        raise SSPError(f"{source}: the checkpoint ({checkpoint['method']}) holds {'+'.join(checkpoint['parts'])} "
+                       f"but {'+'.join(absent)} is needed")
+    spec = target.network_spec
+    differences = NetworkSpec.from_dict(checkpoint["network"]).differences(spec)
+    if differences:
+        raise SSPError(f"{source}: checkpoint built for other plans ({checkpoint['plans'].get('plans_name')} of "
+                       f"{checkpoint['plans'].get('dataset_name')}, {checkpoint['plans'].get('configuration')}) "
+                       f"does not fit {target.plans_name} of {target.dataset_name} ({target.configuration}): "
+                       + "; ".join(differences))
+    check_fit(checkpoint["network_weights"], spec.build(num_output_channels=target.num_segmentation_heads),
+              parts, source)
+    ours, theirs = target.summary(), checkpoint["plans"]
+    return [f"{source}: pretrained with {key} {theirs.get(key)}, fine-tuning uses {ours[key]}"
+            for key in ("spacing", "normalization_schemes", "patch_size") if theirs.get(key) != ours[key]]
+
+
+def sha256_of_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,98 @@
+"""``nnunet_ssp``: the plugin's user-facing subcommands."""
+import argparse
+import os
+import sys
+
+from nnunet_ssp.errors import SSPError, run_command
+
+
+def _phantom(args):
+    from nnunet_ssp.phantom import write_phantom_dataset
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise SSPError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (see README)")
+    path = write_phantom_dataset(raw, args.dataset_id, args.name, args.subjects, args.test_subjects,
+                                 seed=args.seed, size=args.size, overwrite=args.overwrite)
+    print(path)
+
+
+def _env(args):
+    from nnunet_ssp.env import env_lines
+    print("\n".join(env_lines()))
+
+
+def _install_hooks(args):
+    from nnunet_ssp.env import install_hooks
+    print(f"installed {install_hooks()}")
+
+
+def _doctor(args):
+    from nnunet_ssp.env import doctor
+    checks = doctor()
+    for ok, message in checks:
+        print(f"{'ok     ' if ok else 'PROBLEM'}  {message}")
+    problems = sum(not ok for ok, _ in checks)
+    if problems:
+        raise SSPError(f"{problems} problem(s) found; fix them as described above")
+
+
+def _checkpoint(args):
+    from nnunet_ssp.checkpoint import load_checkpoint, verify_checkpoint
+    from nnunet_ssp.methods import parts_of_method
+    from nnunet_ssp.network import PlansTarget
+    ckpt = load_checkpoint(args.path)
+    tensors = ckpt["network_weights"]
+    print(f"{args.path}: method {ckpt['method']}, parts {'+'.join(ckpt['parts'])}, {len(tensors)} tensors, "
+          f"{sum(t.numel() for t in tensors.values()):,} values")
+    print(f"  plans: {ckpt['plans']}")
+    print(f"  pretraining: {ckpt.get('pretraining')}")
+    print(f"  data: {ckpt.get('data')}")
+    print(f"  versions: {ckpt.get('versions')}, created {ckpt.get('created')}")
+    if args.dataset:
+        target = PlansTarget.from_preprocessed(args.dataset, args.plans, args.configuration)
+        for warning in verify_checkpoint(ckpt, target, parts_of_method(ckpt["method"]), args.path):
+            print(f"  warning: {warning}")
+        print(f"  fits {target.plans_name} {target.configuration} of {target.dataset_name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet_ssp", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write a synthetic cine CMR dataset to $nnUNet_raw/DatasetID_NAME")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (e.g. 501)")
+    p.add_argument("-n", "--name", required=True, help="dataset name (e.g. CinePhantom)")
+    p.add_argument("--subjects", type=int, default=40, help="training subjects (default 40)")
+    p.add_argument("--test-subjects", type=int, default=10, help="held-out test subjects (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=None, help="in-plane matrix size in pixels (default: phantom's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.set_defaults(run=_phantom)
+
+    p = sub.add_parser("env", help="print the export line that lets nnUNetv2_* find the plugin's trainers")
+    p.set_defaults(run=_env)
+    p = sub.add_parser("install-hooks", help="install the torchvision guard into this Python environment")
+    p.set_defaults(run=_install_hooks)
+    p = sub.add_parser("doctor", help="check nnU-Net, paths, trainer discovery and torchvision")
+    p.set_defaults(run=_doctor)
+
+    p = sub.add_parser("checkpoint", help="show an SSP checkpoint and optionally check it against plans")
+    p.add_argument("path")
+    p.add_argument("-d", "--dataset", help="check that it fits this dataset's plans")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-c", "--configuration", default="2d")
+    p.set_defaults(run=_checkpoint)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "phantom" and args.size is None:
+        from nnunet_ssp.phantom import DEFAULT_SIZE
+        args.size = DEFAULT_SIZE
+    return run_command(lambda: args.run(args), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

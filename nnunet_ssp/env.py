@@ -1,0 +1,99 @@
+"""Environment set-up and checks: ``nnunet_ssp env``, ``nnunet_ssp install-hooks`` and ``nnunet_ssp doctor``."""
+import os
+import shlex
+import subprocess
+import sys
+import sysconfig
+from importlib import metadata
+
+from nnunet_ssp.io import atomic_path
+
+EXT_TRAINER_ENV = "nnUNet_extTrainer"
+NNUNET_PATH_ENVS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+GUARD_PTH = "nnunet_ssp_torchvision_guard.pth"
+GUARD_PTH_LINE = ("import importlib.util as _u; _u.find_spec('nnunet_ssp') and "
+                  "__import__('nnunet_ssp.torchvision_guard').torchvision_guard.install()\n")
+SUPPORTED_NNUNET = ((2, 8, 1), (2, 9, 0))
+
+
+def ext_trainer_dir() -> str:
+    from trainers import EXT_TRAINER_DIR
+    return EXT_TRAINER_DIR
+
+
+def ext_trainer_value(current: str = None) -> str:
+    """``nnUNet_extTrainer`` with the plugin's folder first, keeping any other folders already listed."""
+    ours = ext_trainer_dir()
+    others = [p for p in (current or "").split(os.pathsep) if p and os.path.abspath(p) != ours]
+    return os.pathsep.join([ours] + others)
+
+
+def env_lines() -> list:
+    lines = [f"export {EXT_TRAINER_ENV}={shlex.quote(ext_trainer_value(os.environ.get(EXT_TRAINER_ENV)))}"]
+    lines += [f"# {name} is not set: export it to a folder of your choice (see README)"
+              for name in NNUNET_PATH_ENVS if not os.environ.get(name)]
+    return lines
+
+
+def guard_pth_path() -> str:
+    return os.path.join(sysconfig.get_paths()["purelib"], GUARD_PTH)
+
+
+def install_hooks() -> str:
+    """Writes the torchvision guard's ``.pth`` into this environment's site-packages (idempotent)."""
+    path = guard_pth_path()
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write(GUARD_PTH_LINE)
+    return path
+
+
+def _version_tuple(version: str) -> tuple:
+    return tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+
+
+def _find_trainers_in_subprocess(names) -> subprocess.CompletedProcess:
+    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+            f"for name in {list(names)!r}:\n"
+            "    print('FOUND', name, find(name).__module__, flush=True)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def doctor() -> list:
+    """(ok, message) pairs describing what is set up right and what is not, each problem with its fix."""
+    from nnunet_ssp.torchvision_guard import torchvision_importable
+    from trainers.ssp_trainers import ALL_TRAINERS
+    checks = []
+    try:
+        version = metadata.version("nnunetv2")
+        ok = SUPPORTED_NNUNET[0] <= _version_tuple(version) < SUPPORTED_NNUNET[1]
+        checks.append((ok, f"nnunetv2 {version}" + ("" if ok else " (supported: >=2.8.1,<2.9)")))
+    except metadata.PackageNotFoundError:
+        checks.append((False, "nnunetv2 is not installed: pip install 'nnunetv2>=2.8.1,<2.9'"))
+    for name in NNUNET_PATH_ENVS:
+        value = os.environ.get(name)
+        if not value:
+            checks.append((False, f"{name} is not set: export {name}=/path/to/{name}"))
+        else:
+            checks.append((os.path.isdir(value), f"{name}={value}" + ("" if os.path.isdir(value)
+                                                                       else " does not exist: create it")))
+    listed = [os.path.abspath(p) for p in os.environ.get(EXT_TRAINER_ENV, "").split(os.pathsep) if p]
+    checks.append((ext_trainer_dir() in listed, f"{EXT_TRAINER_ENV} lists {ext_trainer_dir()}" if ext_trainer_dir()
+                   in listed else f"{EXT_TRAINER_ENV} does not list the plugin's trainers: eval \"$(nnunet_ssp env)\""))
+    if torchvision_importable():
+        checks.append((True, "torchvision imports"))
+    else:
+        installed = os.path.isfile(guard_pth_path())
+        checks.append((installed, "torchvision is broken; the guard hook is installed" if installed else
+                       "torchvision cannot be imported and the guard hook is missing: nnunet_ssp install-hooks"))
+    names = [t.__name__ for t in ALL_TRAINERS]
+    lookup = _find_trainers_in_subprocess(names)
+    found = {line.split()[1] for line in lookup.stdout.splitlines() if line.startswith("FOUND ")}
+    for name in names:
+        if name in found:
+            checks.append((True, f"nnUNetv2_train finds -tr {name}"))
+        else:
+            error = (lookup.stderr.strip().splitlines() or ["lookup failed"])[-1]
+            checks.append((False, f"nnUNetv2_train cannot find -tr {name}: {error[:300]}"))
+            break
+    return checks

@@ -1,0 +1,1 @@
+"""Standalone self-supervised pretraining of nnU-Net's 2D network (``ssp_pretrain``)."""

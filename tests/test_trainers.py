@@ -1,0 +1,130 @@
+"""The plugin's trainers, instantiated as nnU-Net does: schedules, checkpoint lookup, loading and refusals."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nnunet_ssp.checkpoint import default_checkpoint_folder, save_checkpoint
+from nnunet_ssp.network import PlansTarget, tensor_digests
+from trainers.base import WarmupMixin
+from trainers.schedules import WarmupPolyLRScheduler
+from trainers.ssp_trainers import (nnUNetTrainerBaseline, nnUNetTrainerDINO, nnUNetTrainerMIM,
+                                   nnUNetTrainerMIM_warmup)
+
+from conftest import DATASET_JSON, make_plans
+
+CPU = torch.device("cpu")
+
+
+def _trainer(cls, plans=None, continue_training=False):
+    plans = dict(plans or make_plans(), continue_training=continue_training)
+    return cls(plans, "2d", 0, DATASET_JSON, CPU)
+
+
+def _fold_folder(nnunet_env, cls):
+    return os.path.join(nnunet_env["nnUNet_results"], "Dataset990_Unit", f"{cls.__name__}__nnUNetPlans__2d", "fold_0")
+
+
+def _write_checkpoint(nnunet_env, method, plans=None, path=None):
+    target = PlansTarget(plans or make_plans(), "2d", DATASET_JSON)
+    torch.manual_seed(123)
+    net = target.network_spec.build(1 if method == "mim" else 4)
+    path = path or os.path.join(default_checkpoint_folder(nnunet_env["nnUNet_results"], "Dataset990_Unit", method,
+                                                          "nnUNetPlans", "2d"), "checkpoint_final.pth")
+    save_checkpoint(path, net, target, method)
+    return path, net
+
+
+def test_schedules(nnunet_env, monkeypatch):
+    baseline = _trainer(nnUNetTrainerBaseline)
+    assert (baseline.initial_lr, baseline.num_epochs, baseline.num_iterations_per_epoch) == (1e-2, 1000, 250)
+    _write_checkpoint(nnunet_env, "mim")
+    mim = _trainer(nnUNetTrainerMIM)
+    assert (mim.initial_lr, mim.num_epochs) == (5e-3, 1000)
+    monkeypatch.setenv("nnUNet_ssp_num_epochs", "3")
+    monkeypatch.setenv("nnUNet_ssp_iters_per_epoch", "7")
+    short = _trainer(nnUNetTrainerMIM)
+    assert (short.num_epochs, short.num_iterations_per_epoch, short.num_val_iterations_per_epoch) == (3, 7, 7)
+    monkeypatch.setenv("nnUNet_ssp_num_epochs", "three")
+    with pytest.raises(SystemExit, match="nnUNet_ssp_num_epochs='three': expected a positive integer"):
+        _trainer(nnUNetTrainerBaseline)
+
+
+def test_warmup_then_poly_matches_the_formula():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupPolyLRScheduler(opt, 5e-3, num_epochs=1000, warmup_epochs=50)
+    for epoch in (0, 1, 24, 49, 50, 51, 500, 999):
+        sched.step(epoch)
+        expected = 5e-3 * (epoch + 1) / 50 if epoch < 50 else 5e-3 * (1 - (epoch - 50) / 950) ** 0.9
+        assert math.isclose(opt.param_groups[0]["lr"], expected, rel_tol=1e-12)
+
+
+def test_warmup_trainer_uses_the_warmup_schedule(nnunet_env, monkeypatch):
+    _write_checkpoint(nnunet_env, "mim")
+    trainer = _trainer(nnUNetTrainerMIM_warmup)
+    assert isinstance(trainer, WarmupMixin) and trainer.warmup_epochs == 50 and trainer.initial_lr == 5e-3
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4)
+    optimizer, scheduler = trainer.configure_optimizers()
+    assert isinstance(scheduler, WarmupPolyLRScheduler) and isinstance(optimizer, torch.optim.SGD)
+    monkeypatch.setenv("nnUNet_ssp_num_epochs", "20")
+    assert _trainer(nnUNetTrainerMIM_warmup).warmup_epochs == 1
+
+
+def _load_like_on_train_start(trainer):
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4)
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
+    trainer._load_ssp_weights()
+    return before
+
+
+def test_mim_trainer_loads_encoder_and_decoder_and_records_it(nnunet_env):
+    path, source = _write_checkpoint(nnunet_env, "mim")
+    trainer = _trainer(nnUNetTrainerMIM)
+    before = _load_like_on_train_start(trainer)
+    after = trainer.network.state_dict()
+    source_state = source.state_dict()
+    for k, v in after.items():
+        if k.startswith("decoder.seg_layers."):
+            assert torch.equal(v, before[k])  # segmentation heads keep their fresh init
+        else:
+            assert torch.equal(v, source_state[k]), k
+    record = json.load(open(os.path.join(_fold_folder(nnunet_env, nnUNetTrainerMIM), "ssp_init.json")))
+    assert record["checkpoint"] == os.path.abspath(path) and record["method"] == "mim"
+    assert record["loaded"]["parts"] == ["encoder", "decoder"] and record["loaded"]["tensors"]["decoder"] > 0
+    assert record["network_tensor_sha256_after_load"] == tensor_digests(source, ["encoder", "decoder"])
+    assert record["initial_lr"] == 5e-3 and len(record["sha256"]) == 64
+
+
+def test_encoder_trainer_loads_only_the_encoder_and_warns_on_method_mismatch(nnunet_env, monkeypatch):
+    path, source = _write_checkpoint(nnunet_env, "mim", path=str(nnunet_env["nnUNet_results"]) + "/mim.pth")
+    monkeypatch.setenv("nnUNet_ssp_checkpoint", path)
+    trainer = _trainer(nnUNetTrainerDINO)
+    before = _load_like_on_train_start(trainer)
+    for k, v in trainer.network.state_dict().items():
+        reference = source.state_dict()[k] if k.startswith("encoder.") or k.startswith("decoder.encoder.") else before[k]
+        assert torch.equal(v, reference), k
+    record = json.load(open(os.path.join(_fold_folder(nnunet_env, nnUNetTrainerDINO), "ssp_init.json")))
+    assert record["loaded"]["parts"] == ["encoder"]
+    assert any("pretrained with 'mim'" in w and "expects 'dino'" in w for w in record["warnings"])
+    log = open(trainer.log_file).read()
+    assert "pretrained with 'mim'" in log and "Loaded SSP checkpoint" in log
+
+
+def test_checkpoint_for_other_plans_is_refused_before_anything_is_written(nnunet_env, capsys):
+    _write_checkpoint(nnunet_env, "mim", plans=make_plans(features=(8, 16, 32, 48)))
+    with pytest.raises(SystemExit) as e:
+        _trainer(nnUNetTrainerMIM)
+    assert "nnunet_ssp error:" in str(e.value.code) and "features_per_stage" in str(e.value.code)
+    assert "\n" not in str(e.value.code)
+    assert not os.path.exists(os.path.dirname(_fold_folder(nnunet_env, nnUNetTrainerMIM)))
+
+
+def test_missing_checkpoint_fails_at_train_start_and_continue_never_needs_it(nnunet_env):
+    trainer = _trainer(nnUNetTrainerMIM)  # --val and inference must work without an SSP file
+    with pytest.raises(SystemExit, match="SSP checkpoint not found; run ssp_pretrain"):
+        _load_like_on_train_start(trainer)
+    _write_checkpoint(nnunet_env, "mim", plans=make_plans(features=(8, 16, 32, 48)))
+    resumed = _trainer(nnUNetTrainerMIM, continue_training=True)  # --c: nnU-Net's own checkpoint has the weights
+    assert resumed._ssp_pending is None

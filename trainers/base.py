@@ -1,0 +1,151 @@
+"""Base classes of the plugin's nnU-Net trainers.
+
+- :class:`nnUNetTrainerBaseline`: stock nnU-Net training from random init (the from-scratch control), plus the
+  plugin's schedule knobs ``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch``.
+- :class:`nnUNetTrainerSSP`: the same, but at the start of a fresh run (epoch 0, not ``--c``) it finds, verifies
+  and loads an SSP contract checkpoint into the network parts its method declares, and fine-tunes at lr 5e-3.
+- :class:`WarmupMixin`: a linear learning-rate warm-up in front of the poly schedule, for any of them.
+"""
+import os
+from typing import Optional
+
+import torch
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, default_checkpoint_folder, load_checkpoint,
+                                   sha256_of_file, verify_checkpoint)
+from nnunet_ssp.errors import SSPError
+from nnunet_ssp.io import save_json_atomic
+from nnunet_ssp.methods import parts_of_method
+from nnunet_ssp.network import PlansTarget, load_parts, tensor_digests
+from trainers.schedules import WarmupPolyLRScheduler
+
+NUM_EPOCHS_ENV = "nnUNet_ssp_num_epochs"
+ITERS_PER_EPOCH_ENV = "nnUNet_ssp_iters_per_epoch"
+SSP_INIT_FILE = "ssp_init.json"
+
+
+def _exit_with(error: SSPError):
+    """Stock nnU-Net CLIs print tracebacks; a user error should be one line and a non-zero exit instead."""
+    return SystemExit(f"nnunet_ssp error: {error}")
+
+
+def _positive_int_from_env(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise _exit_with(SSPError(f"environment variable {name}={value!r}: expected a positive integer"))
+    return int(value)
+
+
+class nnUNetTrainerBaseline(nnUNetTrainer):
+    """From-scratch control: nnU-Net's schedule (SGD, poly, 1000 x 250 iterations, lr 1e-2) from random init."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        num_epochs = _positive_int_from_env(NUM_EPOCHS_ENV)
+        iters = _positive_int_from_env(ITERS_PER_EPOCH_ENV)
+        if num_epochs is not None:
+            self.num_epochs = num_epochs
+        if iters is not None:
+            self.num_iterations_per_epoch = self.num_val_iterations_per_epoch = iters
+        if num_epochs is not None or iters is not None:
+            self.print_to_log_file(f"nnunet_ssp schedule from the environment: {self.num_epochs} epochs x "
+                                   f"{self.num_iterations_per_epoch} iterations "
+                                   f"({self.num_val_iterations_per_epoch} validation iterations)")
+
+
+class nnUNetTrainerSSP(nnUNetTrainerBaseline):
+    """Fine-tunes from an SSP checkpoint: loads the method's parts at the start of a fresh run, lr 5e-3.
+
+    Checkpoint lookup: ``$nnUNet_ssp_checkpoint``, else
+    ``$nnUNet_results/<Dataset>/ssp/<method>__<plans>__<configuration>/checkpoint_final.pth``.
+    Without a method (this class itself) the checkpoint must be given by ``nnUNet_ssp_checkpoint`` and the parts it
+    holds are loaded. What was loaded goes to the training log and to ``fold_X/ssp_init.json``.
+    """
+    ssp_method: Optional[str] = None
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        # Verify before nnU-Net creates the fold folder, so a refused checkpoint writes nothing there.
+        # --c skips this: the weights then come from nnU-Net's own checkpoint.
+        self._ssp_pending = None
+        self._ssp_warnings = []
+        if not plans["continue_training"]:
+            self._ssp_pending = self._find_and_verify(PlansTarget(dict(plans), configuration, dataset_json),
+                                                      required=False)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 5e-3
+        for warning in self._ssp_warnings:
+            self.print_to_log_file(f"WARNING: {warning}")
+
+    def _checkpoint_path(self, target: PlansTarget) -> str:
+        from_env = os.environ.get(CHECKPOINT_ENV)
+        if from_env:
+            return from_env
+        if self.ssp_method is None:
+            raise SSPError(f"{type(self).__name__} has no method: set {CHECKPOINT_ENV} to a checkpoint file")
+        if not nnUNet_results.is_set():
+            raise SSPError(f"nnUNet_results is not set and {CHECKPOINT_ENV} is empty: no SSP checkpoint to load")
+        return os.path.join(default_checkpoint_folder(nnUNet_results.get(), target.dataset_name, self.ssp_method,
+                                                      target.plans_name, target.configuration), FINAL_CHECKPOINT)
+
+    def _find_and_verify(self, target: PlansTarget, required: bool):
+        """(path, checkpoint, parts) of a verified checkpoint; None if absent and not ``required``."""
+        try:
+            path = self._checkpoint_path(target)
+            if not os.path.isfile(path):
+                if not required:
+                    return None  # --val needs no SSP file; a fresh run reports the absence in on_train_start
+                raise SSPError(f"{path}: SSP checkpoint not found; run ssp_pretrain -d {target.dataset_name} "
+                               f"--method {self.ssp_method or '<method>'} or set {CHECKPOINT_ENV}")
+            checkpoint = load_checkpoint(path)
+            parts = parts_of_method(self.ssp_method) if self.ssp_method else tuple(checkpoint["parts"])
+            self._ssp_warnings = verify_checkpoint(checkpoint, target, parts, source=path)
+        except SSPError as e:
+            raise _exit_with(e) from None
+        if self.ssp_method is not None and checkpoint["method"] != self.ssp_method:
+            self._ssp_warnings.append(f"{path}: checkpoint was pretrained with '{checkpoint['method']}' but "
+                                      f"{type(self).__name__} expects '{self.ssp_method}'; loading its "
+                                      f"{'+'.join(parts)} anyway")
+        return path, checkpoint, parts
+
+    def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        if self.current_epoch == 0:
+            self._load_ssp_weights()
+        super().on_train_start()
+
+    def _load_ssp_weights(self):
+        target = PlansTarget(self.plans_manager, self.configuration_name, self.dataset_json)
+        path, checkpoint, parts = self._ssp_pending or self._find_and_verify(target, required=True)
+        for warning in self._ssp_warnings:
+            self.print_to_log_file(f"WARNING: {warning}")
+        report = load_parts(self.network, checkpoint["network_weights"], parts, source=path)
+        self.print_to_log_file(f"Loaded SSP checkpoint {path} (method {checkpoint['method']}): {report}")
+        if self.local_rank == 0:
+            save_json_atomic({
+                "trainer": type(self).__name__, "checkpoint": os.path.abspath(path),
+                "sha256": sha256_of_file(path), "method": checkpoint["method"], "loaded": report.as_dict(),
+                "initial_lr": self.initial_lr, "num_epochs": self.num_epochs, "warnings": self._ssp_warnings,
+                **{k: checkpoint.get(k) for k in ("network", "plans", "pretraining", "data", "versions", "created")},
+                "network_tensor_sha256_after_load": tensor_digests(self.network, ("encoder", "decoder")),
+            }, os.path.join(self.output_folder, SSP_INIT_FILE))
+        self._ssp_pending = None
+
+
+class WarmupMixin:
+    """Linear warm-up of the whole network (50 epochs, as nnssl's fine-tuning; 5% of a shortened schedule),
+    then poly decay. Put it first in the bases: ``class X_warmup(WarmupMixin, X)``."""
+
+    @property
+    def warmup_epochs(self) -> int:
+        return min(50, max(1, round(0.05 * self.num_epochs)))
+
+    def configure_optimizers(self):
+        optimizer, _ = super().configure_optimizers()
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
