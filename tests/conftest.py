@@ -1,10 +1,14 @@
 """Shared fixtures: small nnU-Net plans for unit tests and an environment for the stock CLIs."""
 import os
+import sys
 
 import pytest
 import torch
 
 from nnunet_ssp.network import PlansTarget
+
+# The console scripts (nnunet_ssp, ssp_pretrain, nnUNetv2_*) live next to this interpreter, venv activated or not.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 DATASET_JSON = {"channel_names": {"0": "cineMRI"},
                 "labels": {"background": 0, "LV_bloodpool": 1, "LV_myocardium": 2, "RV_bloodpool": 3},

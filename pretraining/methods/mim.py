@@ -1,0 +1,93 @@
+"""Masked image modeling (MIM), the paper's best method (de Mooij et al., arXiv 2409.18100, §3.4).
+
+The whole nnU-Net U-Net (encoder and decoder) with a 1×1 reconstruction head restores an augmented slice in which
+round(0.75 × number of patches) square 32-px patches per image were set to 0; the loss is the MSE over the masked
+pixels only. Fine-tuning loads encoder and decoder, never the reconstruction head.
+"""
+import math
+from typing import Dict, Tuple
+
+import torch
+
+from pretraining.data.views import augmentation
+from pretraining.losses.masked_mse import masked_mse
+from pretraining.methods.base import Hyperparameters, SSPMethod
+
+
+def random_patch_mask(batch_size: int, height: int, width: int, patch_size: int, ratio: float,
+                      device=None) -> torch.Tensor:
+    """(B, 1, H, W) float mask, 1 on exactly round(ratio × patches) patches of each image.
+
+    The patch grid is ceil(H / p) × ceil(W / p); patches at the right and bottom edges are cut off where the
+    image does not divide into whole patches, so every patch counts, whole or partial.
+    """
+    grid_h, grid_w = math.ceil(height / patch_size), math.ceil(width / patch_size)
+    num_patches = grid_h * grid_w
+    num_masked = int(round(ratio * num_patches))
+    chosen = torch.rand(batch_size, num_patches, device=device).argsort(dim=1)[:, :num_masked]
+    grid = torch.zeros(batch_size, num_patches, device=device).scatter_(1, chosen, 1.0)
+    mask = grid.view(batch_size, 1, grid_h, grid_w)
+    mask = mask.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+    return mask[:, :, :height, :width]
+
+
+class ReconstructionModel(torch.nn.Module):
+    """The plans' network with as many output channels as input channels: its last 1×1 head reconstructs."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)
+
+
+class MIM(SSPMethod):
+    name = "mim"
+    defaults = Hyperparameters(batch_size=128, lr=0.01, momentum=0.99, weight_decay=3e-5, nesterov=True)
+
+    def __init__(self, spec, patch_size, mask_patch_size: int = 32, mask_ratio: float = 0.75):
+        super().__init__(spec, patch_size)
+        if mask_patch_size < 1 or not 0 < mask_ratio < 1:
+            raise ValueError("mask_patch_size must be >= 1 and mask_ratio in (0, 1)")
+        self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
+
+    def build_model(self) -> torch.nn.Module:
+        return ReconstructionModel(self.spec.build(num_output_channels=self.spec.num_input_channels))
+
+    def view_transforms(self):
+        return [augmentation(self.patch_size, intensity="paper")]
+
+    def mask_batch(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(masked input with masked pixels set to 0, mask)."""
+        b, _, h, w = images.shape
+        mask = random_patch_mask(b, h, w, self.mask_patch_size, self.mask_ratio, device=images.device)
+        return images * (1 - mask), mask
+
+    def loss(self, model, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+        images = batch["views"][0]
+        masked, mask = self.mask_batch(images)
+        reconstruction = model(masked)
+        return masked_mse(reconstruction.float(), images.float(), mask), {}
+
+    def write_preview(self, model, batch, path) -> bool:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        images = batch["views"][0][:4]
+        with torch.no_grad():
+            masked, _ = self.mask_batch(images)
+            reconstruction = model(masked).float()
+        columns = (("input", images), ("masked", masked), ("reconstruction", reconstruction))
+        fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
+        for row in range(len(images)):
+            low, high = images[row, 0].min().item(), images[row, 0].max().item()
+            for col, (title, tensor) in enumerate(columns):
+                axes[row, col].imshow(tensor[row, 0].cpu().numpy(), cmap="gray", vmin=low, vmax=high)
+                axes[row, col].set_axis_off()
+                if row == 0:
+                    axes[row, col].set_title(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return True

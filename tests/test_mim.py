@@ -1,0 +1,68 @@
+"""MIM: patch masking and the masked-pixel loss against hand computations."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pretraining.losses.masked_mse import masked_mse
+from pretraining.methods.mim import MIM, random_patch_mask
+
+from conftest import DATASET_JSON, make_plans
+from nnunet_ssp.network import PlansTarget
+
+
+@pytest.mark.parametrize("height, width, patch", [(256, 256, 32), (64, 64, 32), (80, 48, 32), (70, 45, 16)])
+def test_mask_has_exactly_round_ratio_of_whole_or_cut_patches(height, width, patch, seeded):
+    mask = random_patch_mask(6, height, width, patch, 0.75)
+    assert mask.shape == (6, 1, height, width) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    grid_h, grid_w = math.ceil(height / patch), math.ceil(width / patch)
+    expected = round(0.75 * grid_h * grid_w)
+    for image in mask[:, 0].numpy():
+        masked_patches = 0
+        for gy in range(grid_h):
+            for gx in range(grid_w):
+                cell = image[gy * patch:(gy + 1) * patch, gx * patch:(gx + 1) * patch]
+                assert cell.min() == cell.max()  # a patch is masked entirely or not at all
+                masked_patches += int(cell[0, 0])
+        assert masked_patches == expected
+    assert not torch.equal(mask[0], mask[1])  # each image gets its own patches
+
+
+def test_paper_grid_masks_48_of_64_patches(seeded):
+    mask = random_patch_mask(3, 256, 256, 32, 0.75)
+    assert (mask.sum(dim=(1, 2, 3)) == 48 * 32 * 32).all()
+
+
+def test_masked_pixels_are_set_to_zero_and_visible_ones_kept(target, seeded):
+    method = MIM(target.network_spec, (64, 64))
+    images = torch.randn(4, 1, 64, 64) + 5
+    masked, mask = method.mask_batch(images)
+    assert torch.all(masked[mask == 1] == 0)
+    assert torch.equal(masked[mask == 0], images[mask == 0])
+
+
+def test_loss_is_the_mse_over_masked_pixels_only(seeded):
+    reconstruction, target = torch.randn(3, 1, 40, 40), torch.randn(3, 1, 40, 40)
+    mask = random_patch_mask(3, 40, 40, 16, 0.5)
+    r, t, m = reconstruction.numpy(), target.numpy(), mask.numpy()
+    total, count = 0.0, 0
+    for idx in np.ndindex(*r.shape):
+        if m[idx] == 1:
+            total += (float(r[idx]) - float(t[idx])) ** 2
+            count += 1
+    assert masked_mse(reconstruction, target, mask).item() == pytest.approx(total / count, rel=1e-5)
+    changed_visible = reconstruction + 100 * (1 - mask)  # errors on visible pixels do not count
+    assert masked_mse(changed_visible, target, mask).item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_mim_model_reconstructs_one_channel_and_gradients_reach_encoder_and_decoder(target, seeded):
+    method = MIM(target.network_spec, (64, 64))
+    model = method.build_model()
+    loss, _ = method.loss(model, {"views": [torch.randn(2, 1, 64, 64)]})
+    loss.backward()
+    net = model.network
+    assert net.decoder.seg_layers[-1].weight.shape[0] == 1
+    assert net.encoder.stages[0][0].convs[0].conv.weight.grad.abs().sum() > 0
+    assert net.decoder.stages[0].convs[0].conv.weight.grad.abs().sum() > 0
+    assert method.parts == ("encoder", "decoder")
