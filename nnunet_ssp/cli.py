@@ -55,6 +55,25 @@ def _checkpoint(args):
         print(f"  fits {target.plans_name} {target.configuration} of {target.dataset_name}")
 
 
+def _splits(args):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_ssp.network import preprocessed_dataset_folder
+    from nnunet_ssp.splits import write_budget_splits
+    folder = preprocessed_dataset_folder(args.dataset)
+    gt = os.path.join(folder, "gt_segmentations")
+    if not os.path.isfile(os.path.join(folder, "dataset.json")):
+        raise SSPError(f"{folder}: not preprocessed; run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
+    ending = load_json(os.path.join(folder, "dataset.json"))["file_ending"]
+    cases = [f[:-len(ending)] for f in sorted(os.listdir(gt)) if f.endswith(ending)] if os.path.isdir(gt) else []
+    if not cases:
+        raise SSPError(f"{gt}: no training cases; run nnUNetv2_plan_and_preprocess first")
+    budgets = [b if b == "all" else int(b) for b in args.budgets]
+    folds = write_budget_splits(folder, cases, budgets, args.seeds, args.val)
+    for index, d in folds.items():
+        print(f"fold {index}: budget {d['budget']}, seed {d['seed']}: {len(d['subjects'])} subjects")
+    print(os.path.join(folder, "splits_final.json"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet_ssp", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -69,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="in-plane matrix size in pixels (default: phantom's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(run=_phantom)
+
+    p = sub.add_parser("splits", help="write label-budget folds (nested per seed) into splits_final.json")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
+    p.add_argument("--budgets", nargs="+", required=True, help="labeled subjects per fold, or 'all'")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--val", type=int, default=None, help="validation subjects (default: 20%%)")
+    p.set_defaults(run=_splits)
 
     p = sub.add_parser("env", help="print the export line that lets nnUNetv2_* find the plugin's trainers")
     p.set_defaults(run=_env)

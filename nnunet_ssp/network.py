@@ -141,6 +141,20 @@ class NetworkSpec:
         return out
 
 
+def preprocessed_dataset_folder(dataset: str) -> str:
+    """``$nnUNet_preprocessed/<DatasetXXX_Name>`` for a dataset name or id, with clear errors."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    if not nnUNet_preprocessed.is_set():
+        raise SSPError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and "
+                       "nnUNet_results (see README)")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise SSPError(f"dataset '{dataset}': {str(e).splitlines()[0]}") from None
+    return os.path.join(nnUNet_preprocessed.get(), dataset_name)
+
+
 class PlansTarget:
     """One nnU-Net plans + configuration + dataset.json: the network SSP pretrains and fine-tuning uses."""
 
@@ -158,16 +172,7 @@ class PlansTarget:
     def from_preprocessed(cls, dataset: str, plans_identifier: str = "nnUNetPlans",
                           configuration: str = "2d") -> "PlansTarget":
         """Reads ``$nnUNet_preprocessed/<Dataset>/<plans>.json`` and its dataset.json."""
-        from nnunetv2.paths import nnUNet_preprocessed
-        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-        if not nnUNet_preprocessed.is_set():
-            raise SSPError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and "
-                           "nnUNet_results (see README)")
-        try:
-            dataset_name = maybe_convert_to_dataset_name(dataset)
-        except (RuntimeError, ValueError) as e:
-            raise SSPError(f"dataset '{dataset}': {str(e).splitlines()[0]}") from None
-        folder = os.path.join(nnUNet_preprocessed.get(), dataset_name)
+        folder = preprocessed_dataset_folder(dataset)
         plans_file = os.path.join(folder, f"{plans_identifier}.json")
         if not os.path.isfile(plans_file):
             raise SSPError(f"{plans_file}: plans not found; run nnUNetv2_plan_and_preprocess -d {dataset} "
