@@ -1,0 +1,127 @@
+"""Pretraining throughput: the real ssp_pretrain data path + step against bare forward+backward on tensors in memory.
+
+Prints, per method: (a) end-to-end slices/s of the pretraining loop (cache -> workers -> views -> step),
+(b) slices/s of the bare forward+backward+optimizer step on random tensors of the same batch and patch size,
+the ratio a/b (goal >= 0.9), the data pipeline's own slices/s with no model, and peak RSS. Writes JSON too.
+
+    python benchmarks/pretrain_throughput.py                       # builds a small phantom workspace in /tmp
+    python benchmarks/pretrain_throughput.py --dataset 501 --batch-size 16 --iters 20
+(with --dataset, nnUNet_raw/nnUNet_preprocessed must point at a preprocessed dataset).
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from nnunet_ssp.network import PlansTarget
+from pretraining.data.cache import build_or_load_cache, discover_sources
+from pretraining.data.loader import SliceViewDataset, make_loader
+from pretraining.loop import PretrainSettings, Pretrainer
+from pretraining.methods import METHODS
+
+
+def prepare_workspace(root: str, subjects: int, size: int) -> str:
+    """A phantom dataset planned and preprocessed by the stock nnU-Net CLI; returns the dataset id."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[name] = os.path.join(root, name)
+        os.makedirs(os.environ[name], exist_ok=True)
+    bin_dir = os.path.dirname(sys.executable)
+    subprocess.run([os.path.join(bin_dir, "nnunet_ssp"), "phantom", "-d", "990", "-n", "Bench", "--subjects",
+                    str(subjects), "--test-subjects", "1", "--size", str(size)], check=True, stdout=subprocess.DEVNULL)
+    if not os.path.isfile(os.path.join(root, "nnUNet_preprocessed", "Dataset990_Bench", "nnUNetPlans.json")):
+        subprocess.run([os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d", "990", "-c", "2d", "-np", "2",
+                        "-npfp", "2"], check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, nnUNet_n_proc_DA="2"))
+    return "990"
+
+
+def peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) / 1024
+
+
+def bare_step_rate(method, batch_size: int, iters: int, device: torch.device, settings) -> float:
+    model = method.build_model().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                                nesterov=settings.nesterov, weight_decay=settings.weight_decay)
+    views = [torch.randn(batch_size, method.spec.num_input_channels, *method.patch_size, device=device)
+             for _ in method.view_transforms()]
+    batch = {"views": views, "slice_position": torch.rand(batch_size), "subject": torch.zeros(batch_size)}
+
+    def step():
+        loss, _ = method.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()  # warm-up (oneDNN / cuDNN autotuning)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return iters * batch_size / (time.perf_counter() - start)
+
+
+def data_only_rate(dataset, batch_size: int, iters: int, num_workers: int) -> float:
+    start = time.perf_counter()
+    for _ in make_loader(dataset, batch_size, iters, epoch=1, seed=0, num_workers=num_workers):
+        pass
+    return iters * batch_size / (time.perf_counter() - start)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", help="preprocessed dataset id/name (default: a fresh phantom workspace)")
+    parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=15, help="timed iterations per measurement")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--size", type=int, default=128, help="phantom in-plane size for the default workspace")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="pretrain_throughput.json")
+    args = parser.parse_args(argv)
+
+    workdir = tempfile.mkdtemp(prefix="ssp_bench_")
+    dataset = args.dataset or prepare_workspace(workdir, subjects=4, size=args.size)
+    target = PlansTarget.from_preprocessed(dataset)
+    raw = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)
+    cache = build_or_load_cache(target, discover_sources(raw), os.path.join(workdir, "cache"), progress=False)
+    device = torch.device(args.device)
+    rows = []
+    for name in args.methods:
+        method = METHODS[name](target.network_spec, target.configuration_manager.patch_size)
+        views = SliceViewDataset(cache, method.view_transforms())
+        d = method.defaults
+        settings = PretrainSettings(name, epochs=2, iters_per_epoch=args.iters, batch_size=args.batch_size, lr=d.lr,
+                                    momentum=d.momentum, weight_decay=d.weight_decay, nesterov=d.nesterov,
+                                    device=args.device, num_workers=args.num_workers, seed=0)
+        trainer = Pretrainer(method, views, target, settings, os.path.join(workdir, name), cache.summary())
+        trainer.train_epoch(0)  # warm-up epoch: worker start-up, allocator, oneDNN
+        trainer.train_epoch(1)
+        end_to_end = trainer.history["slices_per_s"][-1]
+        bare = bare_step_rate(method, args.batch_size, args.iters, device, settings)
+        data = data_only_rate(views, args.batch_size, args.iters, args.num_workers)
+        rows.append({"method": name, "end_to_end_slices_per_s": end_to_end, "bare_step_slices_per_s": bare,
+                     "ratio": end_to_end / bare, "data_only_slices_per_s": data, "peak_rss_mb": peak_rss_mb(),
+                     "batch_size": args.batch_size, "patch_size": list(method.patch_size),
+                     "num_workers": args.num_workers, "device": args.device, "slices_in_cache": len(cache)})
+    print(f"{'method':8s} {'ratio a/b':>9s} {'(a) e2e/s':>10s} {'(b) bare/s':>10s} {'data/s':>9s} {'peak RSS':>9s}")
+    for r in rows:
+        print(f"{r['method']:8s} {r['ratio']:9.2f} {r['end_to_end_slices_per_s']:10.1f} "
+              f"{r['bare_step_slices_per_s']:10.1f} {r['data_only_slices_per_s']:9.1f} {r['peak_rss_mb']:7.0f}MB")
+    print(f"batch {args.batch_size}, patch {rows[0]['patch_size']}, {args.num_workers} workers, {args.device}, "
+          f"{len(cache)} cached slices")
+    with open(args.json, "w") as f:
+        json.dump(rows, f, indent=2)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,631 @@
+"""The pretraining slice cache: every frame of every source, preprocessed exactly as nnU-Net preprocesses it.
+
+Each source (a 4D cine, or a 3D volume taken as a 1-frame cine) is preprocessed frame by frame with nnU-Net's own
+preprocessor for the target plans and configuration (``preprocessor.run_case_npy``: transpose_forward, crop to
+nonzero, normalization, resampling), so a cached ED frame equals nnU-Net's own preprocessed ED case. Nothing of that
+pipeline is reimplemented here.
+
+Layout of a cache folder::
+
+    cache.json            fingerprint + summary; written last, so its presence means "complete"
+    index.npz             per-slice metadata (subject, frame, frame_from_ed, slice_index, num_slices, num_frames)
+                          plus where each slice lives (block, row, z) and the subject ids
+    subjects/sNNNNNN.json one marker per finished subject (written after its arrays)
+    subjects/sNNNNNN_bK.npy  float32 arrays (T_k, Z, H, W) (single channel) or (T_k, C, Z, H, W); axis Z is the
+                          first axis after transpose_forward, i.e. the slice axis. Usually one block per subject;
+                          frames whose nonzero crop differs (shape or first slice) go to further blocks.
+
+The arrays are opened with ``np.load(mmap_mode='r')``: resident memory does not grow with the dataset. Every file is
+written atomically (temporary file + ``os.replace``), so an interrupted build resumes with the subjects already done
+and never reads half-written files.
+"""
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnunet_ssp.errors import SSPError
+from nnunet_ssp.io import atomic_path, save_json_atomic
+
+CACHE_FORMAT_VERSION = 1
+FINGERPRINT_FILE = "cache.json"
+INDEX_FILE = "index.npz"
+BUILDING_FILE = "building.json"
+SUBJECTS_DIR = "subjects"
+NIFTI = ".nii.gz"
+META_KEYS = ("subject", "frame", "frame_from_ed", "slice_index", "num_slices", "num_frames")
+MAX_OPEN_MEMMAPS = 256
+# how cache-building processes start: spawn, as nnU-Net's own preprocessing does (forking a process whose torch/OpenMP
+# threads are running can deadlock the children); each spawned process pays the torch + nnU-Net imports once.
+POOL_START_METHOD = "spawn"
+# a spawned process costs seconds of start-up: use at most one process per this many subjects still to build
+MIN_SUBJECTS_PER_PROCESS = 4
+
+
+# --------------------------------------------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class CineSource:
+    """One subject's images: a cine (4D, T frames) or a 3D volume (one frame), possibly split into channel files.
+
+    ``paths`` holds one file, or for an imagesTr case its channel files ``_0000``, ``_0001``, ... in order.
+    """
+    paths: Tuple[str, ...]
+    subject: str
+    ed_frame: int
+    kind: str  # "cineTr", "imagesTr" or "extra"
+    ndim: int  # 3 or 4
+    num_frames: int
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["paths"] = list(self.paths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CineSource":
+        return cls(tuple(d["paths"]), d["subject"], int(d["ed_frame"]), d["kind"], int(d["ndim"]),
+                   int(d["num_frames"]))
+
+
+def _image_header(path: str) -> Tuple[int, Tuple[int, ...]]:
+    """(dimension, size) from the image header, or SSPError naming the file."""
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise SSPError(f"{path}: not a readable image ({_first_line(e)})") from None
+    return reader.GetDimension(), tuple(reader.GetSize())
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # SimpleITK puts the useful part last ("... ImageIO failed to read ...")
+    return lines[-1] if lines else type(e).__name__
+
+
+def _nifti_files(folder: str, ending: str = NIFTI) -> List[str]:
+    return sorted(f for f in glob.glob(os.path.join(glob.escape(folder), "*" + ending)) if os.path.isfile(f))
+
+
+def _strip(name: str, ending: str) -> str:
+    return name[:-len(ending)] if name.endswith(ending) else name
+
+
+def _read_subjects_csv(path: str) -> Dict[str, Tuple[Optional[int], Optional[int]]]:
+    """subject -> (ed_frame or None, num_frames or None) from an optional subjects.csv."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SSPError(f"{path}: cannot read ({e})") from None
+    if rows and "subject" not in rows[0]:
+        raise SSPError(f"{path}: no 'subject' column")
+
+    def as_int(value, column, subject):
+        if value is None or str(value).strip() in ("", "nan", "NaN", "None"):
+            return None
+        try:
+            return int(float(value))
+        except ValueError:
+            raise SSPError(f"{path}: {column} of subject {subject} is not a number: {value!r}") from None
+
+    return {r["subject"].strip(): (as_int(r.get("ed_frame"), "ed_frame", r["subject"]),
+                                   as_int(r.get("num_frames"), "num_frames", r["subject"])) for r in rows}
+
+
+def _cine_sources(cine_dir: str, subjects_csv: str) -> List[CineSource]:
+    files = _nifti_files(cine_dir)
+    if not files:
+        raise SSPError(f"{cine_dir}: no *{NIFTI} cine files")
+    table = _read_subjects_csv(subjects_csv)
+    sources = []
+    for path in files:
+        dim, size = _image_header(path)
+        if dim not in (3, 4):
+            raise SSPError(f"{path}: a cine must be 4D (X, Y, Z, T) or 3D, not {dim}D")
+        num_frames = size[3] if dim == 4 else 1
+        subject = _strip(_strip(os.path.basename(path), NIFTI), "_0000")
+        ed, csv_frames = table.get(subject, (None, None))
+        if csv_frames is not None and csv_frames != num_frames:
+            raise SSPError(f"{subjects_csv}: subject {subject} has num_frames {csv_frames}, but {path} has "
+                           f"{num_frames} frames")
+        ed = 0 if ed is None else ed
+        if not 0 <= ed < num_frames:
+            raise SSPError(f"{subjects_csv}: ed_frame {ed} of subject {subject} is outside 0..{num_frames - 1}")
+        sources.append(CineSource((os.path.abspath(path),), subject, ed, "cineTr", dim, num_frames))
+    return sources
+
+
+def _imagestr_sources(images_dir: str, dataset_json: dict) -> List[CineSource]:
+    ending = dataset_json.get("file_ending", NIFTI)
+    files = _nifti_files(images_dir, ending)
+    if not files:
+        raise SSPError(f"{images_dir}: no *{ending} images")
+    cases: Dict[str, Dict[int, str]] = OrderedDict()
+    for path in files:
+        match = re.fullmatch(r"(.+)_(\d{4})", _strip(os.path.basename(path), ending))
+        if match is None:
+            raise SSPError(f"{path}: not named CASE_XXXX{ending} (nnU-Net's channel suffix is missing)")
+        cases.setdefault(match.group(1), {})[int(match.group(2))] = path
+    expected = len(dataset_json["channel_names"]) if "channel_names" in dataset_json else None
+    sources = []
+    for case, channels in cases.items():
+        n = expected if expected is not None else max(channels) + 1
+        if sorted(channels) != list(range(n)):
+            raise SSPError(f"{images_dir}: case {case} has channel files {sorted(channels)}, expected 0..{n - 1}")
+        paths = tuple(os.path.abspath(channels[c]) for c in range(n))
+        for p in paths:
+            dim, _ = _image_header(p)
+            if dim != 3:
+                raise SSPError(f"{p}: imagesTr volumes must be 3D, not {dim}D")
+        sources.append(CineSource(paths, case, 0, "imagesTr", 3, 1))
+    return sources
+
+
+def _extra_sources(folder: str) -> List[CineSource]:
+    if not os.path.isdir(folder):
+        raise SSPError(f"{folder}: extra data folder not found")
+    files = _nifti_files(folder)
+    if not files:
+        raise SSPError(f"{folder}: no *{NIFTI} images")
+    prefix = os.path.basename(os.path.normpath(folder))
+    sources = []
+    for path in files:
+        dim, size = _image_header(path)
+        if dim not in (3, 4):
+            raise SSPError(f"{path}: expected a 3D volume or a 4D cine, not a {dim}D image")
+        sources.append(CineSource((os.path.abspath(path),), f"{prefix}/{_strip(os.path.basename(path), NIFTI)}", 0,
+                                  "extra", dim, size[3] if dim == 4 else 1))
+    return sources
+
+
+def discover_sources(raw_dataset_folder: Optional[str], extra_folders: Sequence[str] = ()) -> List[CineSource]:
+    """The images to pretrain on: the dataset's ``cineTr/*.nii.gz`` (every frame of every slice) when that folder
+    exists, else its ``imagesTr`` volumes (each a 1-frame cine, channel files grouped per case); plus every
+    ``*.nii.gz`` (3D or 4D) in ``extra_folders``. ED frames come from the dataset's ``subjects.csv`` (``ed_frame``)
+    when present, else frame 0. ``raw_dataset_folder`` may be None to use only extra folders."""
+    sources: List[CineSource] = []
+    if raw_dataset_folder is not None:
+        if not os.path.isdir(raw_dataset_folder):
+            raise SSPError(f"{raw_dataset_folder}: raw dataset folder not found")
+        cine_dir = os.path.join(raw_dataset_folder, "cineTr")
+        images_dir = os.path.join(raw_dataset_folder, "imagesTr")
+        if os.path.isdir(cine_dir):
+            sources += _cine_sources(cine_dir, os.path.join(raw_dataset_folder, "subjects.csv"))
+        elif os.path.isdir(images_dir):
+            dataset_json_file = os.path.join(raw_dataset_folder, "dataset.json")
+            dataset_json = {}
+            if os.path.isfile(dataset_json_file):
+                try:
+                    with open(dataset_json_file, encoding="utf-8") as f:
+                        dataset_json = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise SSPError(f"{dataset_json_file}: cannot read ({e})") from None
+            sources += _imagestr_sources(images_dir, dataset_json)
+        else:
+            raise SSPError(f"{raw_dataset_folder}: neither cineTr/ nor imagesTr/ found")
+    for folder in extra_folders:
+        sources += _extra_sources(folder)
+    if not sources:
+        raise SSPError("no pretraining images: give a raw dataset folder or extra data folders")
+    return sources
+
+
+# ------------------------------------------------------------------------------------------------ fingerprint
+def _nnunet_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("nnunetv2")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _preprocessing_digest(target) -> str:
+    """Everything in the plans (beyond target.summary()) that can change nnU-Net's preprocessing output."""
+    plans = target.plans_manager.plans
+    config = {k: v for k, v in target.configuration_manager.configuration.items()
+              if k not in ("architecture", "batch_size")}
+    relevant = {"configuration": config, "transpose_forward": plans.get("transpose_forward"),
+                "image_reader_writer": plans.get("image_reader_writer"),
+                "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
+                "channel_names": target.dataset_json.get("channel_names"),
+                "labels": target.dataset_json.get("labels")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fingerprint(target, sources: Sequence[CineSource]) -> dict:
+    """What a cache was built from: source files (path, size, mtime), ED frames, plans and software versions."""
+    files = []
+    for s in sources:
+        entries = []
+        for p in s.paths:
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                raise SSPError(f"{p}: {e.strerror}") from None
+            entries.append([p, st.st_size, st.st_mtime_ns])
+        files.append({"subject": s.subject, "kind": s.kind, "ed_frame": s.ed_frame, "files": entries})
+    return {"format_version": CACHE_FORMAT_VERSION, "nnunetv2_version": _nnunet_version(),
+            "preprocessor": target.configuration_manager.preprocessor_name, "target": target.summary(),
+            "preprocessing_digest": _preprocessing_digest(target), "sources": files}
+
+
+def _fingerprint_key(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _load_json(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------- building
+_WORKER_TARGETS: Dict[str, object] = {}
+
+
+def _worker_target(key: str, plans: dict, configuration: str, dataset_json: dict):
+    from nnunet_ssp.network import PlansTarget
+    if key not in _WORKER_TARGETS:
+        _WORKER_TARGETS.clear()
+        _WORKER_TARGETS[key] = PlansTarget(plans, configuration, dataset_json)
+    return _WORKER_TARGETS[key]
+
+
+def _read_frames(source: CineSource, plans_manager):
+    """Yields (data (C, Z, Y, X) float32, properties) per frame, as nnU-Net's reader would return them.
+
+    3D files go through the plans' own reader. A 4D cine is read with SimpleITK and split into frames whose
+    properties are those SimpleITKIO produces for a 3D image of the same geometry (spacing reversed to (z, y, x))."""
+    import SimpleITK as sitk
+    reader_class = plans_manager.image_reader_writer_class
+    if source.ndim == 4 and reader_class.__name__ != "SimpleITKIO":
+        import warnings
+        warnings.warn(f"{source.paths[0]}: 4D cines are read with SimpleITK (as SimpleITKIO reads 3D images), but "
+                      f"the plans use {reader_class.__name__}; check that cine frames and imagesTr volumes match")
+    if source.ndim == 3:
+        try:
+            data, props = reader_class().read_images(list(source.paths))
+        except Exception as e:  # the readers raise RuntimeError, OSError, nibabel errors ...
+            raise SSPError(f"{source.paths[0]}: cannot read image ({_first_line(e)})") from None
+        yield data, props
+        return
+    path = source.paths[0]
+    try:
+        image = sitk.ReadImage(path)
+        array = sitk.GetArrayFromImage(image)  # (T, Z, Y, X)
+    except RuntimeError as e:
+        raise SSPError(f"{path}: cannot read image ({_first_line(e)})") from None
+    if array.ndim != 4:
+        raise SSPError(f"{path}: expected a 4D cine, read an array of shape {array.shape}")
+    spacing, origin, d = image.GetSpacing()[:3], image.GetOrigin()[:3], image.GetDirection()
+    direction = (d[0], d[1], d[2], d[4], d[5], d[6], d[8], d[9], d[10])
+    for t in range(array.shape[0]):
+        props = {"sitk_stuff": {"spacing": tuple(spacing), "origin": tuple(origin), "direction": direction},
+                 "spacing": list(np.abs(list(spacing)[::-1]))}
+        yield array[t][None].astype(np.float32), props
+
+
+def _subject_marker(folder: str, index: int) -> str:
+    return os.path.join(folder, SUBJECTS_DIR, f"s{index:06d}.json")
+
+
+def _marker_valid(folder: str, index: int, source: CineSource) -> Optional[dict]:
+    marker = _load_json(_subject_marker(folder, index))
+    if marker is None or marker.get("subject") != source.subject or marker.get("paths") != list(source.paths):
+        return None
+    for block in marker["blocks"]:
+        path = os.path.join(folder, block["file"])
+        if not os.path.isfile(path) or os.path.getsize(path) != block["bytes"]:
+            return None
+    return marker
+
+
+def _build_subject(job: tuple) -> dict:
+    """Preprocesses every frame of one source with nnU-Net's preprocessor and writes its arrays and marker."""
+    folder, index, source_dict, target_args = job
+    target = _worker_target(*target_args)
+    source = CineSource.from_dict(source_dict)
+    pm, cm = target.plans_manager, target.configuration_manager
+    preprocessor = cm.preprocessor_class(verbose=False)
+    num_channels = len(cm.normalization_schemes)
+    frames = []
+    for data, props in _read_frames(source, pm):
+        if data.shape[0] != num_channels:
+            raise SSPError(f"{source.paths[0]}: {data.shape[0]} channel(s), but the plans normalize "
+                           f"{num_channels} (dataset.json channel_names)")
+        out, _, props = preprocessor.run_case_npy(data, None, props, pm, cm, target.dataset_json)
+        out = np.asarray(out, dtype=np.float32)
+        frames.append((out, int(props["bbox_used_for_cropping"][0][0]), int(props["shape_before_cropping"][0])))
+    if len(frames) != source.num_frames:
+        raise SSPError(f"{source.paths[0]}: read {len(frames)} frames, the header says {source.num_frames}")
+
+    groups: Dict[tuple, List[int]] = OrderedDict()
+    for t, (out, z0, n) in enumerate(frames):
+        groups.setdefault((out.shape, z0, n), []).append(t)
+    blocks = []
+    for k, ((shape, z0, n), ts) in enumerate(groups.items()):
+        name = f"s{index:06d}_b{k}.npy"
+        path = os.path.join(folder, SUBJECTS_DIR, name)
+        block_shape = (len(ts), *shape[1:]) if num_channels == 1 else (len(ts), *shape)
+        with atomic_path(path) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=block_shape)
+            for r, t in enumerate(ts):
+                array[r] = frames[t][0][0] if num_channels == 1 else frames[t][0]
+            array.flush()
+            del array
+        blocks.append({"file": f"{SUBJECTS_DIR}/{name}", "frames": ts, "shape": list(block_shape),
+                       "z_offset": z0, "num_slices": n, "bytes": os.path.getsize(path)})
+    marker = {"index": index, "subject": source.subject, "paths": list(source.paths), "kind": source.kind,
+              "num_frames": source.num_frames, "ed_frame": source.ed_frame, "num_channels": num_channels,
+              "blocks": blocks}
+    save_json_atomic(marker, _subject_marker(folder, index))
+    return marker
+
+
+def _clear(folder: str) -> None:
+    """Removes what a cache build writes (and nothing else) from ``folder``."""
+    shutil.rmtree(os.path.join(folder, SUBJECTS_DIR), ignore_errors=True)
+    for name in (FINGERPRINT_FILE, INDEX_FILE, BUILDING_FILE):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def _assemble_index(folder: str, markers: List[dict]) -> Tuple[dict, dict]:
+    """Per-slice index arrays (sorted by subject, frame, slice) and the cache summary."""
+    cols = {k: [] for k in (*META_KEYS, "block", "row", "z")}
+    block_files, block_bytes = [], []
+    for marker in markers:
+        s, n_frames, ed = marker["index"], marker["num_frames"], marker["ed_frame"]
+        for block in marker["blocks"]:
+            b = len(block_files)
+            block_files.append(block["file"])
+            block_bytes.append(block["bytes"])
+            n_z = block["shape"][1] if marker["num_channels"] == 1 else block["shape"][2]
+            for r, t in enumerate(block["frames"]):
+                z = np.arange(n_z)
+                cols["subject"].append(np.full(n_z, s))
+                cols["frame"].append(np.full(n_z, t))
+                cols["frame_from_ed"].append(np.full(n_z, (t - ed) % n_frames))
+                cols["slice_index"].append(z + block["z_offset"])
+                cols["num_slices"].append(np.full(n_z, block["num_slices"]))
+                cols["num_frames"].append(np.full(n_z, n_frames))
+                cols["block"].append(np.full(n_z, b))
+                cols["row"].append(np.full(n_z, r))
+                cols["z"].append(z)
+    arrays = {k: np.concatenate(v).astype(np.int32) for k, v in cols.items()}
+    order = np.lexsort((arrays["slice_index"], arrays["frame"], arrays["subject"]))
+    arrays = {k: v[order] for k, v in arrays.items()}
+    arrays["block_files"] = np.array(block_files)
+    arrays["block_bytes"] = np.array(block_bytes, dtype=np.int64)
+    arrays["subject_ids"] = np.array([m["subject"] for m in markers])
+    kinds = []
+    for m in markers:
+        if m["kind"] not in kinds:
+            kinds.append(m["kind"])
+    summary = {"num_subjects": len(markers), "num_slices": int(len(order)),
+               "num_frames_total": int(sum(m["num_frames"] for m in markers)), "source_kind": "+".join(kinds),
+               "num_channels": int(markers[0]["num_channels"])}
+    return arrays, summary
+
+
+def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> List[dict]:
+    from tqdm import tqdm
+    results = []
+    with tqdm(total=len(jobs), desc="SSP slice cache", unit="subject", disable=not progress or not jobs,
+              mininterval=1.0) as bar:
+        num_processes = max(1, min(int(num_processes), len(jobs) // MIN_SUBJECTS_PER_PROCESS))
+        if num_processes == 1:
+            for job in jobs:
+                results.append(_build_subject(job))
+                bar.update()
+            return results
+        import multiprocessing
+        context = multiprocessing.get_context(POOL_START_METHOD)
+        with ProcessPoolExecutor(num_processes, mp_context=context) as pool:
+            futures = [pool.submit(_build_subject, job) for job in jobs]
+            try:
+                for future in as_completed(futures):
+                    results.append(future.result())
+                    bar.update()
+            except BrokenProcessPool:
+                raise SSPError(f"a cache-building process died (out of memory?); rerun, e.g. with fewer processes: "
+                               f"the {len(results)} subjects finished in this run are kept") from None
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+    return results
+
+
+def _build(folder: str, key: str, fp: dict, target, sources: Sequence[CineSource], num_processes: int,
+           progress: bool) -> None:
+    os.makedirs(os.path.join(folder, SUBJECTS_DIR), exist_ok=True)
+    building = _load_json(os.path.join(folder, BUILDING_FILE))
+    if building is None or building.get("key") != key:
+        _clear(folder)  # leftovers of another build (other inputs or plans) are not reusable
+        os.makedirs(os.path.join(folder, SUBJECTS_DIR), exist_ok=True)
+        save_json_atomic({"key": key}, os.path.join(folder, BUILDING_FILE))
+    for leftover in glob.glob(os.path.join(glob.escape(folder), SUBJECTS_DIR, ".*.tmp")):
+        os.remove(leftover)  # temporaries of an interrupted build
+    markers: List[Optional[dict]] = [_marker_valid(folder, i, s) for i, s in enumerate(sources)]
+    target_args = (key, target.plans_manager.plans, target.configuration, target.dataset_json)
+    jobs = [(folder, i, s.as_dict(), target_args) for i, s in enumerate(sources) if markers[i] is None]
+    for marker in _run_jobs(jobs, num_processes, progress):
+        markers[marker["index"]] = marker
+    arrays, summary = _assemble_index(folder, markers)
+    with atomic_path(os.path.join(folder, INDEX_FILE)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    save_json_atomic({"format_version": CACHE_FORMAT_VERSION, "key": key, "summary": summary, "fingerprint": fp},
+                     os.path.join(folder, FINGERPRINT_FILE))
+    os.remove(os.path.join(folder, BUILDING_FILE))
+
+
+def build_or_load_cache(target, sources: Sequence[CineSource], cache_dir: str, num_processes: int = 2,
+                        progress: bool = True) -> "SliceCache":
+    """The slice cache of ``sources`` for ``target`` (a PlansTarget) in ``cache_dir``: reused when its fingerprint
+    (inputs, plans, versions) matches, completed when files are missing or a build was interrupted, rebuilt into
+    ``<cache_dir>.rebuild`` and swapped in when inputs or plans changed. Subjects are preprocessed by up to
+    ``num_processes`` spawned processes (at most one per MIN_SUBJECTS_PER_PROCESS subjects left to build), with a
+    tqdm bar over subjects when ``progress``."""
+    if not sources:
+        raise SSPError(f"{cache_dir}: no sources to cache")
+    cache_dir = os.path.abspath(cache_dir)
+    fp = fingerprint(target, sources)
+    key = _fingerprint_key(fp)
+    existing = _load_json(os.path.join(cache_dir, FINGERPRINT_FILE))
+    if existing is not None and existing.get("key") == key:
+        cache = SliceCache(cache_dir)
+        if not cache.missing_files():
+            return cache
+        # some arrays vanished: mark the folder as an unfinished build of this key and complete it in place
+        save_json_atomic({"key": key}, os.path.join(cache_dir, BUILDING_FILE))
+        os.remove(os.path.join(cache_dir, FINGERPRINT_FILE))
+        _build(cache_dir, key, fp, target, sources, num_processes, progress)
+    elif existing is not None:
+        fresh = cache_dir + ".rebuild"
+        _build(fresh, key, fp, target, sources, num_processes, progress)
+        old = cache_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(cache_dir, old)
+        os.replace(fresh, cache_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        _build(cache_dir, key, fp, target, sources, num_processes, progress)
+    return SliceCache(cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+class SliceCache:
+    """Read access to a finished cache. Arrays are memory-mapped on first use, per process; pickling sends only the
+    folder (DataLoader workers reopen it lazily)."""
+
+    def __init__(self, folder: str):
+        self.folder = os.path.abspath(folder)
+        info = _load_json(os.path.join(self.folder, FINGERPRINT_FILE))
+        if info is None:
+            raise SSPError(f"{os.path.join(self.folder, FINGERPRINT_FILE)}: no finished slice cache here")
+        if info.get("format_version") != CACHE_FORMAT_VERSION:
+            raise SSPError(f"{os.path.join(self.folder, FINGERPRINT_FILE)}: cache format "
+                           f"{info.get('format_version')}, expected {CACHE_FORMAT_VERSION}; delete the folder")
+        self._info = info
+        self.key = info["key"]
+        self._index: Optional[dict] = None
+        self._maps: "OrderedDict[int, np.memmap]" = OrderedDict()
+        self._pid = os.getpid()
+
+    # pickling: only the folder and key; arrays and memmaps are reopened lazily in the receiving process
+    def __getstate__(self):
+        return {"folder": self.folder, "key": self.key}
+
+    def __setstate__(self, state):
+        self.__init__(state["folder"])
+        if self.key != state["key"]:
+            raise SSPError(f"{self.folder}: the slice cache changed while in use (rebuilt by another run?)")
+
+    def _idx(self) -> dict:
+        if self._index is None:
+            with np.load(os.path.join(self.folder, INDEX_FILE)) as z:
+                self._index = {k: z[k] for k in z.files}
+        return self._index
+
+    def __len__(self) -> int:
+        return int(self._info["summary"]["num_slices"])
+
+    @property
+    def meta(self) -> Dict[str, np.ndarray]:
+        """Per-slice int32 arrays: subject (index into ``subjects``), frame, frame_from_ed ((t - ED) mod T),
+        slice_index (0 = first slice of the stack, e.g. base), num_slices, num_frames."""
+        idx = self._idx()
+        return {k: idx[k] for k in META_KEYS}
+
+    @property
+    def subjects(self) -> List[str]:
+        return [str(s) for s in self._idx()["subject_ids"]]
+
+    @property
+    def num_channels(self) -> int:
+        return int(self._info["summary"]["num_channels"])
+
+    def summary(self) -> dict:
+        """Facts for a checkpoint: num_subjects, num_slices, num_frames_total, source_kind, num_channels, key."""
+        return {**self._info["summary"], "cache_key": self.key}
+
+    def missing_files(self) -> List[str]:
+        """Array files (or the index) that are absent or have the wrong size."""
+        try:
+            idx = self._idx()
+        except (OSError, ValueError, KeyError, EOFError):
+            return [INDEX_FILE]
+        return [f for f, n in zip(idx["block_files"], idx["block_bytes"])
+                if not os.path.isfile(os.path.join(self.folder, f))
+                or os.path.getsize(os.path.join(self.folder, f)) != n]
+
+    def _check(self, i) -> int:
+        i = int(i)
+        if not 0 <= i < len(self):
+            raise IndexError(f"slice {i} out of range (cache has {len(self)})")
+        return i
+
+    def _memmap(self, block: int) -> np.memmap:
+        if self._pid != os.getpid():  # forked: do not share the parent's maps
+            self._maps, self._pid = OrderedDict(), os.getpid()
+        array = self._maps.get(block)
+        if array is None:
+            path = os.path.join(self.folder, str(self._idx()["block_files"][block]))
+            array = np.load(path, mmap_mode="r")
+            self._maps[block] = array
+            if len(self._maps) > MAX_OPEN_MEMMAPS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(block)
+        return array
+
+    def memmap_for(self, i) -> np.memmap:
+        """The memory-mapped array that holds slice ``i``."""
+        return self._memmap(int(self._idx()["block"][self._check(i)]))
+
+    def _plane(self, i) -> np.ndarray:
+        i = self._check(i)
+        idx = self._idx()
+        array = self._memmap(int(idx["block"][i]))
+        r, z = int(idx["row"][i]), int(idx["z"][i])
+        return array[r, z] if self.num_channels == 1 else array[r, :, z]
+
+    def slice(self, i) -> np.ndarray:
+        """Slice ``i`` as an (H, W) float32 array ((C, H, W) for multi-channel caches); a copy, so the memory map
+        is not kept alive by it."""
+        return np.array(self._plane(i), dtype=np.float32, copy=True)
+
+    def slice_channels(self, i) -> np.ndarray:
+        """Slice ``i`` as a (C, H, W) float32 array (a copy)."""
+        s = self.slice(i)
+        return s[None] if self.num_channels == 1 else s
+
+    def slice_position(self, i) -> float:
+        """slice_index / num_slices: 0 at the first slice (base), towards 1 at the last (apex)."""
+        i = self._check(i)
+        idx = self._idx()
+        return float(idx["slice_index"][i]) / float(idx["num_slices"][i])
+
+    def __repr__(self) -> str:
+        s = self._info["summary"]
+        return (f"SliceCache({self.folder!r}: {s['num_slices']} slices of {s['num_subjects']} subjects, "
+                f"{s['source_kind']})")
