@@ -53,6 +53,7 @@ class Pretrainer:
         self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
         self.output_folder, self.data_summary = output_folder, data_summary
         self.device = torch.device(settings.device)
+        os.makedirs(output_folder, exist_ok=True)
         self.log_file = os.path.join(output_folder, "training_log.txt")
         self.history = {"epoch": [], "loss": [], "lr": [], "slices_per_s": [], "epoch_time_s": []}
         torch.manual_seed(settings.seed)
@@ -183,6 +184,7 @@ class Pretrainer:
         for epoch in range(self.start_epoch, last):
             self.train_epoch(epoch)
             torch_save_atomic(self._state(epoch + 1), os.path.join(self.output_folder, LATEST_CHECKPOINT))
+            self.start_epoch = epoch + 1
             self.plot_progress()
         if last < s.epochs:
             return os.path.join(self.output_folder, LATEST_CHECKPOINT)
