@@ -24,6 +24,7 @@ from pretraining.data.cache import build_or_load_cache, discover_sources
 from pretraining.data.loader import SliceViewDataset, make_loader
 from pretraining.loop import PretrainSettings, Pretrainer
 from pretraining.methods import METHODS
+from pretraining.methods.base import Step
 
 
 def prepare_workspace(root: str, subjects: int, size: int) -> str:
@@ -46,27 +47,20 @@ def peak_rss_mb() -> float:
     return max(own, children) / 1024
 
 
-def bare_step_rate(method, batch_size: int, iters: int, device: torch.device, settings) -> float:
-    model = method.build_model().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                nesterov=settings.nesterov, weight_decay=settings.weight_decay)
-    views = [torch.randn(batch_size, method.spec.num_input_channels, *method.patch_size, device=device)
-             for _ in method.view_transforms()]
-    batch = {"views": views, "slice_position": torch.rand(batch_size), "subject": torch.zeros(batch_size)}
-
-    def step():
-        loss, _ = method.loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    step()  # warm-up (oneDNN / cuDNN autotuning)
+def bare_step_rate(trainer: Pretrainer, sample: dict, iters: int) -> float:
+    """The trainer's own optimisation step on one batch of random tensors already in memory (views of the shapes a
+    real sample has), so only the data path differs from the end-to-end figure."""
+    s = trainer.settings
+    batch = {"views": [torch.randn(s.batch_size, *v.shape) for v in sample["views"]],
+             "slice_position": torch.rand(s.batch_size), "subject": torch.zeros(s.batch_size, dtype=torch.long)}
+    trainer.model.train()
+    trainer.train_step(batch, Step(0, 0, iters, 1))  # warm-up (oneDNN / cuDNN autotuning)
     start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
+    for i in range(iters):
+        trainer.train_step(batch, Step(0, i, iters, 1))
+    if trainer.device.type == "cuda":
         torch.cuda.synchronize()
-    return iters * batch_size / (time.perf_counter() - start)
+    return iters * s.batch_size / (time.perf_counter() - start)
 
 
 def data_only_rate(dataset, batch_size: int, iters: int, num_workers: int) -> float:
@@ -93,7 +87,6 @@ def main(argv=None) -> dict:
     target = PlansTarget.from_preprocessed(dataset)
     raw = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)
     cache = build_or_load_cache(target, discover_sources(raw), os.path.join(workdir, "cache"), progress=False)
-    device = torch.device(args.device)
     rows = []
     for name in args.methods:
         method = METHODS[name](target.network_spec, target.configuration_manager.patch_size)
@@ -106,7 +99,7 @@ def main(argv=None) -> dict:
         trainer.train_epoch(0)  # warm-up epoch: worker start-up, allocator, oneDNN
         trainer.train_epoch(1)
         end_to_end = trainer.history["slices_per_s"][-1]
-        bare = bare_step_rate(method, args.batch_size, args.iters, device, settings)
+        bare = bare_step_rate(trainer, views[0], args.iters)
         data = data_only_rate(views, args.batch_size, args.iters, args.num_workers)
         rows.append({"method": name, "end_to_end_slices_per_s": end_to_end, "bare_step_slices_per_s": bare,
                      "ratio": end_to_end / bare, "data_only_slices_per_s": data, "peak_rss_mb": peak_rss_mb(),

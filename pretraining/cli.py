@@ -9,6 +9,7 @@ import sys
 
 from nnunet_ssp.errors import SSPError, run_command
 from nnunet_ssp.methods import METHOD_PARTS
+from pretraining.methods import all_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue", dest="continue_training", action="store_true",
                    help="resume from checkpoint_latest.pth in the output folder")
     p.add_argument("-o", "--output", help="output folder (default: where the nnU-Net trainers look)")
-    p.add_argument("--mask-patch-size", type=int, default=32, help="MIM: masked square patch size in px (32)")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="MIM: fraction of patches masked (0.75)")
+    p.add_argument("--probe-slices", type=int, default=256,
+                   help="slices of the per-epoch k-NN probe of slice position and phase (default 256; 0: off)")
+    methods = p.add_argument_group("method options (each applies to the methods its help names)")
+    for name, (option, _) in all_options().items():
+        methods.add_argument("--" + name.replace("_", "-"), type=type(option.default), help=option.help)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
 
@@ -53,11 +57,21 @@ def pretrain(args) -> str:
     from pretraining.loop import LATEST_CHECKPOINT, PretrainSettings, Pretrainer
     from pretraining.memory import affordable_batch_size
     from pretraining.methods import get_method
+    from pretraining.probe import make_probe
 
     method_class = get_method(args.method)
     for name in ("epochs", "iters_per_epoch", "batch_size"):
         _positive(name, getattr(args, name))
+    foreign = [f"--{name.replace('_', '-')}" for name, (_, owners) in all_options().items()
+               if getattr(args, name) is not None and args.method not in owners]
+    if foreign:
+        raise SSPError(f"{', '.join(foreign)} do(es) not apply to --method {args.method}")
     target = PlansTarget.from_preprocessed(args.dataset, args.plans, args.configuration)
+    try:
+        method = method_class(target.network_spec, target.configuration_manager.patch_size,
+                              **{name: getattr(args, name) for name in method_class.options})
+    except ValueError as e:
+        raise SSPError(f"--method {args.method}: {e}") from None
     for env in ("nnUNet_raw", "nnUNet_results"):
         if not os.environ.get(env) and not (env == "nnUNet_results" and args.output):
             raise SSPError(f"{env} is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
@@ -77,8 +91,6 @@ def pretrain(args) -> str:
                              f"ssp_cache__{target.configuration_manager.data_identifier}")
     cache = build_or_load_cache(target, sources, cache_dir, num_processes=max(1, args.num_workers))
 
-    options = {"mask_patch_size": args.mask_patch_size, "mask_ratio": args.mask_ratio} if args.method == "mim" else {}
-    method = method_class(target.network_spec, target.configuration_manager.patch_size, **options)
     defaults = method.defaults
     batch_size = args.batch_size or defaults.batch_size
     os.makedirs(output, exist_ok=True)
@@ -99,9 +111,10 @@ def pretrain(args) -> str:
         iters_per_epoch=args.iters_per_epoch or default_iters_per_epoch(len(cache), batch_size),
         batch_size=batch_size, lr=args.lr or defaults.lr, momentum=defaults.momentum,
         weight_decay=defaults.weight_decay, nesterov=defaults.nesterov, device=device,
-        num_workers=args.num_workers, seed=args.seed, options=options)
+        num_workers=args.num_workers, seed=args.seed, options=method.option_values())
     dataset = SliceViewDataset(cache, method.view_transforms())
-    trainer = Pretrainer(method, dataset, target, settings, output, data_summary=cache.summary())
+    probe = make_probe(cache, method.patch_size, args.probe_slices, args.seed)
+    trainer = Pretrainer(method, dataset, target, settings, output, data_summary=cache.summary(), probe=probe)
     if args.continue_training:
         trainer.resume()
     path = trainer.run()

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -19,7 +19,8 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import torch_save_atomic
 from nnunet_ssp.network import PlansTarget
 from pretraining.data.loader import make_loader
-from pretraining.methods.base import SSPMethod
+from pretraining.methods.base import SSPMethod, Step
+from pretraining.probe import PositionPhaseProbe
 
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
 STATE_FORMAT = "nnunet_ssp.pretrain_state"
@@ -46,12 +47,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class Pretrainer:
-    """Runs ``method`` on ``dataset`` and writes logs, plots and checkpoints to ``output_folder``."""
+    """Runs ``method`` on ``dataset`` and writes logs, plots and checkpoints to ``output_folder``; ``probe`` (optional)
+    measures the encoder's embeddings after every epoch."""
 
     def __init__(self, method: SSPMethod, dataset, target: PlansTarget, settings: PretrainSettings,
-                 output_folder: str, data_summary: dict):
+                 output_folder: str, data_summary: dict, probe: Optional[PositionPhaseProbe] = None):
         self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
-        self.output_folder, self.data_summary = output_folder, data_summary
+        self.output_folder, self.data_summary, self.probe = output_folder, data_summary, probe
         self.device = torch.device(settings.device)
         os.makedirs(output_folder, exist_ok=True)
         self.log_file = os.path.join(output_folder, "training_log.txt")
@@ -60,8 +62,8 @@ class Pretrainer:
         self.model = method.build_model().to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=settings.lr, momentum=settings.momentum,
-                                         weight_decay=settings.weight_decay, nesterov=settings.nesterov)
+        self.optimizer = torch.optim.SGD(method.parameter_groups(self.model, settings.weight_decay), lr=settings.lr,
+                                         momentum=settings.momentum, nesterov=settings.nesterov)
         self.start_epoch = 0
 
     # ---------------------------------------------------------------- logging
@@ -75,14 +77,24 @@ class Pretrainer:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, loss_axis = plt.subplots(figsize=(8, 4.5))
+        probe_keys = [k for k in self.history if k.startswith("probe_")]
+        fig, axes = plt.subplots(2 if probe_keys else 1, 1, figsize=(8, 8 if probe_keys else 4.5), squeeze=False)
+        loss_axis = axes[0, 0]
         loss_axis.plot(self.history["epoch"], self.history["loss"], "b-o", markersize=3, label="loss")
         loss_axis.set_xlabel("epoch")
         loss_axis.set_ylabel(f"{self.settings.method} loss")
         lr_axis = loss_axis.twinx()
         lr_axis.plot(self.history["epoch"], self.history["lr"], "g--", label="learning rate")
         lr_axis.set_ylabel("learning rate")
-        fig.legend(loc="upper right")
+        loss_axis.legend(loc="upper right")
+        if probe_keys:
+            probe_axis = axes[1, 0]
+            for key in probe_keys:
+                probe_axis.plot(self.history["epoch"], self.history[key], "--" if key.endswith("chance") else "-o",
+                                markersize=3, label=key[len("probe_"):])
+            probe_axis.set_xlabel("epoch")
+            probe_axis.set_ylabel("k-NN probe error (held-out subjects)")
+            probe_axis.legend(loc="upper right")
         fig.suptitle(f"ssp_pretrain {self.settings.method}: {self.target.dataset_name}")
         fig.tight_layout()
         path = os.path.join(self.output_folder, "progress.png")
@@ -122,20 +134,40 @@ class Pretrainer:
         self.log(f"continuing from {path} at epoch {self.start_epoch}")
 
     # ---------------------------------------------------------------- training
-    def _set_lr(self, epoch: int, iteration: int) -> float:
-        s = self.settings
-        lr = self.method.lr_at(s.lr, epoch, iteration, s.iters_per_epoch, s.epochs)
+    def _step(self, epoch: int, iteration: int) -> Step:
+        return Step(epoch, iteration, self.settings.iters_per_epoch, self.settings.epochs)
+
+    def _set_lr(self, step: Step) -> float:
+        lr = self.method.lr_at(self.settings.lr, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
     def _to_device(self, batch: dict) -> dict:
         non_blocking = self.device.type == "cuda"
-        moved = dict(batch)
+        moved = {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
         moved["views"] = [v.to(self.device, non_blocking=non_blocking) for v in batch["views"]]
         if self.device.type == "cuda":
             moved["views"] = [v.contiguous(memory_format=torch.channels_last) for v in moved["views"]]
         return moved
+
+    def train_step(self, batch: dict, step: Step) -> Tuple[float, Dict[str, float]]:
+        """One optimisation step on a loader batch; returns the loss and the method's extra figures."""
+        self._set_lr(step)
+        batch = self._to_device(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss, extra = self.method.loss(self.model, batch, step)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise SSPError(f"non-finite loss ({value}) at epoch {step.epoch}, iteration {step.iteration}: run "
+                           f"stopped; the last good state is {os.path.join(self.output_folder, LATEST_CHECKPOINT)} "
+                           f"(resume with --continue, e.g. with a lower --lr)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.method.before_optimizer_step(self.model, step)
+        self.optimizer.step()
+        self.method.after_step(self.model, step)
+        return value, extra
 
     def train_epoch(self, epoch: int) -> None:
         s = self.settings
@@ -143,33 +175,32 @@ class Pretrainer:
         loader = make_loader(self.dataset, s.batch_size, s.iters_per_epoch, epoch, s.seed, s.num_workers,
                              pin_memory=self.device.type == "cuda")
         self.model.train()
-        losses, start, batch = [], time.perf_counter(), None
+        losses, figures, start, batch = [], {}, time.perf_counter(), None
         progress = tqdm(loader, total=s.iters_per_epoch, desc=f"epoch {epoch}", leave=False, mininterval=1.0)
         for iteration, batch in enumerate(progress):
-            lr = self._set_lr(epoch, iteration)
-            batch = self._to_device(batch)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss, extra = self.method.loss(self.model, batch)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise SSPError(f"non-finite loss ({value}) at epoch {epoch}, iteration {iteration}: run stopped; the "
-                               f"last good state is {os.path.join(self.output_folder, LATEST_CHECKPOINT)} "
-                               f"(resume with --continue, e.g. with a lower --lr)")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.method.after_step(self.model, epoch, iteration, s.iters_per_epoch, s.epochs)
+            value, extra = self.train_step(batch, self._step(epoch, iteration))
             losses.append(value)
+            for key, figure in extra.items():
+                figures.setdefault(key, []).append(figure)
             rate = (iteration + 1) * s.batch_size / (time.perf_counter() - start)
             progress.set_postfix(loss=f"{value:.4f}", slices_per_s=f"{rate:.1f}", refresh=False)
         elapsed = time.perf_counter() - start
         self.history["epoch"].append(epoch)
         self.history["loss"].append(sum(losses) / len(losses))
-        self.history["lr"].append(self._set_lr(epoch, 0))
+        self.history["lr"].append(self._set_lr(self._step(epoch, 0)))
         self.history["slices_per_s"].append(s.iters_per_epoch * s.batch_size / elapsed)
         self.history["epoch_time_s"].append(elapsed)
+        figures = {key: sum(values) / len(values) for key, values in figures.items()}
+        if self.probe is not None:
+            figures.update(self.probe.evaluate(self.method.export_network(self.model)))
+        for key, figure in figures.items():
+            self.history.setdefault(key, []).append(figure)
+        described = "".join(f", {key} {figure:.4g}" for key, figure in figures.items())
         self.log(f"epoch {epoch}: loss {self.history['loss'][-1]:.5f}, lr {self.history['lr'][-1]:.3g}, "
-                 f"{self.history['slices_per_s'][-1]:.1f} slices/s, {elapsed:.1f} s")
+                 f"{self.history['slices_per_s'][-1]:.1f} slices/s, {elapsed:.1f} s{described}")
+        warning = self.method.epoch_warning(figures)
+        if warning:
+            self.log(f"warning: {warning}")
         preview = os.path.join(self.output_folder, "previews", f"epoch_{epoch:03d}.png")
         os.makedirs(os.path.dirname(preview), exist_ok=True)
         self.model.eval()

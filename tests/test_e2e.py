@@ -3,13 +3,15 @@
 1. a contract checkpoint written through the public save API -> nnUNetv2_train -tr nnUNetTrainerMIM ->
    nnUNetv2_predict (no SSP file present) -> nnUNetv2_evaluate_folder;
 2. ssp_pretrain --method mim -> nnUNetv2_train -tr nnUNetTrainerMIM -> predict -> evaluate;
-3. a checkpoint for other plans, refused by nnUNetv2_train before anything is written.
+3. ssp_pretrain --method simclr/pcl/dino -> nnUNetv2_train -tr nnUNetTrainer<Method>: encoder loaded, decoder not;
+4. a checkpoint for other plans, refused by nnUNetv2_train before anything is written.
 """
 import hashlib
 import json
 import os
 import shutil
 
+import pytest
 import torch
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, load_checkpoint, save_checkpoint
@@ -87,6 +89,28 @@ def test_ssp_pretrain_mim_then_finetune_predict_evaluate(phantom_env):
     _predict_and_evaluate(root, env, "nnUNetTrainerMIM", 0)
 
 
+@pytest.mark.parametrize("method, trainer, options", [
+    ("simclr", "nnUNetTrainerSimCLR", []), ("pcl", "nnUNetTrainerPCL", ["--position-threshold", "0.2"]),
+    ("dino", "nnUNetTrainerDINO", ["--dino-out-dim", "256", "--dino-local-views", "2"])])
+def test_ssp_pretrain_encoder_methods_then_finetune_loads_the_encoder_only(phantom_env, method, trainer, options):
+    root, env = phantom_env
+    run(["ssp_pretrain", "-d", str(DATASET_ID), "--method", method, "--epochs", "1", "--iters-per-epoch", "2",
+         "--batch-size", "4", "--num-workers", "1", "--device", "cpu", "--probe-slices", "16", *options], env)
+    ssp_folder = default_checkpoint_folder(env["nnUNet_results"], DATASET, method, "nnUNetPlans", "2d")
+    checkpoint = load_checkpoint(os.path.join(ssp_folder, "checkpoint_final.pth"))
+    assert checkpoint["method"] == method and checkpoint["parts"] == ["encoder"]
+    assert "probe_position_mae" in open(os.path.join(ssp_folder, "training_log.txt")).read()
+    record = _train_and_check_start(env, trainer, 0, checkpoint, ("encoder",))
+    # the pretrained network's decoder (in the full training state) was not loaded: fine-tuning starts it at random
+    state = torch.load(os.path.join(ssp_folder, "checkpoint_latest.pth"), weights_only=True)["model"]
+    prefix = "student.network." if method == "dino" else "network."
+    kernels = {k: v for k, v in record["network_tensor_sha256_after_load"].items()
+               if k.startswith("decoder.") and state[prefix + k].ndim > 1}  # biases and norms start equal anyway
+    assert kernels and all(_digest(state[prefix + k]) != digest for k, digest in kernels.items())
+    encoder = {k for k in record["network_tensor_sha256_after_load"] if k.startswith("encoder.")}
+    assert encoder == set(checkpoint["network_weights"])
+
+
 def test_checkpoint_for_other_plans_is_refused_by_nnunetv2_train(phantom_env):
     root, env = phantom_env
     target = PlansTarget.from_preprocessed(str(DATASET_ID))
@@ -96,10 +120,10 @@ def test_checkpoint_for_other_plans_is_refused_by_nnunetv2_train(phantom_env):
     other = PlansTarget(dict(plans, plans_name="otherPlans"), "2d", target.dataset_json)
     bad = str(root / "other_plans.pth")
     save_checkpoint(bad, other.network_spec.build(1), other, "simclr")
-    result = run(["nnUNetv2_train", str(DATASET_ID), "2d", "0", "-tr", "nnUNetTrainerSimCLR", "-device", "cpu"],
+    result = run(["nnUNetv2_train", str(DATASET_ID), "2d", "4", "-tr", "nnUNetTrainerSimCLR", "-device", "cpu"],
                  dict(env, nnUNet_ssp_checkpoint=bad), check=False)
     assert result.returncode != 0
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("nnunet_ssp error:") and "other plans" in last_line and "features_per_stage" in last_line
     assert "Traceback" not in result.stderr
-    assert not os.path.exists(os.path.join(env["nnUNet_results"], DATASET, "nnUNetTrainerSimCLR__nnUNetPlans__2d"))
+    assert not os.path.exists(_fold(env, "nnUNetTrainerSimCLR", 4))

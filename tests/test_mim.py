@@ -59,7 +59,7 @@ def test_loss_is_the_mse_over_masked_pixels_only(seeded):
 def test_mim_model_reconstructs_one_channel_and_gradients_reach_encoder_and_decoder(target, seeded):
     method = MIM(target.network_spec, (64, 64))
     model = method.build_model()
-    loss, _ = method.loss(model, {"views": [torch.randn(2, 1, 64, 64)]})
+    loss, _ = method.loss(model, {"views": [torch.randn(2, 1, 64, 64)]}, None)
     loss.backward()
     net = model.network
     assert net.decoder.seg_layers[-1].weight.shape[0] == 1

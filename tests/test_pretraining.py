@@ -1,4 +1,5 @@
-"""The pretraining loop on the phantom's real slice cache: outputs, exact resume, non-finite losses, CLI errors."""
+"""The pretraining loop on the phantom's real slice cache: outputs, a smoke run per method, exact resume, non-finite
+losses, CLI errors."""
 import os
 
 import pytest
@@ -10,25 +11,36 @@ from nnunet_ssp.network import PlansTarget
 from pretraining.data.cache import build_or_load_cache, discover_sources
 from pretraining.data.loader import SliceViewDataset
 from pretraining.loop import LATEST_CHECKPOINT, PretrainSettings, Pretrainer
-from pretraining.methods.mim import MIM
+from pretraining.methods import METHODS
+from pretraining.probe import make_probe
 
 from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
 
 @pytest.fixture
-def mim_setup(phantom_env, tmp_path):
+def pretrainer(phantom_env, tmp_path):
+    """make(method, output, ...) -> a Pretrainer on the phantom's slice cache with the method's own recipe."""
     root, env = phantom_env
     target = PlansTarget.from_preprocessed(str(PHANTOM_ID))
     cache = build_or_load_cache(target, discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
                                 str(root / "pretraining_cache"), num_processes=1, progress=False)
-    method = MIM(target.network_spec, target.configuration_manager.patch_size)
 
-    def make(output, num_workers=0, epochs=3):
-        settings = PretrainSettings("mim", epochs=epochs, iters_per_epoch=2, batch_size=4, lr=0.01, momentum=0.99,
-                                    weight_decay=3e-5, nesterov=True, device="cpu", num_workers=num_workers, seed=5)
+    def make(name, output, num_workers=0, epochs=3, iters=2, batch_size=4, lr=None, probe_slices=0, **options):
+        method = METHODS[name](target.network_spec, target.configuration_manager.patch_size, **options)
+        d = method.defaults
+        settings = PretrainSettings(name, epochs=epochs, iters_per_epoch=iters, batch_size=batch_size,
+                                    lr=lr or d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
+                                    nesterov=d.nesterov, device="cpu", num_workers=num_workers, seed=5,
+                                    options=method.option_values())
         return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings,
-                          str(tmp_path / output), cache.summary())
+                          str(tmp_path / output), cache.summary(),
+                          probe=make_probe(cache, method.patch_size, probe_slices, seed=0))
     return make
+
+
+@pytest.fixture
+def mim_setup(pretrainer):
+    return lambda output, **kwargs: pretrainer("mim", output, **kwargs)
 
 
 def test_outputs_of_a_run(mim_setup):
@@ -46,10 +58,37 @@ def test_outputs_of_a_run(mim_setup):
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
 
 
-def test_interrupted_after_epoch_1_and_continued_equals_uninterrupted(mim_setup):
-    reference = load_checkpoint(mim_setup("straight").run())
-    mim_setup("interrupted").run(max_epochs_this_run=1)
-    resumed = mim_setup("interrupted", num_workers=1)  # a fresh process state; worker count does not matter
+SMOKE = {"simclr": dict(epochs=4, iters=3),
+         "pcl": dict(epochs=4, iters=3, position_threshold=0.2),
+         # DINO's loss is H(teacher) + KL(teacher || student) and the centring raises H(teacher) in the first
+         # epochs: the KL is what must fall (a constant teacher temperature keeps the schedule out of it)
+         "dino": dict(epochs=5, iters=4, lr=0.03, dino_out_dim=256, dino_local_views=2,
+                      dino_teacher_temperature_start=0.04)}
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_smoke_pretraining_lowers_the_loss_writes_a_contract_checkpoint_and_logs_the_probe(pretrainer, name):
+    trainer = pretrainer(name, f"smoke_{name}", batch_size=8, probe_slices=32, **SMOKE[name])
+    final = load_checkpoint(trainer.run())
+    losses = trainer.history["student_teacher_kl" if name == "dino" else "loss"]
+    assert losses[-1] < losses[0], losses
+    assert final["method"] == name and final["parts"] == ["encoder"]
+    assert final["network_weights"] and all(k.startswith("encoder.") for k in final["network_weights"])
+    assert final["pretraining"]["options"] == trainer.method.option_values()
+    for key in ("probe_position_mae", "probe_position_mae_chance", "probe_phase_error"):
+        assert len(trainer.history[key]) == SMOKE[name]["epochs"] and all(0 <= v <= 1 for v in trainer.history[key])
+    log = open(os.path.join(trainer.output_folder, "training_log.txt")).read()
+    assert "epoch 3: loss" in log and "probe_position_mae" in log
+    if name == "dino":
+        assert "teacher_entropy" in log and "teacher_kl_to_uniform" in log
+
+
+@pytest.mark.parametrize("name, options", [("mim", {}), ("dino", {"dino_out_dim": 64, "dino_local_views": 1})])
+def test_interrupted_after_epoch_1_and_continued_equals_uninterrupted(pretrainer, name, options):
+    reference = load_checkpoint(pretrainer(name, "straight", **options).run())
+    pretrainer(name, "interrupted", **options).run(max_epochs_this_run=1)
+    # a fresh process state; the worker count does not matter
+    resumed = pretrainer(name, "interrupted", num_workers=1, **options)
     resumed.resume()
     assert resumed.start_epoch == 1
     final = load_checkpoint(resumed.run())
@@ -63,7 +102,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_stat
     trainer.run(max_epochs_this_run=1)
     latest = os.path.join(trainer.output_folder, LATEST_CHECKPOINT)
     good = open(latest, "rb").read()
-    monkeypatch.setattr(trainer.method, "loss", lambda model, batch: (torch.tensor(float("nan")), {}))
+    monkeypatch.setattr(trainer.method, "loss", lambda model, batch, step: (torch.tensor(float("nan")), {}))
     with pytest.raises(SSPError, match=r"non-finite loss \(nan\) at epoch 1, iteration 0.*checkpoint_latest.pth"):
         trainer.run()
     assert open(latest, "rb").read() == good
@@ -79,9 +118,13 @@ def test_resume_refuses_other_settings(mim_setup):
 
 def test_cli_errors_are_one_line(phantom_env):
     root, env = phantom_env
-    not_yet = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "dino"], env, check=False)
-    assert not_yet.returncode == 2 and not_yet.stderr.strip() == (
-        "error: method 'dino' is not yet available in ssp_pretrain (available: mim)")
+    foreign = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "dino", "--mask-ratio", "0.5"], env,
+                      check=False)
+    assert foreign.returncode == 2 and foreign.stderr.strip() == (
+        "error: --mask-ratio do(es) not apply to --method dino")
+    bad_option = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "--mask-ratio", "1.5"], env,
+                         check=False)
+    assert bad_option.returncode == 2 and "mask_ratio in (0, 1)" in bad_option.stderr
     unknown = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "byol"], env, check=False)
     assert unknown.returncode == 2 and "invalid choice: 'byol'" in unknown.stderr
     no_plans = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-p", "missingPlans"], env,

@@ -23,7 +23,8 @@ How this approximates the paper (de Mooij et al., qcardia MONAI pipeline; paper_
   (bgv2 ``GammaTransform`` without inversion and without retaining statistics).
   nnU-Net's own ContrastTransform and SimulateLowResolutionTransform are not in the paper: off by default
   (``p_contrast``, ``p_lowres``).
-- ``intensity="dino"``: the DINO base column (noise p 0.15, blur p 0.1, scale p 0.2, shift p 0.15, gamma p 0.15).
+- ``intensity="dino"``: the DINO base column (noise p 0.15, blur p 0.1, scale p 0.2, shift p 0.15, gamma p 0.15);
+  ``p_solarize`` adds DINO's solarization last (see ``SolarizeTransform``).
 - ``intensity="nnunet"``: the tested recipe of cpu_environment.md §4 (nnU-Net's own transforms at raised
   probabilities: noise, blur, multiplicative brightness, contrast, low resolution, gamma).
 - ``intensity=None``: spatial only.
@@ -53,14 +54,14 @@ PAPER_TRANSLATION = 40 / 256
 INTENSITY_PRESETS = {
     "paper": dict(p_noise=0.2, noise_std=(0.0, 0.2), p_blur=0.2, blur_sigma=(0.5, 1.5), p_scale=1.0,
                   scale_factor=(1.6, 2.5), p_shift=1.0, shift=(-0.4, 0.4), p_gamma=1.0, gamma=(0.7, 1.5),
-                  p_contrast=0.0, contrast=(0.75, 1.25), p_lowres=0.0, lowres_scale=(0.5, 1.0)),
+                  p_contrast=0.0, contrast=(0.75, 1.25), p_lowres=0.0, lowres_scale=(0.5, 1.0), p_solarize=0.0),
     "dino": dict(p_noise=0.15, noise_std=(0.0, 0.2), p_blur=0.1, blur_sigma=(0.5, 1.5), p_scale=0.2,
                  scale_factor=(1.6, 2.5), p_shift=0.15, shift=(-0.4, 0.4), p_gamma=0.15, gamma=(0.7, 1.5),
-                 p_contrast=0.0, contrast=(0.75, 1.25), p_lowres=0.0, lowres_scale=(0.5, 1.0)),
+                 p_contrast=0.0, contrast=(0.75, 1.25), p_lowres=0.0, lowres_scale=(0.5, 1.0), p_solarize=0.0),
     "nnunet": dict(p_noise=0.5, noise_std=(0.0, 0.1), p_blur=0.2, blur_sigma=(0.5, 1.0), p_scale=0.5,
                    scale_factor=BGContrast((0.75, 1.25)), p_shift=0.0, shift=(-0.4, 0.4), p_gamma=0.3,
                    gamma=BGContrast((0.7, 1.5)), p_contrast=0.5, contrast=BGContrast((0.75, 1.25)), p_lowres=0.25,
-                   lowres_scale=(0.5, 1.0)),
+                   lowres_scale=(0.5, 1.0), p_solarize=0.0),
 }
 
 
@@ -76,6 +77,14 @@ class UniformShiftTransform(ImageOnlyTransform):
 
     def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
         return img.add_(params["offset"])
+
+
+class SolarizeTransform(ImageOnlyTransform):
+    """Pixels above 0 (z-scored units) become ``max - x``, with ``max`` the image's maximum (DINO's solarization as
+    the paper adapts it; the paper takes the maximum of the subject's whole standardized cine); in place."""
+
+    def _apply_to_image(self, img: torch.Tensor, **params) -> torch.Tensor:
+        return torch.where(img > 0, img.max() - img, img, out=img)
 
 
 class CenteredSpatialTransform(SpatialTransform):
@@ -102,7 +111,7 @@ def augmentation(patch_size: Sequence[int], *, rotation: Tuple[float, float] = (
                  intensity: Optional[str] = "paper", **overrides) -> BasicTransform:
     """One view: spatial augmentation + crop to ``patch_size`` (2D), then the ``intensity`` preset ("paper", "dino",
     "nnunet" or None), with any preset value overridden by keyword (p_noise, noise_std, p_blur, blur_sigma, p_scale,
-    scale_factor, p_shift, shift, p_gamma, gamma, p_contrast, contrast, p_lowres, lowres_scale).
+    scale_factor, p_shift, shift, p_gamma, gamma, p_contrast, contrast, p_lowres, lowres_scale, p_solarize).
     ``translation``: maximum crop-centre offset from the image centre as a fraction of the patch size per axis
     (None: anywhere in the image). See the module docstring for how this approximates the paper."""
     patch_size = tuple(int(p) for p in patch_size)
@@ -146,6 +155,7 @@ def augmentation(patch_size: Sequence[int], *, rotation: Tuple[float, float] = (
                                                                  p_per_channel=0.5 if nnunet else 1))
         maybe(params["p_gamma"], GammaTransform(gamma=params["gamma"], p_invert_image=0, synchronize_channels=False,
                                                 p_per_channel=1, p_retain_stats=1 if nnunet else 0))
+        maybe(params["p_solarize"], SolarizeTransform())
     return ComposeTransforms(transforms)
 
 

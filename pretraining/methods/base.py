@@ -1,12 +1,12 @@
 """The interface every SSP method implements; the training loop knows nothing beyond it.
 
-A method declares which nnU-Net network parts it trains (:data:`nnunet_ssp.methods.METHOD_PARTS`), builds its
-model (the plans' network plus its head), its views (one augmentation per view) and its loss, and hands back the
-nnU-Net network whose parts go into the checkpoint.
+A method declares which nnU-Net network parts it trains (:data:`nnunet_ssp.methods.METHOD_PARTS`), its options,
+builds its model (the plans' network plus its head), its views (one augmentation per view) and its loss, and hands
+back the nnU-Net network whose parts go into the checkpoint.
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,17 +25,58 @@ class Hyperparameters:
     epochs: int = 100
 
 
+@dataclass(frozen=True)
+class Step:
+    """Where an optimisation step is: epoch and iteration within it, and the run's length."""
+    epoch: int
+    iteration: int
+    iters_per_epoch: int
+    epochs: int
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.iters_per_epoch + self.iteration
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method-specific setting; ``ssp_pretrain`` offers it as ``--<name-with-dashes>``."""
+    default: Any
+    help: str
+
+
+#: the embedding methods' option for the grid of :func:`pretraining.heads.encoder_embedding`
+POOL_GRID_OPTION = Option(2, "SimCLR/PCL/DINO: average-pool the deepest encoder features to a GxG grid before the "
+                             "head (default 2; 1 = the paper's global average pooling, which barely trains with "
+                             "nnU-Net's InstanceNorm)")
+
+
 class SSPMethod:
     name: str = ""
     defaults: Hyperparameters
+    #: option name -> Option; values become attributes of the method instance
+    options: Dict[str, Option] = {}
 
-    def __init__(self, spec: NetworkSpec, patch_size: Sequence[int]):
+    def __init__(self, spec: NetworkSpec, patch_size: Sequence[int], **options):
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no options {sorted(unknown)}")
         self.spec = spec
         self.patch_size = tuple(int(p) for p in patch_size)
+        for key, option in self.options.items():
+            value = options.get(key)
+            setattr(self, key, option.default if value is None else type(option.default)(value))
 
     @property
     def parts(self) -> Tuple[str, ...]:
         return parts_of_method(self.name)
+
+    def option_values(self) -> Dict[str, Any]:
+        return {key: getattr(self, key) for key in self.options}
 
     def build_model(self) -> torch.nn.Module:
         """The module that is optimised; it holds the plans' network as ``model.network``."""
@@ -45,17 +86,27 @@ class SSPMethod:
         """One batchgeneratorsv2 transform per view of a slice."""
         raise NotImplementedError
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The scalar loss of one batch and extra figures to log."""
+    def loss(self, model: torch.nn.Module, batch: dict, step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """The scalar loss of one batch and extra figures to log (averaged per epoch)."""
         raise NotImplementedError
 
-    def lr_at(self, base_lr: float, epoch: int, iteration: int, iters_per_epoch: int, epochs: int) -> float:
-        """Cosine decay per epoch from ``base_lr`` to 0 over ``epochs`` (the paper's default schedule)."""
-        return 0.5 * base_lr * (1 + math.cos(math.pi * epoch / epochs))
+    def parameter_groups(self, model: torch.nn.Module, weight_decay: float) -> List[dict]:
+        """The optimizer's parameter groups (default: every trainable parameter, one weight decay)."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
-    def after_step(self, model: torch.nn.Module, epoch: int, iteration: int, iters_per_epoch: int,
-                   epochs: int) -> None:
+    def lr_at(self, base_lr: float, step: Step) -> float:
+        """Cosine decay per epoch from ``base_lr`` to 0 over the run (the paper's default schedule)."""
+        return 0.5 * base_lr * (1 + math.cos(math.pi * step.epoch / step.epochs))
+
+    def before_optimizer_step(self, model: torch.nn.Module, step: Step) -> None:
+        """Called between backward and the optimizer step (e.g. to drop gradients of frozen layers)."""
+
+    def after_step(self, model: torch.nn.Module, step: Step) -> None:
         """Called after each optimizer step (e.g. teacher updates)."""
+
+    def epoch_warning(self, figures: Dict[str, float]) -> Optional[str]:
+        """A warning about the epoch's averaged extra figures (e.g. a collapse), or None."""
+        return None
 
     def export_network(self, model: torch.nn.Module) -> torch.nn.Module:
         """The nnU-Net network whose declared parts go into the checkpoint."""

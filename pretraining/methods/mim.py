@@ -11,7 +11,7 @@ import torch
 
 from pretraining.data.views import augmentation
 from pretraining.losses.masked_mse import masked_mse
-from pretraining.methods.base import Hyperparameters, SSPMethod
+from pretraining.methods.base import Hyperparameters, Option, SSPMethod
 
 
 def random_patch_mask(batch_size: int, height: int, width: int, patch_size: int, ratio: float,
@@ -45,12 +45,13 @@ class ReconstructionModel(torch.nn.Module):
 class MIM(SSPMethod):
     name = "mim"
     defaults = Hyperparameters(batch_size=128, lr=0.01, momentum=0.99, weight_decay=3e-5, nesterov=True)
+    options = {"mask_patch_size": Option(32, "MIM: side of the masked square patches in px (default 32)"),
+               "mask_ratio": Option(0.75, "MIM: fraction of the patches masked per image (default 0.75)")}
 
-    def __init__(self, spec, patch_size, mask_patch_size: int = 32, mask_ratio: float = 0.75):
-        super().__init__(spec, patch_size)
-        if mask_patch_size < 1 or not 0 < mask_ratio < 1:
+    def __init__(self, spec, patch_size, **options):
+        super().__init__(spec, patch_size, **options)
+        if self.mask_patch_size < 1 or not 0 < self.mask_ratio < 1:
             raise ValueError("mask_patch_size must be >= 1 and mask_ratio in (0, 1)")
-        self.mask_patch_size, self.mask_ratio = mask_patch_size, mask_ratio
 
     def build_model(self) -> torch.nn.Module:
         return ReconstructionModel(self.spec.build(num_output_channels=self.spec.num_input_channels))
@@ -64,7 +65,7 @@ class MIM(SSPMethod):
         mask = random_patch_mask(b, h, w, self.mask_patch_size, self.mask_ratio, device=images.device)
         return images * (1 - mask), mask
 
-    def loss(self, model, batch) -> Tuple[torch.Tensor, Dict[str, float]]:
+    def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["views"][0]
         masked, mask = self.mask_batch(images)
         reconstruction = model(masked)

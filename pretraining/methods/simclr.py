@@ -1,0 +1,43 @@
+"""SimCLR (Chen et al. 2020) as the paper pretrains the nnU-Net encoder (de Mooij et al., arXiv 2409.18100, §3.1).
+
+Two independently augmented views of every slice; encoder -> pooled deepest features (a 2x2 grid, see
+``pretraining.heads``; the paper's global average is ``--pool-grid 1``) -> 3-layer MLP; NT-Xent with τ = 0.1 over
+the 2N views of a batch. SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine to 0, batch 224 pairs.
+Only the encoder is transferred: the decoder is never run and the projection head is never exported.
+"""
+from typing import Dict, Tuple
+
+import torch
+
+from pretraining.data.views import augmentation
+from pretraining.heads import EncoderWithHead, ProjectionMLP, encoder_width
+from pretraining.losses.ntxent import nt_xent
+from pretraining.methods.base import POOL_GRID_OPTION, Hyperparameters, Option, SSPMethod
+
+
+class SimCLR(SSPMethod):
+    name = "simclr"
+    defaults = Hyperparameters(batch_size=224, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    options = {"temperature": Option(0.1, "SimCLR/PCL: softmax temperature of the contrastive loss (default 0.1)"),
+               "pool_grid": POOL_GRID_OPTION}
+
+    def build_model(self) -> torch.nn.Module:
+        network = self.spec.build(num_output_channels=1)
+        width = encoder_width(network)
+        return EncoderWithHead(network, ProjectionMLP(width * self.pool_grid ** 2, width, width), self.pool_grid)
+
+    def __init__(self, spec, patch_size, **options):
+        super().__init__(spec, patch_size, **options)
+        if self.temperature <= 0 or self.pool_grid < 1:
+            raise ValueError("temperature must be > 0 and pool_grid >= 1")
+
+    def view_transforms(self):
+        return [augmentation(self.patch_size, intensity="paper") for _ in range(2)]
+
+    def embed_views(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Projections of the two views, from one forward pass over both (shared normalisation statistics)."""
+        view_a, view_b = batch["views"]
+        return model(torch.cat([view_a, view_b])).float().chunk(2)
+
+    def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return nt_xent(*self.embed_views(model, batch), temperature=self.temperature), {}
