@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters-per-epoch", type=int,
                    help="iterations per epoch (default: one pass over all slices, as the paper)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the method's; halved while memory is short)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the method's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the method's at its batch size, scaled "
+                                            "linearly when the batch size differs)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading worker processes (default: min(8, CPU cores))")
@@ -95,10 +96,10 @@ def pretrain(args) -> str:
     batch_size = args.batch_size or defaults.batch_size
     os.makedirs(output, exist_ok=True)
     if args.batch_size is None:
-        probe = method.build_model().to(device)
-        fitted = affordable_batch_size(probe, target.network_spec.num_input_channels, method.patch_size, batch_size,
+        sizing_model = method.build_model().to(device)
+        fitted = affordable_batch_size(sizing_model, target.network_spec.num_input_channels, method.patch_size, batch_size,
                                        len(method.view_transforms()), torch.device(device))
-        del probe
+        del sizing_model
         if fitted < batch_size:
             print(f"warning: batch size {batch_size} would not fit in {device} memory; using {fitted} "
                   f"(set --batch-size to choose)", file=sys.stderr)
@@ -106,10 +107,14 @@ def pretrain(args) -> str:
     if len(cache) < batch_size:
         raise SSPError(f"{cache_dir}: {len(cache)} slices are fewer than one batch of {batch_size}; "
                        f"lower --batch-size or add data")
+    lr = args.lr or defaults.lr * batch_size / defaults.batch_size
+    if args.lr is None and batch_size != defaults.batch_size:
+        print(f"note: learning rate {lr:.4g} = {defaults.lr:g} x {batch_size}/{defaults.batch_size} (the paper's lr "
+              f"scaled linearly to batch size {batch_size}; set --lr to choose)", file=sys.stderr)
     settings = PretrainSettings(
         method=args.method, epochs=args.epochs or defaults.epochs,
         iters_per_epoch=args.iters_per_epoch or default_iters_per_epoch(len(cache), batch_size),
-        batch_size=batch_size, lr=args.lr or defaults.lr, momentum=defaults.momentum,
+        batch_size=batch_size, lr=lr, momentum=defaults.momentum,
         weight_decay=defaults.weight_decay, nesterov=defaults.nesterov, device=device,
         num_workers=args.num_workers, seed=args.seed, options=method.option_values())
     dataset = SliceViewDataset(cache, method.view_transforms())

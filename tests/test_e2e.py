@@ -83,6 +83,7 @@ def test_ssp_pretrain_mim_then_finetune_predict_evaluate(phantom_env):
         assert os.path.isfile(os.path.join(ssp_folder, name)), name
     checkpoint = load_checkpoint(os.path.join(ssp_folder, "checkpoint_final.pth"))
     assert checkpoint["method"] == "mim" and checkpoint["pretraining"]["epochs"] == 2
+    assert checkpoint["pretraining"]["lr"] == 0.01 * 4 / 128  # the paper's lr, scaled linearly to the batch
     assert checkpoint["data"]["num_subjects"] == 4 and checkpoint["data"]["source_kind"] == "cineTr"
     _train_and_check_start(env, "nnUNetTrainerMIM", 0, checkpoint, ("encoder", "decoder"))
     shutil.move(ssp_folder, ssp_folder + "_moved_away")

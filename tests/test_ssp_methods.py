@@ -62,6 +62,22 @@ def test_simclr_loss_is_nt_xent_of_the_two_views_and_trains_the_encoder_only(tar
     assert all(g is None for k, g in grads.items() if k.startswith("network.decoder."))
 
 
+def test_contrastive_collapse_is_measured_and_warned_about(target, seeded):
+    method = SimCLR(target.network_spec, PATCH)
+    model = method.build_model()
+    views = [torch.randn(8, 1, *PATCH), torch.randn(8, 1, *PATCH)]
+    _, healthy = method.loss(model, {"views": views}, Step(0, 0, 1, 1))
+    with torch.no_grad():  # a head that maps everything to one point
+        model.head.layers[-1].weight.zero_()
+        model.head.layers[-1].bias.fill_(1.0)
+    loss, collapsed = method.loss(model, {"views": views}, Step(0, 0, 1, 1))
+    assert collapsed["projection_spread"] == pytest.approx(0, abs=1e-6)
+    assert loss.item() == pytest.approx(math.log(15), abs=1e-5)  # chance: 2N - 1 = 15 equally similar views
+    assert "collapsed" in method.epoch_warning(collapsed)
+    assert healthy["projection_spread"] > collapsed["projection_spread"]
+    assert method.epoch_warning({"projection_spread": 0.8}) is None
+
+
 def test_pcl_uses_the_slice_positions_of_the_batch(target, seeded):
     method = PCL(target.network_spec, PATCH, position_threshold=0.3)
     assert method.defaults.batch_size == 64 and method.defaults.weight_decay == 1e-5
@@ -116,7 +132,7 @@ def test_dino_gradients_reach_the_student_only_and_the_last_layer_is_frozen_in_e
         assert all(p.grad is not None and p.grad.abs().sum() > 0
                    for k, p in model.student.named_parameters() if k.startswith("network.encoder.") and p.ndim > 1)
         assert (model.student.head.last_layer.weight.grad is None) == frozen
-        assert set(figures) == {"teacher_entropy", "teacher_kl_to_uniform"}
+        assert set(figures) == {"teacher_entropy", "teacher_kl_to_uniform", "student_teacher_kl"}
 
 
 def test_dino_parameter_groups_decay_weights_but_not_biases_or_norms(dino, seeded):

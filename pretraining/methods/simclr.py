@@ -5,14 +5,17 @@ Two independently augmented views of every slice; encoder -> pooled deepest feat
 the 2N views of a batch. SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine to 0, batch 224 pairs.
 Only the encoder is transferred: the decoder is never run and the projection head is never exported.
 """
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+from torch.nn import functional as F
 
 from pretraining.data.views import augmentation
 from pretraining.heads import EncoderWithHead, ProjectionMLP, encoder_width
 from pretraining.losses.ntxent import nt_xent
 from pretraining.methods.base import POOL_GRID_OPTION, Hyperparameters, Option, SSPMethod
+
+COLLAPSED_SPREAD = 0.05
 
 
 class SimCLR(SSPMethod):
@@ -34,10 +37,24 @@ class SimCLR(SSPMethod):
     def view_transforms(self):
         return [augmentation(self.patch_size, intensity="paper") for _ in range(2)]
 
-    def embed_views(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Projections of the two views, from one forward pass over both (shared normalisation statistics)."""
+    def embed_views(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
+        """Projections of the two views, from one forward pass over both (shared normalisation statistics), and
+        their spread: the per-dimension standard deviation of the L2-normalised projections times sqrt(dimensions),
+        about 1 for projections spread over the sphere and 0 when they have collapsed to one point."""
         view_a, view_b = batch["views"]
-        return model(torch.cat([view_a, view_b])).float().chunk(2)
+        z = model(torch.cat([view_a, view_b])).float()
+        with torch.no_grad():
+            spread = F.normalize(z, dim=1).std(dim=0).mean().item() * z.shape[1] ** 0.5
+        z_a, z_b = z.chunk(2)
+        return z_a, z_b, {"projection_spread": spread}
 
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
-        return nt_xent(*self.embed_views(model, batch), temperature=self.temperature), {}
+        z_a, z_b, figures = self.embed_views(model, batch)
+        return nt_xent(z_a, z_b, temperature=self.temperature), figures
+
+    def epoch_warning(self, figures: Dict[str, float]) -> Optional[str]:
+        spread = figures.get("projection_spread", 1.0)
+        if spread < COLLAPSED_SPREAD:
+            return (f"{self.name} projections have collapsed (spread {spread:.3g}, healthy ~1): the loss sits at its "
+                    f"chance value; try a lower --lr (scaled to the batch) or a larger batch")
+        return None
