@@ -16,6 +16,11 @@ def _phantom(args):
     print(path)
 
 
+def _convert(args):
+    from nnunet_ssp.convert import convert_dataset
+    print(convert_dataset(args.dataset, args.source, args.dataset_id, args.name, overwrite=args.overwrite))
+
+
 def _env(args):
     from nnunet_ssp.env import env_lines
     print("\n".join(env_lines()))
@@ -88,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="in-plane matrix size in pixels (default: phantom's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(run=_phantom)
+
+    from nnunet_ssp.convert import DATASETS
+    p = sub.add_parser("convert", help="convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (phantom layout)",
+                       description="Converts a public cardiac cine dataset, as distributed, to an nnU-Net raw dataset "
+                                   "in the phantom's layout; see nnunet_ssp/convert/__init__.py for SRC and splits.")
+    p.add_argument("dataset", choices=DATASETS)
+    p.add_argument("source", metavar="SRC",
+                   help="the dataset's folder (mnms: OpenDataset with Training/, Validation/, Testing/ and the CSV; "
+                        "mnms2: with dataset/ and dataset_information.csv; acdc: with training/ and testing/)")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (e.g. 511)")
+    p.add_argument("-n", "--name", required=True, help="dataset name (e.g. MnMs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.set_defaults(run=_convert)
 
     p = sub.add_parser("splits", help="write label-budget folds (nested per seed) into splits_final.json")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id")

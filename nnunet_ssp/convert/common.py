@@ -1,0 +1,313 @@
+"""What the converters share: reading NIfTI volumes and tables with one-line errors, and writing one nnU-Net raw
+dataset in the layout of ``nnunet_ssp.phantom`` atomically.
+
+Layout of ``$nnUNet_raw/DatasetID_NAME``: imagesTr/labelsTr with the ED and ES volumes of each labelled training
+subject as separate cases ``{subject}_ED`` and ``{subject}_ES`` (``_0000`` channel suffix on images), imagesTs/labelsTs
+likewise for the test subjects, ``cineTr/{subject}_0000.nii.gz`` with the 4D cine (X, Y, Z, T) of every training
+subject (labelled or not), dataset.json and subjects.csv. Labels follow the project convention (0 background, 1 LV
+blood pool, 2 LV myocardium, 3 RV blood pool). Geometry is the source's: the voxel-to-world affine of each file (a
+3D ED/ES volume taken from a 4D file keeps the spatial part) and the frame interval of a cine; direction cosines that
+are not orthonormal, which ITK (nnU-Net's reader) refuses, become the nearest rotation. Label files get the geometry
+of their image. The folder is built next to its destination and moved into place in one rename, so an error never
+leaves partial output.
+"""
+import csv
+import json
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from nnunet_ssp.errors import SSPError
+from nnunet_ssp.phantom.dataset import CHANNEL_NAMES, CINE_FOLDER, FILE_ENDING, LABELS, SUBJECTS_TABLE
+
+TRAIN, TEST, UNLABELED = "train", "test", "unlabeled"
+PHASES = ("ED", "ES")
+CSV_COLUMNS = ("subject", "split", "vendor", "pathology", "num_frames", "ed_frame", "es_frame", "num_slices",
+               "spacing_x_mm", "spacing_y_mm", "spacing_z_mm")
+MAX_LABEL = max(LABELS.values())
+IDENTITY_LABELS = tuple(range(MAX_LABEL + 1))
+_AXES = {3: "X, Y, Z", 4: "X, Y, Z, T"}
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+@dataclass
+class Volume:
+    """A NIfTI image: ``array`` in file index order (X, Y, Z[, T]), ``affine`` voxel -> world (mm) as nibabel reads
+    it, the cine's ``frame_interval`` and ``units`` (space, time), and the ``path`` it was read from."""
+    array: np.ndarray
+    affine: np.ndarray
+    path: str
+    frame_interval: float = 1.0
+    units: Tuple[str, str] = ("mm", "sec")
+
+    @property
+    def spacing(self) -> Tuple[float, ...]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    def frame(self, index: int) -> "Volume":
+        """Frame ``index`` of a 4D volume as a 3D volume with the same spatial geometry."""
+        return replace(self, array=self.array[..., index])
+
+
+@dataclass
+class Subject:
+    """One subject as a converter hands it over. ``phases`` maps ED and ES to (image, labels), None for a subject
+    without ground truth (split UNLABELED); ``ed_frame`` and ``es_frame`` are 0-based cine frame indices."""
+    subject: str
+    split: str
+    vendor: str
+    pathology: str
+    cine: Volume
+    ed_frame: int
+    es_frame: int
+    phases: Optional[Dict[str, Tuple[Volume, Volume]]]
+
+
+SubjectLoader = Callable[[], Subject]
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def read_image(path: str, ndim: int) -> Volume:
+    """A ``ndim``-dimensional image (trailing axes of length 1 dropped); integer data keeps its type, scaled or
+    floating-point data becomes float32."""
+    import nibabel as nib
+    try:
+        image = nib.load(path)
+        array = np.asanyarray(image.dataobj)
+        zooms = image.header.get_zooms()
+        units = image.header.get_xyzt_units()
+    except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors ...
+        raise SSPError(f"{path}: cannot read image ({_first_line(e)})") from None
+    while array.ndim > ndim and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != ndim:
+        raise SSPError(f"{path}: expected a {ndim}D image ({_AXES[ndim]}), got shape {tuple(array.shape)}")
+    if not np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32, copy=False)
+    frame_interval = float(zooms[3]) if ndim == 4 and zooms[3] > 0 else 1.0
+    volume = Volume(array, np.asarray(image.affine, dtype=np.float64), path, frame_interval, units)
+    if not all(np.isfinite(s) and s > 0 for s in volume.spacing):
+        raise SSPError(f"{path}: degenerate voxel-to-world affine (voxel spacing {volume.spacing})")
+    return volume
+
+
+def read_labels(path: str, ndim: int, mapping: Sequence[int] = IDENTITY_LABELS) -> Volume:
+    """A label image as uint8 in the project convention; ``mapping[v]`` is the project label of source label v."""
+    volume = read_image(path, ndim)
+    array = volume.array
+    bad = (array < 0) | (array > MAX_LABEL)
+    if not np.issubdtype(array.dtype, np.integer):
+        bad |= array != np.round(array)
+    if bad.any():
+        values = ", ".join(f"{v:g}" for v in np.unique(array[bad])[:5])
+        raise SSPError(f"{path}: label values {values} are not in 0..{MAX_LABEL} (background, LV, MYO, RV)")
+    return replace(volume, array=np.asarray(mapping, dtype=np.uint8)[array.astype(np.uint8)])
+
+
+def read_phases(ed_image: str, ed_labels: str, es_image: str, es_labels: str,
+                mapping: Sequence[int] = IDENTITY_LABELS) -> Dict[str, Tuple[Volume, Volume]]:
+    """ED and ES (image, labels) from 3D files; ``mapping`` as for read_labels."""
+    return {"ED": (read_image(ed_image, 3), read_labels(ed_labels, 3, mapping)),
+            "ES": (read_image(es_image, 3), read_labels(es_labels, 3, mapping))}
+
+
+def required_file(path: str) -> str:
+    """``path`` if it is a file, else an SSPError naming it."""
+    if not os.path.isfile(path):
+        raise SSPError(f"{path}: not found")
+    return path
+
+
+def subject_folders(folder: str) -> List[str]:
+    """The sub-folders of a required ``folder``, sorted by name."""
+    if not os.path.isdir(folder):
+        raise SSPError(f"{folder}: not found")
+    return sorted(entry.path for entry in os.scandir(folder) if entry.is_dir())
+
+
+def read_table(path: str, key: str, columns: Sequence[str]) -> Dict[str, Dict[str, str]]:
+    """CSV rows by their ``key`` column, each with the (stripped) ``columns``; rows with an empty key (spreadsheet
+    padding) are skipped."""
+    required_file(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            header = [name.strip() for name in next(reader, [])]
+            rows = list(reader)
+    except (OSError, csv.Error) as e:
+        raise SSPError(f"{path}: cannot read ({e})") from None
+    missing = [c for c in (key, *columns) if c not in header]
+    if missing:
+        raise SSPError(f"{path}: no column {', '.join(repr(c) for c in missing)} (columns: {', '.join(header)})")
+    positions = {c: header.index(c) for c in (key, *columns)}
+    table = {}
+    for row in rows:
+        cells = {c: row[i].strip() if i < len(row) else "" for c, i in positions.items()}
+        if not cells[key]:
+            continue
+        if cells[key] in table:
+            raise SSPError(f"{path}: {key} {cells[key]} appears twice")
+        table[cells.pop(key)] = cells
+    return table
+
+
+def parse_int(text: str, what: str, where: str) -> int:
+    """``int(text)``, or an SSPError saying that ``what`` in file ``where`` is not an integer."""
+    try:
+        return int(text)
+    except ValueError:
+        raise SSPError(f"{where}: {what} is not an integer: {text!r}") from None
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def target_folder(raw_root: str, dataset_id: int, name: str, overwrite: bool) -> str:
+    """Checks id, name and destination; returns ``{raw_root}/Dataset{dataset_id:03d}_{name}``."""
+    raw_root = os.path.abspath(raw_root)
+    if not 1 <= dataset_id <= 9999:
+        raise SSPError(f"{raw_root}: dataset id must be in 1..9999, got {dataset_id}")
+    if not _NAME_RE.fullmatch(name):
+        raise SSPError(f"{raw_root}: dataset name must be letters, digits, '_' or '-' (starting with a letter or "
+                       f"digit), got {name!r}")
+    if os.path.exists(raw_root) and not os.path.isdir(raw_root):
+        raise SSPError(f"{raw_root}: exists and is not a folder")
+    folder = f"Dataset{dataset_id:03d}_{name}"
+    target = os.path.join(raw_root, folder)
+    others = sorted(e for e in (os.listdir(raw_root) if os.path.isdir(raw_root) else [])
+                    if e.startswith(f"Dataset{dataset_id:03d}_") and e != folder)
+    if others:
+        raise SSPError(f"{os.path.join(raw_root, others[0])}: dataset id {dataset_id} is already used; nnU-Net needs "
+                       f"unique ids, choose another id for {folder}")
+    if os.path.lexists(target):
+        if not overwrite:
+            raise SSPError(f"{target}: already exists; pass --overwrite to replace it")
+        if not os.path.isdir(target) or os.path.islink(target):
+            raise SSPError(f"{target}: exists and is not a dataset folder; remove it first")
+    return target
+
+
+def write_dataset(target: str, name: str, description: str, loaders: Sequence[SubjectLoader],
+                  source: dict) -> str:
+    """Loads and writes every subject into a temporary folder next to ``target``, then moves it into place
+    (replacing an existing ``target``); returns ``target``."""
+    raw_root, folder = os.path.split(target)
+    tmp = os.path.join(raw_root, f".{folder}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    os.makedirs(tmp)
+    try:
+        rows = _write_subjects(tmp, loaders)
+        _write_tables(tmp, name, description, rows, source)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_subjects(folder: str, loaders: Sequence[SubjectLoader]) -> List[Dict[str, str]]:
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", CINE_FOLDER):
+        os.mkdir(os.path.join(folder, sub))
+    rows = []
+    for load in loaders:
+        rows.append(_write_subject(folder, load()))
+        if sys.stderr.isatty():
+            print(f"{len(rows)}/{len(loaders)}: {rows[-1]['subject']}", file=sys.stderr)
+    return rows
+
+
+def _move_into_place(folder: str, target: str) -> None:
+    """Renames ``folder`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
+    old = f"{folder}.old" if os.path.lexists(target) else None
+    if old:
+        os.replace(target, old)
+    os.replace(folder, target)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_subject(s: Subject) -> None:
+    num_frames = s.cine.array.shape[3]
+    for what, frame in (("ED", s.ed_frame), ("ES", s.es_frame)):
+        if not 0 <= frame < num_frames:
+            raise SSPError(f"{s.cine.path}: {what} frame {frame} of subject {s.subject} is outside 0..{num_frames - 1}")
+    if s.ed_frame == s.es_frame:
+        raise SSPError(f"{s.cine.path}: ED and ES of subject {s.subject} are the same frame {s.ed_frame}")
+    for image, labels in (s.phases or {}).values():
+        if image.array.shape != s.cine.array.shape[:3]:
+            raise SSPError(f"{image.path}: shape {image.array.shape} differs from the cine's "
+                           f"{s.cine.array.shape[:3]} ({s.cine.path})")
+        if labels.array.shape != image.array.shape:
+            raise SSPError(f"{labels.path}: shape {labels.array.shape} differs from the image's "
+                           f"{image.array.shape} ({image.path})")
+        if not np.allclose(labels.affine, image.affine, atol=1e-3):
+            raise SSPError(f"{labels.path}: voxel-to-world affine differs from the image's ({image.path})")
+
+
+def _write_subject(folder: str, s: Subject) -> Dict[str, str]:
+    """Writes the cases and cine of one subject; returns its subjects.csv row."""
+    _check_subject(s)
+    images, labels = ("imagesTs", "labelsTs") if s.split == TEST else ("imagesTr", "labelsTr")
+    for phase, (image, label) in (s.phases or {}).items():
+        _save(image, os.path.join(folder, images, f"{s.subject}_{phase}_0000{FILE_ENDING}"))
+        _save(replace(label, affine=image.affine), os.path.join(folder, labels, f"{s.subject}_{phase}{FILE_ENDING}"))
+    if s.split != TEST:
+        _save(s.cine, os.path.join(folder, CINE_FOLDER, f"{s.subject}_0000{FILE_ENDING}"))
+    sx, sy, sz = s.cine.spacing
+    x, y, z, t = s.cine.array.shape
+    return dict(subject=s.subject, split=s.split, vendor=s.vendor, pathology=s.pathology, num_frames=str(t),
+                ed_frame=str(s.ed_frame), es_frame=str(s.es_frame), num_slices=str(z),
+                spacing_x_mm=str(round(sx, 6)), spacing_y_mm=str(round(sy, 6)), spacing_z_mm=str(round(sz, 6)))
+
+
+def orthonormal_affine(affine: np.ndarray) -> np.ndarray:
+    """``affine`` itself if its direction cosines are orthonormal, else with the nearest rotation, spacing kept."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    direction = affine[:3, :3] / spacing
+    if np.allclose(direction.T @ direction, np.eye(3), atol=1e-6):
+        return affine
+    u, _, vt = np.linalg.svd(direction)
+    fixed = affine.copy()
+    fixed[:3, :3] = (u @ vt) * spacing
+    return fixed
+
+
+def _save(volume: Volume, path: str) -> None:
+    import nibabel as nib
+    affine = orthonormal_affine(volume.affine)
+    image = nib.Nifti1Image(volume.array, affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=1)
+    if volume.array.ndim == 4:
+        image.header.set_zooms(tuple(np.linalg.norm(affine[:3, :3], axis=0)) + (volume.frame_interval,))
+    image.header.set_xyzt_units(*volume.units)
+    nib.save(image, path)
+
+
+def _write_tables(folder: str, name: str, description: str, rows: List[Dict[str, str]], source: dict) -> None:
+    with open(os.path.join(folder, SUBJECTS_TABLE), "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    dataset_json = {
+        "name": name,
+        "description": description + ": ED and ES volumes as separate cases, 4D cines of the training subjects "
+                                     "in cineTr for unlabeled pretraining",
+        "channel_names": dict(CHANNEL_NAMES),
+        "labels": dict(LABELS),
+        "numTraining": sum(len(PHASES) for r in rows if r["split"] == TRAIN),
+        "file_ending": FILE_ENDING,
+        "cine_folder": CINE_FOLDER,
+        "subjects_table": SUBJECTS_TABLE,
+        "source": source,
+    }
+    with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
+        json.dump(dataset_json, f, indent=2)
+        f.write("\n")
