@@ -79,6 +79,20 @@ def _splits(args):
     print(os.path.join(folder, "splits_final.json"))
 
 
+def _evaluate(args):
+    from nnunet_ssp.evaluation.evaluate import evaluate_predictions, summary_lines
+    evaluation, dice = evaluate_predictions(args.prediction_folder, args.dataset, args.reference, args.trainer,
+                                            args.fold, args.vendors, args.num_processes)
+    print("\n".join(summary_lines(evaluation, dice)))
+
+
+def _report(args):
+    from nnunet_ssp.evaluation.report import write_report
+    table, paths = write_report(args.results, args.output)
+    print(table)
+    print("\n".join(paths))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet_ssp", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -113,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--val", type=int, default=None, help="validation subjects (default: 20%%)")
     p.set_defaults(run=_splits)
+
+    p = sub.add_parser("evaluate", help="3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions",
+                       description="Evaluates a folder written by nnUNetv2_predict: nnU-Net's Dice into "
+                                   "PRED/summary.json; HD95, ventricular volumes, EF and myocardial mass into "
+                                   "PRED/ssp_evaluation.json.")
+    p.add_argument("prediction_folder", metavar="PRED", help="folder written by nnUNetv2_predict")
+    p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
+    p.add_argument("--reference", metavar="DIR", help="reference label maps (default: $nnUNet_raw/<Dataset>/labelsTs)")
+    p.add_argument("-tr", "--trainer", help="trainer that made the predictions (recorded, gives the method)")
+    p.add_argument("-f", "--fold", help="fold of the model (recorded; budget and seed from splits_ssp.json)")
+    p.add_argument("--vendors", nargs="+", metavar="V", help="evaluate only subjects of these vendors (subjects.csv)")
+    p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
+                   help="processes for nnU-Net's Dice (default: nnU-Net's default)")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("report", help="paper-style tables, tests and figures from evaluated prediction folders",
+                       description="Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and "
+                                   "writes report.md, CSV files and figures to OUT.")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="folders searched recursively")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
+    p.set_defaults(run=_report)
 
     p = sub.add_parser("env", help="print the export line that lets nnUNetv2_* find the plugin's trainers")
     p.set_defaults(run=_env)

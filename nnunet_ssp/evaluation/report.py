@@ -1,0 +1,400 @@
+"""The paper-style report: 3D Dice, HD95 and clinical errors per method x label budget over seeds, Wilcoxon tests
+against the baseline, CSV files and figures, from folders evaluated by ``nnunet_ssp evaluate``.
+
+A run is one evaluated prediction folder (``ssp_evaluation.json`` next to nnU-Net's ``summary.json``), identified
+by (method, budget, seed). Table cells are the mean over seeds, ``± std`` (ddof=1) when there are two or more,
+and ``(n=k)`` seeds; a single seed shows its value without the ``±`` part.
+"""
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from nnunet_ssp.errors import SSPError
+from nnunet_ssp.evaluation.clinical import MEASURES
+from nnunet_ssp.io import atomic_path
+
+EVALUATION_FILE = "ssp_evaluation.json"
+METHOD_ORDER = ("baseline", "simclr", "pcl", "dino", "mim")
+BASELINE = "baseline"
+MEAN = "mean"  # the class key of nnU-Net's foreground mean
+EF_MEASURES = ("lv_ef_pct", "rv_ef_pct")
+Budget = Union[int, str, None]
+NAN = float("nan")
+
+
+@dataclass
+class Run:
+    """One evaluated prediction folder. Missing values are NaN."""
+    folder: str
+    method: str
+    budget: Budget
+    seed: Optional[int]
+    num_train_subjects: Optional[int]
+    labels: Dict[str, str]                      # label key -> class name
+    dice: Dict[str, float]                      # MEAN and label key -> nnU-Net's 3D Dice
+    case_dice: Dict[str, float]                 # reference file name -> mean Dice over foreground classes
+    hd95: Dict[str, float]                      # label key -> mean HD95 (mm)
+    clinical: Dict[str, Dict[str, float]]       # measure -> n, mae, bias, sd, loa_low, loa_high
+    subjects: Dict[str, Dict[str, Dict[str, float]]]  # subject -> reference/prediction -> measure -> value
+
+
+def _num(value) -> float:
+    return NAN if value is None else float(value)
+
+
+def _budget(value) -> Budget:
+    """Budgets as ints where numeric ("10" -> 10); "all" and other strings as given."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if value is None or isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"budget {value!r} is neither a number nor a string")
+
+
+def budget_sort_key(budget: Budget) -> Tuple:
+    """Numbers ascending, then "all", then other strings alphabetically, then no budget."""
+    if isinstance(budget, int):
+        return (0, budget, "")
+    if budget is None:
+        return (3, 0, "")
+    return (1, 0, "") if budget == "all" else (2, 0, budget)
+
+
+def method_sort_key(method: str) -> Tuple:
+    """The paper's methods in its order, then the others alphabetically."""
+    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def label_sort_key(label: str) -> Tuple:
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
+def seed_sort_key(seed: Optional[int]) -> Tuple:
+    return (seed is None, seed or 0)
+
+
+def _text(value) -> str:
+    """Budgets, seeds and subject counts in tables: "n/a" for None."""
+    return "n/a" if value is None else str(value)
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SSPError(f"{path}: cannot read JSON ({e})") from None
+
+
+def load_run(folder: str) -> Run:
+    """Reads one evaluated folder; a missing, unreadable or malformed file is an SSPError naming it."""
+    path = os.path.join(folder, EVALUATION_FILE)
+    ev = _load_json(path)
+    try:
+        if ev["format"] != "nnunet_ssp.evaluation" or ev["format_version"] != 1:
+            raise ValueError(f"format {ev['format']!r} version {ev['format_version']!r}, expected "
+                             "'nnunet_ssp.evaluation' version 1")
+        run = ev["run"]
+        labels = {str(k): str(v) for k, v in ev["labels"].items()}
+        fields = dict(
+            folder=folder, method=str(run["method"]), budget=_budget(run["budget"]),
+            seed=None if run["seed"] is None else int(run["seed"]),
+            num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
+            labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
+            clinical={m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
+                      for m, a in ev["clinical_agreement"].items()},
+            subjects={s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}
+                      for s, d in ev["clinical_per_subject"].items()})
+        summary_path = os.path.join(folder, ev["dice_summary"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SSPError(f"{path}: malformed evaluation file ({type(e).__name__}: {e})") from None
+    summary = _load_json(summary_path)
+    try:
+        dice = {MEAN: _num(summary["foreground_mean"]["Dice"])}
+        dice.update({k: _num(summary["mean"][k]["Dice"]) for k in labels})
+        case_dice = {}
+        for case in summary["metric_per_case"]:
+            values = [_num(m["Dice"]) for m in case["metrics"].values()]
+            finite = [v for v in values if math.isfinite(v)]
+            case_dice[os.path.basename(case["reference_file"])] = float(np.mean(finite)) if finite else NAN
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SSPError(f"{summary_path}: malformed nnU-Net summary ({type(e).__name__}: {e})") from None
+    return Run(dice=dice, case_dice=case_dice, **fields)
+
+
+def find_runs(results: Sequence[str]) -> List[Run]:
+    """Every evaluated folder under the given folders (recursively), sorted by method, budget and seed."""
+    folders, seen_paths = [], set()
+    for root in results:
+        if not os.path.isdir(root):
+            raise SSPError(f"{root}: not a folder")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            if EVALUATION_FILE in filenames and os.path.realpath(dirpath) not in seen_paths:
+                seen_paths.add(os.path.realpath(dirpath))
+                folders.append(dirpath)
+    if not folders:
+        raise SSPError(f"no evaluated prediction folder ({EVALUATION_FILE}) under {', '.join(results)}; "
+                       "run nnunet_ssp evaluate first")
+    runs, seen = [], {}
+    for folder in folders:
+        run = load_run(folder)
+        key = (run.method, run.budget, run.seed)
+        if key in seen:
+            raise SSPError(f"two evaluations of method {run.method}, budget {_text(run.budget)}, seed "
+                           f"{run.seed}: {seen[key]} and {folder}")
+        seen[key] = folder
+        runs.append(run)
+    return sorted(runs, key=lambda r: (method_sort_key(r.method), budget_sort_key(r.budget), seed_sort_key(r.seed)))
+
+
+def group_runs(runs: Sequence[Run]) -> Dict[Tuple[str, Budget], List[Run]]:
+    """(method, budget) -> its runs (one per seed), in report order."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[(run.method, run.budget)].append(run)
+    return dict(groups)
+
+
+def seed_stats(values: Sequence[float]) -> Tuple[int, float, float]:
+    """(n finite values, mean, std with ddof=1; NaN std below two values)."""
+    v = np.array([x for x in values if math.isfinite(x)], dtype=float)
+    return v.size, float(v.mean()) if v.size else NAN, float(v.std(ddof=1)) if v.size > 1 else NAN
+
+
+def _fmt(x: float, spec: str) -> str:
+    return format(x, spec) if math.isfinite(x) else "n/a"
+
+
+def _cell(values: Sequence[float], digits: int) -> str:
+    n, mean, std = seed_stats(values)
+    if not n:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "") + f" (n={n})"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def grid_table(groups, methods, budgets, value, digits: int) -> str:
+    """Methods x budgets, each cell the seeds' ``value(run)`` as mean ± std (n); "–" where no run exists."""
+    rows = [[m] + [_cell([value(r) for r in groups[(m, b)]], digits) if (m, b) in groups else "–" for b in budgets]
+            for m in methods]
+    return markdown_table(["method"] + [_text(b) for b in budgets], rows)
+
+
+def class_tables(groups, methods, budgets, labels, value, digits: int) -> List[str]:
+    """Markdown lines: one grid table per class of ``labels``, cells ``value(run, label)``."""
+    lines = []
+    for k, name in labels.items():
+        lines += ["", f"### {name} (label {k})", "",
+                  grid_table(groups, methods, budgets, lambda r, k=k: value(r, k), digits)]
+    return lines
+
+
+def _pooled_case_dice(runs: Sequence[Run]) -> Dict[str, float]:
+    """Each case's foreground Dice averaged over ``runs`` (seeds), NaNs ignored."""
+    values = defaultdict(list)
+    for run in runs:
+        for case, v in run.case_dice.items():
+            if math.isfinite(v):
+                values[case].append(v)
+    return {case: float(np.mean(v)) for case, v in values.items()}
+
+
+def wilcoxon_rows(groups, methods, budgets) -> List[dict]:
+    """Paired two-sided Wilcoxon signed-rank test of each method against the baseline per budget, over the test
+    cases (matched by reference file name), each case's Dice averaged over the seeds both have. Zero differences
+    are dropped (scipy's default); fewer than two non-zero differences give no p."""
+    from scipy.stats import wilcoxon
+    rows = []
+    for method in methods:
+        for budget in budgets:
+            if method == BASELINE or (method, budget) not in groups:
+                continue
+            row = {"method": method, "budget": budget, "seeds": [], "n_pairs": 0, "median_difference": NAN,
+                   "p_value": NAN, "note": ""}
+            rows.append(row)
+            if (BASELINE, budget) not in groups:
+                row["note"] = "no baseline at this budget"
+                continue
+            own = {r.seed: r for r in groups[(method, budget)]}
+            base = {r.seed: r for r in groups[(BASELINE, budget)]}
+            row["seeds"] = sorted(set(own) & set(base), key=seed_sort_key)
+            if not row["seeds"]:
+                row["note"] = "no seed in common with the baseline"
+                continue
+            a = _pooled_case_dice([own[s] for s in row["seeds"]])
+            b = _pooled_case_dice([base[s] for s in row["seeds"]])
+            cases = sorted(set(a) & set(b))
+            diffs = np.array([a[c] - b[c] for c in cases])
+            row["n_pairs"] = len(cases)
+            row["median_difference"] = float(np.median(diffs)) if cases else NAN
+            if np.count_nonzero(diffs) < 2:
+                row["note"] = "fewer than 2 non-zero differences"
+                continue
+            row["p_value"] = float(wilcoxon([a[c] for c in cases], [b[c] for c in cases],
+                                            alternative="two-sided").pvalue)
+    return rows
+
+
+def _seed_mean(runs: Sequence[Run], measure: str, stat: str) -> float:
+    return seed_stats([r.clinical.get(measure, {}).get(stat, NAN) for r in runs])[1]
+
+
+def clinical_table(groups, measures) -> str:
+    """Per method x budget and measure: MAE / bias [LoA low, LoA high], each averaged over seeds."""
+    rows = []
+    for (method, budget), runs in groups.items():
+        cells = []
+        for m in measures:
+            mae, bias, low, high = (_seed_mean(runs, m, s) for s in ("mae", "bias", "loa_low", "loa_high"))
+            cells.append("n/a" if not math.isfinite(mae) else
+                         f"{mae:.2f} / {_fmt(bias, '+.2f')} [{_fmt(low, '.2f')}, {_fmt(high, '.2f')}]")
+        rows.append([method, _text(budget), str(len(runs))] + cells)
+    return markdown_table(["method", "budget", "seeds"] + list(measures), rows)
+
+
+def _csv_value(value) -> str:
+    if value is None or isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows([[_csv_value(v) for v in row] for row in rows])
+    return path
+
+
+def _write_text(path: str, text: str) -> str:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    return path
+
+
+def label_efficiency_series(groups, methods, budgets):
+    """method -> [(x, mean, min, max)] of the foreground 3D Dice over seeds, x = the mean num_train_subjects of
+    the runs, else the numeric budget; also the (method, budget) pairs without an x (left out of the plot)."""
+    series, skipped = {}, []
+    for method in methods:
+        points = []
+        for budget in budgets:
+            runs = groups.get((method, budget))
+            if not runs:
+                continue
+            known = [r.num_train_subjects for r in runs if r.num_train_subjects is not None]
+            x = float(np.mean(known)) if known else float(budget) if isinstance(budget, int) else None
+            dice = [r.dice[MEAN] for r in runs if math.isfinite(r.dice[MEAN])]
+            if x is None or not dice:
+                skipped.append((method, budget))
+                continue
+            points.append((x, float(np.mean(dice)), min(dice), max(dice)))
+        series[method] = sorted(points)
+    return series, skipped
+
+
+def bland_altman_panels(groups, methods, budgets):
+    """(method, budget, {measure: (reference, prediction)}) per method at the smallest budget every method has
+    (each method's smallest budget when there is none), subjects of all seeds pooled."""
+    common = [b for b in budgets if all((m, b) in groups for m in methods)]
+    panels = []
+    for method in methods:
+        budget = common[0] if common else next(b for b in budgets if (method, b) in groups)
+        pairs = {m: ([], []) for m in EF_MEASURES}
+        for run in groups[(method, budget)]:
+            for subject in run.subjects.values():
+                for m in EF_MEASURES:
+                    pairs[m][0].append(subject["reference"].get(m, NAN))
+                    pairs[m][1].append(subject["prediction"].get(m, NAN))
+        panels.append((method, budget, pairs))
+    return panels
+
+
+def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
+    """Writes report.md, dice.csv, summary.csv, clinical.csv, wilcoxon.csv, label_efficiency.png and
+    bland_altman_ef.png into ``out``; returns the main table (Markdown) and the paths written."""
+    from nnunet_ssp.evaluation.plots import plot_bland_altman, plot_label_efficiency
+    runs = find_runs(results)
+    groups = group_runs(runs)
+    methods = sorted({r.method for r in runs}, key=method_sort_key)
+    budgets = sorted({r.budget for r in runs}, key=budget_sort_key)
+    labels = {}
+    for run in runs:
+        for k, name in run.labels.items():
+            labels.setdefault(k, name)
+    labels = {k: labels[k] for k in sorted(labels, key=label_sort_key)}
+    classes = [MEAN, *labels]
+    measures = [m for m in MEASURES if any(m in r.clinical for r in runs)]
+    measures += sorted({m for r in runs for m in r.clinical} - set(measures))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SSPError(f"{out}: exists and is not a folder")
+    os.makedirs(out, exist_ok=True)
+
+    def path(name):
+        return os.path.join(out, name)
+
+    main = grid_table(groups, methods, budgets, lambda r: r.dice[MEAN], 3)
+    wilcoxon = wilcoxon_rows(groups, methods, budgets)
+    series, skipped = label_efficiency_series(groups, methods, budgets)
+    md = ["# nnunet_ssp report", "",
+          f"{len(runs)} runs: methods {', '.join(methods)}; budgets {', '.join(map(_text, budgets))}.",
+          "Cells are the mean over seeds, ± the standard deviation over seeds (ddof=1) when there are two or more, "
+          "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run.", "",
+          "## 3D Dice, mean over the foreground classes", "",
+          "A run's value is nnU-Net's `foreground_mean` Dice (the mean over classes of the per-class mean).", "",
+          main, "", "## 3D Dice per class"]
+    md += class_tables(groups, methods, budgets, labels, lambda r, k: r.dice.get(k, NAN), 3)
+    md += ["", "## HD95 (mm) per class", "", "A run's value is its mean HD95 over the cases where it is defined."]
+    md += class_tables(groups, methods, budgets, labels, lambda r, k: r.hd95.get(k, NAN), 2)
+    md += ["", "## Clinical measures: prediction − reference", "",
+           "Cells: MAE / bias [limits of agreement low, high] (bias ± 1.96 sd), each the mean of the per-run values "
+           "over seeds.", "", clinical_table(groups, measures), "",
+           "## Wilcoxon signed-rank test against the baseline", "",
+           "Paired two-sided test over the test cases (matched by reference file name); a case's value is its mean "
+           "Dice over the foreground classes, averaged over the seeds both methods have. Difference = method − "
+           "baseline.", "",
+           markdown_table(["method", "budget", "seeds", "n pairs", "median difference", "p", "note"],
+                          [[w["method"], _text(w["budget"]), " ".join(map(_text, w["seeds"])) or "–",
+                            str(w["n_pairs"]), _fmt(w["median_difference"], "+.4f"), _fmt(w["p_value"], ".4g"),
+                            w["note"]] for w in wilcoxon]), "",
+           "## Figures", "", "![label efficiency](label_efficiency.png)", "",
+           "![Bland-Altman EF](bland_altman_ef.png)"]
+    if skipped:
+        md += ["", "Not in label_efficiency.png (no number of training subjects): "
+               + ", ".join(f"{m} budget {_text(b)}" for m, b in skipped) + "."]
+    md += ["", "## Runs", "", markdown_table(
+        ["method", "budget", "seed", "training subjects", "folder"],
+        [[r.method, _text(r.budget), _text(r.seed), _text(r.num_train_subjects), r.folder]
+         for r in runs])]
+
+    written = [_write_text(path("report.md"), "\n".join(md) + "\n")]
+    written.append(write_csv(path("dice.csv"), ["method", "budget", "seed", "num_train_subjects", "class", "dice"],
+                             [[r.method, r.budget, r.seed, r.num_train_subjects, k, r.dice.get(k, NAN)]
+                              for r in runs for k in classes]))
+    written.append(write_csv(path("summary.csv"), ["method", "budget", "class", "n_seeds", "mean", "std"],
+                             [[m, b, k, *seed_stats([r.dice.get(k, NAN) for r in rs])]
+                              for (m, b), rs in groups.items() for k in classes]))
+    stats = ("n", "mae", "bias", "sd", "loa_low", "loa_high")
+    written.append(write_csv(path("clinical.csv"), ["method", "budget", "seed", "measure", *stats],
+                             [[r.method, r.budget, r.seed, m, *(r.clinical[m].get(s, NAN) for s in stats)]
+                              for r in runs for m in measures if m in r.clinical]))
+    written.append(write_csv(path("wilcoxon.csv"), ["method", "budget", "seeds", "n_pairs", "median_difference",
+                                                    "p_value", "note"],
+                             [[w["method"], w["budget"], " ".join(map(_text, w["seeds"])), w["n_pairs"],
+                               w["median_difference"], w["p_value"], w["note"]] for w in wilcoxon]))
+    written.append(plot_label_efficiency(series, path("label_efficiency.png")))
+    written.append(plot_bland_altman(bland_altman_panels(groups, methods, budgets), path("bland_altman_ef.png")))
+    return main, written

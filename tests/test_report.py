@@ -1,0 +1,240 @@
+"""``nnunet_ssp report`` on hand-written evaluated folders: tables, CSV files, Wilcoxon tests, figures, errors."""
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from scipy.stats import wilcoxon
+
+from conftest import run_cli
+from nnunet_ssp.cli import main as cli_main
+from nnunet_ssp.errors import SSPError
+from nnunet_ssp.evaluation.report import write_report
+
+LABELS = {"1": "LV blood pool", "2": "LV myocardium", "3": "RV blood pool"}
+MEASURES = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct", "lv_myo_mass_g")
+CASES = [f"ph{s:03d}_{p}" for s in range(1, 5) for p in ("ED", "ES")]
+# (method, budget as written, seed, training subjects, Dice offset): mim beats the baseline, dino has one seed,
+# "custom" (a method outside the paper) has a string budget "10" and no baseline to compare with.
+RUNS = [(m, b, s, n, off) for m, off in (("baseline", 0.0), ("mim", 0.04)) for b, n in ((2, 2), ("all", 8))
+        for s in (0, 1)] + [("dino", 2, 0, 2, 0.02), ("custom", "10", 0, 10, 0.01)]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_run(folder, method, budget, seed, num_train, offset, rng):
+    """A summary.json as nnU-Net writes it (NaN for a label absent in both) and a matching ssp_evaluation.json."""
+    os.makedirs(folder)
+    per_case = []
+    for i, case in enumerate(CASES):
+        dice = {k: float(np.clip(rng.uniform(0.6, 0.9) + offset, 0, 1)) for k in LABELS}
+        if i == 0:
+            dice["3"] = float("nan")
+        per_case.append({"prediction_file": f"{folder}/{case}.nii.gz", "reference_file": f"/ref/{case}.nii.gz",
+                         "metrics": {k: {"Dice": v, "IoU": v} for k, v in dice.items()}})
+    means = {k: {"Dice": float(np.nanmean([c["metrics"][k]["Dice"] for c in per_case]))} for k in LABELS}
+    summary = {"foreground_mean": {"Dice": float(np.mean([m["Dice"] for m in means.values()]))}, "mean": means,
+               "metric_per_case": per_case}
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f)  # writes NaN as nnU-Net does
+    subjects = {f"ph{s:03d}": {side: {m: float(rng.uniform(40, 160)) for m in MEASURES}
+                               for side in ("reference", "prediction")} for s in range(1, 5)}
+    agreement = {m: {"n": 4, "mae": float(rng.uniform(1, 5)), "bias": float(rng.uniform(-2, 2)),
+                     "sd": float(rng.uniform(1, 3)), "loa_low": -5.0 + seed, "loa_high": 5.0 + seed}
+                 for m in MEASURES}
+    evaluation = {"format": "nnunet_ssp.evaluation", "format_version": 1,
+                  "run": {"dataset": "Dataset991_E2E", "trainer": f"nnUNetTrainer{method}", "method": method,
+                          "fold": "5", "budget": budget, "seed": seed, "num_train_subjects": num_train,
+                          "prediction_folder": folder, "reference_folder": "/ref", "vendors": None},
+                  "dice_summary": "summary.json", "labels": LABELS,
+                  "hd95_per_case": {c: {k: 3.0 for k in LABELS} for c in CASES},
+                  "hd95_mean": {"1": float(rng.uniform(2, 6)), "2": float(rng.uniform(2, 6)), "3": None},
+                  "hd95_undefined": {"1": 0, "2": 0, "3": 1},
+                  "clinical_per_subject": subjects, "clinical_agreement": agreement}
+    with open(os.path.join(folder, "ssp_evaluation.json"), "w") as f:
+        json.dump(evaluation, f)
+    return summary, evaluation
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Evaluated folders at different depths, plus an unrelated summary.json that must be ignored; the report
+    written by the function. Returns (root, out, {(method, budget, seed): (summary, evaluation)}, returned)."""
+    root = tmp_path_factory.mktemp("results")
+    rng = np.random.default_rng(0)
+    runs = {}
+    for method, budget, seed, num_train, offset in RUNS:
+        folder = str(root / method / f"fold_{budget}_{seed}" / "pred")
+        runs[(method, str(budget), seed)] = _write_run(folder, method, budget, seed, num_train, offset, rng)
+    os.makedirs(root / "validation")
+    (root / "validation" / "summary.json").write_text("{}")
+    out = root.parent / (root.name + "_report")
+    returned = write_report([str(root)], str(out))
+    return root, out, runs, returned
+
+
+def _table_after(text, heading):
+    """Header and rows (lists of cells) of the first Markdown table after ``heading``."""
+    lines = text[text.index(heading + "\n"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([c.strip() for c in line.strip("|").split("|")])
+    return table[0], table[2:]
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _expected_cell(values):
+    mean = np.mean(values)
+    if len(values) == 1:
+        return f"{mean:.3f} (n=1)"
+    return f"{mean:.3f} ± {np.std(values, ddof=1):.3f} (n={len(values)})"
+
+
+def _seeds(runs, method, budget):
+    return sorted(s for (m, b, s) in runs if (m, b) == (method, budget))
+
+
+def test_main_and_class_tables(results):
+    root, out, runs, (main, paths) = results
+    text = (out / "report.md").read_text()
+    header, rows = _table_after(text, "## 3D Dice, mean over the foreground classes")
+    assert main in text
+    assert header == ["method", "2", "10", "all"]  # numbers ascending (the string "10" too), "all" last
+    assert [r[0] for r in rows] == ["baseline", "dino", "mim", "custom"]  # paper order, then others
+    for row in rows:
+        for budget, cell in zip(header[1:], row[1:]):
+            values = [runs[(row[0], budget, s)][0]["foreground_mean"]["Dice"] for s in _seeds(runs, row[0], budget)]
+            assert cell == (_expected_cell(values) if values else "–"), (row[0], budget)
+    for k, name in LABELS.items():
+        header, rows = _table_after(text, f"### {name} (label {k})")
+        assert header == ["method", "2", "10", "all"] and len(rows) == 4
+        values = [runs[("mim", "all", s)][0]["mean"][k]["Dice"] for s in (0, 1)]
+        assert rows[2][0] == "mim" and rows[2][3] == _expected_cell(values)
+    _, hd_rows = _table_after(text, "## HD95 (mm) per class")
+    hd = [runs[("baseline", "2", s)][1]["hd95_mean"]["1"] for s in (0, 1)]
+    assert hd_rows[0][1] == f"{np.mean(hd):.2f} ± {np.std(hd, ddof=1):.2f} (n=2)"
+    _, clinical_rows = _table_after(text, "## Clinical measures: prediction − reference")
+    assert [r[:3] for r in clinical_rows][:2] == [["baseline", "2", "2"], ["baseline", "all", "2"]]
+    mae = np.mean([runs[("baseline", "2", s)][1]["clinical_agreement"]["lv_ef_pct"]["mae"] for s in (0, 1)])
+    assert clinical_rows[0][3 + MEASURES.index("lv_ef_pct")].startswith(f"{mae:.2f} / ")
+    assert clinical_rows[0][3].endswith("[-4.50, 5.50]")  # LoA averaged over seeds 0 and 1
+    assert sorted(os.path.basename(p) for p in paths) == sorted(
+        ["report.md", "dice.csv", "summary.csv", "clinical.csv", "wilcoxon.csv", "label_efficiency.png",
+         "bland_altman_ef.png"])
+
+
+def test_csv_files(results):
+    _, out, runs, _ = results
+    dice = _read_csv(out / "dice.csv")
+    assert list(dice[0]) == ["method", "budget", "seed", "num_train_subjects", "class", "dice"]
+    assert len(dice) == len(RUNS) * 4
+    for row in dice:
+        summary = runs[(row["method"], row["budget"], int(row["seed"]))][0]
+        expected = summary["foreground_mean"]["Dice"] if row["class"] == "mean" else \
+            summary["mean"][row["class"]]["Dice"]
+        assert float(row["dice"]) == expected
+    assert [r["num_train_subjects"] for r in dice if r["method"] == "mim" and r["class"] == "mean"] == ["2", "2",
+                                                                                                        "8", "8"]
+    summary_rows = _read_csv(out / "summary.csv")
+    assert list(summary_rows[0]) == ["method", "budget", "class", "n_seeds", "mean", "std"]
+    assert len(summary_rows) == 6 * 4  # (method, budget) groups x classes
+    for row in summary_rows:
+        values = [runs[(row["method"], row["budget"], s)][0]
+                  for s in _seeds(runs, row["method"], row["budget"])]
+        values = [v["foreground_mean"]["Dice"] if row["class"] == "mean" else v["mean"][row["class"]]["Dice"]
+                  for v in values]
+        assert int(row["n_seeds"]) == len(values) and float(row["mean"]) == pytest.approx(np.mean(values))
+        assert (row["std"] == "") if len(values) == 1 else float(row["std"]) == pytest.approx(np.std(values, ddof=1))
+    clinical = _read_csv(out / "clinical.csv")
+    assert list(clinical[0]) == ["method", "budget", "seed", "measure", "n", "mae", "bias", "sd", "loa_low",
+                                 "loa_high"]
+    assert len(clinical) == len(RUNS) * len(MEASURES)
+    for row in clinical:
+        expected = runs[(row["method"], row["budget"], int(row["seed"]))][1]["clinical_agreement"][row["measure"]]
+        assert {k: float(row[k]) for k in expected} == expected and row["n"] == "4"
+
+
+def test_wilcoxon_against_scipy(results):
+    _, out, runs, _ = results
+
+    def case_means(method, budget, seeds):
+        per_seed = [{os.path.basename(c["reference_file"]): np.nanmean([m["Dice"] for m in c["metrics"].values()])
+                     for c in runs[(method, budget, s)][0]["metric_per_case"]} for s in seeds]
+        return np.array([np.mean([d[case + ".nii.gz"] for d in per_seed]) for case in CASES])
+
+    rows = {(r["method"], r["budget"]): r for r in _read_csv(out / "wilcoxon.csv")}
+    assert list(rows) == [("dino", "2"), ("mim", "2"), ("mim", "all"), ("custom", "10")]
+    for (method, budget), seeds in {("mim", "2"): [0, 1], ("mim", "all"): [0, 1], ("dino", "2"): [0]}.items():
+        a, b = case_means(method, budget, seeds), case_means("baseline", budget, seeds)
+        row = rows[(method, budget)]
+        assert row["seeds"] == " ".join(map(str, seeds)) and int(row["n_pairs"]) == len(CASES)
+        assert float(row["median_difference"]) == pytest.approx(np.median(a - b))
+        assert float(row["p_value"]) == pytest.approx(wilcoxon(a, b).pvalue) and row["note"] == ""
+    assert float(rows[("mim", "2")]["p_value"]) < 0.05  # mim's +0.04 on every class
+    assert rows[("custom", "10")]["p_value"] == "" and rows[("custom", "10")]["note"] == "no baseline at this budget"
+    text = (out / "report.md").read_text()
+    _, md_rows = _table_after(text, "## Wilcoxon signed-rank test against the baseline")
+    assert md_rows[-1] == ["custom", "10", "–", "0", "n/a", "n/a", "no baseline at this budget"]
+
+
+def test_figures_are_png(results):
+    _, out, _, _ = results
+    for name in ("label_efficiency.png", "bland_altman_ef.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def test_cli_matches_function(results, tmp_path):
+    root, out, _, (main, _) = results
+    cli_out = tmp_path / "cli"
+    result = run_cli(["nnunet_ssp", "report", str(root), "-o", str(cli_out)], os.environ)
+    assert main in result.stdout and str(cli_out / "wilcoxon.csv") in result.stdout
+    for name in ("report.md", "dice.csv", "summary.csv", "clinical.csv", "wilcoxon.csv"):
+        assert (cli_out / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_cli_errors_are_one_line(results, tmp_path, capsys):
+    """Through the console script's entry point in-process (a subprocess per case would double the test time)."""
+    root, _, _, _ = results
+    duplicate = tmp_path / "dup"
+    shutil.copytree(root / "mim" / "fold_2_0", duplicate / "again")
+    shutil.copytree(root / "mim" / "fold_2_0", duplicate / "copy")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, expected in ((duplicate, ["two evaluations of method mim, budget 2, seed 0: ",
+                                          str(duplicate / "again" / "pred"), str(duplicate / "copy" / "pred")]),
+                             (empty, ["no evaluated prediction folder"])):
+        assert cli_main(["report", str(folder), "-o", str(tmp_path / "x")]) == 2
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+        assert all(e in stderr for e in expected), stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_duplicate_names_both_folders_and_malformed_file_is_named(results, tmp_path):
+    root, _, _, _ = results
+    for name in ("a", "b"):
+        shutil.copytree(root / "dino", tmp_path / name)
+    with pytest.raises(SSPError) as info:
+        write_report([str(tmp_path)], str(tmp_path / "out"))
+    assert str(tmp_path / "a" / "fold_2_0" / "pred") in str(info.value)
+    assert str(tmp_path / "b" / "fold_2_0" / "pred") in str(info.value)
+    bad = tmp_path / "b" / "fold_2_0" / "pred" / "ssp_evaluation.json"
+    evaluation = json.loads(bad.read_text())
+    del evaluation["clinical_agreement"]
+    bad.write_text(json.dumps(evaluation))
+    shutil.rmtree(tmp_path / "a")
+    with pytest.raises(SSPError, match=f"{bad}: malformed evaluation file .*clinical_agreement"):
+        write_report([str(tmp_path)], str(tmp_path / "out"))
+    (bad.parent / "summary.json").write_text("{not json")
+    bad.write_text(json.dumps(dict(evaluation, clinical_agreement={})))
+    with pytest.raises(SSPError, match="summary.json: cannot read JSON"):
+        write_report([str(tmp_path)], str(tmp_path / "out"))
