@@ -17,6 +17,7 @@ import hashlib
 import os
 import platform
 import pickle
+import re
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -81,19 +82,29 @@ def save_checkpoint(path: str, network: torch.nn.Module, target: PlansTarget, me
     return checkpoint
 
 
+def load_weights_only(path: str):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain data only, so a file that would run code
+    when unpickled is refused before any of it runs. Any failure is an SSPError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        needs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise SSPError(f"{path}: refused to load: unpickling it would call "
+                       f"{needs.group(1) if needs else 'code'}, which a weights-only load does not allow") from None
+    except Exception as e:  # zip/pickle corruption: torch raises several unrelated types here
+        raise SSPError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_sentence(e)})") from None
+
+
+def _first_sentence(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else "no details"
+
+
 def load_checkpoint(path: str) -> dict:
     """Loads and validates a contract checkpoint with ``weights_only=True``; SSPError for anything else."""
     if not os.path.isfile(path):
         raise SSPError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SSPError(f"{path}: refused to load: the file holds objects a weights-only load does not allow "
-                       f"({first_line[:200]})") from None
-    except Exception as e:  # zip/pickle corruption: torch raises several unrelated types here
-        raise SSPError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'no details'})") from None
+    checkpoint = load_weights_only(path)
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT_NAME:
         raise SSPError(f"{path}: not an nnunet_ssp checkpoint (no '{FORMAT_NAME}' format marker); "
                        f"nnU-Net's own checkpoints go to nnUNetv2_train -pretrained_weights instead")
@@ -105,6 +116,9 @@ def load_checkpoint(path: str) -> dict:
         raise SSPError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if checkpoint["method"] not in METHOD_PARTS or not set(checkpoint["parts"]) <= set(PARTS):
         raise SSPError(f"{path}: unknown method '{checkpoint['method']}' or parts {checkpoint['parts']}")
+    weights = checkpoint["network_weights"]
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise SSPError(f"{path}: network_weights is not a dict of named tensors")
     return checkpoint
 
 
@@ -118,7 +132,10 @@ def verify_checkpoint(checkpoint: dict, target: PlansTarget, parts, source: str)
         raise SSPError(f"{source}: the checkpoint ({checkpoint['method']}) holds {'+'.join(checkpoint['parts'])} "
                        f"but {'+'.join(absent)} is needed")
     spec = target.network_spec
-    differences = NetworkSpec.from_dict(checkpoint["network"]).differences(spec)
+    try:
+        differences = NetworkSpec.from_dict(checkpoint["network"]).differences(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SSPError(f"{source}: the checkpoint's network record is malformed ({type(e).__name__}: {e})") from None
     if differences:
         raise SSPError(f"{source}: checkpoint built for other plans ({checkpoint['plans'].get('plans_name')} of "
                        f"{checkpoint['plans'].get('dataset_name')}, {checkpoint['plans'].get('configuration')}) "

@@ -2,19 +2,24 @@
 
 Example: ssp_pretrain -d Dataset501_CinePhantom --method mim
 The checkpoint goes where the nnU-Net trainers look: $nnUNet_results/<Dataset>/ssp/<method>__<plans>__<config>/.
+SIGINT or SIGTERM stops a run after the current step with its state saved; --continue resumes it exactly.
 """
 import argparse
 import os
 import sys
+from contextlib import contextmanager
+from typing import List
 
-from nnunet_ssp.errors import SSPError, run_command
+from nnunet_ssp.errors import OneLineArgumentParser, SSPError, run_command
 from nnunet_ssp.methods import METHOD_PARTS
 from pretraining.methods import all_options
 
+LOCK_FILE = ".ssp_pretrain.lock"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssp_pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineArgumentParser(prog="ssp_pretrain", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id, as for nnUNetv2_train")
     p.add_argument("--method", required=True, choices=sorted(METHOD_PARTS), help="SSP method")
     p.add_argument("-c", "--configuration", default="2d", help="nnU-Net configuration (default 2d)")
@@ -32,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-loading worker processes (default: min(8, CPU cores))")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
-                   help="resume from checkpoint_latest.pth in the output folder")
+                   help="resume from checkpoint_latest.pth in the output folder (from epoch 0 if there is none yet)")
+    p.add_argument("--skip-nonfinite", type=int, default=0, metavar="N",
+                   help="skip up to N steps with a non-finite loss or gradient (no update, each logged) instead of "
+                        "stopping at the first (default 0)")
     p.add_argument("-o", "--output", help="output folder (default: where the nnU-Net trainers look)")
     p.add_argument("--probe-slices", type=int, default=256,
                    help="slices of the per-epoch k-NN probe of slice position and phase (default 256; 0: off)")
@@ -43,70 +51,111 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(name: str, value):
-    if value is not None and value < 1:
-        raise SSPError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
-    return value
+def _check_numbers(args) -> None:
+    for name, minimum in (("epochs", 1), ("iters_per_epoch", 1), ("batch_size", 1), ("num_workers", 0),
+                          ("skip_nonfinite", 0), ("probe_slices", 0)):
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise SSPError(f"--{name.replace('_', '-')} must be at least {minimum} (got {value})")
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise SSPError(f"--lr must be a positive number (got {args.lr})")
 
 
-def pretrain(args) -> str:
-    import torch
-    from nnunet_ssp.checkpoint import FINAL_CHECKPOINT, default_checkpoint_folder
-    from nnunet_ssp.network import PlansTarget
-    from pretraining.data.cache import build_or_load_cache, discover_sources
-    from pretraining.data.loader import SliceViewDataset, default_iters_per_epoch
-    from pretraining.loop import LATEST_CHECKPOINT, PretrainSettings, Pretrainer
-    from pretraining.memory import affordable_batch_size
-    from pretraining.methods import get_method
-    from pretraining.probe import make_probe
-
-    method_class = get_method(args.method)
-    for name in ("epochs", "iters_per_epoch", "batch_size"):
-        _positive(name, getattr(args, name))
-    foreign = [f"--{name.replace('_', '-')}" for name, (_, owners) in all_options().items()
-               if getattr(args, name) is not None and args.method not in owners]
-    if foreign:
-        raise SSPError(f"{', '.join(foreign)} do(es) not apply to --method {args.method}")
-    target = PlansTarget.from_preprocessed(args.dataset, args.plans, args.configuration)
-    try:
-        method = method_class(target.network_spec, target.configuration_manager.patch_size,
-                              **{name: getattr(args, name) for name in method_class.options})
-    except ValueError as e:
-        raise SSPError(f"--method {args.method}: {e}") from None
-    for env in ("nnUNet_raw", "nnUNet_results"):
+def _check_environment(args) -> None:
+    for env in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         if not os.environ.get(env) and not (env == "nnUNet_results" and args.output):
             raise SSPError(f"{env} is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
-    output = args.output or default_checkpoint_folder(os.environ["nnUNet_results"], target.dataset_name,
-                                                      args.method, target.plans_name, target.configuration)
-    if not args.continue_training:
-        for name in (FINAL_CHECKPOINT, LATEST_CHECKPOINT):
-            if os.path.isfile(os.path.join(output, name)):
-                raise SSPError(f"{os.path.join(output, name)} exists: pass --continue to resume, or -o for a new run")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SSPError("--device cuda: no CUDA device is available")
 
-    raw_folder = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)
-    sources = discover_sources(raw_folder, args.data)
+
+def _refuse_to_overwrite(output: str, continue_training: bool) -> None:
+    """A new run never replaces a finished or interrupted one; --continue never starts over on a finished one."""
+    from nnunet_ssp.checkpoint import FINAL_CHECKPOINT
+    from pretraining.loop import LATEST_CHECKPOINT
+    final, latest = os.path.join(output, FINAL_CHECKPOINT), os.path.join(output, LATEST_CHECKPOINT)
+    if continue_training:
+        if os.path.isfile(final) and not os.path.isfile(latest):
+            raise SSPError(f"{final} exists but {LATEST_CHECKPOINT} does not: nothing to continue; -o for a new run")
+        return
+    for path in (final, latest):
+        if os.path.isfile(path):
+            raise SSPError(f"{path} exists: pass --continue to resume, or -o for a new run")
+
+
+def _missing_folders(path: str) -> List[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+@contextmanager
+def output_lock(output: str):
+    """Holds the output folder for this run: a second run refuses with one line. The kernel drops the lock however
+    this process ends, so a crashed run never blocks the next. A run that fails takes back the lock file and the
+    folders it created, as far as they hold nothing else."""
+    from nnunet_ssp.io import acquire_lock, write_error
+    path = os.path.join(output, LOCK_FILE)
+    created, lock_existed = _missing_folders(os.path.abspath(output)), os.path.exists(path)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as e:
+        raise write_error(output, e) from None
+    fd = acquire_lock(path)
+    if fd is None:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            holder = f.read().strip() or "?"
+        raise SSPError(f"{output}: another ssp_pretrain run (pid {holder}) is writing here; wait for it to end or "
+                       f"choose another -o")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    except BaseException:
+        if not lock_existed:
+            os.remove(path)
+        for folder in created:
+            if os.listdir(folder):
+                break
+            os.rmdir(folder)
+        raise
+    finally:
+        os.close(fd)
+
+
+def _batch_size(args, method, target, device: str) -> int:
+    """--batch-size, or the method's default halved until it fits in the device's memory."""
+    import torch
+    from pretraining.memory import affordable_batch_size
+    requested = args.batch_size or method.defaults.batch_size
+    if args.batch_size is not None:
+        return requested
+    sizing_model = method.build_model().to(device)
+    fitted = affordable_batch_size(sizing_model, target.network_spec.num_input_channels, method.patch_size, requested,
+                                   len(method.view_transforms()), torch.device(device))
+    if fitted < requested:
+        print(f"warning: batch size {requested} would not fit in {device} memory; using {fitted} "
+              f"(set --batch-size to choose)", file=sys.stderr)
+    return fitted
+
+
+def _too_few_slices(where: str, slices: str, batch_size: int) -> SSPError:
+    return SSPError(f"{where}: {slices} slices, fewer than one batch of {batch_size}; lower --batch-size or add data")
+
+
+def _pretrainer(args, target, method, sources, batch_size: int, device: str, output: str):
+    """The slice cache (built or reused) and a Pretrainer on it with the run's settings."""
+    from pretraining.data.cache import build_or_load_cache
+    from pretraining.data.loader import SliceViewDataset, default_iters_per_epoch
+    from pretraining.loop import PretrainSettings, Pretrainer
+    from pretraining.probe import make_probe
     cache_dir = os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name,
                              f"ssp_cache__{target.configuration_manager.data_identifier}")
     cache = build_or_load_cache(target, sources, cache_dir, num_processes=max(1, args.num_workers))
-
-    defaults = method.defaults
-    batch_size = args.batch_size or defaults.batch_size
-    os.makedirs(output, exist_ok=True)
-    if args.batch_size is None:
-        sizing_model = method.build_model().to(device)
-        fitted = affordable_batch_size(sizing_model, target.network_spec.num_input_channels, method.patch_size, batch_size,
-                                       len(method.view_transforms()), torch.device(device))
-        del sizing_model
-        if fitted < batch_size:
-            print(f"warning: batch size {batch_size} would not fit in {device} memory; using {fitted} "
-                  f"(set --batch-size to choose)", file=sys.stderr)
-            batch_size = fitted
     if len(cache) < batch_size:
-        raise SSPError(f"{cache_dir}: {len(cache)} slices are fewer than one batch of {batch_size}; "
-                       f"lower --batch-size or add data")
+        raise _too_few_slices(cache_dir, str(len(cache)), batch_size)
+    defaults = method.defaults
     lr = args.lr or defaults.lr * batch_size / defaults.batch_size
     if args.lr is None and batch_size != defaults.batch_size:
         print(f"note: learning rate {lr:.4g} = {defaults.lr:g} x {batch_size}/{defaults.batch_size} (the paper's lr "
@@ -116,13 +165,57 @@ def pretrain(args) -> str:
         iters_per_epoch=args.iters_per_epoch or default_iters_per_epoch(len(cache), batch_size),
         batch_size=batch_size, lr=lr, momentum=defaults.momentum,
         weight_decay=defaults.weight_decay, nesterov=defaults.nesterov, device=device,
-        num_workers=args.num_workers, seed=args.seed, options=method.option_values())
-    dataset = SliceViewDataset(cache, method.view_transforms())
-    probe = make_probe(cache, method.patch_size, args.probe_slices, args.seed)
-    trainer = Pretrainer(method, dataset, target, settings, output, data_summary=cache.summary(), probe=probe)
-    if args.continue_training:
-        trainer.resume()
-    path = trainer.run()
+        num_workers=args.num_workers, seed=args.seed, options=method.option_values(),
+        skip_nonfinite=args.skip_nonfinite)
+    return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
+                      data_summary=cache.summary(), probe=make_probe(cache, method.patch_size, args.probe_slices,
+                                                                     args.seed))
+
+
+def pretrain(args) -> str:
+    import torch
+    from nnunet_ssp.checkpoint import default_checkpoint_folder
+    from nnunet_ssp.io import remove_temporaries
+    from nnunet_ssp.network import PlansTarget
+    from pretraining.data.cache import discover_sources, max_slices
+    from pretraining.loop import LATEST_CHECKPOINT, load_state
+    from pretraining.methods import get_method
+
+    # every check that needs no writing comes first; what fails later removes what it wrote (output, cache)
+    method_class = get_method(args.method)
+    _check_numbers(args)
+    foreign = [f"--{name.replace('_', '-')}" for name, (_, owners) in all_options().items()
+               if getattr(args, name) is not None and args.method not in owners]
+    if foreign:
+        raise SSPError(f"{', '.join(foreign)} do(es) not apply to --method {args.method}")
+    _check_environment(args)
+    target = PlansTarget.from_preprocessed(args.dataset, args.plans, args.configuration)
+    try:
+        method = method_class(target.network_spec, target.configuration_manager.patch_size,
+                              **{name: getattr(args, name) for name in method_class.options})
+    except ValueError as e:
+        raise SSPError(f"--method {args.method}: {e}") from None
+    output = args.output or default_checkpoint_folder(os.environ["nnUNet_results"], target.dataset_name,
+                                                      args.method, target.plans_name, target.configuration)
+    _refuse_to_overwrite(output, args.continue_training)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SSPError("--device cuda: no CUDA device is available")
+    raw_folder = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)
+    sources = discover_sources(raw_folder, args.data)
+    batch_size = _batch_size(args, method, target, device)
+    most = max_slices(sources, target.plans_manager.transpose_forward)
+    if most < batch_size:
+        raise _too_few_slices(raw_folder, f"at most {most}", batch_size)
+
+    with output_lock(output):
+        _refuse_to_overwrite(output, args.continue_training)  # again: a run may have finished in the meantime
+        remove_temporaries(output)  # of a killed run; no one else writes here now
+        state = load_state(os.path.join(output, LATEST_CHECKPOINT)) if args.continue_training else None
+        trainer = _pretrainer(args, target, method, sources, batch_size, device, output)
+        if args.continue_training and not trainer.resume(state):
+            trainer.log(f"--continue: no {LATEST_CHECKPOINT} yet, starting at epoch 0")
+        path = trainer.run()
     print(path)
     return path
 

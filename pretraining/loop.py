@@ -1,22 +1,30 @@
 """The method-agnostic pretraining loop: optimisation, logging, plots, checkpoints and resume.
 
 Everything random in an epoch is a pure function of (seed, epoch): the loader's sampling and augmentation seeds and
-the main process's RNG (e.g. MIM's masks) are re-seeded at every epoch start. With the model and optimizer state of
-``checkpoint_latest.pth`` this makes ``--continue`` resume exactly where a run stopped.
+the main process's torch RNG (e.g. MIM's masks) are re-seeded at every epoch start, and batch k of an epoch is a pure
+function of (seed, epoch, k). ``checkpoint_latest.pth`` is written atomically after every epoch, and in the middle
+of one when SIGINT or SIGTERM stops the run: model and optimizer, the next (epoch, iteration), the epoch's losses
+and figures so far, and the torch RNG states. ``--continue`` therefore resumes exactly where the run stopped (bit for
+bit on CPU), and a run killed outright (SIGKILL, power loss) resumes from its last complete epoch.
+
+A non-finite loss or gradient stops the run with one message and keeps the last good state, unless
+``skip_nonfinite`` allows skipping such steps (no update; each is logged).
 """
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
-from nnunet_ssp.checkpoint import FINAL_CHECKPOINT, save_checkpoint
-from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import torch_save_atomic
+from nnunet_ssp.checkpoint import FINAL_CHECKPOINT, load_weights_only, save_checkpoint
+from nnunet_ssp.errors import Interrupted, SSPError
+from nnunet_ssp.io import atomic_path, fault_point, torch_save_atomic, write_error
 from nnunet_ssp.network import PlansTarget
 from pretraining.data.loader import make_loader
 from pretraining.methods.base import SSPMethod, Step
@@ -24,6 +32,8 @@ from pretraining.probe import PositionPhaseProbe
 
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
 STATE_FORMAT = "nnunet_ssp.pretrain_state"
+#: settings that may differ between an interrupted run and its continuation
+RESUMABLE_CHANGES = ("device", "num_workers", "skip_nonfinite")
 
 
 @dataclass
@@ -40,10 +50,71 @@ class PretrainSettings:
     num_workers: int
     seed: int
     options: dict = field(default_factory=dict)  # method-specific options, e.g. MIM's mask patch size
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient that may be skipped before the run stops
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: the next iteration, the losses and extra figures of the steps done, their seconds, and
+    the torch RNG states after them (mid-epoch only)."""
+    epoch: int
+    iteration: int = 0
+    losses: List[float] = field(default_factory=list)
+    figures: Dict[str, List[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+    rng: Optional[dict] = None
+
+
+def load_state(path: str) -> Optional[dict]:
+    """The training state in ``path``, None if there is no such file. Loaded weights-only: a file that would run code
+    is refused before any of it runs."""
+    if not os.path.isfile(path):
+        return None
+    state = load_weights_only(path)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise SSPError(f"{path}: not an ssp_pretrain state file")
+    return state
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % (2 ** 31)
+
+
+class StopRequest:
+    """Within ``with``: SIGINT and SIGTERM ask the loop to stop after the current step (``signum``); a second SIGINT
+    interrupts at once. Only the main thread can install signal handlers; elsewhere this does nothing."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.random.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.random.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class Pretrainer:
@@ -55,8 +126,12 @@ class Pretrainer:
         self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
         self.output_folder, self.data_summary, self.probe = output_folder, data_summary, probe
         self.device = torch.device(settings.device)
-        os.makedirs(output_folder, exist_ok=True)
+        try:
+            os.makedirs(output_folder, exist_ok=True)
+        except OSError as e:
+            raise write_error(output_folder, e) from None
         self.log_file = os.path.join(output_folder, "training_log.txt")
+        self.latest = os.path.join(output_folder, LATEST_CHECKPOINT)
         self.history = {"epoch": [], "loss": [], "lr": [], "slices_per_s": [], "epoch_time_s": []}
         torch.manual_seed(settings.seed)
         self.model = method.build_model().to(self.device)
@@ -65,13 +140,18 @@ class Pretrainer:
         self.optimizer = torch.optim.SGD(method.parameter_groups(self.model, settings.weight_decay), lr=settings.lr,
                                          momentum=settings.momentum, nesterov=settings.nesterov)
         self.start_epoch = 0
+        self.progress = EpochProgress(0)  # of the epoch to run next
+        self.skipped = 0  # non-finite steps skipped so far
 
     # ---------------------------------------------------------------- logging
     def log(self, message: str) -> None:
         line = f"{datetime.now():%Y-%m-%d %H:%M:%S}: {message}"
         tqdm.write(line)
-        with open(self.log_file, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        try:
+            with open(self.log_file, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise write_error(self.log_file, e) from None
 
     def plot_progress(self) -> None:
         import matplotlib
@@ -97,41 +177,39 @@ class Pretrainer:
             probe_axis.legend(loc="upper right")
         fig.suptitle(f"ssp_pretrain {self.settings.method}: {self.target.dataset_name}")
         fig.tight_layout()
-        path = os.path.join(self.output_folder, "progress.png")
-        tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=90)
+        with atomic_path(os.path.join(self.output_folder, "progress.png")) as tmp:
+            fig.savefig(tmp, format="png", dpi=90)
         plt.close(fig)
-        os.replace(tmp, path)
 
     # ---------------------------------------------------------------- checkpoints
-    def _state(self, next_epoch: int) -> dict:
-        return {"format": STATE_FORMAT, "epoch": next_epoch, "settings": asdict(self.settings),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "history": self.history}
+    def _save_latest(self, progress: EpochProgress) -> None:
+        torch_save_atomic({"format": STATE_FORMAT, "epoch": progress.epoch, "iteration": progress.iteration,
+                           "settings": asdict(self.settings), "model": self.model.state_dict(),
+                           "optimizer": self.optimizer.state_dict(), "history": self.history,
+                           "progress": asdict(progress), "skipped": self.skipped}, self.latest)
 
-    def resume(self) -> None:
-        path = os.path.join(self.output_folder, LATEST_CHECKPOINT)
-        if not os.path.isfile(path):
-            raise SSPError(f"{path}: nothing to continue from")
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            raise SSPError(f"{path}: unreadable ({type(e).__name__}); remove it to start over") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise SSPError(f"{path}: not an ssp_pretrain state file")
+    def resume(self, state: Optional[dict] = None) -> bool:
+        """Continues from ``state`` (default: :func:`load_state` of ``checkpoint_latest.pth``); False (starting at
+        epoch 0) when there is none yet, e.g. after a run killed in its first epoch."""
+        state = state or load_state(self.latest)
+        if state is None:
+            return False
         if state["settings"]["method"] != self.settings.method:
-            raise SSPError(f"{path}: written by --method {state['settings']['method']}, "
+            raise SSPError(f"{self.latest}: written by --method {state['settings']['method']}, "
                            f"not {self.settings.method}")
         changed = [f"{k} {v} -> {getattr(self.settings, k)}" for k, v in state["settings"].items()
-                   if k not in ("device", "num_workers") and getattr(self.settings, k) != v]
+                   if k not in RESUMABLE_CHANGES and getattr(self.settings, k) != v]
         if changed:
-            raise SSPError(f"{path}: settings differ from the interrupted run ({', '.join(changed)}); "
+            raise SSPError(f"{self.latest}: settings differ from the interrupted run ({', '.join(changed)}); "
                            f"continue with the same options")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
-        self.start_epoch = state["epoch"]
-        self.log(f"continuing from {path} at epoch {self.start_epoch}")
+        self.skipped = state.get("skipped", 0)
+        self.progress = EpochProgress(**state["progress"]) if "progress" in state else EpochProgress(state["epoch"])
+        self.start_epoch = self.progress.epoch
+        self.log(f"continuing from {self.latest} at epoch {self.start_epoch}, iteration {self.progress.iteration}")
+        return True
 
     # ---------------------------------------------------------------- training
     def _step(self, epoch: int, iteration: int) -> Step:
@@ -151,53 +229,91 @@ class Pretrainer:
             moved["views"] = [v.contiguous(memory_format=torch.channels_last) for v in moved["views"]]
         return moved
 
-    def train_step(self, batch: dict, step: Step) -> Tuple[float, Dict[str, float]]:
-        """One optimisation step on a loader batch; returns the loss and the method's extra figures."""
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _skip_or_stop(self, problem: str, step: Step) -> None:
+        """Skips the step (no update) while ``skip_nonfinite`` allows it, else stops the run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        where = f"{problem} at epoch {step.epoch}, iteration {step.iteration}"
+        if self.skipped >= self.settings.skip_nonfinite:
+            raise SSPError(f"{where}: run stopped; the last good state is {self.latest} (resume with --continue "
+                           f"--skip-nonfinite N to skip up to N such steps, or start a new run with a lower --lr)")
+        self.skipped += 1
+        self.log(f"warning: {where}: step skipped without an update ({self.skipped} of "
+                 f"{self.settings.skip_nonfinite} allowed)")
+
+    def train_step(self, batch: dict, step: Step) -> Optional[Tuple[float, Dict[str, float]]]:
+        """One optimisation step on a loader batch: the loss and the method's extra figures, or None when the step
+        was skipped for a non-finite loss or gradient."""
         self._set_lr(step)
         batch = self._to_device(batch)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             loss, extra = self.method.loss(self.model, batch, step)
         value = loss.item()
-        if not math.isfinite(value):
-            raise SSPError(f"non-finite loss ({value}) at epoch {step.epoch}, iteration {step.iteration}: run "
-                           f"stopped; the last good state is {os.path.join(self.output_folder, LATEST_CHECKPOINT)} "
-                           f"(resume with --continue, e.g. with a lower --lr)")
         self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(value):
+            self._skip_or_stop(f"non-finite loss ({value})", step)
+            return None
         loss.backward()
         self.method.before_optimizer_step(self.model, step)
+        if not self._gradients_finite():
+            self._skip_or_stop(f"non-finite gradient (loss {value:.4g})", step)
+            return None
         self.optimizer.step()
         self.method.after_step(self.model, step)
         return value, extra
 
-    def train_epoch(self, epoch: int) -> None:
-        s = self.settings
+    def _interrupted(self, signum: int, where: str) -> Interrupted:
+        return Interrupted(f"{signal.Signals(signum).name}: stopped {where}; the state is saved in {self.latest} "
+                           f"(resume with --continue)", signum)
+
+    def _iterations(self, progress: EpochProgress, stop: StopRequest) -> dict:
+        """Runs the epoch's remaining steps into ``progress``; returns the last batch. On a stop request before the
+        epoch's last step, saves the mid-epoch state and raises Interrupted."""
+        s, epoch = self.settings, progress.epoch
         torch.manual_seed(epoch_seed(s.seed, epoch))
+        if progress.rng is not None:
+            _set_rng_state(progress.rng, self.device)
         loader = make_loader(self.dataset, s.batch_size, s.iters_per_epoch, epoch, s.seed, s.num_workers,
-                             pin_memory=self.device.type == "cuda")
-        self.model.train()
-        losses, figures, start, batch = [], {}, time.perf_counter(), None
-        progress = tqdm(loader, total=s.iters_per_epoch, desc=f"epoch {epoch}", leave=False, mininterval=1.0)
-        for iteration, batch in enumerate(progress):
-            value, extra = self.train_step(batch, self._step(epoch, iteration))
-            losses.append(value)
-            for key, figure in extra.items():
-                figures.setdefault(key, []).append(figure)
-            rate = (iteration + 1) * s.batch_size / (time.perf_counter() - start)
-            progress.set_postfix(loss=f"{value:.4f}", slices_per_s=f"{rate:.1f}", refresh=False)
-        elapsed = time.perf_counter() - start
+                             pin_memory=self.device.type == "cuda", first_iteration=progress.iteration)
+        start, batch = time.perf_counter() - progress.seconds, None
+        bar = tqdm(loader, total=s.iters_per_epoch, initial=progress.iteration, desc=f"epoch {epoch}", leave=False,
+                   mininterval=1.0)
+        for iteration, batch in enumerate(bar, start=progress.iteration):
+            result = self.train_step(batch, self._step(epoch, iteration))
+            if result is not None:
+                progress.losses.append(result[0])
+                for key, figure in result[1].items():
+                    progress.figures.setdefault(key, []).append(figure)
+                bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
+            progress.iteration, progress.seconds = iteration + 1, time.perf_counter() - start
+            fault_point(f"iteration:{epoch}:{iteration}")
+            if stop.signum is not None and progress.iteration < s.iters_per_epoch:
+                progress.rng = _rng_state(self.device)
+                self._save_latest(progress)
+                raise self._interrupted(stop.signum, f"at epoch {epoch}, iteration {progress.iteration}")
+        return batch
+
+    def _finish_epoch(self, progress: EpochProgress, batch: dict) -> None:
+        """History, log line, probe, warning and preview of a finished epoch."""
+        s, epoch = self.settings, progress.epoch
+        if not progress.losses:
+            raise SSPError(f"epoch {epoch}: every step was skipped (non-finite loss or gradient); run stopped")
         self.history["epoch"].append(epoch)
-        self.history["loss"].append(sum(losses) / len(losses))
+        self.history["loss"].append(sum(progress.losses) / len(progress.losses))
         self.history["lr"].append(self._set_lr(self._step(epoch, 0)))
-        self.history["slices_per_s"].append(s.iters_per_epoch * s.batch_size / elapsed)
-        self.history["epoch_time_s"].append(elapsed)
-        figures = {key: sum(values) / len(values) for key, values in figures.items()}
+        self.history["slices_per_s"].append(s.iters_per_epoch * s.batch_size / progress.seconds)
+        self.history["epoch_time_s"].append(progress.seconds)
+        figures = {key: sum(values) / len(values) for key, values in progress.figures.items()}
         if self.probe is not None:
             figures.update(self.probe.evaluate(self.method.export_network(self.model)))
         for key, figure in figures.items():
             self.history.setdefault(key, []).append(figure)
         described = "".join(f", {key} {figure:.4g}" for key, figure in figures.items())
         self.log(f"epoch {epoch}: loss {self.history['loss'][-1]:.5f}, lr {self.history['lr'][-1]:.3g}, "
-                 f"{self.history['slices_per_s'][-1]:.1f} slices/s, {elapsed:.1f} s{described}")
+                 f"{self.history['slices_per_s'][-1]:.1f} slices/s, {progress.seconds:.1f} s{described}")
         warning = self.method.epoch_warning(figures)
         if warning:
             self.log(f"warning: {warning}")
@@ -206,19 +322,32 @@ class Pretrainer:
         self.model.eval()
         self.method.write_preview(self.model, batch, preview)
 
+    def train_epoch(self, epoch: int, stop: Optional[StopRequest] = None) -> None:
+        """Runs epoch ``epoch`` (its rest, when a resumed state stopped inside it) and finishes it; ``stop`` carries a
+        signal's request to stop early."""
+        progress = self.progress if self.progress.epoch == epoch else EpochProgress(epoch)
+        self.model.train()
+        batch = self._iterations(progress, stop or StopRequest())
+        self._finish_epoch(progress, batch)
+        self.progress = EpochProgress(epoch + 1)
+
     def run(self, max_epochs_this_run: Optional[int] = None) -> str:
-        """Trains from ``start_epoch`` to the end (or ``max_epochs_this_run`` epochs); returns the checkpoint path."""
+        """Trains from ``start_epoch`` to the end (or ``max_epochs_this_run`` epochs); returns the checkpoint path.
+        SIGINT or SIGTERM stops it at the next step with the state saved (Interrupted)."""
         s = self.settings
         self.log(f"ssp_pretrain {s.method} on {self.target.dataset_name} ({self.target.plans_name}, "
                  f"{self.target.configuration}): {asdict(s)}; data {self.data_summary}")
         last = s.epochs if max_epochs_this_run is None else min(s.epochs, self.start_epoch + max_epochs_this_run)
-        for epoch in range(self.start_epoch, last):
-            self.train_epoch(epoch)
-            torch_save_atomic(self._state(epoch + 1), os.path.join(self.output_folder, LATEST_CHECKPOINT))
-            self.start_epoch = epoch + 1
-            self.plot_progress()
+        with StopRequest() as stop:
+            for epoch in range(self.start_epoch, last):
+                self.train_epoch(epoch, stop)
+                self._save_latest(self.progress)
+                self.start_epoch = epoch + 1
+                self.plot_progress()
+                if stop.signum is not None and epoch + 1 < s.epochs:
+                    raise self._interrupted(stop.signum, f"after epoch {epoch}")
         if last < s.epochs:
-            return os.path.join(self.output_folder, LATEST_CHECKPOINT)
+            return self.latest
         final = os.path.join(self.output_folder, FINAL_CHECKPOINT)
         save_checkpoint(final, self.method.export_network(self.model).cpu(), self.target, s.method,
                         pretraining=asdict(s), data=self.data_summary)

@@ -114,6 +114,18 @@ def test_files_that_are_not_contract_checkpoints_are_refused(tmp_path, target):
         load_checkpoint(str(tmp_path / "absent.pth"))
 
 
+def test_contract_checkpoints_with_malformed_contents_are_refused(tmp_path, target):
+    path = str(tmp_path / "ckpt.pth")
+    save_checkpoint(path, _mim_network(target), target, "mim")
+    checkpoint = load_checkpoint(path)
+    torch.save({**checkpoint, "network_weights": {"encoder.x": [1.0]}}, path)
+    with pytest.raises(SSPError, match="network_weights is not a dict of named tensors"):
+        load_checkpoint(path)
+    torch.save({**checkpoint, "network": {"num_input_channels": 1}}, path)
+    with pytest.raises(SSPError, match="network record is malformed"):
+        verify_checkpoint(load_checkpoint(path), target, ["encoder"], path)
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker
@@ -128,7 +140,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path):
     torch.save({"format": FORMAT_NAME, "payload": _Payload(str(marker))}, path)
     with open(path, "rb") as f:  # sanity: the payload does run under an unsafe load
         assert b"open" in f.read()
-    with pytest.raises(SSPError, match="refused to load"):
+    with pytest.raises(SSPError, match="refused to load: unpickling it would call .*open, which a weights-only"):
         load_checkpoint(str(path))
     assert not marker.exists()
     with pytest.raises(Exception):

@@ -25,13 +25,14 @@ def pretrainer(phantom_env, tmp_path):
     cache = build_or_load_cache(target, discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
                                 str(root / "pretraining_cache"), num_processes=1, progress=False)
 
-    def make(name, output, num_workers=0, epochs=3, iters=2, batch_size=4, lr=None, probe_slices=0, **options):
+    def make(name, output, num_workers=0, epochs=3, iters=2, batch_size=4, lr=None, probe_slices=0,
+             skip_nonfinite=0, **options):
         method = METHODS[name](target.network_spec, target.configuration_manager.patch_size, **options)
         d = method.defaults
         settings = PretrainSettings(name, epochs=epochs, iters_per_epoch=iters, batch_size=batch_size,
                                     lr=lr or d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
                                     nesterov=d.nesterov, device="cpu", num_workers=num_workers, seed=5,
-                                    options=method.option_values())
+                                    options=method.option_values(), skip_nonfinite=skip_nonfinite)
         return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings,
                           str(tmp_path / output), cache.summary(),
                           probe=make_probe(cache, method.patch_size, probe_slices, seed=0))
@@ -55,7 +56,7 @@ def test_outputs_of_a_run(mim_setup):
     assert len(trainer.history["loss"]) == 2 and all(v > 0 for v in trainer.history["slices_per_s"])
     assert trainer.history["lr"][0] == pytest.approx(0.01) and trainer.history["lr"][1] == pytest.approx(0.005)
     assert "epoch 1: loss" in open(os.path.join(folder, "training_log.txt")).read()
-    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(folder) if ".tmp" in f]
 
 
 SMOKE = {"simclr": dict(epochs=4, iters=3),
@@ -109,6 +110,51 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_stat
     assert not os.path.exists(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
 
 
+def test_non_finite_gradient_stops_and_keeps_the_last_good_state(mim_setup, monkeypatch):
+    trainer = mim_setup("nan_gradient")
+    trainer.run(max_epochs_this_run=1)
+    latest = os.path.join(trainer.output_folder, LATEST_CHECKPOINT)
+    good = open(latest, "rb").read()
+
+    def finite_loss_nan_gradient(model, batch, step):  # d/dw sqrt(0 * w) = inf * 0
+        return torch.sqrt((next(model.parameters()) * 0).sum()), {}
+
+    monkeypatch.setattr(trainer.method, "loss", finite_loss_nan_gradient)
+    with pytest.raises(SSPError, match=r"non-finite gradient \(loss 0\) at epoch 1, iteration 0: run stopped"):
+        trainer.run()
+    assert open(latest, "rb").read() == good
+
+
+def _nan_at(trainer, monkeypatch, bad_steps):
+    """Makes the loss NaN at the (epoch, iteration) pairs ``bad_steps``; returns the list the optimizer steps go to."""
+    loss, step = trainer.method.loss, trainer.optimizer.step
+    updates = []
+
+    def patched_loss(model, batch, s):
+        value, extra = loss(model, batch, s)
+        return (value * float("nan") if (s.epoch, s.iteration) in bad_steps else value), extra
+
+    monkeypatch.setattr(trainer.method, "loss", patched_loss)
+    monkeypatch.setattr(trainer.optimizer, "step", lambda *a, **k: updates.append(1) or step(*a, **k))
+    return updates
+
+
+def test_skip_nonfinite_skips_up_to_n_steps_without_an_update_and_logs_each(mim_setup, monkeypatch):
+    bad_steps = {(0, 1), (1, 0), (2, 1)}
+    trainer = mim_setup("skip", skip_nonfinite=2)
+    updates = _nan_at(trainer, monkeypatch, bad_steps)
+    with pytest.raises(SSPError, match=r"non-finite loss \(nan\) at epoch 2, iteration 1: run stopped"):
+        trainer.run()
+    assert len(updates) == 3 and trainer.skipped == 2  # (0, 0), (1, 1), (2, 0)
+    log = open(trainer.log_file).read()
+    assert log.count("step skipped without an update") == 2 and "epoch 1, iteration 0: step skipped" in log
+    resumed = mim_setup("skip", skip_nonfinite=3)  # --continue --skip-nonfinite 3
+    updates = _nan_at(resumed, monkeypatch, bad_steps)
+    assert resumed.resume() and resumed.start_epoch == 2
+    resumed.run()
+    assert len(updates) == 1 and resumed.skipped == 3 and resumed.history["epoch"] == [0, 1, 2]
+
+
 def test_resume_refuses_other_settings(mim_setup):
     mim_setup("changed").run(max_epochs_this_run=1)
     other = mim_setup("changed", epochs=5)
@@ -136,6 +182,10 @@ def test_cli_errors_are_one_line(phantom_env):
     open(os.path.join(out, "checkpoint_final.pth"), "wb").close()
     exists = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", out], env, check=False)
     assert exists.returncode == 2 and "pass --continue to resume" in exists.stderr
+    finished = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", out, "--continue"], env,
+                       check=False)
+    assert finished.returncode == 2 and "checkpoint_latest.pth does not: nothing to continue" in finished.stderr
+    assert os.listdir(out) == ["checkpoint_final.pth"]
     too_big = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", str(root / "big"),
                        "--batch-size", "100000", "--num-workers", "0"], env, check=False)
     assert too_big.returncode == 2 and "fewer than one batch of 100000" in too_big.stderr

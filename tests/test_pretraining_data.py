@@ -263,7 +263,7 @@ def test_reuse_rebuild_and_resume(planned, real_target, built, tmp_path, monkeyp
     open(os.path.join(folder, "subjects", ".s000002_b0.npy.abc.tmp"), "w").close()
     repaired = build_or_load_cache(real_target, discover_sources(str(raw)), folder, num_processes=1, progress=False)
     assert built_subjects == [1] and repaired.key == first.key
-    assert not [f for f in os.listdir(os.path.join(folder, "subjects")) if f.endswith(".tmp")]
+    assert not [f for f in os.listdir(os.path.join(folder, "subjects")) if ".tmp" in f]
     np.testing.assert_array_equal(repaired.slice(len(repaired) - 1), first.slice(len(first) - 1))
 
     # an interrupted build resumes with the subjects already done
@@ -292,7 +292,7 @@ def test_reuse_rebuild_and_resume(planned, real_target, built, tmp_path, monkeyp
     os.utime(cine, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
     changed = build_or_load_cache(real_target, discover_sources(str(raw)), folder, num_processes=1, progress=False)
     assert built_subjects == [0, 1, 2] and changed.key != first.key
-    assert sorted(os.listdir(tmp_path)) == ["cache", "raw"]
+    assert sorted(os.listdir(tmp_path)) == ["cache", "cache.lock", "raw"]
 
     # changed plans (another target spacing) -> rebuilt, with other shapes
     built_subjects.clear()
@@ -405,6 +405,17 @@ def test_loader_is_a_function_of_seed_and_epoch(built):
     assert not torch.equal(serial[0][0], next_epoch[0][0])
     other_seed = _batches(make_loader(dataset, 8, iters, epoch=3, seed=8, num_workers=0))
     assert not torch.equal(serial[0][0], other_seed[0][0])
+
+
+def test_loader_resumes_inside_an_epoch_with_the_same_batches(built):
+    dataset = SliceViewDataset(built, [augmentation((16, 16))])
+    full = _batches(make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=0))
+    rest = _batches(make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=0, first_iteration=3))
+    assert len(rest) == 2
+    for (i1, v1), (i2, v2) in zip(full[3:], rest):
+        assert torch.equal(i1, i2) and torch.equal(v1[0], v2[0])
+    with pytest.raises(ValueError, match="first_iteration"):
+        make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=0, first_iteration=5)
 
 
 def test_default_iters_per_epoch():

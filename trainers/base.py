@@ -79,8 +79,6 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
                                                       required=False)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-3
-        for warning in self._ssp_warnings:
-            self.print_to_log_file(f"WARNING: {warning}")
 
     def _checkpoint_path(self, target: PlansTarget) -> str:
         from_env = os.environ.get(CHECKPOINT_ENV)
@@ -117,7 +115,10 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
         if not self.was_initialized:
             self.initialize()
         if self.current_epoch == 0:
-            self._load_ssp_weights()
+            try:
+                self._load_ssp_weights()
+            except SSPError as e:
+                raise _exit_with(e) from None
         super().on_train_start()
 
     def _load_ssp_weights(self):

@@ -1,6 +1,7 @@
 """Writes a cohort of simulated subjects as an nnU-Net v2 raw dataset (atomically), plus the 4D cines of the
 training subjects for unlabeled pretraining and a per-subject table of volumes."""
 import csv
+import errno
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ssp.errors import SSPError
+from nnunet_ssp.io import write_error
 from nnunet_ssp.phantom.anatomy import MAX_SIZE, MIN_SIZE
 from nnunet_ssp.phantom.subject import DEFAULT_SIZE, VOLUME_KEYS, simulate_subject, subject_rng
 
@@ -40,7 +42,11 @@ def _write_image(array: np.ndarray, spacing, path: str, dtype) -> None:
     img = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype, copy=False)), isVector=False)
     img.SetSpacing([float(s) for s in spacing])
     img.SetOrigin([0.0] * img.GetDimension())   # identity direction, same geometry for images and labels
-    sitk.WriteImage(img, path, useCompression=True, compressionLevel=_COMPRESSION_LEVEL)
+    try:
+        sitk.WriteImage(img, path, useCompression=True, compressionLevel=_COMPRESSION_LEVEL)
+    except RuntimeError as e:  # how SimpleITK reports a failed write (disk full, no permission)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise OSError(errno.EIO, lines[-1] if lines else "write failed", path) from None
 
 
 def _fmt(value: float) -> str:
@@ -177,9 +183,12 @@ def write_phantom_dataset(raw_root: str, dataset_id: int, name: str, num_subject
         if not os.path.isdir(target) or os.path.islink(target):
             raise SSPError(f"{target}: exists and is not a dataset folder; remove it first")
 
-    os.makedirs(raw_root, exist_ok=True)
     tmp = os.path.join(raw_root, f".{folder}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    os.mkdir(tmp)
+    try:
+        os.makedirs(raw_root, exist_ok=True)
+        os.mkdir(tmp)
+    except OSError as e:
+        raise write_error(target, e) from None
     try:
         _build(tmp, name, record, workers)
         if os.path.lexists(target):
@@ -189,8 +198,10 @@ def write_phantom_dataset(raw_root: str, dataset_id: int, name: str, num_subject
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise write_error(target, e) from None
         raise
     return target
 

@@ -15,11 +15,15 @@ Layout of a cache folder::
                           first axis after transpose_forward, i.e. the slice axis. Usually one block per subject;
                           frames whose nonzero crop differs (shape or first slice) go to further blocks.
 
+Next to the folder, ``<folder>.lock`` serializes builds and keeps a cache that a run reads from being rebuilt.
+
 The arrays are opened with ``np.load(mmap_mode='r')``: resident memory does not grow with the dataset. Every file is
 written atomically (temporary file + ``os.replace``), so an interrupted build resumes with the subjects already done
-and never reads half-written files.
+and never reads half-written files. Before a frame is cached, its file must be complete and finite (SimpleITK would
+read missing, NaN and infinite voxels as zeros) and the frame not constant.
 """
 import csv
+import fcntl
 import glob
 import hashlib
 import json
@@ -35,7 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import atomic_path, save_json_atomic
+from nnunet_ssp.io import (acquire_lock, atomic_path, check_finite, check_intensities, fault_point,
+                           remove_temporaries, save_json_atomic)
 
 CACHE_FORMAT_VERSION = 1
 FINGERPRINT_FILE = "cache.json"
@@ -65,16 +70,23 @@ class CineSource:
     kind: str  # "cineTr", "imagesTr" or "extra"
     ndim: int  # 3 or 4
     num_frames: int
+    size: Tuple[int, int, int]  # (x, y, z) voxels, from the header
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["paths"] = list(self.paths)
+        d["paths"], d["size"] = list(self.paths), list(self.size)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CineSource":
         return cls(tuple(d["paths"]), d["subject"], int(d["ed_frame"]), d["kind"], int(d["ndim"]),
-                   int(d["num_frames"]))
+                   int(d["num_frames"]), tuple(int(n) for n in d["size"]))
+
+
+def max_slices(sources: Sequence[CineSource], transpose_forward: Sequence[int]) -> int:
+    """An upper bound of the 2D slices the cache of ``sources`` holds, from the headers alone (nnU-Net's 2D
+    preprocessing never adds slices along the first axis after transpose_forward; cropping may remove some)."""
+    return sum(s.num_frames * s.size[::-1][transpose_forward[0]] for s in sources)
 
 
 def _image_header(path: str) -> Tuple[int, Tuple[int, ...]]:
@@ -103,8 +115,8 @@ def _strip(name: str, ending: str) -> str:
     return name[:-len(ending)] if name.endswith(ending) else name
 
 
-def _read_subjects_csv(path: str) -> Dict[str, Tuple[Optional[int], Optional[int]]]:
-    """subject -> (ed_frame or None, num_frames or None) from an optional subjects.csv."""
+def _read_subjects_csv(path: str) -> Dict[str, Dict[str, Optional[int]]]:
+    """subject -> {ed_frame, es_frame, num_frames} (None where absent) from an optional subjects.csv."""
     if not os.path.isfile(path):
         return {}
     try:
@@ -115,16 +127,27 @@ def _read_subjects_csv(path: str) -> Dict[str, Tuple[Optional[int], Optional[int
     if rows and "subject" not in rows[0]:
         raise SSPError(f"{path}: no 'subject' column")
 
-    def as_int(value, column, subject):
+    def as_int(row, column):
+        value = row.get(column)
         if value is None or str(value).strip() in ("", "nan", "NaN", "None"):
             return None
         try:
             return int(float(value))
         except ValueError:
-            raise SSPError(f"{path}: {column} of subject {subject} is not a number: {value!r}") from None
+            raise SSPError(f"{path}: {column} of subject {row['subject']} is not a number: {value!r}") from None
 
-    return {r["subject"].strip(): (as_int(r.get("ed_frame"), "ed_frame", r["subject"]),
-                                   as_int(r.get("num_frames"), "num_frames", r["subject"])) for r in rows}
+    return {r["subject"].strip(): {c: as_int(r, c) for c in ("ed_frame", "es_frame", "num_frames")} for r in rows}
+
+
+def _check_frames(subjects_csv: str, subject: str, path: str, num_frames: int, row: dict) -> None:
+    """The table's frame count and ED/ES frame indices must fit the cine's frames."""
+    if row["num_frames"] is not None and row["num_frames"] != num_frames:
+        raise SSPError(f"{subjects_csv}: subject {subject} has num_frames {row['num_frames']}, but {path} has "
+                       f"{num_frames} frames")
+    for column in ("ed_frame", "es_frame"):
+        if row[column] is not None and not 0 <= row[column] < num_frames:
+            raise SSPError(f"{subjects_csv}: {column} {row[column]} of subject {subject} is outside "
+                           f"0..{num_frames - 1} ({path} has {num_frames} frames)")
 
 
 def _cine_sources(cine_dir: str, subjects_csv: str) -> List[CineSource]:
@@ -139,14 +162,10 @@ def _cine_sources(cine_dir: str, subjects_csv: str) -> List[CineSource]:
             raise SSPError(f"{path}: a cine must be 4D (X, Y, Z, T) or 3D, not {dim}D")
         num_frames = size[3] if dim == 4 else 1
         subject = _strip(_strip(os.path.basename(path), NIFTI), "_0000")
-        ed, csv_frames = table.get(subject, (None, None))
-        if csv_frames is not None and csv_frames != num_frames:
-            raise SSPError(f"{subjects_csv}: subject {subject} has num_frames {csv_frames}, but {path} has "
-                           f"{num_frames} frames")
-        ed = 0 if ed is None else ed
-        if not 0 <= ed < num_frames:
-            raise SSPError(f"{subjects_csv}: ed_frame {ed} of subject {subject} is outside 0..{num_frames - 1}")
-        sources.append(CineSource((os.path.abspath(path),), subject, ed, "cineTr", dim, num_frames))
+        row = table.get(subject, {"ed_frame": None, "es_frame": None, "num_frames": None})
+        _check_frames(subjects_csv, subject, path, num_frames, row)
+        sources.append(CineSource((os.path.abspath(path),), subject, row["ed_frame"] or 0, "cineTr", dim, num_frames,
+                                  size[:3]))
     return sources
 
 
@@ -168,11 +187,11 @@ def _imagestr_sources(images_dir: str, dataset_json: dict) -> List[CineSource]:
         if sorted(channels) != list(range(n)):
             raise SSPError(f"{images_dir}: case {case} has channel files {sorted(channels)}, expected 0..{n - 1}")
         paths = tuple(os.path.abspath(channels[c]) for c in range(n))
-        for p in paths:
-            dim, _ = _image_header(p)
+        headers = [_image_header(p) for p in paths]
+        for p, (dim, _) in zip(paths, headers):
             if dim != 3:
                 raise SSPError(f"{p}: imagesTr volumes must be 3D, not {dim}D")
-        sources.append(CineSource(paths, case, 0, "imagesTr", 3, 1))
+        sources.append(CineSource(paths, case, 0, "imagesTr", 3, 1, headers[0][1]))
     return sources
 
 
@@ -189,7 +208,7 @@ def _extra_sources(folder: str) -> List[CineSource]:
         if dim not in (3, 4):
             raise SSPError(f"{path}: expected a 3D volume or a 4D cine, not a {dim}D image")
         sources.append(CineSource((os.path.abspath(path),), f"{prefix}/{_strip(os.path.basename(path), NIFTI)}", 0,
-                                  "extra", dim, size[3] if dim == 4 else 1))
+                                  "extra", dim, size[3] if dim == 4 else 1, size[:3]))
     return sources
 
 
@@ -294,6 +313,8 @@ def _read_frames(source: CineSource, plans_manager):
     3D files go through the plans' own reader. A 4D cine is read with SimpleITK and split into frames whose
     properties are those SimpleITKIO produces for a 3D image of the same geometry (spacing reversed to (z, y, x))."""
     import SimpleITK as sitk
+    for path in source.paths:
+        _check_file(path)
     reader_class = plans_manager.image_reader_writer_class
     if source.ndim == 4 and reader_class.__name__ != "SimpleITKIO":
         import warnings
@@ -322,6 +343,27 @@ def _read_frames(source: CineSource, plans_manager):
         yield array[t][None].astype(np.float32), props
 
 
+def _check_file(path: str) -> None:
+    """SimpleITK (in nnU-Net's reader too) reads a truncated NIfTI without complaint, the missing voxels as zeros, and
+    NaN or infinite voxels as zeros: the file is read with nibabel first, which does neither."""
+    if not path.endswith((".nii", ".nii.gz")):
+        return
+    import nibabel as nib
+    try:
+        voxels = np.asanyarray(nib.load(path).dataobj)
+    except Exception as e:  # nibabel, gzip and zlib raise many types for short or corrupt files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise SSPError(f"{path}: truncated or corrupt image file ({reason})") from None
+    check_finite(voxels, path)
+
+
+def _check_frame(source: CineSource, t: int, data: np.ndarray) -> None:
+    """Every channel of frame ``t`` must have finite voxels that are not all equal."""
+    for c in range(data.shape[0]):
+        path = source.paths[min(c, len(source.paths) - 1)]  # one file per channel, or one file
+        check_intensities(data[c], f"{path} frame {t}" if source.ndim == 4 else path)
+
+
 def _subject_marker(folder: str, index: int) -> str:
     return os.path.join(folder, SUBJECTS_DIR, f"s{index:06d}.json")
 
@@ -346,10 +388,11 @@ def _build_subject(job: tuple) -> dict:
     preprocessor = cm.preprocessor_class(verbose=False)
     num_channels = len(cm.normalization_schemes)
     frames = []
-    for data, props in _read_frames(source, pm):
+    for t, (data, props) in enumerate(_read_frames(source, pm)):
         if data.shape[0] != num_channels:
             raise SSPError(f"{source.paths[0]}: {data.shape[0]} channel(s), but the plans normalize "
                            f"{num_channels} (dataset.json channel_names)")
+        _check_frame(source, t, data)
         out, _, props = preprocessor.run_case_npy(data, None, props, pm, cm, target.dataset_json)
         out = np.asarray(out, dtype=np.float32)
         frames.append((out, int(props["bbox_used_for_cropping"][0][0]), int(props["shape_before_cropping"][0])))
@@ -376,6 +419,7 @@ def _build_subject(job: tuple) -> dict:
               "num_frames": source.num_frames, "ed_frame": source.ed_frame, "num_channels": num_channels,
               "blocks": blocks}
     save_json_atomic(marker, _subject_marker(folder, index))
+    fault_point(f"cache:subject:{index}")
     return marker
 
 
@@ -425,6 +469,10 @@ def _assemble_index(folder: str, markers: List[dict]) -> Tuple[dict, dict]:
     return arrays, summary
 
 
+class _WorkerDied(SSPError):
+    """A cache-building process died (e.g. killed for memory); the subjects finished so far stay for the next run."""
+
+
 def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> List[dict]:
     from tqdm import tqdm
     results = []
@@ -445,8 +493,8 @@ def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> List[dic
                     results.append(future.result())
                     bar.update()
             except BrokenProcessPool:
-                raise SSPError(f"a cache-building process died (out of memory?); rerun, e.g. with fewer processes: "
-                               f"the {len(results)} subjects finished in this run are kept") from None
+                raise _WorkerDied(f"a cache-building process died (out of memory?); rerun, e.g. with fewer "
+                                  f"processes: the {len(results)} subjects finished in this run are kept") from None
             except BaseException:
                 for f in futures:
                     f.cancel()
@@ -462,8 +510,8 @@ def _build(folder: str, key: str, fp: dict, target, sources: Sequence[CineSource
         _clear(folder)  # leftovers of another build (other inputs or plans) are not reusable
         os.makedirs(os.path.join(folder, SUBJECTS_DIR), exist_ok=True)
         save_json_atomic({"key": key}, os.path.join(folder, BUILDING_FILE))
-    for leftover in glob.glob(os.path.join(glob.escape(folder), SUBJECTS_DIR, ".*.tmp")):
-        os.remove(leftover)  # temporaries of an interrupted build
+    for sub in (folder, os.path.join(folder, SUBJECTS_DIR)):
+        remove_temporaries(sub)  # of an interrupted build
     markers: List[Optional[dict]] = [_marker_valid(folder, i, s) for i, s in enumerate(sources)]
     target_args = (key, target.plans_manager.plans, target.configuration, target.dataset_json)
     jobs = [(folder, i, s.as_dict(), target_args) for i, s in enumerate(sources) if markers[i] is None]
@@ -478,38 +526,94 @@ def _build(folder: str, key: str, fp: dict, target, sources: Sequence[CineSource
     os.remove(os.path.join(folder, BUILDING_FILE))
 
 
+def _build_or_discard(folder: str, *build_args) -> None:
+    """``_build`` into a folder that holds no finished cache; a failed build (bad input, write error) is removed,
+    since its inputs must change before it can finish. A dead worker process is no such failure: kept."""
+    try:
+        _build(folder, *build_args)
+    except SSPError as e:
+        if not isinstance(e, _WorkerDied):
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _finish_swap(cache_dir: str) -> None:
+    """Completes a swap of a rebuilt cache that was interrupted between its renames."""
+    rebuilt = cache_dir + ".rebuild"
+    if not os.path.exists(cache_dir) and os.path.isfile(os.path.join(rebuilt, FINGERPRINT_FILE)):
+        os.replace(rebuilt, cache_dir)
+    shutil.rmtree(cache_dir + ".old", ignore_errors=True)
+
+
+def _finished(cache_dir: str, key: str) -> Optional["SliceCache"]:
+    """The finished cache of ``key`` in ``cache_dir``, if it is there with all its files."""
+    existing = _load_json(os.path.join(cache_dir, FINGERPRINT_FILE))
+    if existing is None or existing.get("key") != key:
+        return None
+    cache = SliceCache(cache_dir)
+    return None if cache.missing_files() else cache
+
+
+def _build_locked(cache_dir: str, key: str, fp: dict, target, sources: Sequence[CineSource], num_processes: int,
+                  progress: bool) -> "SliceCache":
+    """Builds, completes or rebuilds the cache (under the exclusive lock)."""
+    build_args = (key, fp, target, sources, num_processes, progress)
+    _finish_swap(cache_dir)
+    existing = _load_json(os.path.join(cache_dir, FINGERPRINT_FILE))
+    if existing is not None and existing.get("key") == key:
+        # some arrays vanished: mark the folder as an unfinished build of this key and complete it in place
+        save_json_atomic({"key": key}, os.path.join(cache_dir, BUILDING_FILE))
+        os.remove(os.path.join(cache_dir, FINGERPRINT_FILE))
+        _build(cache_dir, *build_args)
+    elif existing is not None:  # built from other inputs or plans: kept until the new one is finished
+        fresh = cache_dir + ".rebuild"
+        _build_or_discard(fresh, *build_args)
+        os.replace(cache_dir, cache_dir + ".old")
+        os.replace(fresh, cache_dir)
+        shutil.rmtree(cache_dir + ".old", ignore_errors=True)
+    else:
+        _build_or_discard(cache_dir, *build_args)
+    return SliceCache(cache_dir)
+
+
 def build_or_load_cache(target, sources: Sequence[CineSource], cache_dir: str, num_processes: int = 2,
                         progress: bool = True) -> "SliceCache":
     """The slice cache of ``sources`` for ``target`` (a PlansTarget) in ``cache_dir``: reused when its fingerprint
     (inputs, plans, versions) matches, completed when files are missing or a build was interrupted, rebuilt into
     ``<cache_dir>.rebuild`` and swapped in when inputs or plans changed. Subjects are preprocessed by up to
     ``num_processes`` spawned processes (at most one per MIN_SUBJECTS_PER_PROCESS subjects left to build), with a
-    tqdm bar over subjects when ``progress``."""
+    tqdm bar over subjects when ``progress``.
+
+    Concurrent runs: a build holds an exclusive lock on ``<cache_dir>.lock``, and the returned cache a shared one
+    for the rest of the process (``lock_fd``), so readers only ever see finished caches and no run rebuilds a cache
+    that another one reads (it waits, with a message). A failed build leaves nothing behind (a lock file it created
+    included); a killed one is resumed by the next call."""
     if not sources:
         raise SSPError(f"{cache_dir}: no sources to cache")
     cache_dir = os.path.abspath(cache_dir)
     fp = fingerprint(target, sources)
     key = _fingerprint_key(fp)
-    existing = _load_json(os.path.join(cache_dir, FINGERPRINT_FILE))
-    if existing is not None and existing.get("key") == key:
-        cache = SliceCache(cache_dir)
-        if not cache.missing_files():
-            return cache
-        # some arrays vanished: mark the folder as an unfinished build of this key and complete it in place
-        save_json_atomic({"key": key}, os.path.join(cache_dir, BUILDING_FILE))
-        os.remove(os.path.join(cache_dir, FINGERPRINT_FILE))
-        _build(cache_dir, key, fp, target, sources, num_processes, progress)
-    elif existing is not None:
-        fresh = cache_dir + ".rebuild"
-        _build(fresh, key, fp, target, sources, num_processes, progress)
-        old = cache_dir + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(cache_dir, old)
-        os.replace(fresh, cache_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        _build(cache_dir, key, fp, target, sources, num_processes, progress)
-    return SliceCache(cache_dir)
+    lock_path = cache_dir + ".lock"
+    lock_existed = os.path.exists(lock_path)
+    waiting = f"{cache_dir}: waiting for another ssp_pretrain run that builds or reads this slice cache"
+    fd = acquire_lock(lock_path, shared=True, wait_message=waiting)
+    try:
+        cache = _finished(cache_dir, key)
+        if cache is None:
+            os.close(fd)  # drops the shared lock (one POSIX lock per file and process) before waiting for the other
+            fd = None
+            fd = acquire_lock(lock_path, wait_message=waiting)
+            cache = _finished(cache_dir, key) or _build_locked(cache_dir, key, fp, target, sources, num_processes,
+                                                               progress)
+            fcntl.lockf(fd, fcntl.LOCK_SH)
+    except BaseException as e:
+        if isinstance(e, SSPError) and not lock_existed and not os.path.exists(cache_dir) and fd is not None:
+            os.remove(lock_path)  # while still holding it: a process that waits for it sees it gone and retries
+        if fd is not None:
+            os.close(fd)
+        raise
+    cache.lock_fd = fd
+    return cache
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -530,6 +634,7 @@ class SliceCache:
         self._index: Optional[dict] = None
         self._maps: "OrderedDict[int, np.memmap]" = OrderedDict()
         self._pid = os.getpid()
+        self.lock_fd: Optional[int] = None  # the shared lock that build_or_load_cache took for this process
 
     # pickling: only the folder and key; arrays and memmaps are reopened lazily in the receiving process
     def __getstate__(self):

@@ -9,6 +9,7 @@ ran before (with ``num_workers=0`` the caller's global RNG streams are left unto
 """
 import math
 import random
+import signal
 from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Iterator, Sequence, Tuple
@@ -91,12 +92,14 @@ class SliceViewDataset(Dataset):
 
 class EpochSampler(Sampler):
     """``num_samples`` (slice index, sample seed) pairs: random permutations of ``range(num_slices)`` (as many as
-    needed, the last one cut) and per-sample seeds, all drawn from (seed, epoch) only."""
+    needed, the last one cut) and per-sample seeds, all drawn from (seed, epoch) only. Iteration starts at sample
+    ``start`` (the rest of an interrupted epoch)."""
 
-    def __init__(self, num_slices: int, num_samples: int, seed: int, epoch: int):
+    def __init__(self, num_slices: int, num_samples: int, seed: int, epoch: int, start: int = 0):
         if num_slices < 1:
             raise ValueError("no slices to sample from")
         self.num_slices, self.num_samples, self.seed, self.epoch = num_slices, num_samples, seed, epoch
+        self.start = start
 
     def plan(self) -> Tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(_seed_sequence(self.seed, self.epoch, 0x55505353))
@@ -107,13 +110,14 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         order, seeds = self.plan()
-        return iter([(int(i), int(s)) for i, s in zip(order, seeds)])
+        return iter([(int(i), int(s)) for i, s in zip(order[self.start:], seeds[self.start:])])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.start
 
 
 def _init_worker(worker_id: int, seed: int, epoch: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process handles it
     s = int(_seed_sequence(seed, epoch, worker_id, 0x574F524B).generate_state(1)[0])
     np.random.seed(s)
     random.seed(s)
@@ -121,12 +125,14 @@ def _init_worker(worker_id: int, seed: int, epoch: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, iters_per_epoch: int, epoch: int, seed: int, num_workers: int,
-                pin_memory: bool = False, prefetch_factor: int = 2) -> DataLoader:
-    """Exactly ``iters_per_epoch`` batches of ``batch_size`` samples; batch ``k`` of an epoch is a pure function of
-    (seed, epoch, k) whatever ``num_workers`` is. Views collate to (B, C, *patch) per view index."""
-    if batch_size < 1 or iters_per_epoch < 1:
-        raise ValueError(f"need batch_size >= 1 and iters_per_epoch >= 1 (got {batch_size}, {iters_per_epoch})")
-    sampler = EpochSampler(len(dataset), batch_size * iters_per_epoch, seed, epoch)
+                pin_memory: bool = False, prefetch_factor: int = 2, first_iteration: int = 0) -> DataLoader:
+    """Batches ``first_iteration`` .. ``iters_per_epoch - 1`` of ``batch_size`` samples; batch ``k`` of an epoch is
+    a pure function of (seed, epoch, k) whatever ``num_workers`` is. Views collate to (B, C, *patch) per view
+    index."""
+    if batch_size < 1 or not 0 <= first_iteration < iters_per_epoch:
+        raise ValueError(f"need batch_size >= 1 and 0 <= first_iteration < iters_per_epoch (got {batch_size}, "
+                         f"{first_iteration}, {iters_per_epoch})")
+    sampler = EpochSampler(len(dataset), batch_size * iters_per_epoch, seed, epoch, start=first_iteration * batch_size)
     # a private generator: the DataLoader's base seed must not consume the caller's global torch RNG
     generator = torch.Generator()
     generator.manual_seed(int(_seed_sequence(seed, epoch, 0x47454E).generate_state(1)[0]))
