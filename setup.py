@@ -18,6 +18,7 @@ setup(
         "SimpleITK>=2.2",
         "numpy>=1.24",
         "scipy>=1.10",
+        "PyYAML>=5.4",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={

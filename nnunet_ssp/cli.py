@@ -18,7 +18,8 @@ def _phantom(args):
 
 def _convert(args):
     from nnunet_ssp.convert import convert_dataset
-    print(convert_dataset(args.dataset, args.source, args.dataset_id, args.name, overwrite=args.overwrite))
+    print(convert_dataset(args.dataset, args.source, args.dataset_id, args.name, overwrite=args.overwrite,
+                          test_split_file=args.test_split))
 
 
 def _env(args):
@@ -61,22 +62,29 @@ def _checkpoint(args):
 
 
 def _splits(args):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_ssp.network import preprocessed_dataset_folder
-    from nnunet_ssp.splits import write_budget_splits
+    from nnunet_ssp.splits import write_splits
+    if args.from_yaml and (args.seeds or args.val is not None):
+        raise SSPError("--seeds and --val do not apply to --from-yaml: the split files give train and validation")
+    raw = os.environ.get("nnUNet_raw")
+    if args.vendors and not raw:
+        raise SSPError("nnUNet_raw is not set: --vendors reads $nnUNet_raw/<Dataset>/subjects.csv (see README)")
     folder = preprocessed_dataset_folder(args.dataset)
-    gt = os.path.join(folder, "gt_segmentations")
-    if not os.path.isfile(os.path.join(folder, "dataset.json")):
-        raise SSPError(f"{folder}: not preprocessed; run nnUNetv2_plan_and_preprocess -d {args.dataset} first")
-    ending = load_json(os.path.join(folder, "dataset.json"))["file_ending"]
-    cases = [f[:-len(ending)] for f in sorted(os.listdir(gt)) if f.endswith(ending)] if os.path.isdir(gt) else []
-    if not cases:
-        raise SSPError(f"{gt}: no training cases; run nnUNetv2_plan_and_preprocess first")
-    budgets = [b if b == "all" else int(b) for b in args.budgets]
-    folds = write_budget_splits(folder, cases, budgets, args.seeds, args.val)
+    options = {"budgets": args.budgets, "from_yaml": args.from_yaml, "vendors": args.vendors, "seeds": args.seeds,
+               "num_val": args.val}
+    folds = write_splits(folder, raw and os.path.join(raw, os.path.basename(folder)), options)
     for index, d in folds.items():
-        print(f"fold {index}: budget {d['budget']}, seed {d['seed']}: {len(d['subjects'])} subjects")
+        source = f" ({os.path.basename(d['source'])})" if "source" in d else ""
+        print(f"fold {index}: budget {d['budget']}, seed {d['seed']}: {len(d['subjects'])} subjects{source}")
     print(os.path.join(folder, "splits_final.json"))
+
+
+def _merge(args):
+    from nnunet_ssp.merge import merge_datasets
+    raw = os.environ.get("nnUNet_raw")
+    if not raw:
+        raise SSPError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (see README)")
+    print(merge_datasets(raw, args.dataset_id, args.name, args.sources, overwrite=args.overwrite))
 
 
 def _evaluate(args):
@@ -119,13 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (e.g. 511)")
     p.add_argument("-n", "--name", required=True, help="dataset name (e.g. MnMs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--test-split", metavar="YAML",
+                   help="take the test subjects from a split file (the paper's: its test list) instead of the "
+                        "release's own test set; every other labelled subject becomes a training case")
     p.set_defaults(run=_convert)
 
-    p = sub.add_parser("splits", help="write label-budget folds (nested per seed) into splits_final.json")
+    p = sub.add_parser("splits", help="write label-budget, split-file or vendor folds into splits_final.json",
+                       description="Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and "
+                                   "describes them in splits_ssp.json; see nnunet_ssp/splits.py.")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
-    p.add_argument("--budgets", nargs="+", required=True, help="labeled subjects per fold, or 'all'")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--val", type=int, default=None, help="validation subjects (default: 20%%)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--budgets", nargs="+", help="labeled subjects per fold, or 'all' (nested per seed)")
+    mode.add_argument("--from-yaml", nargs="+", metavar="FILE",
+                      help="the paper's split files (test/train/valid YAML), one fold each")
+    mode.add_argument("--vendors", nargs="+", metavar="V",
+                      help="one fold per seed with all training subjects of these vendors (subjects.csv)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of --budgets/--vendors (default: 0)")
+    p.add_argument("--val", type=int, default=None, help="validation subjects of --budgets/--vendors "
+                                                         "(default: 20%%)")
     p.set_defaults(run=_splits)
 
     p = sub.add_parser("evaluate", help="3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions",
@@ -148,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", metavar="RESULTS", help="folders searched recursively")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
     p.set_defaults(run=_report)
+
+    p = sub.add_parser("merge", help="combine raw datasets (e.g. M&Ms and M&Ms-2) into $nnUNet_raw/DatasetID_NAME",
+                       description="Hard-links (or copies) the images, labels and cines of the source datasets into "
+                                   "one raw dataset; subjects.csv gets a source_dataset column.")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net id of the merged dataset")
+    p.add_argument("-n", "--name", required=True, help="name of the merged dataset (e.g. MnMsBoth)")
+    p.add_argument("--from", dest="sources", nargs="+", required=True, metavar="ID",
+                   help="source datasets in $nnUNet_raw, by id or folder name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.set_defaults(run=_merge)
 
     p = sub.add_parser("env", help="print the export line that lets nnUNetv2_* find the plugin's trainers")
     p.set_defaults(run=_env)

@@ -1,13 +1,35 @@
-"""Label-budget splits for nnU-Net: nested subject subsets per seed, one fixed validation set.
+"""Folds for nnU-Net: label budgets, the paper's split files and vendor subsets.
 
-Folds go into ``$nnUNet_preprocessed/<Dataset>/splits_final.json`` (nnU-Net reads fold k from entry k) and a
-sidecar ``splits_ssp.json`` maps each fold index to its (budget, seed). Subjects, not cases, are sampled, so the
-ED and ES cases of a subject stay together. Within a seed the subsets are nested (10 ⊂ 15 ⊂ 25 ⊂ 50 ⊂ all).
+Folds go into ``$nnUNet_preprocessed/<Dataset>/splits_final.json`` (nnU-Net reads fold k from entry k) after any
+folds that were there, and a sidecar ``splits_ssp.json`` describes each fold nnunet_ssp wrote
+(``{"folds": {index: description}, ...}``); writing again replaces those folds, so re-running with the same options
+changes nothing. Subjects, not cases, are assigned, so the ED and ES cases (``<subject>_ED``, ``<subject>_ES``) of a
+subject stay together. One mode per call (``options`` holds exactly one of these keys):
+
+- ``budgets`` (+ ``seeds``, ``num_val``): one fold per (seed, budget), budgets nested within a seed
+  (10 ⊂ 15 ⊂ 25 ⊂ 50 ⊂ all), one fixed validation set. Description ``{budget, seed, subjects}``; the sidecar also
+  holds ``val_subjects``.
+- ``from_yaml``: one fold per split file of the paper (``data/subject_splits/*.yaml`` of ssp-cmr-cine-segmentation:
+  top-level ``test``, ``train``, ``valid``, each mapping a dataset key such as ``mm1`` or ``mm2`` to subject IDs).
+  ``train`` and ``valid`` are used as they are; a file without them splits the development set (every training
+  subject of the dataset) as qcardia-data's ``split_data_from_config`` does: sorted, shuffled by
+  ``np.random.seed(0); np.random.shuffle``, the first round(0.2·n) for validation. qcardia-data sorts
+  ``<dataset key>-<subject>`` strings; we sort bare subject IDs (a subject's dataset key is unknown here), which gives
+  the same split for a file with one dataset key but not for M&Ms + M&Ms-2 together. Test subjects must not be
+  training cases of the dataset; they are recorded, not written (nnU-Net folds have train and val only).
+  Description ``{budget, seed, [vendors], subjects, source, yaml_test_subjects}``, budget and seed from the file
+  name (``-nr10`` -> 10, ``-seed2`` -> 2, ``-Vendor-A_B`` -> ``"vendors:A+B"``, "all" for a default or full split or
+  a file without train/valid, else the number of train subjects; seed null unless named).
+- ``vendors`` (+ ``seeds``, ``num_val``): the domain-shift folds: per seed, every training subject of those vendors
+  (``$nnUNet_raw/<Dataset>/subjects.csv``) minus one fixed validation set of them. Description
+  ``{budget: "vendors:A+B", seed, vendors, subjects}``; the sidecar also holds ``val_subjects`` and
+  ``test_cases_by_vendor`` (the imagesTs cases of each vendor's test subjects).
 """
+import json
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -17,7 +39,15 @@ from nnunet_ssp.io import save_json_atomic
 
 SIDECAR = "splits_ssp.json"
 VALIDATION_SEED = 12345
+YAML_VALIDATION_SEED = 0  # qcardia-data's valid_split_seed
+YAML_VALIDATION_FRACTION = 0.2  # qcardia-data's valid_partition
+SPLIT_KEYS = ("test", "train", "valid")
+MODES = ("budgets", "from_yaml", "vendors")
 _PHASE_SUFFIX = re.compile(r"_(ED|ES)$")
+_NAME_BUDGET = re.compile(r"-nr(\d+)(?=-|$)")
+_NAME_SEED = re.compile(r"-seed(\d+)(?=-|$)")
+_NAME_VENDORS = re.compile(r"-vendor-([a-z0-9]+(?:_[a-z0-9]+)*)(?=-|$)", re.IGNORECASE)
+_NAME_FULL = re.compile(r"(^|-)(default|full)(-|$)")
 
 
 def subject_of_case(case: str) -> str:
@@ -32,6 +62,30 @@ def cases_by_subject(cases: Sequence[str]) -> "OrderedDict[str, List[str]]":
     return grouped
 
 
+def _few(items: Sequence[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more``."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _budget(value):
+    """A budget as given (``"10"``, 10 or ``"all"``) -> 10 or "all"."""
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SSPError(f"budget {value!r}: expected a number of subjects or 'all'") from None
+
+
+def _budget_identities(budgets: Sequence, seeds: Sequence[int]) -> List[dict]:
+    return [{"budget": _budget(b), "seed": int(s)} for s in seeds for b in budgets]
+
+
+def _vendor_identity(vendors: Sequence[str], seed) -> dict:
+    return {"budget": "vendors:" + "+".join(vendors), "seed": seed, "vendors": list(vendors)}
+
+
 def make_budget_splits(cases: Sequence[str], budgets: Sequence, seeds: Sequence[int], num_val: int = None):
     """(folds, descriptions, validation subjects): one fold per (seed, budget), budgets an int or 'all'."""
     grouped = cases_by_subject(cases)
@@ -43,39 +97,236 @@ def make_budget_splits(cases: Sequence[str], budgets: Sequence, seeds: Sequence[
     order = np.random.default_rng(VALIDATION_SEED).permutation(len(subjects))
     val_subjects = sorted(subjects[i] for i in order[:num_val])
     pool = [s for s in subjects if s not in set(val_subjects)]
-    sizes = [len(pool) if b == "all" else int(b) for b in budgets]
-    too_big = [s for s in sizes if not 0 < s <= len(pool)]
+    identities = _budget_identities(budgets, seeds)
+    too_big = [d["budget"] for d in identities if d["budget"] != "all" and not 0 < d["budget"] <= len(pool)]
     if too_big:
         raise SSPError(f"budget {too_big[0]}: only {len(pool)} training subjects are left after {num_val} "
                        f"validation subjects")
     val_cases = [c for s in val_subjects for c in grouped[s]]
+    ranked = {d["seed"]: [pool[i] for i in np.random.default_rng(d["seed"]).permutation(len(pool))]
+              for d in identities}
     folds, descriptions = [], []
-    for seed in seeds:
-        ranked = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
-        for budget, size in zip(budgets, sizes):
-            train_subjects = sorted(ranked[:size])
-            folds.append({"train": [c for s in train_subjects for c in grouped[s]], "val": val_cases})
-            descriptions.append({"budget": budget, "seed": int(seed), "subjects": train_subjects})
+    for identity in identities:
+        size = len(pool) if identity["budget"] == "all" else identity["budget"]
+        train_subjects = sorted(ranked[identity["seed"]][:size])
+        folds.append({"train": [c for s in train_subjects for c in grouped[s]], "val": val_cases})
+        descriptions.append({**identity, "subjects": train_subjects})
     return folds, descriptions, val_subjects
 
 
-def write_budget_splits(preprocessed_folder: str, cases: Sequence[str], budgets: Sequence, seeds: Sequence[int],
-                        num_val: int = None) -> Dict[int, dict]:
-    """Writes the folds after any folds nnU-Net or a user already had; returns {fold index: description}.
+# ------------------------------------------------------------------------------------------------ split files
+def read_split_file(path: str) -> Dict[str, List[str]]:
+    """The sections (test, train, valid) of a split YAML, each with the subject IDs of all its dataset keys."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise SSPError(f"{path}: cannot read split file ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict) or not data or not set(data) <= set(SPLIT_KEYS):
+        got = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__ if data is not None else ""
+        raise SSPError(f"{path}: expected top-level keys test, train, valid (got {got or 'nothing'})")
+    split = {}
+    for section, datasets in data.items():
+        if not (isinstance(datasets, dict) and all(isinstance(ids, list) and all(isinstance(i, str) for i in ids)
+                                                   for ids in datasets.values())):
+            raise SSPError(f"{path}: '{section}' must map dataset keys (mm1, mm2, ...) to lists of quoted subject "
+                           f"IDs")
+        split[section] = sorted({i for ids in datasets.values() for i in ids})
+    if ("train" in split) != ("valid" in split):
+        raise SSPError(f"{path}: has '{'train' if 'train' in split else 'valid'}' without "
+                       f"'{'valid' if 'train' in split else 'train'}'; give both, or neither to split the "
+                       f"development set 80/20")
+    return split
 
-    Re-running with the same arguments changes nothing; folds this tool wrote before are replaced.
-    """
-    splits_file = os.path.join(preprocessed_folder, "splits_final.json")
-    sidecar_file = os.path.join(preprocessed_folder, SIDECAR)
+
+def _yaml_identity(path: str, split: Dict[str, List[str]]) -> dict:
+    """Budget and seed of a split file from its name (see the module docstring)."""
+    stem = re.sub(r"\.ya?ml$", "", os.path.basename(path), flags=re.IGNORECASE)
+    seed = _NAME_SEED.search(stem)
+    identity = {"budget": None, "seed": int(seed.group(1)) if seed else None}
+    budget, vendors = _NAME_BUDGET.search(stem), _NAME_VENDORS.search(stem)
+    if budget:
+        identity["budget"] = int(budget.group(1))
+    elif vendors:
+        identity = _vendor_identity(vendors.group(1).split("_"), identity["seed"])
+    elif "train" not in split or _NAME_FULL.search(stem.lower()):
+        identity["budget"] = "all"
+    else:
+        identity["budget"] = len(split["train"])
+    return identity
+
+
+def development_split(subjects: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(train, validation) as qcardia-data splits a development set: sorted, shuffled with NumPy's legacy
+    generator seeded 0, the first round(0.2·n) for validation."""
+    order = sorted(subjects)
+    np.random.RandomState(YAML_VALIDATION_SEED).shuffle(order)
+    num_val = round(YAML_VALIDATION_FRACTION * len(order))
+    return sorted(order[num_val:]), sorted(order[:num_val])
+
+
+def yaml_fold(path: str, cases: Sequence[str]) -> Tuple[dict, dict]:
+    """(fold, description) of one split file for a dataset's training ``cases``."""
+    path = os.path.abspath(path)
+    split = read_split_file(path)
+    grouped = cases_by_subject(cases)
+    leaked = [s for s in split.get("test", []) if s in grouped]
+    if leaked:
+        raise SSPError(f"{path}: test subject(s) {_few(leaked)} are training cases of the dataset "
+                       f"({len(leaked)} in all)")
+    if "train" in split:
+        train, val = split["train"], split["valid"]
+        unknown = [s for s in train + val if s not in grouped]
+        if unknown:
+            raise SSPError(f"{path}: subject(s) {_few(unknown)} are not training subjects of the dataset "
+                           f"({len(unknown)} in all)")
+        both = sorted(set(train) & set(val))
+        if both:
+            raise SSPError(f"{path}: subject(s) {_few(both)} are in both train and valid")
+    else:
+        train, val = development_split(list(grouped))
+    if not train or not val:
+        raise SSPError(f"{path}: needs at least one train and one valid subject")
+    fold = {"train": [c for s in train for c in grouped[s]], "val": [c for s in val for c in grouped[s]]}
+    return fold, {**_yaml_identity(path, split), "subjects": train, "source": path,
+                  "yaml_test_subjects": split.get("test", [])}
+
+
+# ---------------------------------------------------------------------------------------------------- vendors
+def vendor_folds(cases: Sequence[str], raw_folder: str, file_ending: str, vendors: Sequence[str],
+                 seeds: Sequence[int], num_val: int = None):
+    """(folds, descriptions, sidecar entries) of the vendor subsets (see the module docstring)."""
+    from nnunet_ssp.convert.common import read_table
+    from nnunet_ssp.phantom.dataset import SUBJECTS_TABLE
+    table_path = os.path.join(raw_folder, SUBJECTS_TABLE)
+    table = read_table(table_path, "subject", ("split", "vendor"))
+    present = sorted({row["vendor"] for row in table.values()})
+    unknown = [v for v in vendors if v not in present]
+    if unknown:
+        raise SSPError(f"{table_path}: no subjects of vendor(s) {', '.join(unknown)} (vendors: {', '.join(present)})")
+    grouped = cases_by_subject(cases)
+    missing = [s for s in grouped if s not in table]
+    if missing:
+        raise SSPError(f"{table_path}: no row for training subject(s) {_few(missing)} ({len(missing)} in all)")
+    selected = [c for s, group in grouped.items() if table[s]["vendor"] in vendors for c in group]
+    folds, descriptions, val_subjects = make_budget_splits(selected, ["all"], seeds, num_val)
+    descriptions = [{**_vendor_identity(vendors, d["seed"]), "subjects": d["subjects"]} for d in descriptions]
+    test_folder = os.path.join(raw_folder, "imagesTs")
+    suffix = "_0000" + file_ending
+    test_cases = sorted(f[:-len(suffix)] for f in os.listdir(test_folder) if f.endswith(suffix)) \
+        if os.path.isdir(test_folder) else []
+    by_vendor = {}
+    for case in test_cases:
+        row = table.get(subject_of_case(case))
+        if row and row["split"] == "test":
+            by_vendor.setdefault(row["vendor"], []).append(case)
+    return folds, descriptions, {"val_subjects": val_subjects, "test_cases_by_vendor": by_vendor}
+
+
+# ------------------------------------------------------------------------------------------- modes and writing
+def _mode(options: dict) -> str:
+    modes = [m for m in MODES if options.get(m)]
+    if len(modes) != 1:
+        raise SSPError(f"give exactly one of budgets, from_yaml, vendors (got {', '.join(modes) or 'none'})")
+    return modes[0]
+
+
+def fold_identities(options: dict) -> List[dict]:
+    """{budget, seed[, vendors]} of each fold ``options`` give, in fold order; needs no preprocessed data."""
+    mode, seeds = _mode(options), options.get("seeds") or [0]
+    if mode == "from_yaml":
+        return [_yaml_identity(p, read_split_file(p)) for p in options["from_yaml"]]
+    if mode == "vendors":
+        return [_vendor_identity(options["vendors"], s) for s in seeds]
+    return _budget_identities(options["budgets"], seeds)
+
+
+def make_folds(cases: Sequence[str], options: dict, raw_folder: str = None, file_ending: str = ".nii.gz"):
+    """(folds, descriptions, sidecar entries) for the training ``cases`` of a dataset; ``raw_folder`` (its raw
+    dataset) is needed for vendors."""
+    mode, seeds, num_val = _mode(options), options.get("seeds") or [0], options.get("num_val")
+    if mode == "from_yaml":
+        folds, descriptions = zip(*(yaml_fold(p, cases) for p in options["from_yaml"]))
+        return list(folds), list(descriptions), {}
+    if mode == "vendors":
+        if raw_folder is None:
+            raise SSPError("vendor folds need the raw dataset: set nnUNet_raw")
+        return vendor_folds(cases, raw_folder, file_ending, options["vendors"], seeds, num_val)
+    folds, descriptions, val_subjects = make_budget_splits(cases, options["budgets"], seeds, num_val)
+    return folds, descriptions, {"val_subjects": val_subjects}
+
+
+def training_cases(preprocessed_folder: str) -> Tuple[List[str], str]:
+    """(training cases, file ending) of a preprocessed dataset, from the names in its gt_segmentations."""
+    dataset_json = os.path.join(preprocessed_folder, "dataset.json")
+    if not os.path.isfile(dataset_json):
+        raise SSPError(f"{preprocessed_folder}: not preprocessed; run nnUNetv2_plan_and_preprocess for this "
+                       f"dataset first")
+    ending = load_json(dataset_json)["file_ending"]
+    gt = os.path.join(preprocessed_folder, "gt_segmentations")
+    cases = [f[:-len(ending)] for f in sorted(os.listdir(gt)) if f.endswith(ending)] if os.path.isdir(gt) else []
+    if not cases:
+        raise SSPError(f"{gt}: no training cases; run nnUNetv2_plan_and_preprocess first")
+    return cases, ending
+
+
+def _files(preprocessed_folder: str) -> Tuple[str, str]:
+    return os.path.join(preprocessed_folder, "splits_final.json"), os.path.join(preprocessed_folder, SIDECAR)
+
+
+def _kept_folds(preprocessed_folder: str) -> List[dict]:
+    """The folds of splits_final.json that nnunet_ssp did not write (they stay first)."""
+    splits_file, sidecar_file = _files(preprocessed_folder)
     existing = load_json(splits_file) if os.path.isfile(splits_file) else []
     ours = load_json(sidecar_file)["folds"] if os.path.isfile(sidecar_file) else {}
     kept = [fold for i, fold in enumerate(existing) if str(i) not in ours]
     if len(kept) != len(existing) and any(int(i) < len(kept) for i in ours):
         raise SSPError(f"{splits_file}: folds written by nnunet_ssp are not the last entries; remove the file "
                        f"and {SIDECAR} to start over")
-    folds, descriptions, val_subjects = make_budget_splits(cases, budgets, seeds, num_val)
-    first = len(kept)
-    sidecar = {"folds": {str(first + i): d for i, d in enumerate(descriptions)}, "val_subjects": val_subjects}
-    save_json_atomic(kept + folds, splits_file)
-    save_json_atomic(sidecar, sidecar_file)
-    return {first + i: d for i, d in enumerate(descriptions)}
+    return kept
+
+
+def _sidecar(first: int, descriptions: Sequence[dict], entries: dict) -> dict:
+    return json.loads(json.dumps({"folds": {str(first + i): d for i, d in enumerate(descriptions)}, **entries}))
+
+
+def write_folds(preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict],
+                entries: dict) -> Dict[int, dict]:
+    """Writes ``folds`` after the folds nnunet_ssp did not write, replacing those it wrote before, and the sidecar
+    (``descriptions`` by fold index plus ``entries``); returns {fold index: description}."""
+    kept = _kept_folds(preprocessed_folder)
+    splits_file, sidecar_file = _files(preprocessed_folder)
+    save_json_atomic(kept + list(folds), splits_file)
+    save_json_atomic(_sidecar(len(kept), descriptions, entries), sidecar_file)
+    return {len(kept) + i: d for i, d in enumerate(descriptions)}
+
+
+def write_splits(preprocessed_folder: str, raw_folder: str, options: dict) -> Dict[int, dict]:
+    """Writes the folds ``options`` give for a preprocessed dataset; returns {fold index: description}."""
+    cases, ending = training_cases(preprocessed_folder)
+    return write_folds(preprocessed_folder, *make_folds(cases, options, raw_folder, ending))
+
+
+def splits_match(preprocessed_folder: str, raw_folder: str, options: dict) -> bool:
+    """Whether splits_final.json and the sidecar hold exactly what write_splits would write (False before
+    preprocessing)."""
+    splits_file, sidecar_file = _files(preprocessed_folder)
+    if not (os.path.isfile(splits_file) and os.path.isfile(sidecar_file)):
+        return False
+    try:
+        cases, ending = training_cases(preprocessed_folder)
+    except SSPError:
+        return False
+    folds, descriptions, entries = make_folds(cases, options, raw_folder, ending)
+    kept = _kept_folds(preprocessed_folder)
+    return (load_json(splits_file) == kept + json.loads(json.dumps(folds))
+            and load_json(sidecar_file) == _sidecar(len(kept), descriptions, entries))
+
+
+def planned_folds(preprocessed_folder: str, raw_folder: str, options: dict) -> List[dict]:
+    """[{fold, budget, seed}] that write_splits writes (or wrote) for ``options``, also before preprocessing;
+    ``raw_folder`` is not needed (same signature as splits_match)."""
+    first = len(_kept_folds(preprocessed_folder))
+    return [{"fold": first + i, "budget": d["budget"], "seed": d["seed"]}
+            for i, d in enumerate(fold_identities(options))]

@@ -230,6 +230,26 @@ def test_mnms(mnms):
     check_dataset(path, sources, unlabeled)
 
 
+def test_mnms_test_set_from_the_papers_split_file(mnms):
+    """--test-split: the YAML's test subjects (here one from Training/Labeled) become test cases and the release's
+    own Testing subject a training case; a test subject the source lacks fails with nothing written."""
+    from dataclasses import replace
+    tmp, _, sources, unlabeled = mnms
+    split = os.path.join(tmp, "default-cine-split.yaml")
+    with open(split, "w") as f:
+        f.write('test:\n  mm1: ["B2C3D4"]\n  mm2: ["281"]\n')
+    result = convert(tmp, "mnms", os.path.join(tmp, "OpenDataset"), 602, "--test-split", split)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"error: {split}: test subject(s) 281 not in the source (1 in all)")
+    assert os.listdir(os.path.join(tmp, "raw")) == ["Dataset601_Test"]  # no partial output
+    with open(split, "w") as f:
+        f.write('test:\n  mm1: ["B2C3D4"]\n')
+    result = convert(tmp, "mnms", os.path.join(tmp, "OpenDataset"), 602, "--test-split", split)
+    assert result.returncode == 0, result.stderr
+    reassigned = [replace(s, split="test" if s.subject == "B2C3D4" else "train") for s in sources]
+    check_dataset(result.stdout.strip(), reassigned, unlabeled)
+
+
 def test_existing_dataset_is_refused_without_overwrite(mnms):
     tmp, path, _, _ = mnms
     before = sorted(os.listdir(os.path.join(path, "imagesTr")))

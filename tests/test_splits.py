@@ -1,13 +1,67 @@
-"""Label-budget splits: subjects kept whole, nested budgets per seed, a fixed validation set."""
+"""Folds: label budgets (subjects kept whole, nested per seed, fixed validation), the paper's split files and vendor
+subsets, written after existing folds; all on a hand-made raw + preprocessed layout (no nnU-Net preprocessing)."""
+import csv
 import json
 import os
 
+import numpy as np
 import pytest
 
+from conftest import run_cli
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.splits import SIDECAR, make_budget_splits, subject_of_case, write_budget_splits
+from nnunet_ssp.splits import (SIDECAR, development_split, make_budget_splits, make_folds, planned_folds,
+                               splits_match, subject_of_case, write_folds, write_splits)
 
 CASES = [f"ph{i:03d}_{phase}" for i in range(1, 21) for phase in ("ED", "ES")]
+DATASET = "Dataset950_Unit"
+# subject -> (split, vendor): M&Ms-like codes and M&Ms-2-like numbers
+SUBJECTS = {**{f"A{i}B{i}C{i}": ("train", "A") for i in range(6)},
+            **{f"B{i}C{i}D{i}": ("train", "B") for i in range(4)},
+            **{str(101 + i): ("train", "C") for i in range(5)},
+            "T1T1T1": ("test", "A"), "T2T2T2": ("test", "B"), "281": ("test", "C")}
+TRAIN_SUBJECTS = sorted(s for s, (split, _) in SUBJECTS.items() if split == "train")
+
+
+def ed_es(subjects):
+    return [f"{s}_{phase}" for s in sorted(subjects) for phase in ("ED", "ES")]
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """(preprocessed folder, raw folder) of a dataset with SUBJECTS; gt_segmentations holds empty files."""
+    raw, pre = tmp_path / "raw" / DATASET, tmp_path / "pre" / DATASET
+    for folder in (raw / "imagesTs", pre / "gt_segmentations"):
+        folder.mkdir(parents=True)
+    (pre / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    for subject, (split, _) in SUBJECTS.items():
+        for case in ed_es([subject]):
+            (raw / "imagesTs" / f"{case}_0000.nii.gz" if split == "test" else
+             pre / "gt_segmentations" / f"{case}.nii.gz").touch()
+    with open(raw / "subjects.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("subject", "split", "vendor", "pathology")] +
+                                [(s, split, vendor, "NOR") for s, (split, vendor) in SUBJECTS.items()])
+    return str(pre), str(raw)
+
+
+def write_yaml(folder, name, test, train=None, valid=None):
+    """A split file as the paper's: sections of dataset keys (mm1: codes, mm2: numbers) with quoted IDs."""
+    def section(key, subjects):
+        lines = [f'"{key}":']
+        for dataset_key, ids in (("mm1", [s for s in subjects if not s.isdigit()]),
+                                 ("mm2", [s for s in subjects if s.isdigit()])):
+            lines += [f'  "{dataset_key}":'] + [f'  - "{s}"' for s in ids] if ids else [f'  "{dataset_key}": []']
+        return lines
+    lines = section("test", test)
+    if train is not None:
+        lines += section("train", train) + section("valid", valid)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def read(pre):
+    return json.load(open(os.path.join(pre, "splits_final.json"))), json.load(open(os.path.join(pre, SIDECAR)))
 
 
 def test_subject_of_case():
@@ -25,7 +79,7 @@ def test_budgets_are_nested_within_a_seed_and_disjoint_from_validation():
         for fold in seed_block:
             assert fold["val"] == seed_block[0]["val"] and not set(fold["train"]) & set(fold["val"])
             subjects = {subject_of_case(c) for c in fold["train"]}
-            assert {c for s in subjects for c in (f"{s}_ED", f"{s}_ES")} == set(fold["train"])  # ED+ES together
+            assert set(ed_es(subjects)) == set(fold["train"])  # ED+ES together
     assert set(folds[0]["train"]) != set(folds[4]["train"])  # seeds differ
     assert [d["budget"] for d in descriptions] == [2, 5, 10, "all"] * 2
 
@@ -38,10 +92,135 @@ def test_too_large_budget_is_refused():
 def test_written_after_existing_folds_and_rerun_is_stable(tmp_path):
     existing = [{"train": ["x"], "val": ["y"]}] * 5
     (tmp_path / "splits_final.json").write_text(json.dumps(existing))
-    first = write_budget_splits(str(tmp_path), CASES, [2, "all"], [0], num_val=4)
+    options = {"budgets": ["2", "all"], "seeds": [0], "num_val": 4}
+    first = write_folds(str(tmp_path), *make_folds(CASES, options))
     assert list(first) == [5, 6]
-    again = write_budget_splits(str(tmp_path), CASES, [2, "all"], [0], num_val=4)
-    splits = json.load(open(tmp_path / "splits_final.json"))
+    again = write_folds(str(tmp_path), *make_folds(CASES, options))
+    splits, sidecar = read(str(tmp_path))
     assert again == first and len(splits) == 7 and splits[:5] == existing
-    sidecar = json.load(open(os.path.join(tmp_path, SIDECAR)))
     assert sidecar["folds"]["5"]["budget"] == 2 and len(sidecar["val_subjects"]) == 4
+
+
+def test_budget_folds_of_a_preprocessed_dataset(dataset):
+    pre, raw = dataset
+    options = {"budgets": ["3", "all"], "seeds": [0, 1], "num_val": 3}
+    assert not splits_match(pre, raw, options)
+    assert planned_folds(pre, raw, options) == [{"fold": i, "budget": b, "seed": s}
+                                                for i, (s, b) in enumerate((s, b) for s in (0, 1) for b in (3, "all"))]
+    written = write_splits(pre, raw, options)
+    splits, sidecar = read(pre)
+    assert len(splits) == 4 and set(splits[0]["train"]) < set(splits[1]["train"])
+    assert set(splits[1]["train"]) | set(splits[1]["val"]) == set(ed_es(TRAIN_SUBJECTS))
+    assert splits_match(pre, raw, options) and not splits_match(pre, raw, {**options, "seeds": [0]})
+    assert [d["budget"] for d in written.values()] == [3, "all", 3, "all"]
+
+
+def test_yaml_train_and_valid_are_used_verbatim(dataset, tmp_path):
+    pre, raw = dataset
+    train, valid = ["A0B0C0", "B1C1D1", "101"], ["A1B1C1", "102"]
+    paths = [write_yaml(tmp_path, "default-cine-split-nr3-seed2.yaml", ["T1T1T1", "281"], train, valid),
+             write_yaml(tmp_path, "default-cine-split.yaml", ["T1T1T1"], train + ["103"], valid),
+             write_yaml(tmp_path, "default-cine-split-Vendor-A_B.yaml", [], ["A0B0C0"], ["B1C1D1"]),
+             write_yaml(tmp_path, "custom.yaml", [], train, valid)]
+    written = write_splits(pre, raw, {"from_yaml": paths})
+    splits, sidecar = read(pre)
+    assert splits[0] == {"train": ed_es(train), "val": ed_es(valid)}
+    assert sidecar["folds"]["0"] == {"budget": 3, "seed": 2, "subjects": sorted(train), "source": paths[0],
+                                     "yaml_test_subjects": ["281", "T1T1T1"]}
+    identities = [(d["budget"], d["seed"]) for d in written.values()]
+    assert identities == [(3, 2), ("all", None), ("vendors:A+B", None), (3, None)]
+    assert sidecar["folds"]["2"]["vendors"] == ["A", "B"] and set(sidecar) == {"folds"}
+    assert planned_folds(pre, raw, {"from_yaml": paths}) == [{"fold": i, "budget": b, "seed": s}
+                                                             for i, (b, s) in enumerate(identities)]
+
+
+def test_yaml_without_valid_splits_the_development_set_like_qcardia(dataset, tmp_path):
+    pre, raw = dataset
+    path = write_yaml(tmp_path, "default-cine-split.yaml", ["T1T1T1", "T2T2T2", "281"])
+    write_splits(pre, raw, {"from_yaml": [path]})
+    splits, sidecar = read(pre)
+    reference = sorted(TRAIN_SUBJECTS)  # qcardia-data: np.random.seed(0); np.random.shuffle(sorted subjects)
+    np.random.seed(0)
+    np.random.shuffle(reference)
+    num_val = round(0.2 * len(TRAIN_SUBJECTS))
+    assert splits == [{"train": ed_es(reference[num_val:]), "val": ed_es(reference[:num_val])}]
+    assert development_split(TRAIN_SUBJECTS) == (sorted(reference[num_val:]), sorted(reference[:num_val]))
+    assert sidecar["folds"]["0"]["budget"] == "all" and sidecar["folds"]["0"]["seed"] is None
+
+
+def test_yaml_rerun_changes_nothing(dataset, tmp_path):
+    pre, raw = dataset
+    existing = [{"train": ["x"], "val": ["y"]}] * 5
+    with open(os.path.join(pre, "splits_final.json"), "w") as f:
+        json.dump(existing, f)
+    paths = [write_yaml(tmp_path, f"s-nr{n}-seed0.yaml", [], TRAIN_SUBJECTS[:n], TRAIN_SUBJECTS[-2:])
+             for n in (2, 4)]
+    options = {"from_yaml": paths}
+    assert list(write_splits(pre, raw, options)) == [5, 6]
+    before = [open(os.path.join(pre, f), "rb").read() for f in ("splits_final.json", SIDECAR)]
+    assert splits_match(pre, raw, options)
+    write_splits(pre, raw, options)
+    assert [open(os.path.join(pre, f), "rb").read() for f in ("splits_final.json", SIDECAR)] == before
+    assert read(pre)[0][:5] == existing
+
+
+@pytest.mark.parametrize("content, message", [
+    ('"train": {"mm1": ["A0B0C0", "ZZZ999", "YYY888"]}\n"valid": {"mm1": ["A1B1C1"]}\n"test": {}\n',
+     "subject(s) YYY888, ZZZ999 are not training subjects of the dataset (2 in all)"),
+    ('"train": {"mm1": ["A0B0C0"]}\n"valid": {"mm1": ["A0B0C0", "A1B1C1"]}\n', "A0B0C0 are in both train and valid"),
+    ('"test": {"mm1": ["A0B0C0", "T1T1T1"]}\n', "test subject(s) A0B0C0 are training cases of the dataset"),
+    ('"test": {"mm1": ["A0B0C0"]\n', "cannot read split file"),
+    ('- "A0B0C0"\n', "expected top-level keys test, train, valid (got list)"),
+    ('"training": {"mm1": ["A0B0C0"]}\n', "expected top-level keys test, train, valid (got training)"),
+    ('"test": {"mm2": [101]}\n', "'test' must map dataset keys (mm1, mm2, ...) to lists of quoted subject IDs"),
+    ('"test": {}\n"train": {"mm1": ["A0B0C0"]}\n', "has 'train' without 'valid'"),
+])
+def test_bad_split_files_are_refused_and_nothing_is_written(dataset, tmp_path, content, message):
+    pre, raw = dataset
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(SSPError) as error:
+        write_splits(pre, raw, {"from_yaml": [str(path)]})
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+    assert "\n" not in str(error.value) and not os.path.exists(os.path.join(pre, "splits_final.json"))
+
+
+def test_vendor_folds(dataset):
+    pre, raw = dataset
+    options = {"vendors": ["A", "C"], "seeds": [0, 1], "num_val": 2}
+    written = write_splits(pre, raw, options)
+    splits, sidecar = read(pre)
+    vendor_subjects = {s for s, (split, vendor) in SUBJECTS.items() if split == "train" and vendor in ("A", "C")}
+    assert len(splits) == 2 and splits[0] == splits[1]  # the seeds repeat the training, the subjects are fixed
+    fold = splits[0]
+    assert {subject_of_case(c) for c in fold["train"] + fold["val"]} == vendor_subjects
+    assert not set(fold["train"]) & set(fold["val"]) and len(fold["val"]) == 2 * 2
+    assert sidecar["folds"]["1"] == {"budget": "vendors:A+C", "seed": 1, "vendors": ["A", "C"],
+                                     "subjects": sorted({subject_of_case(c) for c in fold["train"]})}
+    assert sidecar["test_cases_by_vendor"] == {"A": ed_es(["T1T1T1"]), "B": ed_es(["T2T2T2"]), "C": ed_es(["281"])}
+    assert sorted(sidecar["val_subjects"]) == sorted({subject_of_case(c) for c in fold["val"]})
+    assert planned_folds(pre, raw, options) == [{"fold": i, **{k: d[k] for k in ("budget", "seed")}}
+                                                for i, d in written.items()]
+    assert splits_match(pre, raw, options)
+
+
+def test_vendor_errors(dataset):
+    pre, raw = dataset
+    with pytest.raises(SSPError, match=r"no subjects of vendor\(s\) D \(vendors: A, B, C\)"):
+        write_splits(pre, raw, {"vendors": ["A", "D"]})
+    os.remove(os.path.join(raw, "subjects.csv"))
+    with pytest.raises(SSPError, match=f"{os.path.join(raw, 'subjects.csv')}: not found"):
+        write_splits(pre, raw, {"vendors": ["A"]})
+
+
+def test_cli_modes(dataset, tmp_path):
+    pre, raw = dataset
+    env = dict(os.environ, nnUNet_raw=os.path.dirname(raw), nnUNet_preprocessed=os.path.dirname(pre),
+               nnUNet_results=str(tmp_path / "results"))
+    path = write_yaml(tmp_path, "default-cine-split-nr2-seed1.yaml", ["281"], ["A0B0C0", "101"], ["A1B1C1"])
+    result = run_cli(["nnunet_ssp", "splits", "-d", "950", "--from-yaml", path], env)
+    assert "fold 0: budget 2, seed 1: 2 subjects (default-cine-split-nr2-seed1.yaml)" in result.stdout
+    both = run_cli(["nnunet_ssp", "splits", "-d", "950", "--budgets", "2", "--vendors", "A"], env, check=False)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    seeds = run_cli(["nnunet_ssp", "splits", "-d", "950", "--from-yaml", path, "--seeds", "1"], env, check=False)
+    assert seeds.returncode == 2 and seeds.stderr.strip().startswith("error: --seeds and --val do not apply")

@@ -16,16 +16,46 @@ with imagesTr/labelsTr and imagesTs/labelsTs (ED and ES of each labelled subject
 """
 import importlib
 import os
+from functools import partial
+from typing import Callable, List, Sequence
 
 from nnunet_ssp.errors import SSPError
 
 DATASETS = ("mnms", "mnms2", "acdc")
 
 
+def split_file_test_set(loaders: Sequence[Callable], split_file: str) -> List[Callable]:
+    """The loaders with the train/test assignment of a split YAML (the paper's files): its ``test`` subjects are
+    test cases, every other labelled subject a training case. The paper draws its M&Ms test subjects from the whole
+    release, Training included. A test subject the source lacks, or one without ground truth, is an error (raised
+    when the last subject has loaded, before anything is moved into place)."""
+    from dataclasses import replace
+    from nnunet_ssp.convert.common import TEST, TRAIN, UNLABELED
+    from nnunet_ssp.splits import read_split_file
+    wanted, seen = set(read_split_file(split_file).get("test", [])), set()
+
+    def assign(load: Callable, last: bool):
+        subject = load()
+        if subject.subject in wanted:
+            if subject.split == UNLABELED:
+                raise SSPError(f"{split_file}: test subject {subject.subject} has no ground truth in the source")
+            seen.add(subject.subject)
+            subject = replace(subject, split=TEST)
+        elif subject.split == TEST:
+            subject = replace(subject, split=TRAIN)
+        missing = sorted(wanted - seen) if last else []
+        if missing:
+            raise SSPError(f"{split_file}: test subject(s) {', '.join(missing[:3])} not in the source "
+                           f"({len(missing)} in all)")
+        return subject
+    return [partial(assign, load, i == len(loaders) - 1) for i, load in enumerate(loaders)]
+
+
 def convert_dataset(dataset: str, source: str, dataset_id: int, name: str, overwrite: bool = False,
-                    raw_root: str = None) -> str:
+                    raw_root: str = None, test_split_file: str = None) -> str:
     """Converts the ``dataset`` (one of DATASETS) distributed in folder ``source`` to
-    ``{raw_root}/Dataset{dataset_id:03d}_{name}`` (raw_root: $nnUNet_raw by default) and returns its path."""
+    ``{raw_root}/Dataset{dataset_id:03d}_{name}`` (raw_root: $nnUNet_raw by default) and returns its path;
+    ``test_split_file``: take the test subjects from a split YAML (see :func:`split_file_test_set`)."""
     from nnunet_ssp.convert.common import target_folder, write_dataset
     if dataset not in DATASETS:
         raise SSPError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
@@ -39,4 +69,8 @@ def convert_dataset(dataset: str, source: str, dataset_id: int, name: str, overw
         raise SSPError(f"{source}: not a folder")
     module = importlib.import_module(f"nnunet_ssp.convert.{dataset}")
     loaders = module.list_subjects(source)
+    if not loaders:
+        raise SSPError(f"{source}: no {dataset} subjects found (layout: see nnunet_ssp convert --help)")
+    if test_split_file:
+        loaders = split_file_test_set(loaders, test_split_file)
     return write_dataset(target, name, module.DESCRIPTION, loaders, {"dataset": dataset, "folder": source})

@@ -24,10 +24,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ssp.errors import SSPError
+from nnunet_ssp.io import check_intensities, write_error
 from nnunet_ssp.phantom.dataset import CHANNEL_NAMES, CINE_FOLDER, FILE_ENDING, LABELS, SUBJECTS_TABLE
 
 TRAIN, TEST, UNLABELED = "train", "test", "unlabeled"
 PHASES = ("ED", "ES")
+SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", CINE_FOLDER)
 CSV_COLUMNS = ("subject", "split", "vendor", "pathology", "num_frames", "ed_frame", "es_frame", "num_slices",
                "spacing_x_mm", "spacing_y_mm", "spacing_z_mm")
 MAX_LABEL = max(LABELS.values())
@@ -195,25 +197,37 @@ def target_folder(raw_root: str, dataset_id: int, name: str, overwrite: bool) ->
     return target
 
 
-def write_dataset(target: str, name: str, description: str, loaders: Sequence[SubjectLoader],
-                  source: dict) -> str:
-    """Loads and writes every subject into a temporary folder next to ``target``, then moves it into place
-    (replacing an existing ``target``); returns ``target``."""
+def build_into_place(target: str, build: Callable[[str], None]) -> str:
+    """Runs ``build(folder)`` on a new temporary folder next to ``target``, then moves it into place (replacing an
+    existing ``target``); on any error the temporary folder is removed and ``target`` is untouched. Returns
+    ``target``."""
     raw_root, folder = os.path.split(target)
     tmp = os.path.join(raw_root, f".{folder}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    os.makedirs(tmp)
     try:
-        rows = _write_subjects(tmp, loaders)
-        _write_tables(tmp, name, description, rows, source)
+        os.makedirs(tmp)
+    except OSError as e:
+        raise write_error(target, e) from None
+    try:
+        build(tmp)
         _move_into_place(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # no permission, disk full
+            raise write_error(target, e) from None
         raise
     return target
 
 
+def write_dataset(target: str, name: str, description: str, loaders: Sequence[SubjectLoader],
+                  source: dict) -> str:
+    """Loads and writes every subject, then the tables, with ``build_into_place``; returns ``target``."""
+    def build(folder: str) -> None:
+        _write_tables(folder, name, description, _write_subjects(folder, loaders), source)
+    return build_into_place(target, build)
+
+
 def _write_subjects(folder: str, loaders: Sequence[SubjectLoader]) -> List[Dict[str, str]]:
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", CINE_FOLDER):
+    for sub in SUBFOLDERS:
         os.mkdir(os.path.join(folder, sub))
     rows = []
     for load in loaders:
@@ -240,7 +254,10 @@ def _check_subject(s: Subject) -> None:
             raise SSPError(f"{s.cine.path}: {what} frame {frame} of subject {s.subject} is outside 0..{num_frames - 1}")
     if s.ed_frame == s.es_frame:
         raise SSPError(f"{s.cine.path}: ED and ES of subject {s.subject} are the same frame {s.ed_frame}")
+    for t in range(num_frames):
+        check_intensities(s.cine.array[..., t], f"{s.cine.path} frame {t}")
     for image, labels in (s.phases or {}).values():
+        check_intensities(image.array, image.path)
         if image.array.shape != s.cine.array.shape[:3]:
             raise SSPError(f"{image.path}: shape {image.array.shape} differs from the cine's "
                            f"{s.cine.array.shape[:3]} ({s.cine.path})")

@@ -1,0 +1,330 @@
+"""The paper's protocol as a resumable, shardable plan of stock commands (``scripts/reproduce_paper.sh``).
+
+prepare   merge the converted datasets (when several), ``nnUNetv2_plan_and_preprocess``, ``nnunet_ssp splits``
+pretrain  ``ssp_pretrain --method M`` for each method
+finetune  for each (budget, seed) fold and each trainer (the baseline and one per method):
+          ``nnUNetv2_train`` -> ``nnUNetv2_predict`` on imagesTs -> ``nnunet_ssp evaluate``
+report    ``nnunet_ssp report`` over every evaluated prediction folder
+
+A run whose result exists is skipped (an interrupted training continues with ``--c``/``--continue``), so re-running
+the same command resumes. ``--shard i/n`` takes every n-th pretraining and fine-tuning run starting at i, so n
+machines split the work; run ``--phase pretrain`` on every shard before ``--phase finetune``, and ``--phase report``
+once at the end. ``--dry-run`` prints the plan and writes nothing. Each command's output goes to a log file under
+the output folder.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+from nnunet_ssp.errors import SSPError, run_command
+
+PHASES = ("prepare", "pretrain", "finetune", "report")
+BASELINE_TRAINER = "nnUNetTrainerBaseline"
+TRAINER_OF_METHOD = {"simclr": "nnUNetTrainerSimCLR", "pcl": "nnUNetTrainerPCL", "dino": "nnUNetTrainerDINO",
+                     "mim": "nnUNetTrainerMIM"}
+
+
+@dataclass
+class Step:
+    """One stock command and how to tell that its result already exists."""
+    command: List[str]
+    done: Callable[[], bool]
+    resume: Callable[[], List[str]] = field(default=lambda: [])  # extra arguments when partly done
+    env: dict = field(default_factory=dict)  # environment overrides for this command
+
+
+@dataclass
+class Run:
+    """A named unit of work: its steps run in order, each skipped when done."""
+    phase: str
+    name: str
+    steps: List[Step]
+
+    def is_done(self) -> bool:
+        return all(step.done() for step in self.steps)
+
+
+def _exists(*parts: str) -> Callable[[], bool]:
+    path = os.path.join(*parts)
+    return lambda: os.path.isfile(path)
+
+
+def _folder_holds(folder: str, names: Sequence[str]) -> Callable[[], bool]:
+    return lambda: os.path.isdir(folder) and set(names) <= set(os.listdir(folder))
+
+
+def parse_shard(text: str):
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SSPError(f"--shard {text}: expected i/n, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise SSPError(f"--shard {text}: i must be in 0..n-1")
+    return index, count
+
+
+class Protocol:
+    """Builds the runs of the protocol for one (merged) dataset from the parsed arguments."""
+
+    def __init__(self, args):
+        self.args = args
+        self.raw_root = _required_env("nnUNet_raw")
+        self.preprocessed_root = _required_env("nnUNet_preprocessed")
+        self.results_root = _required_env("nnUNet_results")
+        self.dataset_id, self.dataset_name = self._target_dataset()
+        self.output = args.output or os.path.join(self.results_root, self.dataset_name, "ssp_protocol")
+        self.methods = list(args.methods)
+        unknown = [m for m in self.methods if m not in TRAINER_OF_METHOD]
+        if unknown:
+            raise SSPError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(TRAINER_OF_METHOD)}")
+        self.trainers = [BASELINE_TRAINER + args.trainer_suffix] + [TRAINER_OF_METHOD[m] + args.trainer_suffix
+                                                                     for m in self.methods]
+
+    # ------------------------------------------------------------------ dataset and folds
+    def _target_dataset(self):
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+        if len(self.args.datasets) == 1:
+            name = _dataset_name(self.args.datasets[0], maybe_convert_to_dataset_name)
+            return name[len("Dataset"):len("Dataset") + 3], name
+        dataset_id = f"{int(self.args.merged_id):03d}"
+        return dataset_id, f"Dataset{dataset_id}_{self.args.merged_name}"
+
+    @property
+    def preprocessed(self) -> str:
+        return os.path.join(self.preprocessed_root, self.dataset_name)
+
+    def folds(self) -> List[dict]:
+        """[{fold, budget, seed}] of the protocol's folds, as ``nnunet_ssp splits`` writes (or would write) them."""
+        from nnunet_ssp.splits import planned_folds
+        return planned_folds(self.preprocessed, os.path.join(self.raw_root, self.dataset_name), self.splits_options())
+
+    def splits_options(self) -> dict:
+        a = self.args
+        if a.splits_yaml:
+            return {"from_yaml": a.splits_yaml}
+        return {"budgets": a.budgets, "seeds": a.seeds, "num_val": a.val}
+
+    # ------------------------------------------------------------------ runs
+    def prepare_runs(self) -> List[Run]:
+        a, runs = self.args, []
+        if len(a.datasets) > 1:
+            runs.append(Run("prepare", f"merge {' '.join(a.datasets)} -> {self.dataset_name}", [Step(
+                ["nnunet_ssp", "merge", "-d", self.dataset_id, "-n", a.merged_name, "--from", *a.datasets],
+                _exists(self.raw_root, self.dataset_name, "dataset.json"))]))
+        runs.append(Run("prepare", "plan and preprocess", [Step(
+            ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, "-c", a.configuration, "-np", str(a.num_processes),
+             "-npfp", str(a.num_processes), "--verify_dataset_integrity"],
+            _exists(self.preprocessed, f"{a.plans}.json"),
+            # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (no DA workers)
+            env={"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {})]))
+        splits = ["nnunet_ssp", "splits", "-d", self.dataset_id]
+        if a.splits_yaml:
+            splits += ["--from-yaml", *a.splits_yaml]
+        else:
+            splits += ["--budgets", *a.budgets, "--seeds", *map(str, a.seeds)] + (["--val", str(a.val)] if a.val else [])
+        runs.append(Run("prepare", "label-budget folds", [Step(splits, self._splits_written)]))
+        return runs
+
+    def _splits_written(self) -> bool:
+        from nnunet_ssp.splits import splits_match
+        return splits_match(self.preprocessed, os.path.join(self.raw_root, self.dataset_name), self.splits_options())
+
+    def ssp_folder(self, method: str) -> str:
+        from nnunet_ssp.checkpoint import default_checkpoint_folder
+        return default_checkpoint_folder(self.results_root, self.dataset_name, method, self.args.plans,
+                                         self.args.configuration)
+
+    def pretrain_runs(self) -> List[Run]:
+        a, runs = self.args, []
+        for method in self.methods:
+            folder = self.ssp_folder(method)
+            command = ["ssp_pretrain", "-d", self.dataset_id, "--method", method, "-c", a.configuration, "-p", a.plans,
+                       "--device", a.device, *shlex.split(a.pretrain_args)]
+            runs.append(Run("pretrain", f"ssp_pretrain {method}", [Step(
+                command, _exists(folder, "checkpoint_final.pth"),
+                resume=lambda f=folder: ["--continue"] if os.path.isfile(os.path.join(f, "checkpoint_latest.pth"))
+                else [])]))
+        return runs
+
+    def prediction_folder(self, trainer: str, fold: int) -> str:
+        return os.path.join(self.output, "predictions", trainer, f"fold_{fold}")
+
+    def finetune_runs(self) -> List[Run]:
+        a, runs = self.args, []
+        test_images = os.path.join(self.raw_root, self.dataset_name, "imagesTs")
+        test_cases = _test_cases(test_images)
+        for fold in self.folds():
+            for trainer in self.trainers:
+                index = str(fold["fold"])
+                results = os.path.join(self.results_root, self.dataset_name,
+                                       f"{trainer}__{a.plans}__{a.configuration}", f"fold_{index}")
+                prediction = self.prediction_folder(trainer, fold["fold"])
+                train = Step(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
+                              "-device", a.device], _exists(results, "checkpoint_final.pth"),
+                             resume=lambda r=results: ["--c"] if os.path.isfile(os.path.join(r, "checkpoint_latest.pth"))
+                             else [])
+                predict = Step(["nnUNetv2_predict", "-i", test_images, "-o", prediction, "-d", self.dataset_id,
+                                "-c", a.configuration, "-f", index, "-tr", trainer, "-p", a.plans, "-device", a.device,
+                                "-npp", str(a.num_processes), "-nps", str(a.num_processes)] + a.predict_args,
+                               _folder_holds(prediction, [c + ".nii.gz" for c in test_cases] + ["plans.json"]),
+                               resume=lambda: ["--continue_prediction"])
+                evaluate = Step(["nnunet_ssp", "evaluate", prediction, "-d", self.dataset_id, "-tr", trainer,
+                                 "-f", index, "-np", str(a.num_processes)],
+                                _exists(prediction, "ssp_evaluation.json"))
+                runs.append(Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']})",
+                                [train, predict, evaluate]))
+        return runs
+
+    def report_runs(self) -> List[Run]:
+        report = os.path.join(self.output, "report")
+        return [Run("report", "report", [Step(["nnunet_ssp", "report", os.path.join(self.output, "predictions"),
+                                               "-o", report], lambda: False)])]
+
+    def phase_runs(self, phase: str, shard=(0, 1)) -> List[Run]:
+        """The runs of one phase; pretraining and fine-tuning runs are split over shards."""
+        index, count = shard
+        runs = {"prepare": self.prepare_runs, "pretrain": self.pretrain_runs, "finetune": self.finetune_runs,
+                "report": self.report_runs}[phase]()
+        return runs[index::count] if phase in ("pretrain", "finetune") else runs
+
+
+def _required_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise SSPError(f"{name} is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
+    return value
+
+
+def _dataset_name(dataset: str, convert) -> str:
+    try:
+        return convert(dataset)
+    except RuntimeError as e:
+        raise SSPError(f"dataset {dataset}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _test_cases(images_folder: str) -> List[str]:
+    if not os.path.isdir(images_folder):
+        return []
+    return sorted(f[:-len("_0000.nii.gz")] for f in os.listdir(images_folder) if f.endswith("_0000.nii.gz"))
+
+
+def _describe(command: List[str]) -> str:
+    return " ".join(shlex.quote(c) for c in command)
+
+
+def print_plan(runs: List[Run]) -> None:
+    """The dry run: every run with its commands, those already done marked."""
+    for number, run in enumerate(runs, 1):
+        print(f"[{run.phase} {number}/{len(runs)}] {run.name}{' [done]' if run.is_done() else ''}")
+        for step in run.steps:
+            print(f"    {'(done) ' if step.done() else ''}{_describe(step.command)}")
+
+
+def _execute_run(run: Run, label: str, log_folder: str) -> None:
+    """Runs the steps of ``run`` that are not done, in order; each command's output goes to its log file."""
+    print(f"[{label}] {run.name}{' [done]' if run.is_done() else ''}", flush=True)
+    for step in run.steps:
+        if step.done():
+            continue
+        command = step.command + step.resume()
+        log = os.path.join(log_folder, f"{run.phase}_{_slug(run.name)}_{os.path.basename(command[0])}.log")
+        os.makedirs(log_folder, exist_ok=True)
+        print(f"[{label}] $ {_describe(command)}", flush=True)
+        start = time.time()
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"\n$ {_describe(command)}\n")
+            f.flush()
+            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **step.env})
+        if code != 0:
+            tail = open(log, encoding="utf-8", errors="replace").read().strip().splitlines()[-15:]
+            print("\n".join(f"[{label}] | {line}" for line in tail), file=sys.stderr)
+            raise SSPError(f"{command[0]} failed (exit {code}) in '{run.name}'; full output in {log}; "
+                           f"re-run the same command to resume")
+        print(f"[{label}] {os.path.basename(command[0])} finished in {time.time() - start:.0f} s", flush=True)
+
+
+def execute(runs: List[Run], log_folder: str, jobs: int = 1) -> None:
+    """Runs ``runs`` with up to ``jobs`` at a time; after the first failure no new run starts, and its error is
+    raised once the runs under way have ended."""
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(_execute_run, run, f"{run.phase} {number}/{len(runs)}", log_folder)
+                   for number, run in enumerate(runs, 1)]
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise future.exception()
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")[:80]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reproduce_paper.sh", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-d", "--datasets", nargs="+", required=True, metavar="ID",
+                   help="converted dataset id(s) or name(s); several are merged into --merged-id first")
+    p.add_argument("--merged-id", type=int, default=600, help="id of the merged dataset (default 600)")
+    p.add_argument("--merged-name", default="CineSSP", help="name of the merged dataset (default CineSSP)")
+    p.add_argument("--budgets", nargs="+", default=["10", "15", "25", "50", "all"],
+                   help="labelled subjects per fold (default: the paper's 10 15 25 50 all)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="subset seeds (default 0 1 2)")
+    p.add_argument("--val", type=int, help="validation subjects (default: 20%%)")
+    p.add_argument("--splits-yaml", nargs="+", metavar="FILE",
+                   help="the paper's split YAML files instead of sampled budgets")
+    p.add_argument("--methods", nargs="+", default=list(TRAINER_OF_METHOD), help="SSP methods (default: all four)")
+    p.add_argument("--trainer-suffix", default="", choices=["", "_warmup"],
+                   help="fine-tune with the _warmup trainer variants")
+    p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda")
+    p.add_argument("--pretrain-args", default="", help="extra ssp_pretrain arguments, e.g. '--epochs 50'")
+    p.add_argument("--predict-args", default=[], type=shlex.split,
+                   help="extra nnUNetv2_predict arguments, e.g. '--disable_tta'")
+    p.add_argument("--num-processes", type=int, default=2, help="processes for preprocessing, prediction and "
+                                                                  "evaluation (default 2)")
+    p.add_argument("-o", "--output", help="predictions, logs and report (default "
+                                          "$nnUNet_results/<Dataset>/ssp_protocol)")
+    p.add_argument("--phase", default="all", choices=("all",) + PHASES)
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th pretraining and fine-tuning run from i")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="pretraining or fine-tuning runs at a time (default 1; 2 suits a small CPU machine, where "
+                        "process start-up dominates short runs)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan of runs and write nothing")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go():
+        protocol = Protocol(args)
+        shard = parse_shard(args.shard)
+        if args.jobs < 1:
+            raise SSPError(f"--jobs {args.jobs}: must be at least 1")
+        phases = PHASES if args.phase == "all" else (args.phase,)
+        if shard[1] > 1 and "report" in phases and len(phases) > 1:
+            phases = tuple(p for p in phases if p != "report")  # the report needs every shard: --phase report
+        print(f"{protocol.dataset_name}: phases {', '.join(phases)}, shard {args.shard}; outputs in {protocol.output}"
+              + (" (dry run: nothing is written)" if args.dry_run else ""))
+        for phase in phases:  # built phase by phase: fine-tuning runs need the folds that prepare writes
+            runs = protocol.phase_runs(phase, shard)
+            if args.dry_run:
+                print_plan(runs)
+            else:  # prepare and report are single steps in order; runs of the other phases are independent
+                execute(runs, os.path.join(protocol.output, "logs"),
+                        args.jobs if phase in ("pretrain", "finetune") else 1)
+        if "report" in phases and not args.dry_run:
+            print(f"report: {os.path.join(protocol.output, 'report', 'report.md')}")
+    return run_command(go, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
