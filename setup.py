@@ -19,6 +19,7 @@ setup(
         "numpy>=1.24",
         "scipy>=1.10",
         "PyYAML>=5.4",
+        "nibabel>=5",  # already required by nnunetv2; read directly to check NIfTI files before SimpleITK
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={

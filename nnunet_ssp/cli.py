@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 
-from nnunet_ssp.errors import SSPError, run_command
+from nnunet_ssp.errors import OneLineArgumentParser, SSPError, run_command
 
 
 def _phantom(args):
@@ -102,7 +102,7 @@ def _report(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nnunet_ssp", description=__doc__)
+    parser = OneLineArgumentParser(prog="nnunet_ssp", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -11,6 +11,7 @@ import fcntl
 import glob
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -92,6 +93,46 @@ def remove_temporaries(folder: str) -> None:
     """Removes what interrupted atomic writes left in ``folder`` (call it only while no one else writes there)."""
     for leftover in glob.glob(os.path.join(glob.escape(folder), ".*.tmp*")):
         os.remove(leftover)
+
+
+def build_files_into(out: str, build):
+    """Runs ``build(folder)`` on a new temporary folder beside ``out``; it returns (result, paths of the files it
+    wrote there). Only when it succeeds are the files moved into ``out`` (created if needed; other files in it are
+    kept). Returns (result, the paths in ``out``). On any error ``out`` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.tmp-", dir=parent)
+    except OSError as e:
+        raise write_error(out, e) from None
+    try:
+        result, written = build(tmp)
+        os.makedirs(out, exist_ok=True)
+        moved = []
+        for path in written:
+            final = os.path.join(out, os.path.relpath(path, tmp))
+            os.replace(path, final)
+            moved.append(final)
+        return result, moved
+    except OSError as e:
+        raise write_error(out, e) from None
+    except SSPError as e:  # name the file the user asked for, not its temporary twin
+        raise SSPError(str(e).replace(tmp, out)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_json_file(path: str, expected_type: type = object):
+    """The JSON in ``path``; a file that is unreadable, not JSON or not of ``expected_type`` is one SSPError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except ValueError as e:
+        raise SSPError(f"{path}: not valid JSON ({e}); remove or restore it") from None
+    if not isinstance(value, expected_type):
+        raise SSPError(f"{path}: expected a JSON {expected_type.__name__}, found {type(value).__name__}; remove or "
+                       f"restore it")
+    return value
 
 
 def save_json_atomic(obj, path: str) -> None:

@@ -32,10 +32,9 @@ from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
-from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import save_json_atomic
+from nnunet_ssp.io import load_json_file, save_json_atomic
 
 SIDECAR = "splits_ssp.json"
 VALIDATION_SEED = 12345
@@ -263,7 +262,9 @@ def training_cases(preprocessed_folder: str) -> Tuple[List[str], str]:
     if not os.path.isfile(dataset_json):
         raise SSPError(f"{preprocessed_folder}: not preprocessed; run nnUNetv2_plan_and_preprocess for this "
                        f"dataset first")
-    ending = load_json(dataset_json)["file_ending"]
+    ending = load_json_file(dataset_json, dict).get("file_ending")
+    if not isinstance(ending, str):
+        raise SSPError(f"{dataset_json}: no file_ending; re-run nnUNetv2_plan_and_preprocess")
     gt = os.path.join(preprocessed_folder, "gt_segmentations")
     cases = [f[:-len(ending)] for f in sorted(os.listdir(gt)) if f.endswith(ending)] if os.path.isdir(gt) else []
     if not cases:
@@ -278,8 +279,8 @@ def _files(preprocessed_folder: str) -> Tuple[str, str]:
 def _kept_folds(preprocessed_folder: str) -> List[dict]:
     """The folds of splits_final.json that nnunet_ssp did not write (they stay first)."""
     splits_file, sidecar_file = _files(preprocessed_folder)
-    existing = load_json(splits_file) if os.path.isfile(splits_file) else []
-    ours = load_json(sidecar_file)["folds"] if os.path.isfile(sidecar_file) else {}
+    existing = load_json_file(splits_file, list) if os.path.isfile(splits_file) else []
+    ours = load_json_file(sidecar_file, dict).get("folds", {}) if os.path.isfile(sidecar_file) else {}
     kept = [fold for i, fold in enumerate(existing) if str(i) not in ours]
     if len(kept) != len(existing) and any(int(i) < len(kept) for i in ours):
         raise SSPError(f"{splits_file}: folds written by nnunet_ssp are not the last entries; remove the file "
@@ -320,8 +321,8 @@ def splits_match(preprocessed_folder: str, raw_folder: str, options: dict) -> bo
         return False
     folds, descriptions, entries = make_folds(cases, options, raw_folder, ending)
     kept = _kept_folds(preprocessed_folder)
-    return (load_json(splits_file) == kept + json.loads(json.dumps(folds))
-            and load_json(sidecar_file) == _sidecar(len(kept), descriptions, entries))
+    return (load_json_file(splits_file) == kept + json.loads(json.dumps(folds))
+            and load_json_file(sidecar_file) == _sidecar(len(kept), descriptions, entries))
 
 
 def planned_folds(preprocessed_folder: str, raw_folder: str, options: dict) -> List[dict]:

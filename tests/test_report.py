@@ -238,3 +238,23 @@ def test_duplicate_names_both_folders_and_malformed_file_is_named(results, tmp_p
     bad.write_text(json.dumps(dict(evaluation, clinical_agreement={})))
     with pytest.raises(SSPError, match="summary.json: cannot read JSON"):
         write_report([str(tmp_path)], str(tmp_path / "out"))
+
+
+def test_a_failed_report_leaves_the_previous_one_untouched(results, tmp_path, monkeypatch):
+    """A disk-full error on the last file (a figure) leaves the earlier report exactly as it was, with no temporary
+    folder beside it."""
+    root, out, _, _ = results
+    previous = tmp_path / "report"
+    shutil.copytree(out, previous)
+    (previous / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in previous.iterdir()}
+    shutil.copytree(root / "mim", tmp_path / "results" / "mim")  # different runs: every file would change
+    monkeypatch.setenv("NNUNET_SSP_FAULT", "write:bland_altman_ef.png=ENOSPC")
+    with pytest.raises(SSPError, match=f"{previous / 'bland_altman_ef.png'}: cannot write"):
+        write_report([str(tmp_path / "results")], str(previous))
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "results"]
+    monkeypatch.delenv("NNUNET_SSP_FAULT")
+    _, written = write_report([str(tmp_path / "results")], str(previous))
+    assert all(os.path.dirname(p) == str(previous) for p in written) and (previous / "notes.txt").exists()
+    assert (previous / "report.md").read_bytes() != before["report.md"]

@@ -224,3 +224,20 @@ def test_cli_modes(dataset, tmp_path):
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     seeds = run_cli(["nnunet_ssp", "splits", "-d", "950", "--from-yaml", path, "--seeds", "1"], env, check=False)
     assert seeds.returncode == 2 and seeds.stderr.strip().startswith("error: --seeds and --val do not apply")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("splits_final.json", '[{"train": ["a"], "val": [', "not valid JSON"),
+    ("splits_final.json", '{"train": []}', "expected a JSON list, found dict"),
+    (SIDECAR, "not json", "not valid JSON"),
+])
+def test_corrupt_existing_split_files_are_named_and_left_alone(dataset, name, content, message):
+    pre, raw = dataset
+    path = os.path.join(pre, name)
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.raises(SSPError) as error:
+        write_splits(pre, raw, {"budgets": [2]})
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+    with open(path) as f:
+        assert f.read() == content

@@ -17,7 +17,7 @@ import numpy as np
 
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import MEASURES
-from nnunet_ssp.io import atomic_path
+from nnunet_ssp.io import atomic_path, build_files_into
 
 EVALUATION_FILE = "ssp_evaluation.json"
 METHOD_ORDER = ("baseline", "simclr", "pcl", "dino", "mim")
@@ -325,7 +325,9 @@ def bland_altman_panels(groups, methods, budgets):
 
 def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
     """Writes report.md, dice.csv, summary.csv, clinical.csv, wilcoxon.csv, label_efficiency.png and
-    bland_altman_ef.png into ``out``; returns the main table (Markdown) and the paths written."""
+    bland_altman_ef.png into ``out``; returns the main table (Markdown) and the paths written. The files are made in
+    a temporary folder and moved into ``out`` only when all of them are complete: a failure leaves ``out`` as it
+    was."""
     from nnunet_ssp.evaluation.plots import plot_bland_altman, plot_label_efficiency
     runs = find_runs(results)
     groups = group_runs(runs)
@@ -341,60 +343,62 @@ def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
     measures += sorted({m for r in runs for m in r.clinical} - set(measures))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SSPError(f"{out}: exists and is not a folder")
-    os.makedirs(out, exist_ok=True)
 
-    def path(name):
-        return os.path.join(out, name)
+    def build(folder: str) -> Tuple[str, List[str]]:
+        def path(name):
+            return os.path.join(folder, name)
 
-    main = grid_table(groups, methods, budgets, lambda r: r.dice[MEAN], 3)
-    wilcoxon = wilcoxon_rows(groups, methods, budgets)
-    series, skipped = label_efficiency_series(groups, methods, budgets)
-    md = ["# nnunet_ssp report", "",
-          f"{len(runs)} runs: methods {', '.join(methods)}; budgets {', '.join(map(_text, budgets))}.",
-          "Cells are the mean over seeds, ± the standard deviation over seeds (ddof=1) when there are two or more, "
-          "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run.", "",
-          "## 3D Dice, mean over the foreground classes", "",
-          "A run's value is nnU-Net's `foreground_mean` Dice (the mean over classes of the per-class mean).", "",
-          main, "", "## 3D Dice per class"]
-    md += class_tables(groups, methods, budgets, labels, lambda r, k: r.dice.get(k, NAN), 3)
-    md += ["", "## HD95 (mm) per class", "", "A run's value is its mean HD95 over the cases where it is defined."]
-    md += class_tables(groups, methods, budgets, labels, lambda r, k: r.hd95.get(k, NAN), 2)
-    md += ["", "## Clinical measures: prediction − reference", "",
-           "Cells: MAE / bias [limits of agreement low, high] (bias ± 1.96 sd), each the mean of the per-run values "
-           "over seeds.", "", clinical_table(groups, measures), "",
-           "## Wilcoxon signed-rank test against the baseline", "",
-           "Paired two-sided test over the test cases (matched by reference file name); a case's value is its mean "
-           "Dice over the foreground classes, averaged over the seeds both methods have. Difference = method − "
-           "baseline.", "",
-           markdown_table(["method", "budget", "seeds", "n pairs", "median difference", "p", "note"],
-                          [[w["method"], _text(w["budget"]), " ".join(map(_text, w["seeds"])) or "–",
-                            str(w["n_pairs"]), _fmt(w["median_difference"], "+.4f"), _fmt(w["p_value"], ".4g"),
-                            w["note"]] for w in wilcoxon]), "",
-           "## Figures", "", "![label efficiency](label_efficiency.png)", "",
-           "![Bland-Altman EF](bland_altman_ef.png)"]
-    if skipped:
-        md += ["", "Not in label_efficiency.png (no number of training subjects): "
-               + ", ".join(f"{m} budget {_text(b)}" for m, b in skipped) + "."]
-    md += ["", "## Runs", "", markdown_table(
-        ["method", "budget", "seed", "training subjects", "folder"],
-        [[r.method, _text(r.budget), _text(r.seed), _text(r.num_train_subjects), r.folder]
-         for r in runs])]
+        main = grid_table(groups, methods, budgets, lambda r: r.dice[MEAN], 3)
+        wilcoxon = wilcoxon_rows(groups, methods, budgets)
+        series, skipped = label_efficiency_series(groups, methods, budgets)
+        md = ["# nnunet_ssp report", "",
+              f"{len(runs)} runs: methods {', '.join(methods)}; budgets {', '.join(map(_text, budgets))}.",
+              "Cells are the mean over seeds, ± the standard deviation over seeds (ddof=1) when there are two or more, "
+              "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run.", "",
+              "## 3D Dice, mean over the foreground classes", "",
+              "A run's value is nnU-Net's `foreground_mean` Dice (the mean over classes of the per-class mean).", "",
+              main, "", "## 3D Dice per class"]
+        md += class_tables(groups, methods, budgets, labels, lambda r, k: r.dice.get(k, NAN), 3)
+        md += ["", "## HD95 (mm) per class", "", "A run's value is its mean HD95 over the cases where it is defined."]
+        md += class_tables(groups, methods, budgets, labels, lambda r, k: r.hd95.get(k, NAN), 2)
+        md += ["", "## Clinical measures: prediction − reference", "",
+               "Cells: MAE / bias [limits of agreement low, high] (bias ± 1.96 sd), each the mean of the per-run values "
+               "over seeds.", "", clinical_table(groups, measures), "",
+               "## Wilcoxon signed-rank test against the baseline", "",
+               "Paired two-sided test over the test cases (matched by reference file name); a case's value is its mean "
+               "Dice over the foreground classes, averaged over the seeds both methods have. Difference = method − "
+               "baseline.", "",
+               markdown_table(["method", "budget", "seeds", "n pairs", "median difference", "p", "note"],
+                              [[w["method"], _text(w["budget"]), " ".join(map(_text, w["seeds"])) or "–",
+                                str(w["n_pairs"]), _fmt(w["median_difference"], "+.4f"), _fmt(w["p_value"], ".4g"),
+                                w["note"]] for w in wilcoxon]), "",
+               "## Figures", "", "![label efficiency](label_efficiency.png)", "",
+               "![Bland-Altman EF](bland_altman_ef.png)"]
+        if skipped:
+            md += ["", "Not in label_efficiency.png (no number of training subjects): "
+                   + ", ".join(f"{m} budget {_text(b)}" for m, b in skipped) + "."]
+        md += ["", "## Runs", "", markdown_table(
+            ["method", "budget", "seed", "training subjects", "folder"],
+            [[r.method, _text(r.budget), _text(r.seed), _text(r.num_train_subjects), r.folder]
+             for r in runs])]
 
-    written = [_write_text(path("report.md"), "\n".join(md) + "\n")]
-    written.append(write_csv(path("dice.csv"), ["method", "budget", "seed", "num_train_subjects", "class", "dice"],
-                             [[r.method, r.budget, r.seed, r.num_train_subjects, k, r.dice.get(k, NAN)]
-                              for r in runs for k in classes]))
-    written.append(write_csv(path("summary.csv"), ["method", "budget", "class", "n_seeds", "mean", "std"],
-                             [[m, b, k, *seed_stats([r.dice.get(k, NAN) for r in rs])]
-                              for (m, b), rs in groups.items() for k in classes]))
-    stats = ("n", "mae", "bias", "sd", "loa_low", "loa_high")
-    written.append(write_csv(path("clinical.csv"), ["method", "budget", "seed", "measure", *stats],
-                             [[r.method, r.budget, r.seed, m, *(r.clinical[m].get(s, NAN) for s in stats)]
-                              for r in runs for m in measures if m in r.clinical]))
-    written.append(write_csv(path("wilcoxon.csv"), ["method", "budget", "seeds", "n_pairs", "median_difference",
-                                                    "p_value", "note"],
-                             [[w["method"], w["budget"], " ".join(map(_text, w["seeds"])), w["n_pairs"],
-                               w["median_difference"], w["p_value"], w["note"]] for w in wilcoxon]))
-    written.append(plot_label_efficiency(series, path("label_efficiency.png")))
-    written.append(plot_bland_altman(bland_altman_panels(groups, methods, budgets), path("bland_altman_ef.png")))
-    return main, written
+        written = [_write_text(path("report.md"), "\n".join(md) + "\n")]
+        written.append(write_csv(path("dice.csv"), ["method", "budget", "seed", "num_train_subjects", "class", "dice"],
+                                 [[r.method, r.budget, r.seed, r.num_train_subjects, k, r.dice.get(k, NAN)]
+                                  for r in runs for k in classes]))
+        written.append(write_csv(path("summary.csv"), ["method", "budget", "class", "n_seeds", "mean", "std"],
+                                 [[m, b, k, *seed_stats([r.dice.get(k, NAN) for r in rs])]
+                                  for (m, b), rs in groups.items() for k in classes]))
+        stats = ("n", "mae", "bias", "sd", "loa_low", "loa_high")
+        written.append(write_csv(path("clinical.csv"), ["method", "budget", "seed", "measure", *stats],
+                                 [[r.method, r.budget, r.seed, m, *(r.clinical[m].get(s, NAN) for s in stats)]
+                                  for r in runs for m in measures if m in r.clinical]))
+        written.append(write_csv(path("wilcoxon.csv"), ["method", "budget", "seeds", "n_pairs", "median_difference",
+                                                        "p_value", "note"],
+                                 [[w["method"], w["budget"], " ".join(map(_text, w["seeds"])), w["n_pairs"],
+                                   w["median_difference"], w["p_value"], w["note"]] for w in wilcoxon]))
+        written.append(plot_label_efficiency(series, path("label_efficiency.png")))
+        written.append(plot_bland_altman(bland_altman_panels(groups, methods, budgets), path("bland_altman_ef.png")))
+        return main, written
+
+    return build_files_into(out, build)
