@@ -5,8 +5,10 @@ Prints, per method: (a) end-to-end slices/s of the pretraining loop (cache -> wo
 the ratio a/b (goal >= 0.9), the data pipeline's own slices/s with no model, and peak RSS. Writes JSON too.
 
     python benchmarks/pretrain_throughput.py                       # builds a small phantom workspace in /tmp
+    python benchmarks/pretrain_throughput.py --plan-like cardiac   # the paper-like plan: 256x256, 7 stages 32-512
     python benchmarks/pretrain_throughput.py --dataset 501 --batch-size 16 --iters 20
-(with --dataset, nnUNet_raw/nnUNet_preprocessed must point at a preprocessed dataset).
+(with --dataset, nnUNet_raw/nnUNet_preprocessed must point at a preprocessed dataset). On CUDA every method is also
+measured in fp32 and with channels_last (``--variants``).
 """
 import argparse
 import json
@@ -27,6 +29,12 @@ from pretraining.methods import METHODS
 from pretraining.methods.base import Step
 
 
+#: precision / memory-format variants of the step (CUDA only; CPU always runs fp32, contiguous)
+VARIANTS = {"bf16+cl": {"precision": "bf16", "channels_last": True}, "fp32+cl": {"precision": "fp32",
+            "channels_last": True}, "bf16": {"precision": "bf16", "channels_last": False},
+            "fp32": {"precision": "fp32", "channels_last": False}}
+
+
 def prepare_workspace(root: str, subjects: int, size: int) -> str:
     """A phantom dataset planned and preprocessed by the stock nnU-Net CLI; returns the dataset id."""
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -39,6 +47,29 @@ def prepare_workspace(root: str, subjects: int, size: int) -> str:
         subprocess.run([os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d", "990", "-c", "2d", "-np", "2",
                         "-npfp", "2"], check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, nnUNet_n_proc_DA="2"))
     return "990"
+
+
+CARDIAC_PLANS = "nnUNetPlansCardiacLike"
+
+
+def write_cardiac_like_plans(dataset: str) -> str:
+    """Copies the dataset's nnUNetPlans into ``nnUNetPlansCardiacLike`` whose 2d configuration is the paper-like
+    network: patch 256x256, 7 stages with 32-512 features, 3x3 convolutions; same preprocessing (data identifier).
+    Returns the plans identifier."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+    from nnunet_ssp.network import preprocessed_dataset_folder
+    folder = preprocessed_dataset_folder(dataset)
+    plans = load_json(os.path.join(folder, "nnUNetPlans.json"))
+    plans["plans_name"] = CARDIAC_PLANS
+    config = plans["configurations"]["2d"]
+    stages = 7
+    config["patch_size"] = [256, 256]
+    config["architecture"]["arch_kwargs"].update(
+        n_stages=stages, features_per_stage=[min(32 * 2 ** i, 512) for i in range(stages)],
+        kernel_sizes=[[3, 3]] * stages, strides=[[1, 1]] + [[2, 2]] * (stages - 1), n_conv_per_stage=[2] * stages,
+        n_conv_per_stage_decoder=[2] * (stages - 1))
+    save_json(plans, os.path.join(folder, CARDIAC_PLANS + ".json"), sort_keys=False)
+    return CARDIAC_PLANS
 
 
 def peak_rss_mb() -> float:
@@ -64,9 +95,14 @@ def bare_step_rate(trainer: Pretrainer, sample: dict, iters: int) -> float:
 
 
 def data_only_rate(dataset, batch_size: int, iters: int, num_workers: int) -> float:
-    start = time.perf_counter()
-    for _ in make_loader(dataset, batch_size, iters, epoch=1, seed=0, num_workers=num_workers):
-        pass
+    """Steady-state slices/s of the loader alone: timed from the arrival of batch ``max(1, num_workers)`` (every
+    worker started and done with its first batch; ssp_pretrain starts its workers once per run) to ``iters``
+    batches later."""
+    warmup = max(1, num_workers)
+    start = None
+    for k, _ in enumerate(make_loader(dataset, batch_size, warmup + iters, epoch=1, seed=0, num_workers=num_workers)):
+        if k == warmup - 1:
+            start = time.perf_counter()
     return iters * batch_size / (time.perf_counter() - start)
 
 
@@ -74,17 +110,27 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="preprocessed dataset id/name (default: a fresh phantom workspace)")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=15, help="timed iterations per measurement")
+    parser.add_argument("--batch-size", type=int, help="default: the method's paper batch on CUDA, 8 on CPU")
+    parser.add_argument("--iters", type=int,
+                        help="timed iterations per measurement (default 15 on CPU; on CUDA max(40, 3 x workers))")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
-    parser.add_argument("--size", type=int, default=128, help="phantom in-plane size for the default workspace")
+    parser.add_argument("--size", type=int, default=None,
+                        help="phantom in-plane size for the default workspace (default 128; 256 with --plan-like)")
+    parser.add_argument("--plan-like", choices=["phantom", "cardiac"], default="phantom",
+                        help="the phantom's own nnU-Net plan (default) or the paper-like one (256x256, 7 stages)")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                        help="precision/memory-format variants (default: bf16 fp32 bf16+cl on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="pretrain_throughput.json")
     args = parser.parse_args(argv)
 
     workdir = tempfile.mkdtemp(prefix="ssp_bench_")
-    dataset = args.dataset or prepare_workspace(workdir, subjects=4, size=args.size)
-    target = PlansTarget.from_preprocessed(dataset)
+    size = args.size or (256 if args.plan_like == "cardiac" else 128)
+    dataset = args.dataset or prepare_workspace(workdir, subjects=4, size=size)
+    plans = write_cardiac_like_plans(dataset) if args.plan_like == "cardiac" else "nnUNetPlans"
+    target = PlansTarget.from_preprocessed(dataset, plans)
+    variants = args.variants or (["bf16", "fp32", "bf16+cl"] if args.device.startswith("cuda") else ["fp32"])
+    iters = args.iters or (max(40, 3 * args.num_workers) if args.device.startswith("cuda") else 15)
     raw = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)
     cache = build_or_load_cache(target, discover_sources(raw), os.path.join(workdir, "cache"), progress=False)
     rows = []
@@ -92,25 +138,36 @@ def main(argv=None) -> dict:
         method = METHODS[name](target.network_spec, target.configuration_manager.patch_size)
         views = SliceViewDataset(cache, method.view_transforms())
         d = method.defaults
-        settings = PretrainSettings(name, epochs=2, iters_per_epoch=args.iters, batch_size=args.batch_size, lr=d.lr,
-                                    momentum=d.momentum, weight_decay=d.weight_decay, nesterov=d.nesterov,
-                                    device=args.device, num_workers=args.num_workers, seed=0)
-        trainer = Pretrainer(method, views, target, settings, os.path.join(workdir, name), cache.summary())
-        trainer.train_epoch(0)  # warm-up epoch: worker start-up, allocator, oneDNN
-        trainer.train_epoch(1)
-        end_to_end = trainer.history["slices_per_s"][-1]
-        bare = bare_step_rate(trainer, views[0], args.iters)
-        data = data_only_rate(views, args.batch_size, args.iters, args.num_workers)
-        rows.append({"method": name, "end_to_end_slices_per_s": end_to_end, "bare_step_slices_per_s": bare,
-                     "ratio": end_to_end / bare, "data_only_slices_per_s": data, "peak_rss_mb": peak_rss_mb(),
-                     "batch_size": args.batch_size, "patch_size": list(method.patch_size),
-                     "num_workers": args.num_workers, "device": args.device, "slices_in_cache": len(cache)})
-    print(f"{'method':8s} {'ratio a/b':>9s} {'(a) e2e/s':>10s} {'(b) bare/s':>10s} {'data/s':>9s} {'peak RSS':>9s}")
+        batch_size = args.batch_size or (d.batch_size if args.device.startswith("cuda") else 8)
+        data = data_only_rate(views, batch_size, iters, args.num_workers)
+        for variant in variants:
+            settings = PretrainSettings(name, epochs=2, iters_per_epoch=iters, batch_size=batch_size,
+                                        lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
+                                        nesterov=d.nesterov, device=args.device, num_workers=args.num_workers,
+                                        seed=0, **VARIANTS[variant])
+            trainer = Pretrainer(method, views, target, settings, os.path.join(workdir, f"{name}_{variant}"),
+                                 cache.summary())
+            trainer.train_epoch(0)  # warm-up epoch: worker start-up, allocator, oneDNN / cuDNN autotuning
+            trainer.train_epoch(1)  # the same loader and workers go on (as in ssp_pretrain): steady state
+            end_to_end = trainer.history["slices_per_s"][-1]
+            bare = bare_step_rate(trainer, views[0], iters)
+            rows.append({"method": name, "variant": variant, "end_to_end_slices_per_s": end_to_end,
+                         "bare_step_slices_per_s": bare, "ratio": end_to_end / bare,
+                         "data_only_slices_per_s": data, "peak_rss_mb": peak_rss_mb(),
+                         "batch_size": batch_size, "patch_size": list(method.patch_size),
+                         "num_workers": args.num_workers, "device": args.device, "plans": plans,
+                         "slices_in_cache": len(cache)})
+            del trainer
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    print(f"{'method':8s} {'variant':8s} {'ratio a/b':>9s} {'(a) e2e/s':>10s} {'(b) bare/s':>10s} {'data/s':>9s} "
+          f"{'peak RSS':>9s}")
     for r in rows:
-        print(f"{r['method']:8s} {r['ratio']:9.2f} {r['end_to_end_slices_per_s']:10.1f} "
+        print(f"{r['method']:8s} {r['variant']:8s} {r['ratio']:9.2f} {r['end_to_end_slices_per_s']:10.1f} "
               f"{r['bare_step_slices_per_s']:10.1f} {r['data_only_slices_per_s']:9.1f} {r['peak_rss_mb']:7.0f}MB")
-    print(f"batch {args.batch_size}, patch {rows[0]['patch_size']}, {args.num_workers} workers, {args.device}, "
-          f"{len(cache)} cached slices")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    print(f"plans {plans}, batches {sorted({r['batch_size'] for r in rows})}, patch {rows[0]['patch_size']}, {args.num_workers} workers, "
+          f"{device}, {len(cache)} cached slices")
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=2)
     return {"rows": rows}

@@ -3,6 +3,9 @@
 Example: ssp_pretrain -d Dataset501_CinePhantom --method mim
 The checkpoint goes where the nnU-Net trainers look: $nnUNet_results/<Dataset>/ssp/<method>__<plans>__<config>/.
 SIGINT or SIGTERM stops a run after the current step with its state saved; --continue resumes it exactly.
+
+Several GPUs (distributed data parallel): ssp_pretrain --num-gpus 4 ... or torchrun --nproc_per_node 4 ssp_pretrain ...
+--batch-size stays the global batch (each process takes an equal share), so the run trains as one process would.
 """
 import argparse
 import os
@@ -33,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="peak learning rate (default: the method's at its batch size, scaled "
                                             "linearly when the batch size differs)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--num-gpus", type=int, metavar="N",
+                   help="train on N GPUs of this machine with distributed data parallel (starts torchrun; with "
+                        "--device cpu: N CPU processes, gloo). --batch-size stays the global batch, N x its share")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="CUDA only: bf16 autocast (default) or full fp32; CPU always runs fp32")
+    p.add_argument("--channels-last", action="store_true",
+                   help="CUDA only: channels_last (NHWC) model and batches (default NCHW: faster for nnU-Net's "
+                        "InstanceNorm U-Nets in benchmarks/pretrain_throughput.py on an H100)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="data-loading worker processes (default: min(8, CPU cores))")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -53,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_numbers(args) -> None:
     for name, minimum in (("epochs", 1), ("iters_per_epoch", 1), ("batch_size", 1), ("num_workers", 0),
-                          ("skip_nonfinite", 0), ("probe_slices", 0)):
+                          ("skip_nonfinite", 0), ("probe_slices", 0), ("num_gpus", 1)):
         value = getattr(args, name)
         if value is not None and value < minimum:
             raise SSPError(f"--{name.replace('_', '-')} must be at least {minimum} (got {value})")
@@ -125,16 +136,24 @@ def output_lock(output: str):
 
 
 def _batch_size(args, method, target, device: str) -> int:
-    """--batch-size, or the method's default halved until it fits in the device's memory."""
-    import torch
+    """The global batch: --batch-size, or the method's default halved until each process's share fits in its
+    device's memory (on every device of a distributed run). Refused unless it splits evenly over the processes."""
+    from pretraining import distributed
     from pretraining.memory import affordable_batch_size
+    world = distributed.world_size()
     requested = args.batch_size or method.defaults.batch_size
+    if requested % world:
+        given = "--batch-size" if args.batch_size is not None else f"the {args.method} default batch size"
+        raise SSPError(f"{given} {requested} is the global batch and must split evenly over the {world} processes "
+                       f"(set --batch-size to a multiple of {world})")
     if args.batch_size is not None:
         return requested
-    sizing_model = method.build_model().to(device)
-    fitted = affordable_batch_size(sizing_model, target.network_spec.num_input_channels, method.patch_size, requested,
-                                   len(method.view_transforms()), torch.device(device))
-    if fitted < requested:
+    own_device = distributed.device(device)
+    sizing_model = method.build_model().to(own_device)
+    fitted = affordable_batch_size(sizing_model, target.network_spec.num_input_channels, method.patch_size,
+                                   requested // world, len(method.view_transforms()), own_device)
+    fitted = distributed.min_int(fitted, own_device) * world
+    if fitted < requested and distributed.is_main():
         print(f"warning: batch size {requested} would not fit in {device} memory; using {fitted} "
               f"(set --batch-size to choose)", file=sys.stderr)
     return fitted
@@ -146,18 +165,24 @@ def _too_few_slices(where: str, slices: str, batch_size: int) -> SSPError:
 
 def _pretrainer(args, target, method, sources, batch_size: int, device: str, output: str):
     """The slice cache (built or reused) and a Pretrainer on it with the run's settings."""
+    from pretraining import distributed
     from pretraining.data.cache import build_or_load_cache
     from pretraining.data.loader import SliceViewDataset, default_iters_per_epoch
     from pretraining.loop import PretrainSettings, Pretrainer
     from pretraining.probe import make_probe
     cache_dir = os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name,
                              f"ssp_cache__{target.configuration_manager.data_identifier}")
-    cache = build_or_load_cache(target, sources, cache_dir, num_processes=max(1, args.num_workers))
+    main = distributed.is_main()
+    if main:  # rank 0 builds the cache; the others wait for it, then read it
+        cache = build_or_load_cache(target, sources, cache_dir, num_processes=max(1, args.num_workers))
+    distributed.barrier()
+    if not main:
+        cache = build_or_load_cache(target, sources, cache_dir, num_processes=1, progress=False)
     if len(cache) < batch_size:
         raise _too_few_slices(cache_dir, str(len(cache)), batch_size)
     defaults = method.defaults
     lr = args.lr or defaults.lr * batch_size / defaults.batch_size
-    if args.lr is None and batch_size != defaults.batch_size:
+    if args.lr is None and batch_size != defaults.batch_size and main:
         print(f"note: learning rate {lr:.4g} = {defaults.lr:g} x {batch_size}/{defaults.batch_size} (the paper's lr "
               f"scaled linearly to batch size {batch_size}; set --lr to choose)", file=sys.stderr)
     settings = PretrainSettings(
@@ -166,17 +191,49 @@ def _pretrainer(args, target, method, sources, batch_size: int, device: str, out
         batch_size=batch_size, lr=lr, momentum=defaults.momentum,
         weight_decay=defaults.weight_decay, nesterov=defaults.nesterov, device=device,
         num_workers=args.num_workers, seed=args.seed, options=method.option_values(),
-        skip_nonfinite=args.skip_nonfinite)
+        skip_nonfinite=args.skip_nonfinite, precision=args.precision, channels_last=args.channels_last,
+        world_size=distributed.world_size())
+    probe = make_probe(cache, method.patch_size, args.probe_slices, args.seed) if main else None
     return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
-                      data_summary=cache.summary(), probe=make_probe(cache, method.patch_size, args.probe_slices,
-                                                                     args.seed))
+                      data_summary=cache.summary(), probe=probe)
+
+
+def _launch_or_join(args, device: str) -> None:
+    """--num-gpus N outside torchrun: re-runs this command under torchrun with N processes (never returns). Under
+    torchrun: joins the process group (nccl on CUDA, gloo on the CPU)."""
+    import torch
+    from pretraining import distributed
+    if distributed.launched_by_torchrun():
+        world = distributed.requested_world_size()
+        if args.num_gpus is not None and args.num_gpus != world:
+            raise SSPError(f"--num-gpus {args.num_gpus}, but torchrun started {world} processes; give one of them")
+        distributed.init_from_env(device)
+        return
+    if args.num_gpus is None or args.num_gpus == 1:
+        return
+    if device == "cpu" and args.device is None:
+        raise SSPError(f"--num-gpus {args.num_gpus}: no CUDA device is available (add --device cpu to train with "
+                       f"{args.num_gpus} CPU processes instead)")
+    if device == "cuda" and args.num_gpus > torch.cuda.device_count():
+        raise SSPError(f"--num-gpus {args.num_gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    distributed.launch(args.num_gpus, "pretraining.cli", getattr(args, "argv", sys.argv[1:]))
 
 
 def pretrain(args) -> str:
+    from pretraining import distributed
+    try:
+        return _pretrain(args)
+    finally:
+        distributed.teardown()
+
+
+def _pretrain(args) -> str:
     import torch
+    from contextlib import nullcontext
     from nnunet_ssp.checkpoint import default_checkpoint_folder
     from nnunet_ssp.io import remove_temporaries
     from nnunet_ssp.network import PlansTarget
+    from pretraining import distributed
     from pretraining.data.cache import discover_sources, max_slices
     from pretraining.loop import LATEST_CHECKPOINT, load_state
     from pretraining.methods import get_method
@@ -201,6 +258,7 @@ def pretrain(args) -> str:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SSPError("--device cuda: no CUDA device is available")
+    _launch_or_join(args, device)
     raw_folder = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)
     sources = discover_sources(raw_folder, args.data)
     batch_size = _batch_size(args, method, target, device)
@@ -208,20 +266,25 @@ def pretrain(args) -> str:
     if most < batch_size:
         raise _too_few_slices(raw_folder, f"at most {most}", batch_size)
 
-    with output_lock(output):
+    main = distributed.is_main()
+    with output_lock(output) if main else nullcontext():  # rank 0 holds the folder for a distributed run
         _refuse_to_overwrite(output, args.continue_training)  # again: a run may have finished in the meantime
-        remove_temporaries(output)  # of a killed run; no one else writes here now
+        if main:
+            remove_temporaries(output)  # of a killed run; no one else writes here now
         state = load_state(os.path.join(output, LATEST_CHECKPOINT)) if args.continue_training else None
         trainer = _pretrainer(args, target, method, sources, batch_size, device, output)
         if args.continue_training and not trainer.resume(state):
             trainer.log(f"--continue: no {LATEST_CHECKPOINT} yet, starting at epoch 0")
         path = trainer.run()
-    print(path)
+    if main:
+        print(path)
     return path
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for --num-gpus, which re-runs the command under torchrun
     return run_command(lambda: pretrain(args), debug=args.debug)
 
 

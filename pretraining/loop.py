@@ -9,7 +9,14 @@ bit on CPU), and a run killed outright (SIGKILL, power loss) resumes from its la
 
 A non-finite loss or gradient stops the run with one message and keeps the last good state, unless
 ``skip_nonfinite`` allows skipping such steps (no update; each is logged).
+
+Distributed runs (torchrun, see :mod:`pretraining.distributed`): the model runs under DistributedDataParallel, each
+rank on its block of every global batch of ``batch_size``; its BatchNorm layers (if any) normalise over the global
+batch. The logged losses and figures are the ranks' means, the decisions (skip, stop) are taken on values all ranks
+agree on, a stop request is agreed at every step, and only rank 0 writes logs, plots, previews and checkpoints and
+runs the probe. Every rank resumes from the same state.
 """
+import itertools
 import math
 import os
 import signal
@@ -26,6 +33,7 @@ from nnunet_ssp.checkpoint import FINAL_CHECKPOINT, load_weights_only, save_chec
 from nnunet_ssp.errors import Interrupted, SSPError
 from nnunet_ssp.io import atomic_path, fault_point, torch_save_atomic, write_error
 from nnunet_ssp.network import PlansTarget
+from pretraining import distributed
 from pretraining.data.loader import make_loader
 from pretraining.methods.base import SSPMethod, Step
 from pretraining.probe import PositionPhaseProbe
@@ -33,7 +41,7 @@ from pretraining.probe import PositionPhaseProbe
 LATEST_CHECKPOINT = "checkpoint_latest.pth"
 STATE_FORMAT = "nnunet_ssp.pretrain_state"
 #: settings that may differ between an interrupted run and its continuation
-RESUMABLE_CHANGES = ("device", "num_workers", "skip_nonfinite")
+RESUMABLE_CHANGES = ("device", "num_workers", "skip_nonfinite", "precision", "channels_last", "world_size")
 
 
 @dataclass
@@ -51,6 +59,13 @@ class PretrainSettings:
     seed: int
     options: dict = field(default_factory=dict)  # method-specific options, e.g. MIM's mask patch size
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient that may be skipped before the run stops
+    precision: str = "bf16"  # autocast dtype on CUDA ("bf16") or full "fp32"; CPU always runs fp32
+    channels_last: bool = False  # NHWC model and batches on CUDA (slower for nnU-Net's InstanceNorm U-Nets on H100)
+    world_size: int = 1  # processes of a distributed run; batch_size is the global batch, batch_size / world_size each
+
+    @property
+    def batch_per_process(self) -> int:
+        return self.batch_size // self.world_size
 
 
 @dataclass
@@ -103,6 +118,11 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
 
+    def agreed(self, device: torch.device) -> Optional[int]:
+        """The request all ranks of a distributed run act on (any rank's signal stops them all at the same step);
+        ``signum`` in one process. Every rank must call it at the same point."""
+        return distributed.agreed_signal(self.signum, device)
+
 
 def _rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.random.get_rng_state()}
@@ -117,34 +137,61 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class _MethodLoss(torch.nn.Module):
+    """The method's loss as a module's forward: DistributedDataParallel arms its gradient hooks in forward, and the
+    methods call several parts of their model (student, teacher, ...)."""
+
+    def __init__(self, method: SSPMethod, model: torch.nn.Module):
+        super().__init__()
+        self.method, self.model = method, model
+
+    def forward(self, batch: dict, step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
+        return self.method.loss(self.model, batch, step)
+
+
 class Pretrainer:
     """Runs ``method`` on ``dataset`` and writes logs, plots and checkpoints to ``output_folder``; ``probe`` (optional)
-    measures the encoder's embeddings after every epoch."""
+    measures the encoder's embeddings after every epoch. In a distributed run (a process group is initialised) it
+    trains under DDP, and only rank 0 writes or probes."""
 
     def __init__(self, method: SSPMethod, dataset, target: PlansTarget, settings: PretrainSettings,
                  output_folder: str, data_summary: dict, probe: Optional[PositionPhaseProbe] = None):
         self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
         self.output_folder, self.data_summary, self.probe = output_folder, data_summary, probe
-        self.device = torch.device(settings.device)
-        try:
-            os.makedirs(output_folder, exist_ok=True)
-        except OSError as e:
-            raise write_error(output_folder, e) from None
+        if settings.world_size != distributed.world_size():
+            raise ValueError(f"settings.world_size {settings.world_size}, but {distributed.world_size()} processes run")
+        self.device = distributed.device(settings.device)
+        self.main = distributed.is_main()
+        if self.main:
+            try:
+                os.makedirs(output_folder, exist_ok=True)
+            except OSError as e:
+                raise write_error(output_folder, e) from None
         self.log_file = os.path.join(output_folder, "training_log.txt")
         self.latest = os.path.join(output_folder, LATEST_CHECKPOINT)
         self.history = {"epoch": [], "loss": [], "lr": [], "slices_per_s": [], "epoch_time_s": []}
         torch.manual_seed(settings.seed)
-        self.model = method.build_model().to(self.device)
-        if self.device.type == "cuda":
+        self.model = method.build_model()
+        if settings.world_size > 1:
+            self.model = distributed.global_batch_norm(self.model)
+        self.model = self.model.to(self.device)
+        self.channels_last = self.device.type == "cuda" and settings.channels_last
+        self.autocast = self.device.type == "cuda" and settings.precision == "bf16"
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(method.parameter_groups(self.model, settings.weight_decay), lr=settings.lr,
                                          momentum=settings.momentum, nesterov=settings.nesterov)
+        self.ddp = distributed.data_parallel(_MethodLoss(method, self.model))  # None in one process
         self.start_epoch = 0
         self.progress = EpochProgress(0)  # of the epoch to run next
         self.skipped = 0  # non-finite steps skipped so far
+        self._stream, self._stream_position = None, None  # see _batch_stream
 
     # ---------------------------------------------------------------- logging
     def log(self, message: str) -> None:
+        """Prints and appends to training_log.txt (rank 0 only)."""
+        if not self.main:
+            return
         line = f"{datetime.now():%Y-%m-%d %H:%M:%S}: {message}"
         tqdm.write(line)
         try:
@@ -225,7 +272,7 @@ class Pretrainer:
         non_blocking = self.device.type == "cuda"
         moved = {k: v.to(self.device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
         moved["views"] = [v.to(self.device, non_blocking=non_blocking) for v in batch["views"]]
-        if self.device.type == "cuda":
+        if self.channels_last:
             moved["views"] = [v.contiguous(memory_format=torch.channels_last) for v in moved["views"]]
         return moved
 
@@ -249,9 +296,15 @@ class Pretrainer:
         was skipped for a non-finite loss or gradient."""
         self._set_lr(step)
         batch = self._to_device(batch)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, extra = self.method.loss(self.model, batch, step)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            if self.ddp is None:
+                loss, extra = self.method.loss(self.model, batch, step)
+            else:
+                loss, extra = self.ddp(batch, step)
         value = loss.item()
+        if self.ddp is not None:  # the global loss on every rank already; the mean makes the agreement explicit
+            value, *figures = distributed.mean_of_values([value, *extra.values()], self.device)
+            extra = dict(zip(extra, figures))
         self.optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(value):
             self._skip_or_stop(f"non-finite loss ({value})", step)
@@ -276,11 +329,12 @@ class Pretrainer:
         torch.manual_seed(epoch_seed(s.seed, epoch))
         if progress.rng is not None:
             _set_rng_state(progress.rng, self.device)
-        loader = make_loader(self.dataset, s.batch_size, s.iters_per_epoch, epoch, s.seed, s.num_workers,
-                             pin_memory=self.device.type == "cuda", first_iteration=progress.iteration)
         start, batch = time.perf_counter() - progress.seconds, None
-        bar = tqdm(loader, total=s.iters_per_epoch, initial=progress.iteration, desc=f"epoch {epoch}", leave=False,
-                   mininterval=1.0)
+        batches = itertools.islice(self._batch_stream(epoch, progress.iteration),
+                                   s.iters_per_epoch - progress.iteration)
+        self._stream_position = None  # until the epoch's batches are all taken
+        bar = tqdm(batches, total=s.iters_per_epoch, initial=progress.iteration, desc=f"epoch {epoch}", leave=False,
+                   mininterval=1.0, disable=not self.main)
         for iteration, batch in enumerate(bar, start=progress.iteration):
             result = self.train_step(batch, self._step(epoch, iteration))
             if result is not None:
@@ -290,11 +344,27 @@ class Pretrainer:
                 bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
             progress.iteration, progress.seconds = iteration + 1, time.perf_counter() - start
             fault_point(f"iteration:{epoch}:{iteration}")
-            if stop.signum is not None and progress.iteration < s.iters_per_epoch:
+            signum = stop.agreed(self.device)
+            if signum is not None and progress.iteration < s.iters_per_epoch:
                 progress.rng = _rng_state(self.device)
-                self._save_latest(progress)
-                raise self._interrupted(stop.signum, f"at epoch {epoch}, iteration {progress.iteration}")
+                if self.main:
+                    self._save_latest(progress)
+                distributed.barrier()  # no rank ends (and makes torchrun stop the others) before the state is saved
+                raise self._interrupted(signum, f"at epoch {epoch}, iteration {progress.iteration}")
+        self._stream_position = (epoch + 1, 0)
         return batch
+
+    def _batch_stream(self, epoch: int, iteration: int):
+        """The loader's batches from (``epoch``, ``iteration``) to the end of the run: one loader, whose workers
+        prefetch across epoch boundaries and start once per run, not once per epoch. Made anew when training does not
+        go on where the last epoch ended (a resumed run, a stopped epoch)."""
+        if self._stream is None or self._stream_position != (epoch, iteration):
+            s = self.settings
+            self._stream = iter(make_loader(self.dataset, s.batch_size, s.iters_per_epoch, epoch, s.seed,
+                                            s.num_workers, pin_memory=self.device.type == "cuda",
+                                            first_iteration=iteration, rank=distributed.rank(),
+                                            world_size=s.world_size, num_epochs=s.epochs - epoch))
+        return self._stream
 
     def _finish_epoch(self, progress: EpochProgress, batch: dict) -> None:
         """History, log line, probe, warning and preview of a finished epoch."""
@@ -307,7 +377,7 @@ class Pretrainer:
         self.history["slices_per_s"].append(s.iters_per_epoch * s.batch_size / progress.seconds)
         self.history["epoch_time_s"].append(progress.seconds)
         figures = {key: sum(values) / len(values) for key, values in progress.figures.items()}
-        if self.probe is not None:
+        if self.probe is not None and self.main:
             figures.update(self.probe.evaluate(self.method.export_network(self.model)))
         for key, figure in figures.items():
             self.history.setdefault(key, []).append(figure)
@@ -317,10 +387,11 @@ class Pretrainer:
         warning = self.method.epoch_warning(figures)
         if warning:
             self.log(f"warning: {warning}")
-        preview = os.path.join(self.output_folder, "previews", f"epoch_{epoch:03d}.png")
-        os.makedirs(os.path.dirname(preview), exist_ok=True)
         self.model.eval()
-        self.method.write_preview(self.model, batch, preview)
+        if self.main:
+            preview = os.path.join(self.output_folder, "previews", f"epoch_{epoch:03d}.png")
+            os.makedirs(os.path.dirname(preview), exist_ok=True)
+            self.method.write_preview(self.model, batch, preview)
 
     def train_epoch(self, epoch: int, stop: Optional[StopRequest] = None) -> None:
         """Runs epoch ``epoch`` (its rest, when a resumed state stopped inside it) and finishes it; ``stop`` carries a
@@ -337,19 +408,32 @@ class Pretrainer:
         s = self.settings
         self.log(f"ssp_pretrain {s.method} on {self.target.dataset_name} ({self.target.plans_name}, "
                  f"{self.target.configuration}): {asdict(s)}; data {self.data_summary}")
+        if s.world_size > 1:
+            self.log(f"distributed data parallel: {s.world_size} processes ({distributed.backend()}), batch "
+                     f"{s.batch_per_process} per process, global batch {s.batch_size}")
         last = s.epochs if max_epochs_this_run is None else min(s.epochs, self.start_epoch + max_epochs_this_run)
-        with StopRequest() as stop:
-            for epoch in range(self.start_epoch, last):
-                self.train_epoch(epoch, stop)
-                self._save_latest(self.progress)
-                self.start_epoch = epoch + 1
-                self.plot_progress()
-                if stop.signum is not None and epoch + 1 < s.epochs:
-                    raise self._interrupted(stop.signum, f"after epoch {epoch}")
+        try:
+            with StopRequest() as stop:
+                for epoch in range(self.start_epoch, last):
+                    self.train_epoch(epoch, stop)
+                    if self.main:
+                        self._save_latest(self.progress)
+                    self.start_epoch = epoch + 1
+                    if self.main:
+                        self.plot_progress()
+                    signum = stop.agreed(self.device)
+                    if signum is not None and epoch + 1 < s.epochs:
+                        distributed.barrier()
+                        raise self._interrupted(signum, f"after epoch {epoch}")
+        finally:
+            self._stream = None  # ends the loader's worker processes
         if last < s.epochs:
+            distributed.barrier()
             return self.latest
         final = os.path.join(self.output_folder, FINAL_CHECKPOINT)
-        save_checkpoint(final, self.method.export_network(self.model).cpu(), self.target, s.method,
-                        pretraining=asdict(s), data=self.data_summary)
-        self.log(f"wrote {final}")
+        if self.main:
+            save_checkpoint(final, self.method.export_network(self.model).cpu(), self.target, s.method,
+                            pretraining=asdict(s), data=self.data_summary)
+            self.log(f"wrote {final}")
+        distributed.barrier()
         return final

@@ -418,6 +418,19 @@ def test_loader_resumes_inside_an_epoch_with_the_same_batches(built):
         make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=0, first_iteration=5)
 
 
+def test_one_loader_for_several_epochs_yields_each_epochs_batches_in_turn(built):
+    """The run-long loader (workers started once, prefetching across epoch boundaries) gives exactly the batches of
+    the per-epoch loaders, from a resumed iteration on."""
+    dataset = SliceViewDataset(built, [augmentation((16, 16))])
+    run = _batches(make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=2, first_iteration=3, num_epochs=3))
+    per_epoch = (_batches(make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=0, first_iteration=3))
+                 + _batches(make_loader(dataset, 4, 5, epoch=3, seed=3, num_workers=0))
+                 + _batches(make_loader(dataset, 4, 5, epoch=4, seed=3, num_workers=0)))
+    assert len(run) == len(per_epoch) == 2 + 5 + 5
+    for (i1, v1), (i2, v2) in zip(run, per_epoch):
+        assert torch.equal(i1, i2) and torch.equal(v1[0], v2[0])
+
+
 def test_default_iters_per_epoch():
     assert default_iters_per_epoch(100, 32) == 4
     assert default_iters_per_epoch(96, 32) == 3

@@ -8,6 +8,9 @@ log Q_v = log_softmax(s_v / τ_s) of view v, averaged over the batch and over al
 
 The centre follows the teacher outputs: c ← m·c + (1 − m)·mean(t). The teacher's weights are an EMA of the
 student's: θ_t ← λ·θ_t + (1 − λ)·θ_s.
+
+Distributed runs: the loss is a mean over samples, so each rank takes it over its own rows and the ranks' losses
+are averaged (with gradients); the centre and the collapse statistics use the global batch's means (all-reduced).
 """
 import math
 from typing import Optional, Sequence
@@ -15,6 +18,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretraining import distributed
 
 
 class DINOLoss(nn.Module):
@@ -45,14 +50,15 @@ class DINOLoss(nn.Module):
         pair_losses = [-(p * log_q).sum(dim=1).mean()
                        for i, p in enumerate(teacher_p.chunk(len(teacher_outputs)))
                        for v, log_q in enumerate(student_log_q) if v != i]
-        mean_p = teacher_p.mean(dim=0)
-        self.last_statistics = {
-            "teacher_entropy": -(teacher_p * teacher_log_p).sum(dim=1).mean().item(),
-            "teacher_kl_to_uniform": (math.log(teacher.shape[1]) + torch.xlogy(mean_p, mean_p).sum()).item()}
         with torch.no_grad():
-            self.center.mul_(self.center_momentum).add_(teacher.mean(dim=0, keepdim=True),
-                                                        alpha=1 - self.center_momentum)
-        return torch.stack(pair_losses).mean()
+            entropy, mean_p, batch_center = distributed.all_reduce_mean_many(
+                -(teacher_p * teacher_log_p).sum(dim=1).mean(), teacher_p.mean(dim=0),
+                teacher.mean(dim=0, keepdim=True))
+            self.last_statistics = {
+                "teacher_entropy": entropy.item(),
+                "teacher_kl_to_uniform": (math.log(teacher.shape[1]) + torch.xlogy(mean_p, mean_p).sum()).item()}
+            self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        return distributed.all_reduce_mean(torch.stack(pair_losses).mean())
 
 
 def teacher_temperature(epoch: int, warmup_epochs: int, start: float = 0.02, end: float = 0.04) -> float:

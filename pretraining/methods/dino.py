@@ -9,6 +9,10 @@ student's (τ_s 0.1) over all pairs of different views; centre momentum 0.9. SGD
 except on biases and norms, lr 0.0075 (= 0.03 × 64 / 256) after a 10-epoch linear warm-up, cosine to 1e-6; the
 last layer is frozen during epoch 0. The student's encoder is exported.
 
+Distributed runs: each rank's loss over its own rows is averaged over the ranks, the centre and the collapse
+statistics use the global batch (see ``pretraining.losses.dino``), and the loop makes the heads' BatchNorm layers
+normalise over the global batch (``pretraining.distributed.GlobalBatchNorm``).
+
 Deviation: the teacher starts as a copy of the student (canonical DINO); the paper initialises it separately at
 random, which stops mattering within an epoch (0.996^1415 ≈ 0.004).
 """

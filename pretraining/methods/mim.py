@@ -3,14 +3,19 @@
 The whole nnU-Net U-Net (encoder and decoder) with a 1×1 reconstruction head restores an augmented slice in which
 round(0.75 × number of patches) square 32-px patches per image were set to 0; the loss is the MSE over the masked
 pixels only. Fine-tuning loads encoder and decoder, never the reconstruction head.
+
+Distributed runs: every rank draws the masks of the whole global batch from the (identically seeded) torch RNG and
+keeps its own rows, and the masked squared errors and masked-pixel counts are summed over the ranks before dividing:
+the loss and the masks are the one-process run's.
 """
 import math
 from typing import Dict, Tuple
 
 import torch
 
+from pretraining import distributed
 from pretraining.data.views import augmentation
-from pretraining.losses.masked_mse import masked_mse
+from pretraining.losses.masked_mse import masked_squared_error
 from pretraining.methods.base import Hyperparameters, Option, SSPMethod
 
 
@@ -60,22 +65,27 @@ class MIM(SSPMethod):
         return [augmentation(self.patch_size, intensity="paper")]
 
     def mask_batch(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(masked input with masked pixels set to 0, mask)."""
+        """(masked input with masked pixels set to 0, mask); in a distributed run the rows of this rank's block of
+        the global batch's masks."""
         b, _, h, w = images.shape
-        mask = random_patch_mask(b, h, w, self.mask_patch_size, self.mask_ratio, device=images.device)
+        mask = random_patch_mask(b * distributed.world_size(), h, w, self.mask_patch_size, self.mask_ratio,
+                                 device=images.device)
+        mask = distributed.local_rows(mask)
         return images * (1 - mask), mask
 
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["views"][0]
         masked, mask = self.mask_batch(images)
         reconstruction = model(masked)
-        return masked_mse(reconstruction.float(), images.float(), mask), {}
+        squared_error, count = masked_squared_error(reconstruction.float(), images.float(), mask)
+        # masked_mse of the global batch
+        return distributed.all_reduce_sum(squared_error) / distributed.all_reduce_sum(count).clamp_min(1), {}
 
     def write_preview(self, model, batch, path) -> bool:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        images = batch["views"][0][:4]
+        images = batch["views"][0][:4].to(next(model.parameters()).device)  # the loader's batch is on the CPU
         with torch.no_grad():
             masked, _ = self.mask_batch(images)
             reconstruction = model(masked).float()

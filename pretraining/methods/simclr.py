@@ -4,12 +4,16 @@ Two independently augmented views of every slice; encoder -> pooled deepest feat
 ``pretraining.heads``; the paper's global average is ``--pool-grid 1``) -> 3-layer MLP; NT-Xent with τ = 0.1 over
 the 2N views of a batch. SGD lr 0.1, momentum 0.9, weight decay 1e-4, cosine to 0, batch 224 pairs.
 Only the encoder is transferred: the decoder is never run and the projection head is never exported.
+
+Distributed runs: the projections of all ranks are gathered (with gradients), so every view's negatives are the
+other views of the whole global batch, as in one process.
 """
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch.nn import functional as F
 
+from pretraining import distributed
 from pretraining.data.views import augmentation
 from pretraining.heads import EncoderWithHead, ProjectionMLP, encoder_width
 from pretraining.losses.ntxent import nt_xent
@@ -38,11 +42,15 @@ class SimCLR(SSPMethod):
         return [augmentation(self.patch_size, intensity="paper") for _ in range(2)]
 
     def embed_views(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
-        """Projections of the two views, from one forward pass over both (shared normalisation statistics), and
-        their spread: the per-dimension standard deviation of the L2-normalised projections times sqrt(dimensions),
-        about 1 for projections spread over the sphere and 0 when they have collapsed to one point."""
+        """Projections of the two views of the global batch (this rank's from one forward pass over both, shared
+        normalisation statistics; gathered from all ranks in a distributed run), and their spread: the
+        per-dimension standard deviation of the L2-normalised projections times sqrt(dimensions), about 1 for
+        projections spread over the sphere and 0 when they have collapsed to one point."""
         view_a, view_b = batch["views"]
         z = model(torch.cat([view_a, view_b])).float()
+        if distributed.is_distributed():
+            z_a, z_b = (distributed.gather_cat(part) for part in z.chunk(2))
+            z = torch.cat([z_a, z_b])
         with torch.no_grad():
             spread = F.normalize(z, dim=1).std(dim=0).mean().item() * z.shape[1] ** 0.5
         z_a, z_b = z.chunk(2)
