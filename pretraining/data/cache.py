@@ -17,7 +17,9 @@ Layout of a cache folder::
 
 Next to the folder, ``<folder>.lock`` serializes builds and keeps a cache that a run reads from being rebuilt.
 
-The arrays are opened with ``np.load(mmap_mode='r')``: resident memory does not grow with the dataset. Every file is
+Slices are read with positioned reads (``os.preadv``) from block files kept open per process, not through memory maps:
+a process's resident memory does not grow with the dataset nor with the slices it has read (their pages stay in the
+kernel's page cache, which the kernel reclaims at will). ``memmap_for`` still gives a block's memory map. Every file is
 written atomically (temporary file + ``os.replace``), so an interrupted build resumes with the subjects already done
 and never reads half-written files. Before a frame is cached, its file must be complete and finite (SimpleITK would
 read missing, NaN and infinite voxels as zeros) and the frame not constant.
@@ -50,6 +52,8 @@ SUBJECTS_DIR = "subjects"
 NIFTI = ".nii.gz"
 META_KEYS = ("subject", "frame", "frame_from_ed", "slice_index", "num_slices", "num_frames")
 MAX_OPEN_MEMMAPS = 256
+MAX_OPEN_FILES = 128  # block files a reading process keeps open
+_HAS_PREADV = hasattr(os, "preadv")
 # how cache-building processes start: spawn, as nnU-Net's own preprocessing does (forking a process whose torch/OpenMP
 # threads are running can deadlock the children); each spawned process pays the torch + nnU-Net imports once.
 POOL_START_METHOD = "spawn"
@@ -310,11 +314,15 @@ def _worker_target(key: str, plans: dict, configuration: str, dataset_json: dict
 def _read_frames(source: CineSource, plans_manager):
     """Yields (data (C, Z, Y, X) float32, properties) per frame, as nnU-Net's reader would return them.
 
-    3D files go through the plans' own reader. A 4D cine is read with SimpleITK and split into frames whose
-    properties are those SimpleITKIO produces for a 3D image of the same geometry (spacing reversed to (z, y, x))."""
+    3D files go through the plans' own reader. A 4D cine is split into frames whose properties are those SimpleITKIO
+    produces for a 3D image of the same geometry (spacing reversed to (z, y, x)), and whose voxels are SimpleITK's.
+    The file is decompressed once: when SimpleITK would return the stored values unchanged (a 4D scalar NIfTI without
+    intensity scaling, the usual cine), the voxels nibabel read for the integrity check are used and SimpleITK reads
+    the header only; otherwise SimpleITK reads the image."""
     import SimpleITK as sitk
+    voxels = None
     for path in source.paths:
-        _check_file(path)
+        voxels = _check_file(path, keep=source.ndim == 4)
     reader_class = plans_manager.image_reader_writer_class
     if source.ndim == 4 and reader_class.__name__ != "SimpleITKIO":
         import warnings
@@ -329,10 +337,19 @@ def _read_frames(source: CineSource, plans_manager):
         return
     path = source.paths[0]
     try:
-        image = sitk.ReadImage(path)
-        array = sitk.GetArrayFromImage(image)  # (T, Z, Y, X)
+        if voxels is not None:
+            image = sitk.ImageFileReader()
+            image.SetFileName(path)
+            image.ReadImageInformation()
+            if image.GetDimension() != 4:
+                raise SSPError(f"{path}: expected a 4D cine, SimpleITK reads a {image.GetDimension()}D image")
+            array = voxels.transpose(3, 2, 1, 0)  # nibabel's (X, Y, Z, T) -> SimpleITK's (T, Z, Y, X)
+        else:
+            image = sitk.ReadImage(path)
+            array = sitk.GetArrayFromImage(image)  # (T, Z, Y, X)
     except RuntimeError as e:
         raise SSPError(f"{path}: cannot read image ({_first_line(e)})") from None
+    del voxels
     if array.ndim != 4:
         raise SSPError(f"{path}: expected a 4D cine, read an array of shape {array.shape}")
     spacing, origin, d = image.GetSpacing()[:3], image.GetOrigin()[:3], image.GetDirection()
@@ -340,21 +357,40 @@ def _read_frames(source: CineSource, plans_manager):
     for t in range(array.shape[0]):
         props = {"sitk_stuff": {"spacing": tuple(spacing), "origin": tuple(origin), "direction": direction},
                  "spacing": list(np.abs(list(spacing)[::-1]))}
-        yield array[t][None].astype(np.float32), props
+        # C order whatever the source's layout: nnU-Net's normalization sums in memory order
+        yield np.ascontiguousarray(array[t][None], dtype=np.float32), props
 
 
-def _check_file(path: str) -> None:
+def _check_file(path: str, keep: bool = False) -> Optional[np.ndarray]:
     """SimpleITK (in nnU-Net's reader too) reads a truncated NIfTI without complaint, the missing voxels as zeros, and
-    NaN or infinite voxels as zeros: the file is read with nibabel first, which does neither."""
+    NaN or infinite voxels as zeros: the file is read with nibabel first, which does neither. With ``keep``, returns
+    nibabel's voxels (X, Y, Z, T) when they are what SimpleITK would read (see ``_same_as_simpleitk``), else None."""
     if not path.endswith((".nii", ".nii.gz")):
-        return
+        return None
     import nibabel as nib
     try:
-        voxels = np.asanyarray(nib.load(path).dataobj)
+        image = nib.load(path)
+        voxels = np.asanyarray(image.dataobj)
     except Exception as e:  # nibabel, gzip and zlib raise many types for short or corrupt files
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise SSPError(f"{path}: truncated or corrupt image file ({reason})") from None
     check_finite(voxels, path)
+    return voxels if keep and _same_as_simpleitk(image, voxels) else None
+
+
+def _same_as_simpleitk(image, voxels: np.ndarray) -> bool:
+    """Whether SimpleITK reads the same voxel values as nibabel did: a 4D scalar NIfTI of a plain integer or float
+    type stored without intensity scaling (scl_slope 0, 1 or NaN and scl_inter 0 or NaN, which both libraries take
+    as no scaling), so both return the stored values, in the file's order."""
+    try:
+        header = image.header
+        slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+        dims = [int(n) for n in header["dim"]]
+        stored = header.get_data_dtype()
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return False
+    return (voxels.ndim == 4 and dims[0] == 4 and voxels.dtype.kind in "iuf" and voxels.dtype == stored
+            and (slope in (0.0, 1.0) or np.isnan(slope)) and (inter == 0.0 or np.isnan(inter)))
 
 
 def _check_frame(source: CineSource, t: int, data: np.ndarray) -> None:
@@ -618,7 +654,7 @@ def build_or_load_cache(target, sources: Sequence[CineSource], cache_dir: str, n
 
 # ---------------------------------------------------------------------------------------------------- reading
 class SliceCache:
-    """Read access to a finished cache. Arrays are memory-mapped on first use, per process; pickling sends only the
+    """Read access to a finished cache. Block files are opened on first use, per process; pickling sends only the
     folder (DataLoader workers reopen it lazily)."""
 
     def __init__(self, folder: str):
@@ -633,8 +669,25 @@ class SliceCache:
         self.key = info["key"]
         self._index: Optional[dict] = None
         self._maps: "OrderedDict[int, np.memmap]" = OrderedDict()
+        self._files: "OrderedDict[int, Tuple[int, int, Tuple[int, ...]]]" = OrderedDict()  # block -> fd, offset, shape
         self._pid = os.getpid()
         self.lock_fd: Optional[int] = None  # the shared lock that build_or_load_cache took for this process
+
+    def close(self) -> None:
+        """Closes the files and memory maps this process opened (they reopen on the next read)."""
+        files, self._files, self._maps = getattr(self, "_files", {}), OrderedDict(), OrderedDict()
+        if getattr(self, "_pid", None) == os.getpid():  # a forked child's copies are the parent's business too
+            for fd, _, _ in files.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
 
     # pickling: only the folder and key; arrays and memmaps are reopened lazily in the receiving process
     def __getstate__(self):
@@ -689,9 +742,13 @@ class SliceCache:
             raise IndexError(f"slice {i} out of range (cache has {len(self)})")
         return i
 
+    def _forked(self) -> None:
+        """Drops what the parent process opened (maps, file descriptors): a child opens its own."""
+        if self._pid != os.getpid():
+            self._maps, self._files, self._pid = OrderedDict(), OrderedDict(), os.getpid()
+
     def _memmap(self, block: int) -> np.memmap:
-        if self._pid != os.getpid():  # forked: do not share the parent's maps
-            self._maps, self._pid = OrderedDict(), os.getpid()
+        self._forked()
         array = self._maps.get(block)
         if array is None:
             path = os.path.join(self.folder, str(self._idx()["block_files"][block]))
@@ -707,17 +764,65 @@ class SliceCache:
         """The memory-mapped array that holds slice ``i``."""
         return self._memmap(int(self._idx()["block"][self._check(i)]))
 
-    def _plane(self, i) -> np.ndarray:
-        i = self._check(i)
-        idx = self._idx()
-        array = self._memmap(int(idx["block"][i]))
-        r, z = int(idx["row"][i]), int(idx["z"][i])
-        return array[r, z] if self.num_channels == 1 else array[r, :, z]
+    def _file(self, block: int) -> Tuple[int, int, Tuple[int, ...]]:
+        """(file descriptor, byte offset of the data, shape) of a block file, kept open per process (at most
+        MAX_OPEN_FILES, least recently used closed first)."""
+        self._forked()
+        entry = self._files.get(block)
+        if entry is not None:
+            self._files.move_to_end(block)
+            return entry
+        path = os.path.join(self.folder, str(self._idx()["block_files"][block]))
+        try:
+            header = np.load(path, mmap_mode="r")  # numpy parses and checks the .npy header; no page is read
+            if header.dtype != np.dtype(np.float32) or not header.flags.c_contiguous:
+                raise SSPError(f"{path}: not a float32 C-order array; delete the slice cache {self.folder}")
+            offset, shape = int(header.offset), tuple(header.shape)
+            del header
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, ValueError) as e:  # missing, or shorter than its header says
+            raise SSPError(f"{path}: cannot read ({_first_line(e)}); delete the slice cache {self.folder}") from None
+        self._files[block] = entry = (fd, offset, shape)
+        if len(self._files) > MAX_OPEN_FILES:
+            os.close(self._files.popitem(last=False)[1][0])
+        return entry
+
+    def _read_plane(self, fd: int, position: int, out: np.ndarray, block: int) -> None:
+        """Fills ``out`` (C-contiguous) with the bytes at ``position`` of the file."""
+        done = os.preadv(fd, [out], position) if _HAS_PREADV else 0  # one call, except near a short read
+        view = memoryview(out).cast("B")
+        while done < len(view):
+            if _HAS_PREADV:
+                n = os.preadv(fd, [view[done:]], position + done)
+            else:  # pragma: no cover - platforms without preadv
+                chunk = os.pread(fd, len(view) - done, position + done)
+                view[done:done + len(chunk)] = chunk
+                n = len(chunk)
+            if n <= 0:
+                raise SSPError(f"{os.path.join(self.folder, str(self._idx()['block_files'][block]))}: shorter than "
+                               f"its header says; delete the slice cache {self.folder}")
+            done += n
 
     def slice(self, i) -> np.ndarray:
-        """Slice ``i`` as an (H, W) float32 array ((C, H, W) for multi-channel caches); a copy, so the memory map
-        is not kept alive by it."""
-        return np.array(self._plane(i), dtype=np.float32, copy=True)
+        """Slice ``i`` as an (H, W) float32 array ((C, H, W) for multi-channel caches), read from its block file
+        with one positioned read per channel: the pages stay in the page cache but are not mapped into this
+        process, so its resident memory does not grow with the slices it has read."""
+        i = self._check(i)
+        idx = self._idx()
+        block = int(idx["block"][i])
+        fd, offset, shape = self._file(block)
+        r, z = int(idx["row"][i]), int(idx["z"][i])
+        h, w = shape[-2:]
+        plane = h * w * 4
+        if self.num_channels == 1:  # (T, Z, H, W)
+            out = np.empty((h, w), dtype=np.float32)
+            self._read_plane(fd, offset + (r * shape[1] + z) * plane, out, block)
+            return out
+        channels, depth = shape[1], shape[2]  # (T, C, Z, H, W)
+        out = np.empty((channels, h, w), dtype=np.float32)
+        for c in range(channels):
+            self._read_plane(fd, offset + ((r * channels + c) * depth + z) * plane, out[c], block)
+        return out
 
     def slice_channels(self, i) -> np.ndarray:
         """Slice ``i`` as a (C, H, W) float32 array (a copy)."""
