@@ -485,16 +485,15 @@ def evaluate_goals(result: dict) -> list:
                       "ok": compare["ratio"] >= 1.0})
         goals.append({"goal": "  (info) cache from nnU-Net's 3D frame files",
                       "value": f"{compare['ratio_same_files']:.2f}", "ok": None})
-    under_goal("build peak RSS, process tree", builds, "peak_tree_rss_bytes")
-    flat("build RSS", builds, "peak_tree_rss_bytes")
-    under_goal("epoch data path RSS (loader workers)", epochs, "peak_children_rss_bytes")
-    flat("epoch data path RSS", epochs, "peak_children_rss_bytes")
+    for name, rows, key in (("build peak RSS, process tree", builds, "peak_tree_rss_bytes"),
+                            ("epoch data path RSS (loader workers)", epochs, "peak_children_rss_bytes"),
+                            ("reader RSS after random reads", preads, "rss_after_reads_bytes")):
+        under_goal(name, rows, key)
+        flat(name, rows, key)
     if epochs:
         goals.append({"goal": "  (info) epoch main process (model step on CPU)",
                       "value": " / ".join(_gb(r["peak_main_rss_bytes"]) for r in epochs) + " GB", "ok": None})
         flat("epoch tree RSS", epochs, "peak_tree_rss_bytes")
-    under_goal("reader RSS after random reads", preads, "rss_after_reads_bytes")
-    flat("reader RSS", preads, "rss_after_reads_bytes")
     if mmaps:
         goals.append({"goal": "  (info) former mmap reader, same reads",
                       "value": " / ".join(_gb(r["rss_after_reads_bytes"]) for r in mmaps) + " GB", "ok": None})
@@ -593,7 +592,7 @@ def main(argv=None) -> dict:
         best = lambda runs: max(runs, key=lambda r: r["slices_per_s"])  # noqa: E731
         cache_row, nn = best(cache_runs), best(nnunet_runs)
         result["rows"].append({"step": f"cache build, {compare_n} cines, best", **cache_row})
-        result["rows"].append({"step": f"nnU-Net preprocess, 3D frames, best", "subjects": compare_n, **nn})
+        result["rows"].append({"step": "nnU-Net preprocess, 3D frames, best", "subjects": compare_n, **nn})
         log("cache build from the same 3D frame files (information) ...")
         same = phase("build", {"extra": frames_dir, "cache_dir": os.path.join(workdir, "caches", "frames3d"),
                                "num_processes": args.num_processes})

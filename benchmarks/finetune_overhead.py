@@ -49,6 +49,8 @@ import time
 import numpy as np
 import torch
 
+from workspace import phantom_workspace  # benchmarks/workspace.py, next to this script
+
 STOCK, MIM, CONTROL = "nnUNetTrainer", "nnUNetTrainerMIM", "nnUNetTrainer (control)"
 # nnU-Net hooks that run every epoch or every iteration: an override of any of them can cost time after start-up.
 PER_EPOCH_HOOKS = ("run_training", "on_epoch_start", "on_train_epoch_start", "train_step", "on_train_epoch_end",
@@ -56,20 +58,6 @@ PER_EPOCH_HOOKS = ("run_training", "on_epoch_start", "on_train_epoch_start", "tr
                    "save_checkpoint", "set_deep_supervision_enabled", "get_dataloaders", "get_training_transforms",
                    "get_validation_transforms", "configure_optimizers", "_build_loss", "build_network_architecture",
                    "_do_i_compile", "plot_network_architecture", "print_to_log_file")
-
-
-def prepare_workspace(root: str, subjects: int, size: int) -> str:
-    """A phantom dataset planned and preprocessed by the stock nnU-Net CLI; returns the dataset id."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = os.path.join(root, name)
-        os.makedirs(os.environ[name], exist_ok=True)
-    bin_dir = os.path.dirname(sys.executable)
-    subprocess.run([os.path.join(bin_dir, "nnunet_ssp"), "phantom", "-d", "992", "-n", "Overhead", "--subjects",
-                    str(subjects), "--test-subjects", "1", "--size", str(size)], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d", "992", "-c", "2d", "-np", "2",
-                    "-npfp", "2"], check=True, stdout=subprocess.DEVNULL,
-                   env=dict(os.environ, nnUNet_n_proc_DA="2"))  # its planner calls set_num_threads(n_proc_DA)
-    return "992"
 
 
 def mim_checkpoint(args, target, workdir: str, real_results: str) -> tuple:
@@ -302,7 +290,7 @@ def main(argv=None) -> dict:
         dataset = args.dataset
         real_results = os.environ.get("nnUNet_results")
     else:
-        dataset = prepare_workspace(workdir, subjects=args.subjects, size=args.size)
+        dataset = phantom_workspace(workdir, 992, "Overhead", subjects=args.subjects, size=args.size)
     os.environ["nnUNet_results"] = os.path.join(workdir, "nnUNet_results")  # trainers write only here
     os.makedirs(os.environ["nnUNet_results"], exist_ok=True)
     from nnunet_ssp.network import PlansTarget

@@ -14,8 +14,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -27,26 +25,13 @@ from pretraining.data.loader import SliceViewDataset, make_loader
 from pretraining.loop import PretrainSettings, Pretrainer
 from pretraining.methods import METHODS
 from pretraining.methods.base import Step
+from workspace import phantom_workspace  # benchmarks/workspace.py, next to this script
 
 
 #: precision / memory-format variants of the step (CUDA only; CPU always runs fp32, contiguous)
 VARIANTS = {"bf16+cl": {"precision": "bf16", "channels_last": True}, "fp32+cl": {"precision": "fp32",
             "channels_last": True}, "bf16": {"precision": "bf16", "channels_last": False},
             "fp32": {"precision": "fp32", "channels_last": False}}
-
-
-def prepare_workspace(root: str, subjects: int, size: int) -> str:
-    """A phantom dataset planned and preprocessed by the stock nnU-Net CLI; returns the dataset id."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = os.path.join(root, name)
-        os.makedirs(os.environ[name], exist_ok=True)
-    bin_dir = os.path.dirname(sys.executable)
-    subprocess.run([os.path.join(bin_dir, "nnunet_ssp"), "phantom", "-d", "990", "-n", "Bench", "--subjects",
-                    str(subjects), "--test-subjects", "1", "--size", str(size)], check=True, stdout=subprocess.DEVNULL)
-    if not os.path.isfile(os.path.join(root, "nnUNet_preprocessed", "Dataset990_Bench", "nnUNetPlans.json")):
-        subprocess.run([os.path.join(bin_dir, "nnUNetv2_plan_and_preprocess"), "-d", "990", "-c", "2d", "-np", "2",
-                        "-npfp", "2"], check=True, stdout=subprocess.DEVNULL, env=dict(os.environ, nnUNet_n_proc_DA="2"))
-    return "990"
 
 
 CARDIAC_PLANS = "nnUNetPlansCardiacLike"
@@ -126,7 +111,7 @@ def main(argv=None) -> dict:
 
     workdir = tempfile.mkdtemp(prefix="ssp_bench_")
     size = args.size or (256 if args.plan_like == "cardiac" else 128)
-    dataset = args.dataset or prepare_workspace(workdir, subjects=4, size=size)
+    dataset = args.dataset or phantom_workspace(workdir, 990, "Bench", subjects=4, size=size)
     plans = write_cardiac_like_plans(dataset) if args.plan_like == "cardiac" else "nnUNetPlans"
     target = PlansTarget.from_preprocessed(dataset, plans)
     variants = args.variants or (["bf16", "fp32", "bf16+cl"] if args.device.startswith("cuda") else ["fp32"])
