@@ -3,4 +3,4 @@
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
 cd "$REPO_ROOT"
-python -m pytest tests "$@"
+python -m pytest tests --durations=15 "$@"

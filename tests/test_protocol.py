@@ -127,3 +127,17 @@ def test_miniature_protocol_through_report(tmp_path):
     again = reproduce(env, *args)
     assert "$ nnUNetv2_train" not in again.stdout and "$ ssp_pretrain" not in again.stdout
     assert "$ nnunet_ssp report" in again.stdout
+
+
+@pytest.mark.parametrize("jobs, expected", [(1, "unset"), (2, "PASSIVE")])
+def test_parallel_runs_get_passive_openmp_threads_unless_the_user_sets_them(tmp_path, monkeypatch, jobs, expected):
+    from nnunet_ssp.protocol import Run, Step, execute
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    show = ["python", "-c", "import os; print('policy', os.environ.get('OMP_WAIT_POLICY', 'unset'))"]
+    runs = [Run("finetune", f"run {i}", [Step(show, done=lambda: False)]) for i in range(2)]
+    execute(runs, str(tmp_path), jobs=jobs)
+    logs = [open(tmp_path / f, encoding="utf-8").read() for f in sorted(os.listdir(tmp_path))]
+    assert len(logs) == 2 and all(f"policy {expected}" in log for log in logs)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
+    execute(runs, str(tmp_path / "own"), jobs=jobs)
+    assert all("policy ACTIVE" in open(tmp_path / "own" / f).read() for f in os.listdir(tmp_path / "own"))

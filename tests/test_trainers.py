@@ -46,7 +46,9 @@ def test_schedules(nnunet_env, monkeypatch):
     monkeypatch.setenv("nnUNet_ssp_num_epochs", "3")
     monkeypatch.setenv("nnUNet_ssp_iters_per_epoch", "7")
     short = _trainer(nnUNetTrainerMIM)
-    assert (short.num_epochs, short.num_iterations_per_epoch, short.num_val_iterations_per_epoch) == (3, 7, 7)
+    assert (short.num_epochs, short.num_iterations_per_epoch, short.num_val_iterations_per_epoch) == (3, 7, 1)
+    monkeypatch.setenv("nnUNet_ssp_iters_per_epoch", "250")
+    assert _trainer(nnUNetTrainerMIM).num_val_iterations_per_epoch == 50  # nnU-Net's own 250 / 50
     monkeypatch.setenv("nnUNet_ssp_num_epochs", "three")
     with pytest.raises(SystemExit, match="nnUNet_ssp_num_epochs='three': expected a positive integer"):
         _trainer(nnUNetTrainerBaseline)
