@@ -6,9 +6,9 @@
 #   -> nnunet_ssp report (Dice table, per-class, clinical errors, Wilcoxon, label-efficiency and Bland-Altman plots).
 # Idempotent: finished runs are reused. Usage: bash scripts/demo.sh
 # Knobs (CPU-sized defaults): DEMO_DIR (./demo_output), DEMO_DATASET_ID (501), DEMO_SUBJECTS (10),
-#   DEMO_TEST_SUBJECTS (4), DEMO_SIZE (64 px), DEMO_BUDGETS ("2 6"), DEMO_SEEDS ("0 1"), DEMO_VAL (2 subjects),
+#   DEMO_TEST_SUBJECTS (4), DEMO_SIZE (64 px), DEMO_BUDGETS ("2 6"), DEMO_SEEDS ("0 1"), DEMO_VAL (1 subject),
 #   DEMO_METHODS ("simclr pcl dino mim"), DEMO_PRETRAIN_EPOCHS (3), DEMO_PRETRAIN_ITERS (10), DEMO_PRETRAIN_BATCH (16),
-#   DEMO_EPOCHS (8), DEMO_ITERS (10 per epoch).
+#   DEMO_EPOCHS (5), DEMO_ITERS (10 per epoch).
 set -euo pipefail
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
 cd "$REPO_ROOT"
@@ -21,7 +21,7 @@ export nnUNet_results="${nnUNet_results:-$WORK/nnUNet_results}"
 mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
 ID="${DEMO_DATASET_ID:-501}"
 # CPU-sized fine-tuning: short schedules, augmentation in the main process (no worker start-up per run)
-export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-8}" nnUNet_ssp_iters_per_epoch="${DEMO_ITERS:-10}"
+export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-5}" nnUNet_ssp_iters_per_epoch="${DEMO_ITERS:-10}"
 export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-0}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
 
 echo "== phantom: $nnUNet_raw/Dataset${ID}_CinePhantom"
@@ -31,7 +31,7 @@ nnunet_ssp phantom -d "$ID" -n CinePhantom --subjects "${DEMO_SUBJECTS:-10}" \
 read -r -a BUDGETS <<< "${DEMO_BUDGETS:-2 6}"
 read -r -a SEEDS <<< "${DEMO_SEEDS:-0 1}"
 read -r -a METHODS <<< "${DEMO_METHODS:-simclr pcl dino mim}"
-python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" --val "${DEMO_VAL:-2}" \
+python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" --val "${DEMO_VAL:-1}" \
   --methods "${METHODS[@]}" --device cpu --num-processes 1 --jobs 2 --predict-args=--disable_tta \
   --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-3} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-10} \
 --batch-size ${DEMO_PRETRAIN_BATCH:-16} --num-workers 1 --probe-slices 128" \
