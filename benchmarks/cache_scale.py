@@ -54,6 +54,8 @@ import tempfile
 import threading
 import time
 
+from workspace import use_workspace  # benchmarks/workspace.py, next to this script
+
 DATASET_ID = 993
 DATASET_NAME = "CacheScale"
 GB = 1024 ** 3
@@ -197,12 +199,6 @@ def run_phase(phase: str, params: dict, workdir: str, interval: float, log) -> d
 
 
 # ---------------------------------------------------------------------------------------------------- workspace
-def set_environment(workdir: str) -> None:
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = os.path.join(workdir, name)
-        os.makedirs(os.environ[name], exist_ok=True)
-
-
 def prepare_workspace(workdir: str, subjects: int, size: int, num_processes: int, log) -> dict:
     """The phantom cohort and nnU-Net's plans (fingerprint + planning, no preprocessing) by the stock CLIs; reused
     when ``workspace.json`` says they were made with these parameters."""
@@ -544,7 +540,7 @@ def main(argv=None) -> dict:
 
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="ssp_cache_scale_"))
     os.makedirs(workdir, exist_ok=True)
-    set_environment(workdir)
+    use_workspace(workdir)
 
     def log(message):
         print(message, flush=True)

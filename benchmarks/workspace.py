@@ -4,12 +4,17 @@ import subprocess
 import sys
 
 
-def phantom_workspace(root: str, dataset_id: int, name: str, subjects: int, size: int) -> str:
-    """Points nnUNet_raw/_preprocessed/_results into ``root``, makes the phantom dataset there and plans and
-    preprocesses it (2d) unless its plans exist; returns the dataset id."""
+def use_workspace(root: str) -> None:
+    """Points nnUNet_raw, nnUNet_preprocessed and nnUNet_results (of this process and its children) into ``root``."""
     for variable in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.environ[variable] = os.path.join(root, variable)
         os.makedirs(os.environ[variable], exist_ok=True)
+
+
+def phantom_workspace(root: str, dataset_id: int, name: str, subjects: int, size: int) -> str:
+    """In the workspace ``root``, makes the phantom dataset and plans and preprocesses it (2d) unless its plans
+    exist; returns the dataset id."""
+    use_workspace(root)
     bin_dir = os.path.dirname(sys.executable)
     subprocess.run([os.path.join(bin_dir, "nnunet_ssp"), "phantom", "-d", str(dataset_id), "-n", name, "--subjects",
                     str(subjects), "--test-subjects", "1", "--size", str(size)], check=True, stdout=subprocess.DEVNULL)

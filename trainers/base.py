@@ -23,7 +23,6 @@ from trainers.schedules import WarmupPolyLRScheduler
 
 NUM_EPOCHS_ENV = "nnUNet_ssp_num_epochs"
 ITERS_PER_EPOCH_ENV = "nnUNet_ssp_iters_per_epoch"
-TRAIN_PER_VAL_ITERATION = 5  # nnU-Net's own ratio: 250 training, 50 validation iterations per epoch
 SSP_INIT_FILE = "ssp_init.json"
 
 
@@ -52,8 +51,10 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
         if num_epochs is not None:
             self.num_epochs = num_epochs
         if iters is not None:
+            # validation keeps nnU-Net's own ratio to training (250 : 50)
+            stock_ratio = self.num_iterations_per_epoch / self.num_val_iterations_per_epoch
             self.num_iterations_per_epoch = iters
-            self.num_val_iterations_per_epoch = max(1, round(iters / TRAIN_PER_VAL_ITERATION))
+            self.num_val_iterations_per_epoch = max(1, round(iters / stock_ratio))
         if num_epochs is not None or iters is not None:
             self.print_to_log_file(f"nnunet_ssp schedule from the environment: {self.num_epochs} epochs x "
                                    f"{self.num_iterations_per_epoch} iterations "

@@ -53,7 +53,6 @@ NIFTI = ".nii.gz"
 META_KEYS = ("subject", "frame", "frame_from_ed", "slice_index", "num_slices", "num_frames")
 MAX_OPEN_MEMMAPS = 256
 MAX_OPEN_FILES = 128  # block files a reading process keeps open
-_HAS_PREADV = hasattr(os, "preadv")
 # how cache-building processes start: spawn, as nnU-Net's own preprocessing does (forking a process whose torch/OpenMP
 # threads are running can deadlock the children); each spawned process pays the torch + nnU-Net imports once.
 POOL_START_METHOD = "spawn"
@@ -788,16 +787,11 @@ class SliceCache:
         return entry
 
     def _read_plane(self, fd: int, position: int, out: np.ndarray, block: int) -> None:
-        """Fills ``out`` (C-contiguous) with the bytes at ``position`` of the file."""
-        done = os.preadv(fd, [out], position) if _HAS_PREADV else 0  # one call, except near a short read
-        view = memoryview(out).cast("B")
+        """Fills ``out`` (C-contiguous) with the bytes at ``position`` of the file (one read, except near a short
+        read)."""
+        view, done = memoryview(out).cast("B"), 0
         while done < len(view):
-            if _HAS_PREADV:
-                n = os.preadv(fd, [view[done:]], position + done)
-            else:  # pragma: no cover - platforms without preadv
-                chunk = os.pread(fd, len(view) - done, position + done)
-                view[done:done + len(chunk)] = chunk
-                n = len(chunk)
+            n = os.preadv(fd, [view[done:]], position + done)
             if n <= 0:
                 raise SSPError(f"{os.path.join(self.folder, str(self._idx()['block_files'][block]))}: shorter than "
                                f"its header says; delete the slice cache {self.folder}")
