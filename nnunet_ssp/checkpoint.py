@@ -32,6 +32,8 @@ FORMAT_NAME = "nnunet_ssp.checkpoint"
 FORMAT_VERSION = 1
 FINAL_CHECKPOINT = "checkpoint_final.pth"
 CHECKPOINT_ENV = "nnUNet_ssp_checkpoint"
+#: what a fine-tuning trainer loaded, written into its fold folder (``fold_X/ssp_init.json``; ``method`` among it)
+SSP_INIT_FILE = "ssp_init.json"
 
 
 def library_versions() -> dict:

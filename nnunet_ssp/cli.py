@@ -90,7 +90,8 @@ def _merge(args):
 def _evaluate(args):
     from nnunet_ssp.evaluation.evaluate import evaluate_predictions, summary_lines
     evaluation, dice = evaluate_predictions(args.prediction_folder, args.dataset, args.reference, args.trainer,
-                                            args.fold, args.vendors, args.num_processes)
+                                            args.fold, args.vendors, args.num_processes, args.configuration,
+                                            None if args.tta is None else args.tta == "on")
     print("\n".join(summary_lines(evaluation, dice)))
 
 
@@ -154,8 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prediction_folder", metavar="PRED", help="folder written by nnUNetv2_predict")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     p.add_argument("--reference", metavar="DIR", help="reference label maps (default: $nnUNet_raw/<Dataset>/labelsTs)")
-    p.add_argument("-tr", "--trainer", help="trainer that made the predictions (recorded, gives the method)")
+    p.add_argument("-tr", "--trainer", help="trainer that made the predictions (recorded; the method is what its run "
+                                                   "recorded, see -c)")
     p.add_argument("-f", "--fold", help="fold of the model (recorded; budget and seed from splits_ssp.json)")
+    p.add_argument("-c", "--configuration", default="2d",
+                   help="configuration of the model (default 2d); with -tr and -f it locates the run's records "
+                        "(method, schedule)")
+    p.add_argument("--tta", choices=("on", "off"),
+                   help="whether nnUNetv2_predict used test-time mirroring (recorded; default: not recorded)")
     p.add_argument("--vendors", nargs="+", metavar="V", help="evaluate only subjects of these vendors (subjects.csv)")
     p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                    help="processes for nnU-Net's Dice (default: nnU-Net's default)")

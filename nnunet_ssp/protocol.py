@@ -13,6 +13,7 @@ once at the end. ``--dry-run`` prints the plan and writes nothing. Each command'
 the output folder.
 """
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -23,9 +24,11 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Sequence
 
 from nnunet_ssp.errors import SSPError, run_command
+from nnunet_ssp.schedule import SCHEDULE_SUFFIX
 
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
+PAPER_BATCH_SIZE = 32
 TRAINER_OF_METHOD = {"simclr": "nnUNetTrainerSimCLR", "pcl": "nnUNetTrainerPCL", "dino": "nnUNetTrainerDINO",
                      "mim": "nnUNetTrainerMIM"}
 #: Environment of runs that share the machine (--jobs > 1), unless the user's environment sets it. nnU-Net gives every
@@ -88,8 +91,9 @@ class Protocol:
         unknown = [m for m in self.methods if m not in TRAINER_OF_METHOD]
         if unknown:
             raise SSPError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(TRAINER_OF_METHOD)}")
-        self.trainers = [BASELINE_TRAINER + args.trainer_suffix] + [TRAINER_OF_METHOD[m] + args.trainer_suffix
-                                                                     for m in self.methods]
+        suffix = args.trainer_suffix + SCHEDULE_SUFFIX[args.schedule]
+        self.method_of_trainer = {TRAINER_OF_METHOD[m] + suffix: m for m in self.methods}
+        self.trainers = [BASELINE_TRAINER + suffix, *self.method_of_trainer]
 
     # ------------------------------------------------------------------ dataset and folds
     def _target_dataset(self):
@@ -157,13 +161,20 @@ class Protocol:
                 else [])]))
         return runs
 
+    def checkpoint_env(self, trainer: str) -> dict:
+        """A method's trainer fine-tunes from this protocol's checkpoint of that method, whatever the caller exported
+        as nnUNet_ssp_checkpoint (one stale export would otherwise give every trainer the same file)."""
+        from nnunet_ssp.checkpoint import CHECKPOINT_ENV, FINAL_CHECKPOINT
+        method = self.method_of_trainer.get(trainer)
+        return {CHECKPOINT_ENV: os.path.join(self.ssp_folder(method), FINAL_CHECKPOINT)} if method else {}
+
     def prediction_folder(self, trainer: str, fold: int) -> str:
         return os.path.join(self.output, "predictions", trainer, f"fold_{fold}")
 
     def finetune_runs(self) -> List[Run]:
         a, runs = self.args, []
         test_images = os.path.join(self.raw_root, self.dataset_name, "imagesTs")
-        test_cases = _test_cases(test_images)
+        test_cases = _cases_in(test_images)
         for fold in self.folds():
             for trainer in self.trainers:
                 index = str(fold["fold"])
@@ -173,18 +184,54 @@ class Protocol:
                 train = Step(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
                               "-device", a.device], _exists(results, "checkpoint_final.pth"),
                              resume=lambda r=results: ["--c"] if os.path.isfile(os.path.join(r, "checkpoint_latest.pth"))
-                             else [])
+                             else [], env=self.checkpoint_env(trainer))
                 predict = Step(["nnUNetv2_predict", "-i", test_images, "-o", prediction, "-d", self.dataset_id,
                                 "-c", a.configuration, "-f", index, "-tr", trainer, "-p", a.plans, "-device", a.device,
-                                "-npp", str(a.num_processes), "-nps", str(a.num_processes)] + a.predict_args,
+                                "-npp", str(a.num_processes), "-nps", str(a.num_processes),
+                                *([] if a.tta else ["--disable_tta"]), *a.predict_args],
                                _folder_holds(prediction, [c + ".nii.gz" for c in test_cases] + ["plans.json"]),
                                resume=lambda: ["--continue_prediction"])
                 evaluate = Step(["nnunet_ssp", "evaluate", prediction, "-d", self.dataset_id, "-tr", trainer,
-                                 "-f", index, "-np", str(a.num_processes)],
+                                 "-f", index, "-c", a.configuration, "-np", str(a.num_processes),
+                                 "--tta", "on" if a.tta else "off"],
                                 _exists(prediction, "ssp_evaluation.json"))
                 runs.append(Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']})",
                                 [train, predict, evaluate]))
         return runs
+
+    def iteration_budget(self) -> List[str]:
+        """Lines for the dry run: each fold's labelled training slices and the fine-tuning iterations of one run under
+        each schedule, and the totals over every fine-tuning run, so GPU time can be budgeted before starting."""
+        from nnunet_ssp.schedule import NNUNET_EPOCHS, iterations_per_epoch, num_epochs
+        from nnunet_ssp.splits import make_folds
+        raw = os.path.join(self.raw_root, self.dataset_name)
+        cases = _cases_in(os.path.join(raw, "imagesTr"))
+        if not cases:
+            return [f"fine-tuning iterations: known once {raw}/imagesTr exists (--phase prepare)"]
+        folds, descriptions, _ = make_folds(cases, self.splits_options(), raw)
+        batch, where = self._batch_size()
+        epochs, totals = num_epochs(), {schedule: 0 for schedule in SCHEDULE_SUFFIX}
+        lines = [f"fine-tuning iterations per run ({epochs} epochs, batch {batch}: {where}):"]
+        for fold, described in zip(folds, descriptions):
+            slices = sum(_slices(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz")) for case in fold["train"])
+            per_run = {s: iterations_per_epoch(s, slices, batch) * epochs for s in SCHEDULE_SUFFIX}
+            for schedule, iterations in per_run.items():
+                totals[schedule] += iterations * len(self.trainers)
+            lines.append(f"  budget {described['budget']}, seed {described['seed']}: {slices} labelled slices -> "
+                         + ", ".join(f"{s} {n:,}" for s, n in per_run.items()))
+        lines.append(f"all {len(folds) * len(self.trainers)} fine-tuning runs: "
+                     + ", ".join(f"{s} {n:,}" for s, n in totals.items())
+                     + f" iterations; this plan runs --schedule {self.args.schedule}"
+                     + ("" if epochs == NNUNET_EPOCHS else " (epochs from nnUNet_ssp_num_epochs)"))
+        return lines
+
+    def _batch_size(self):
+        """(the plans' batch size of the configuration, where it comes from); the paper's 32 before planning."""
+        plans = os.path.join(self.preprocessed, f"{self.args.plans}.json")
+        if os.path.isfile(plans):
+            with open(plans, encoding="utf-8") as f:
+                return json.load(f)["configurations"][self.args.configuration]["batch_size"], "the plans'"
+        return PAPER_BATCH_SIZE, "the paper's, until nnUNetv2_plan_and_preprocess has planned"
 
     def report_runs(self) -> List[Run]:
         report = os.path.join(self.output, "report")
@@ -213,10 +260,19 @@ def _dataset_name(dataset: str, convert) -> str:
         raise SSPError(f"dataset {dataset}: {str(e).strip().splitlines()[0]}") from None
 
 
-def _test_cases(images_folder: str) -> List[str]:
+def _cases_in(images_folder: str) -> List[str]:
     if not os.path.isdir(images_folder):
         return []
     return sorted(f[:-len("_0000.nii.gz")] for f in os.listdir(images_folder) if f.endswith("_0000.nii.gz"))
+
+
+def _slices(image_path: str) -> int:
+    """2D slices of a 3D image as nnU-Net's 2D configuration cuts it: along its axis of largest spacing (header
+    only)."""
+    import nibabel as nib
+    header = nib.load(image_path).header
+    zooms, shape = header.get_zooms()[:3], header.get_data_shape()[:3]
+    return int(shape[max(range(3), key=lambda axis: zooms[axis])])
 
 
 def _describe(command: List[str]) -> str:
@@ -289,12 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(TRAINER_OF_METHOD), help="SSP methods (default: all four)")
     p.add_argument("--trainer-suffix", default="", choices=["", "_warmup"],
                    help="fine-tune with the _warmup trainer variants")
+    p.add_argument("--schedule", default="paper", choices=sorted(SCHEDULE_SUFFIX),
+                   help="fine-tuning length: paper (default; an epoch is one pass over the fold's labelled slices, "
+                        "the _paperSchedule trainers) or nnunet (1000 x 250 iterations at every budget)")
+    p.add_argument("--tta", action="store_true",
+                   help="predict with nnU-Net's test-time mirroring (default off, as the paper)")
     p.add_argument("-c", "--configuration", default="2d")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda")
     p.add_argument("--pretrain-args", default="", help="extra ssp_pretrain arguments, e.g. '--epochs 50'")
     p.add_argument("--predict-args", default=[], type=shlex.split,
-                   help="extra nnUNetv2_predict arguments, e.g. '--disable_tta'")
+                   help="extra nnUNetv2_predict arguments, e.g. '-chk checkpoint_best.pth'")
     p.add_argument("--num-processes", type=int, default=2, help="processes for preprocessing, prediction and "
                                                                   "evaluation (default 2)")
     p.add_argument("-o", "--output", help="predictions, logs and report (default "
@@ -326,6 +387,8 @@ def main(argv=None) -> int:
             runs = protocol.phase_runs(phase, shard)
             if args.dry_run:
                 print_plan(runs)
+                if phase == "finetune":
+                    print("\n".join(protocol.iteration_budget()))
             else:  # prepare and report are single steps in order; runs of the other phases are independent
                 execute(runs, os.path.join(protocol.output, "logs"),
                         args.jobs if phase in ("pretrain", "finetune") else 1)

@@ -150,8 +150,8 @@ def _batch_size(args, method, target, device: str) -> int:
         return requested
     own_device = distributed.device(device)
     sizing_model = method.build_model().to(own_device)
-    fitted = affordable_batch_size(sizing_model, target.network_spec.num_input_channels, method.patch_size,
-                                   requested // world, len(method.view_transforms()), own_device)
+    fitted = affordable_batch_size(method, sizing_model, target.network_spec.num_input_channels,
+                                   requested // world, own_device)
     fitted = distributed.min_int(fitted, own_device) * world
     if fitted < requested and distributed.is_main():
         print(f"warning: batch size {requested} would not fit in {device} memory; using {fitted} "

@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Dict, List, Optional, Tuple
 
@@ -156,11 +156,13 @@ class Pretrainer:
 
     def __init__(self, method: SSPMethod, dataset, target: PlansTarget, settings: PretrainSettings,
                  output_folder: str, data_summary: dict, probe: Optional[PositionPhaseProbe] = None):
-        self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
-        self.output_folder, self.data_summary, self.probe = output_folder, data_summary, probe
         if settings.world_size != distributed.world_size():
             raise ValueError(f"settings.world_size {settings.world_size}, but {distributed.world_size()} processes run")
         self.device = distributed.device(settings.device)
+        if self.device.type != "cuda":  # the settings say what runs: bf16 autocast and channels_last are CUDA-only
+            settings = replace(settings, precision="fp32", channels_last=False)
+        self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
+        self.output_folder, self.data_summary, self.probe = output_folder, data_summary, probe
         self.main = distributed.is_main()
         if self.main:
             try:
@@ -175,8 +177,8 @@ class Pretrainer:
         if settings.world_size > 1:
             self.model = distributed.global_batch_norm(self.model)
         self.model = self.model.to(self.device)
-        self.channels_last = self.device.type == "cuda" and settings.channels_last
-        self.autocast = self.device.type == "cuda" and settings.precision == "bf16"
+        self.channels_last = settings.channels_last
+        self.autocast = settings.precision == "bf16"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(method.parameter_groups(self.model, settings.weight_decay), lr=settings.lr,

@@ -32,7 +32,7 @@ read -r -a BUDGETS <<< "${DEMO_BUDGETS:-2 6}"
 read -r -a SEEDS <<< "${DEMO_SEEDS:-0 1}"
 read -r -a METHODS <<< "${DEMO_METHODS:-simclr pcl dino mim}"
 python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" --val "${DEMO_VAL:-1}" \
-  --methods "${METHODS[@]}" --device cpu --num-processes 1 --jobs 2 --predict-args=--disable_tta \
+  --methods "${METHODS[@]}" --device cpu --num-processes 1 --jobs 2 \
   --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-3} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-10} \
 --batch-size ${DEMO_PRETRAIN_BATCH:-16} --num-workers 1 --probe-slices 128" \
   -o "$WORK/protocol"

@@ -1,6 +1,7 @@
 """``nnunet_ssp convert {mnms,mnms2,acdc}``: synthetic phantom subjects written in each public dataset's layout go
 through the real CLI; the output must be the phantom's nnU-Net raw layout with the right cases, ED/ES frames,
-labels, geometry, exclusions and tables, and bad input must fail with one line, exit code 2 and no output."""
+labels, geometry, exclusions and tables, with slice 0 at the base also for subjects stored apex first, and bad input
+must fail with one line, exit code 2 and no output."""
 import csv
 import json
 import os
@@ -12,22 +13,29 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ssp.convert.common import orthonormal_affine, read_labels, target_folder
+from nnunet_ssp.convert.common import Volume, orthonormal_affine, read_labels, target_folder
 from nnunet_ssp.convert.mnms import labelled_frames
 from nnunet_ssp.convert.mnms2 import vendor_code
+from nnunet_ssp.convert.orientation import (APEX_FIRST, BASE_FIRST, header_vote, label_position, label_vote,
+                                            reverse_slices, stored_order)
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.phantom import LABELS, simulate_subject, subject_rng
 
 SIZE, SEED = 48, 5
-ROTATION = np.array([[0.36, 0.48, -0.8], [-0.8, 0.6, 0.0], [0.48, 0.64, 0.6]])  # orthonormal, oblique
+# SimpleITK direction (LPS): orthonormal, right-handed, oblique; the slice direction (third column) points towards the
+# apex (cosine 0.81 with (+1, -1, -1)/sqrt(3)), as it does for the phantom's base-first stacks
+ROTATION = np.array([[0.36, -0.48, 0.8], [-0.8, -0.6, 0.0], [0.48, -0.64, -0.6]])
 ORIGIN = (-120.5, 80.25, 33.0)
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 ACDC_LABELS = np.array([0, 3, 2, 1], dtype=np.uint8)  # project -> ACDC (1 RV, 2 MYO, 3 LV), its own inverse
 MNMS_TABLE = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
 
 
 @dataclass
 class Source:
-    """A synthetic subject as written in a dataset's layout: cine and labels (T, Z, Y, X), 0-based ED/ES."""
+    """A synthetic subject as written in a dataset's layout: cine and labels (T, Z, Y, X) base first, 0-based ED/ES;
+    ``apex_first``: stored with the slices reversed and the geometry adjusted (same world geometry), ``stale_header``
+    too but with the geometry left as for base first (header and labels disagree)."""
     subject: str
     split: str
     vendor: str
@@ -38,9 +46,12 @@ class Source:
     es: int
     spacing: tuple
     frame_interval: float
+    apex_first: bool = False
+    stale_header: bool = False
 
 
-def make_source(index, subject, split, vendor, pathology, ed_after_es=False) -> Source:
+def make_source(index, subject, split, vendor, pathology, ed_after_es=False, apex_first=False,
+                stale_header=False) -> Source:
     s = simulate_subject(subject_rng(SEED, index), subject, SIZE)
     cine, labels, ed, es = s.cine.astype(np.int16), s.labels, s.ed_frame, s.es_frame
     if ed_after_es:  # rotate the cycle so that ES is frame 1 and ED comes later
@@ -48,18 +59,32 @@ def make_source(index, subject, split, vendor, pathology, ed_after_es=False) -> 
         cine, labels = np.roll(cine, shift, axis=0), np.roll(labels, shift, axis=0)
         ed, es = (ed + shift) % s.num_frames, 1
         assert ed > es
-    return Source(subject, split, vendor, pathology, cine, labels, ed, es, s.spacing, s.frame_interval_ms)
+    return Source(subject, split, vendor, pathology, cine, labels, ed, es, s.spacing, s.frame_interval_ms,
+                  apex_first or stale_header, stale_header)
+
+
+def geometry(source: Source, reversed_: bool):
+    """Direction (LPS) and origin of the source's stack base first, or ``reversed_``: apex first with the same world
+    geometry (slice direction negated, origin at the apex-most slice)."""
+    if not reversed_:
+        return ROTATION, np.array(ORIGIN)
+    num_slices = source.cine.shape[1]
+    return ROTATION * [1, 1, -1], np.array(ORIGIN) + (num_slices - 1) * source.spacing[2] * ROTATION[:, 2]
 
 
 def write_image(array: np.ndarray, source: Source, path: str) -> None:
-    """(T, Z, Y, X) or (Z, Y, X) with the source's spacing and an oblique geometry, written by SimpleITK."""
+    """(T, Z, Y, X) or (Z, Y, X), given base first, with the source's spacing, oblique geometry and slice order,
+    written by SimpleITK."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    if source.apex_first:
+        array = np.ascontiguousarray(array[..., ::-1, :, :])
+    rotation, origin = geometry(source, source.apex_first and not source.stale_header)
     image = sitk.GetImageFromArray(array, isVector=False)
     direction = np.eye(image.GetDimension())
-    direction[:3, :3] = ROTATION
+    direction[:3, :3] = rotation
     image.SetDirection(direction.ravel().tolist())
     image.SetSpacing(list(source.spacing) + [source.frame_interval] * (image.GetDimension() - 3))
-    image.SetOrigin(list(ORIGIN) + [0.0] * (image.GetDimension() - 3))
+    image.SetOrigin(list(origin) + [0.0] * (image.GetDimension() - 3))
     sitk.WriteImage(image, path, useCompression=True, compressionLevel=1)
 
 
@@ -134,9 +159,14 @@ def convert(tmp, dataset, source_root, dataset_id, *extra):
     return subprocess.run(command, env=env, capture_output=True, text=True)
 
 
-def converted(tmp, dataset, source_root, dataset_id) -> str:
+def converted(tmp, dataset, source_root, dataset_id, warned=()) -> str:
+    """The converted dataset's path; stderr must hold exactly one warning for each cine in ``warned`` (stored apex
+    first with a header as for base first)."""
     result = convert(tmp, dataset, source_root, dataset_id)
     assert result.returncode == 0, result.stderr
+    assert sorted(result.stderr.strip().splitlines()) == sorted(
+        f"warning: {cine}: the labels put the apex at slice 0 but the header's slice direction points from base to "
+        f"apex; following the labels" for cine in warned), result.stderr
     path = result.stdout.strip().splitlines()[-1]
     assert path == os.path.join(tmp, "raw", f"Dataset{dataset_id:03d}_Test")
     return path
@@ -159,15 +189,17 @@ def read(path: str):
 
 
 def assert_geometry(image, source: Source) -> None:
+    """The source's base-first geometry; with a stale header, the stored one reversed (the labels win)."""
     dim = image.GetDimension()
+    rotation, origin = geometry(source, source.stale_header)
     np.testing.assert_allclose(image.GetSpacing(), list(source.spacing) + [source.frame_interval] * (dim - 3),
                                rtol=1e-6)
-    np.testing.assert_allclose(image.GetOrigin()[:3], ORIGIN, atol=1e-4)
-    np.testing.assert_allclose(np.reshape(image.GetDirection(), (dim, dim))[:3, :3], ROTATION, atol=1e-6)
+    np.testing.assert_allclose(image.GetOrigin()[:3], origin, atol=1e-4)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (dim, dim))[:3, :3], rotation, atol=1e-6)
 
 
 def check_dataset(path: str, sources, unlabeled=()) -> None:
-    """Cases, cines, labels, geometry, dataset.json and subjects.csv of a converted dataset."""
+    """Cases, cines, labels, geometry, dataset.json and subjects.csv of a converted dataset; slice 0 is the base."""
     train = [s for s in sources if s.split == "train"]
     test = [s for s in sources if s.split == "test"]
     with open(os.path.join(path, "dataset.json")) as f:
@@ -193,6 +225,7 @@ def check_dataset(path: str, sources, unlabeled=()) -> None:
         assert (int(row["ed_frame"]), int(row["es_frame"])) == (s.ed, s.es)
         assert (int(row["num_frames"]), int(row["num_slices"])) == s.cine.shape[:2]
         assert float(row["spacing_z_mm"]) == pytest.approx(s.spacing[2], rel=1e-5)
+        assert row["slice_order"] == ("reversed" if s.apex_first else "base_first")
 
     for s in train + test:
         images, labels = ("imagesTr", "labelsTr") if s.split == "train" else ("imagesTs", "labelsTs")
@@ -215,9 +248,9 @@ def mnms(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("mnms"))
     placed = [("Training/Labeled", make_source(1, "A1B2C3", "train", "A", "HCM")),
               ("Training/Labeled", make_source(2, "B2C3D4", "train", "B", "NOR", ed_after_es=True)),
-              ("Validation", make_source(3, "D4E5F6", "train", "D", "DCM")),
+              ("Validation", make_source(3, "D4E5F6", "train", "D", "DCM", apex_first=True)),
               ("Testing", make_source(4, "A7B8C9", "test", "A", "NOR")),
-              ("Training/Unlabeled", make_source(5, "C1D2E3", "unlabeled", "C", "HHD"))]
+              ("Training/Unlabeled", make_source(5, "C1D2E3", "unlabeled", "C", "HHD", apex_first=True))]
     write_mnms(os.path.join(tmp, "OpenDataset"), placed)
     sources, unlabeled = [s for _, s in placed[:-1]], [placed[-1][1]]
     return tmp, converted(tmp, "mnms", os.path.join(tmp, "OpenDataset"), 601), sources, unlabeled
@@ -225,7 +258,8 @@ def mnms(tmp_path_factory):
 
 def test_mnms(mnms):
     """Training + Validation -> Tr, Testing -> Ts, Unlabeled -> cine only; ED = the fuller labelled frame (also when
-    it comes after ES), not the table's (swapped) ED/ES."""
+    it comes after ES), not the table's (swapped) ED/ES; subjects stored apex first are reversed, the unlabeled one
+    by its header alone."""
     tmp, path, sources, unlabeled = mnms
     check_dataset(path, sources, unlabeled)
 
@@ -266,6 +300,19 @@ def test_mnms_missing_table(tmp_path):
                   "not found")
 
 
+def test_mnms_labelled_part_only(tmp_path):
+    """Training/Unlabeled, Validation and Testing may be missing (a partial download); Training/Labeled may not."""
+    tmp, source = str(tmp_path), make_source(1, "A1B2C3", "train", "A", "HCM")
+    src, labelled = os.path.join(str(tmp_path), "src"), os.path.join(str(tmp_path), "src", "Training", "Labeled")
+    write_mnms(src, [("Training/Labeled", source)])
+    for folder in ("Training/Unlabeled", "Validation", "Testing"):
+        os.rmdir(os.path.join(src, folder))
+    os.rename(labelled, os.path.join(tmp, "Labeled"))
+    assert_failed(convert(tmp, "mnms", src, 604), tmp, labelled, "not found")
+    os.rename(os.path.join(tmp, "Labeled"), labelled)
+    check_dataset(converted(tmp, "mnms", src, 604), [source])
+
+
 def test_mnms_ground_truth_with_other_frames_than_the_cine(tmp_path):
     """The second subject fails after the first was written: nothing may be left behind."""
     tmp = str(tmp_path)
@@ -282,12 +329,15 @@ def test_mnms_ground_truth_with_other_frames_than_the_cine(tmp_path):
 # -------------------------------------------------------------------------------------------------- M&Ms-2
 def test_mnms2(tmp_path):
     """Pathologies NOR/HCM/LV dropped; codes up to 200 -> Tr, above -> Ts; ED/ES = indices of the matching cine
-    frames; vendors coded A/B/C; long-axis files ignored."""
+    frames; vendors coded A/B/C; long-axis files ignored; 176 stored apex first is reversed; 101, stored apex first
+    with a header as for base first, warns and follows its labels."""
     tmp = str(tmp_path)
-    sources = [make_source(1, "101", "train", "A", "ARR"), make_source(2, "176", "train", "B", "CIA"),
+    sources = [make_source(1, "101", "train", "A", "ARR", stale_header=True),
+               make_source(2, "176", "train", "B", "CIA", apex_first=True),
                make_source(3, "290", "test", "C", "FALL", ed_after_es=True)]
     write_mnms2(os.path.join(tmp, "MnM2"), sources, excluded=[("005", "NOR"), ("170", "HCM"), ("250", "LV")])
-    path = converted(tmp, "mnms2", os.path.join(tmp, "MnM2"), 611)
+    path = converted(tmp, "mnms2", os.path.join(tmp, "MnM2"), 611,
+                     warned=[os.path.join(tmp, "MnM2", "dataset", "101", "101_SA_CINE.nii.gz")])
     check_dataset(path, sources)
 
 
@@ -302,11 +352,11 @@ def test_mnms2_missing_ground_truth(tmp_path):
 # ---------------------------------------------------------------------------------------------------- ACDC
 def test_acdc(tmp_path):
     """training -> Tr, testing -> Ts; Info.cfg's 1-based ED/ES -> 0-based; labels remapped to 1 LV, 2 MYO, 3 RV;
-    --overwrite replaces an existing dataset."""
+    a test subject stored apex first is reversed; --overwrite replaces an existing dataset."""
     tmp = str(tmp_path)
     sources = [make_source(1, "patient001", "train", "A", "DCM"),
                make_source(2, "patient002", "train", "A", "NOR", ed_after_es=True),
-               make_source(3, "patient101", "test", "A", "MINF")]
+               make_source(3, "patient101", "test", "A", "MINF", apex_first=True)]
     write_acdc(os.path.join(tmp, "database"), sources[:1])
     converted(tmp, "acdc", os.path.join(tmp, "database"), 621)
     write_acdc(os.path.join(tmp, "database"), sources[1:])
@@ -341,6 +391,84 @@ def test_label_values_outside_the_convention(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(np.array([[[0, 1, 4]]], np.uint8)), path)
     with pytest.raises(SSPError, match=r"gt.nii.gz: label values 4 are not in 0..3"):
         read_labels(path, 3)
+
+
+def affine_with_cosine(cosine: float) -> np.ndarray:
+    """A voxel-to-RAS affine whose slice direction has ``cosine`` with the long axis from base to apex."""
+    apex, across = np.array([-1.0, 1.0, -1.0]) / np.sqrt(3.0), np.array([1.0, 1.0, 0.0]) / np.sqrt(2.0)
+    affine = np.eye(4)
+    affine[:3, 2] = 8.0 * (cosine * apex + np.sqrt(1.0 - cosine ** 2) * across)
+    return affine
+
+
+def stack_with_areas(*areas) -> np.ndarray:
+    """ED labels (X, Y, Z) with ``areas[z]`` foreground voxels on slice z."""
+    labels = np.zeros((1, max(areas), len(areas)), np.uint8)
+    for z, area in enumerate(areas):
+        labels[0, :area, z] = 2
+    return labels
+
+
+def test_header_vote():
+    """The tests' ROTATION is base first; cosine with the long axis >= 0.3 base first, <= -0.3 apex first."""
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ ROTATION
+    assert header_vote(affine) == BASE_FIRST
+    affine[:3, 2] *= -1
+    assert header_vote(affine) == APEX_FIRST
+    for cosine, vote in ((0.35, BASE_FIRST), (0.25, None), (0.0, None), (-0.25, None), (-0.35, APEX_FIRST)):
+        assert header_vote(affine_with_cosine(cosine)) == vote, cosine
+
+
+def test_label_vote():
+    """Phantom ED frames (base first) lie well below 0.5 - margin, reversed well above; undecided near 0.5 and with
+    fewer than 3 labelled slices."""
+    for index in range(1, 6):
+        s = make_source(index, "s", "train", "A", "NOR")
+        labels = s.labels[s.ed].transpose(2, 1, 0)  # file order X, Y, Z
+        assert 0.3 < label_position(labels) < 0.4
+        assert label_vote(labels) == BASE_FIRST and label_vote(labels[:, :, ::-1]) == APEX_FIRST
+    assert label_position(stack_with_areas(0, 6, 3, 1, 0)) == pytest.approx(0.25)
+    assert label_vote(stack_with_areas(0, 6, 3, 1, 0)) == BASE_FIRST
+    assert label_vote(stack_with_areas(1, 3, 6)) == APEX_FIRST
+    assert label_position(stack_with_areas(5, 4, 4)) == pytest.approx(6 / 13)
+    assert label_vote(stack_with_areas(5, 4, 4)) is None
+    symmetric = stack_with_areas(4, 4, 0, 4, 4)
+    assert label_position(symmetric) == 0.5 and label_vote(symmetric) is None
+    assert label_position(stack_with_areas(0, 6, 3, 0)) is None and label_vote(stack_with_areas(0, 6, 3, 0)) is None
+    assert label_vote(np.zeros((2, 2, 5), np.uint8)) is None
+
+
+def test_stored_order(capsys):
+    """Labels win when they decide, the header otherwise, neither: None; one warning when both decide and differ."""
+    base, apex, undecided = stack_with_areas(6, 3, 1), stack_with_areas(1, 3, 6), stack_with_areas(4, 4, 4)
+    towards_apex, towards_base, across = affine_with_cosine(0.8), affine_with_cosine(-0.8), affine_with_cosine(0.0)
+    cases = [(base, towards_apex, BASE_FIRST), (apex, across, APEX_FIRST), (undecided, towards_base, APEX_FIRST),
+             (None, towards_base, APEX_FIRST), (None, towards_apex, BASE_FIRST), (undecided, across, None)]
+    for labels, affine, order in cases:
+        assert stored_order(labels, affine, "cine.nii.gz") == order
+    assert capsys.readouterr().err == ""
+    assert stored_order(base, towards_base, "cine.nii.gz") == BASE_FIRST
+    assert stored_order(apex, towards_apex, "cine.nii.gz") == APEX_FIRST
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: cine.nii.gz: the labels put the base at slice 0 but the header's slice direction points from apex "
+        "to base; following the labels",
+        "warning: cine.nii.gz: the labels put the apex at slice 0 but the header's slice direction points from base "
+        "to apex; following the labels"]
+
+
+def test_reverse_slices_keeps_world_geometry():
+    affine = np.eye(4)
+    affine[:3, :3] = LPS_TO_RAS @ ROTATION * [1.25, 1.25, 8.0]
+    affine[:3, 3] = ORIGIN
+    volume = Volume(np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5), affine, "cine.nii.gz")  # X, Y, Z, T
+    reversed_ = reverse_slices(volume)
+    for i, j, k in np.ndindex(2, 3, 4):
+        np.testing.assert_array_equal(reversed_.array[i, j, 3 - k], volume.array[i, j, k])
+        np.testing.assert_allclose(reversed_.affine @ [i, j, 3 - k, 1], affine @ [i, j, k, 1])
+    twice = reverse_slices(reversed_)
+    np.testing.assert_array_equal(twice.array, volume.array)
+    np.testing.assert_allclose(twice.affine, affine)
 
 
 def test_vendor_codes():

@@ -1,17 +1,21 @@
 """End to end through the stock CLIs, as a user runs them, on a tiny phantom (see conftest.phantom_workspace):
 
-1. a contract checkpoint written through the public save API -> nnUNetv2_train -tr nnUNetTrainerMIM ->
-   nnUNetv2_predict (no SSP file present) -> nnUNetv2_evaluate_folder;
-2. ssp_pretrain --method mim -> nnUNetv2_train -tr nnUNetTrainerMIM -> predict -> evaluate;
+1. a MIM contract checkpoint written through the public save API and exported as nnUNet_ssp_checkpoint: refused by
+   nnUNetv2_train -tr nnUNetTrainerSimCLR, loaded by -tr nnUNetTrainerSSP -> nnUNetv2_predict (no SSP file present)
+   -> nnUNetv2_evaluate_folder;
+2. ssp_pretrain --method mim -> nnUNetv2_train -tr nnUNetTrainerMIM_paperSchedule (the paper's epoch: one pass over
+   the fold's labelled slices) -> predict -> evaluate;
 3. ssp_pretrain --method simclr/pcl/dino -> nnUNetv2_train -tr nnUNetTrainer<Method>: encoder loaded, decoder not;
 4. a checkpoint for other plans, refused by nnUNetv2_train before anything is written.
 """
 import hashlib
 import json
+import math
 import os
 import shutil
 
 import pytest
+import SimpleITK as sitk
 import torch
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, load_checkpoint, save_checkpoint
@@ -28,9 +32,10 @@ def _fold(env, trainer, fold):
     return os.path.join(env["nnUNet_results"], DATASET, f"{trainer}__nnUNetPlans__2d", f"fold_{fold}")
 
 
-def _train_and_check_start(env, trainer, fold, checkpoint, parts):
+def _train_and_check_start(env, trainer, fold, checkpoint, parts, schedule="1 epochs x 2 iterations"):
     """nnUNetv2_train; the network's tensors right after loading (read back from the trainer's own network and
-    recorded in ssp_init.json) must equal the checkpoint's, for every tensor of the loaded parts."""
+    recorded in ssp_init.json) must equal the checkpoint's, for every tensor of the loaded parts; the training log
+    states the ``schedule``."""
     run(["nnUNetv2_train", str(DATASET_ID), "2d", str(fold), "-tr", trainer, "-device", "cpu"], env)
     folder = _fold(env, trainer, fold)
     assert os.path.isfile(os.path.join(folder, "checkpoint_final.pth"))
@@ -41,7 +46,7 @@ def _train_and_check_start(env, trainer, fold, checkpoint, parts):
     assert {k: after_load[k] for k in expected} == expected
     assert all(k.split(".")[0] in parts for k in expected) and len(expected) == sum(record["loaded"]["tensors"].values())
     log = open(next(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("training_log"))).read()
-    assert "Loaded SSP checkpoint" in log and "1 epochs x 2 iterations" in log
+    assert "Loaded SSP checkpoint" in log and schedule in log
     return record
 
 
@@ -60,17 +65,28 @@ def _predict_and_evaluate(root, env, trainer, fold):
     return summary
 
 
-def test_finetune_from_a_checkpoint_saved_through_the_api(phantom_env):
+def test_exported_checkpoint_is_refused_by_another_methods_trainer_and_loaded_by_the_generic_one(phantom_env):
+    """nnUNet_ssp_checkpoint exported to a MIM checkpoint (written through the public save API): the SimCLR trainer
+    stops with one line and writes no fold folder; nnUNetTrainerSSP fine-tunes from it, then predicts without it."""
     root, env = phantom_env
     target = PlansTarget.from_preprocessed(str(DATASET_ID))
     torch.manual_seed(7)
     path = str(root / "api_checkpoint" / "mim.pth")
     checkpoint = save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, "mim",
                                  pretraining={"note": "random weights written by the e2e test"})
-    _train_and_check_start(dict(env, nnUNet_ssp_checkpoint=path), "nnUNetTrainerMIM", 1, checkpoint,
-                           ("encoder", "decoder"))
+    exported = dict(env, nnUNet_ssp_checkpoint=path)
+    refused = run(["nnUNetv2_train", str(DATASET_ID), "2d", "1", "-tr", "nnUNetTrainerSimCLR", "-device", "cpu"],
+                  exported, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"nnunet_ssp error: {path}: checkpoint pretrained with 'mim', but nnUNetTrainerSimCLR fine-tunes from "
+        f"'simclr' checkpoints; unset nnUNet_ssp_checkpoint, or train with nnUNetTrainerSSP to load any method's "
+        f"checkpoint")
+    assert not os.path.exists(_fold(env, "nnUNetTrainerSimCLR", 1))
+    record = _train_and_check_start(exported, "nnUNetTrainerSSP", 1, checkpoint, ("encoder", "decoder"))
+    assert record["method"] == "mim"
     os.rename(path, path + ".moved")  # inference must not need the SSP file
-    _predict_and_evaluate(root, env, "nnUNetTrainerMIM", 1)
+    _predict_and_evaluate(root, env, "nnUNetTrainerSSP", 1)
 
 
 def test_ssp_pretrain_mim_then_finetune_predict_evaluate(phantom_env):
@@ -85,9 +101,22 @@ def test_ssp_pretrain_mim_then_finetune_predict_evaluate(phantom_env):
     assert checkpoint["method"] == "mim" and checkpoint["pretraining"]["epochs"] == 2
     assert checkpoint["pretraining"]["lr"] == 0.01 * 4 / 128  # the paper's lr, scaled linearly to the batch
     assert checkpoint["data"]["num_subjects"] == 4 and checkpoint["data"]["source_kind"] == "cineTr"
-    _train_and_check_start(env, "nnUNetTrainerMIM", 0, checkpoint, ("encoder", "decoder"))
+    # the paper's schedule (nnUNet_ssp_iters_per_epoch unset): an epoch is one pass over fold 0's labelled slices
+    preprocessed = os.path.join(env["nnUNet_preprocessed"], DATASET)
+    train_cases = json.load(open(os.path.join(preprocessed, "splits_final.json")))[0]["train"]
+    slices = sum(sitk.ReadImage(os.path.join(env["nnUNet_raw"], DATASET, "imagesTr", f"{c}_0000.nii.gz")).GetSize()[2]
+                 for c in train_cases)
+    batch = json.load(open(os.path.join(preprocessed, "nnUNetPlans.json")))["configurations"]["2d"]["batch_size"]
+    iterations = math.ceil(slices / batch)
+    paper_env = {k: v for k, v in env.items() if k != "nnUNet_ssp_iters_per_epoch"}
+    trainer = "nnUNetTrainerMIM_paperSchedule"
+    _train_and_check_start(paper_env, trainer, 0, checkpoint, ("encoder", "decoder"),
+                           schedule=f"paper schedule: an epoch is one pass over the fold's {slices} labelled training "
+                                    f"slices at batch {batch}: {iterations} iterations")
+    debug = json.load(open(os.path.join(_fold(env, trainer, 0), "debug.json")))
+    assert (debug["schedule_name"], debug["num_iterations_per_epoch"]) == ("paper", str(iterations))
     shutil.move(ssp_folder, ssp_folder + "_moved_away")
-    _predict_and_evaluate(root, env, "nnUNetTrainerMIM", 0)
+    _predict_and_evaluate(root, env, trainer, 0)
 
 
 @pytest.mark.parametrize("method, trainer, options", [

@@ -1,8 +1,10 @@
 """Evaluation: HD95, clinical measures and agreement against hand arithmetic, and ``nnunet_ssp evaluate``."""
+import csv
 import json
 import math
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from scipy import ndimage
 
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import agreement, clinical_measures, hd95, label_volumes_ml
-from nnunet_ssp.evaluation.evaluate import evaluate_predictions, method_of_trainer
+from nnunet_ssp.evaluation.evaluate import evaluate_predictions, method_of_run, results_fold_folder
 
 from conftest import DATASET_JSON, make_plans, run_cli
 
@@ -134,13 +136,6 @@ def test_agreement_against_hand_computation():
     assert agreement([], [])["n"] == 0 and math.isnan(agreement([], [])["mae"])
 
 
-def test_method_of_trainer():
-    assert method_of_trainer("nnUNetTrainerBaseline") == "baseline"
-    assert method_of_trainer("nnUNetTrainerMIM_warmup") == "mim"
-    assert method_of_trainer("nnUNetTrainerSimCLR") == "simclr"
-    assert method_of_trainer("nnUNetTrainerDINO_warmup") == "dino"
-
-
 # ---------------------------------------------------------------- nnunet_ssp evaluate
 
 REFERENCE = {"s01_ED": heart(10, 10), "s01_ES": heart(5, 6), "s02_ED": heart(12, 10), "s02_ES": heart(6, 4)}
@@ -155,7 +150,9 @@ def _prediction():
 
 
 @pytest.fixture
-def workspace(nnunet_env, tmp_path):
+def workspace(nnunet_env, tmp_path, monkeypatch):
+    from trainers import EXT_TRAINER_DIR
+    monkeypatch.setenv("nnUNet_extTrainer", EXT_TRAINER_DIR)  # the plugin's trainers, for the method lookup
     raw = os.path.join(nnunet_env["nnUNet_raw"], DATASET)
     os.makedirs(os.path.join(raw, "labelsTs"))
     dataset_json = dict(DATASET_JSON, name="EvalUnit")
@@ -187,8 +184,13 @@ def _load(folder, name):
 
 def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     pred, env = workspace
+    fold = os.path.join(env["nnUNet_results"], DATASET, "nnUNetTrainerMIM_warmup__nnUNetPlans__2d", "fold_5")
+    os.makedirs(fold)
+    with open(os.path.join(fold, "debug.json"), "w") as f:  # as nnU-Net writes it: every attribute as a string
+        json.dump({"schedule_name": "paper", "num_epochs": "1000", "num_iterations_per_epoch": "8",
+                   "initial_lr": "0.005", "batch_size": "32"}, f)
     result = run_cli(["nnunet_ssp", "evaluate", str(pred), "-d", str(DATASET_ID), "-tr", "nnUNetTrainerMIM_warmup",
-                      "-f", "5", "-np", "1"], env)
+                      "-f", "5", "-np", "1", "--tta", "off"], env)
     assert "Dice" in result.stdout and "MAE: LV EF" in result.stdout
 
     summary = _load(pred, "summary.json")
@@ -203,7 +205,9 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     ev = _load(pred, "ssp_evaluation.json")
     assert ev["format"] == "nnunet_ssp.evaluation" and ev["format_version"] == 1 and ev["dice_summary"] == "summary.json"
     assert ev["run"] == {"dataset": DATASET, "trainer": "nnUNetTrainerMIM_warmup", "method": "mim", "fold": 5,
-                         "budget": 2, "seed": 1, "num_train_subjects": 2, "prediction_folder": str(pred),
+                         "budget": 2, "seed": 1, "num_train_subjects": 2, "tta": False,
+                         "schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": 8,
+                                      "initial_lr": 0.005}, "prediction_folder": str(pred),
                          "reference_folder": os.path.join(env["nnUNet_raw"], DATASET, "labelsTs"), "vendors": None}
     assert ev["labels"] == {"1": "LV_bloodpool", "2": "LV_myocardium", "3": "RV_bloodpool"}
     assert ev["hd95_per_case"]["s01_ED"] == {"1": 0.0, "2": 0.0, "3": 0.0}
@@ -286,3 +290,38 @@ def test_unknown_vendor_is_refused(workspace):
     with pytest.raises(SSPError, match=r"subjects\.csv: no subjects of vendor\(s\) Z \(vendors: A, B\)"):
         evaluate_predictions(str(pred), DATASET, vendors=["Z"])
     assert not (pred / "summary.json").exists()
+
+
+def _record_run(trainer, fold, method):
+    """The ssp_init.json a fine-tuning trainer writes into its nnU-Net results folder (only the method matters)."""
+    folder = os.path.join(os.environ["nnUNet_results"], DATASET, f"{trainer}__nnUNetPlans__2d", f"fold_{fold}")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "ssp_init.json"), "w") as f:
+        json.dump({"trainer": trainer, "method": method}, f)
+
+
+def test_the_method_is_what_the_run_recorded_never_the_trainer_name(workspace):
+    def method(trainer, fold):
+        return method_of_run(trainer, results_fold_folder(DATASET, trainer, "nnUNetPlans", "2d", fold))
+    _record_run("nnUNetTrainerSSP", 5, "pcl")
+    assert method("nnUNetTrainerSSP", 5) == "pcl"  # the checkpoint it loaded
+    assert method("nnUNetTrainerMIM_warmup", 5) == "mim"  # no record: the trainer class's method
+    for baseline in ("nnUNetTrainerBaseline_warmup", "nnUNetTrainer_5epochs", "nnUNetTrainer"):  # no SSP loading
+        assert method(baseline, 5) == "baseline"
+    with pytest.raises(SSPError, match=r"fold_6/ssp_init.json: not found; nnUNetTrainerSSP loads any method's"):
+        method("nnUNetTrainerSSP", 6)
+    with pytest.raises(SSPError, match=r"^trainer nnUNetTrainerNope: not found among nnU-Net's trainers"):
+        method("nnUNetTrainerNope", 5)
+
+
+def test_report_names_the_methods_of_a_warmup_run_and_a_baseline_variant(workspace, tmp_path):
+    from nnunet_ssp.evaluation.report import write_report
+    pred, _ = workspace
+    _record_run("nnUNetTrainerMIM_warmup", 5, "mim")
+    for trainer in ("nnUNetTrainerMIM_warmup", "nnUNetTrainerBaseline_warmup"):
+        folder = tmp_path / "predictions" / trainer
+        shutil.copytree(pred, folder)
+        evaluate_predictions(str(folder), DATASET, trainer=trainer, fold="5", num_processes=1)
+    write_report([str(tmp_path / "predictions")], str(tmp_path / "report"))
+    with open(tmp_path / "report" / "summary.csv") as f:
+        assert {row["method"] for row in csv.DictReader(f)} == {"baseline", "mim"}

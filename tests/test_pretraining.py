@@ -189,3 +189,42 @@ def test_cli_errors_are_one_line(phantom_env):
     too_big = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", str(root / "big"),
                        "--batch-size", "100000", "--num-workers", "0"], env, check=False)
     assert too_big.returncode == 2 and "fewer than one batch of 100000" in too_big.stderr
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_example_batch_has_the_loaders_keys_shapes_and_types(pretrainer, name):
+    """Batch sizing runs the method's loss on example_batch: it must look like a real loader batch."""
+    trainer = pretrainer(name, f"example_{name}")
+    real = torch.utils.data.default_collate([trainer.dataset[i] for i in range(2)])
+    example = trainer.method.example_batch(2, 1, torch.device("cpu"))
+    assert set(example) == set(real)
+    assert [v.shape for v in example["views"]] == [v.shape for v in real["views"]]
+    assert all(example[k].dtype == real[k].dtype for k in real if k != "views")
+
+
+def test_batch_sizing_measures_every_view_and_halves_to_fit(target, monkeypatch):
+    from pretraining import memory
+    from pretraining.methods.dino import DINO
+    patch = target.configuration_manager.patch_size
+    small, large = (DINO(target.network_spec, patch, dino_out_dim=64, dino_local_views=n) for n in (0, 6))
+    per_sample = {n: memory.activation_bytes_per_sample(m, m.build_model(), 1) for n, m in ((0, small), (6, large))}
+    assert per_sample[6] > per_sample[0] > 0  # the local views are measured too
+    budget = 5 * per_sample[6] * 3.0  # 5 samples' training memory (overhead 3)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: budget / 0.6)
+    assert memory.affordable_batch_size(large, large.build_model(), 1, 64, torch.device("cpu")) == 4
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_ssp_pretrain_with_the_methods_default_batch(phantom_env, tmp_path, name):
+    """The command users type, without --batch-size (the default batch, sized by one pass of the method's loss):
+    exit 0, a checkpoint, the chosen batch in the log, and the precision that ran (fp32 on the CPU) recorded."""
+    root, env = phantom_env
+    out = tmp_path / name
+    run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", name, "--epochs", "1", "--iters-per-epoch", "1",
+             "--device", "cpu", "-o", str(out)], env)
+    pretraining = load_checkpoint(str(out / "checkpoint_final.pth"))["pretraining"]
+    default = METHODS[name].defaults.batch_size
+    assert pretraining["batch_size"] in {default >> k for k in range(default.bit_length())}
+    assert pretraining["precision"] == "fp32"
+    log = open(out / "training_log.txt").read()
+    assert f"'batch_size': {pretraining['batch_size']}," in log and "'precision': 'fp32'" in log

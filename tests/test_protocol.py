@@ -3,11 +3,13 @@ miniature of the whole protocol through the stock CLIs to ``nnunet_ssp report``,
 of the underlying ``summary.json`` files; a second invocation must find every run done."""
 import csv
 import json
+import math
 import os
 import re
 import subprocess
 
 import pytest
+import SimpleITK as sitk
 
 from conftest import run_cli
 from test_convert import converted, make_source, write_mnms2
@@ -56,12 +58,41 @@ def test_dry_run_lists_every_run_and_writes_nothing(toy_env):
     assert len(finetune) == 3 * 2 * 5  # budgets x seeds x (baseline + 4 methods)
     trainers = ("nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
                 "nnUNetTrainerMIM")
-    expected = [f"{t} fold {fold} (budget {b}, seed {s})"
-                for fold, (s, b) in enumerate((s, b) for s in (0, 1) for b in ("2", "4", "all")) for t in trainers]
+    folds = [(s, b) for s in (0, 1) for b in ("2", "4", "all")]
+    expected = [f"{t}_paperSchedule fold {fold} (budget {b}, seed {s})"  # the paper's schedule by default
+                for fold, (s, b) in enumerate(folds) for t in trainers]
     assert finetune == expected
     assert [phase for phase, _ in runs][-1] == "report"
-    assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerBaseline -p nnUNetPlans -device cuda" in result.stdout
+    assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerBaseline_paperSchedule -p nnUNetPlans -device cuda" in result.stdout
+    assert result.stdout.count("--disable_tta") == result.stdout.count("nnUNetv2_predict ") == 30  # no TTA
+    assert result.stdout.count("--tta off") == 30
     assert "ssp_pretrain -d 641 --method mim" in result.stdout
+
+    # the iteration budget: each fold's labelled slices (counted here from the images), at the paper's batch 32
+    # before planning, 1000 epochs; the nnU-Net schedule is 250 iterations per epoch at every budget
+    from nnunet_ssp.splits import make_folds
+    raw = os.path.join(env["nnUNet_raw"], "Dataset641_Test")
+    cases = sorted(f[:-len("_0000.nii.gz")] for f in os.listdir(os.path.join(raw, "imagesTr")))
+    planned, _, _ = make_folds(cases, {"budgets": ["2", "4", "all"], "seeds": [0, 1], "num_val": 1}, raw)
+    slices = [sum(sitk.ReadImage(os.path.join(raw, "imagesTr", f"{c}_0000.nii.gz")).GetSize()[2] for c in fold["train"])
+              for fold in planned]
+    assert "fine-tuning iterations per run (1000 epochs, batch 32: the paper's, until nnUNetv2_plan_and_preprocess " \
+           "has planned):" in result.stdout
+    for (seed, budget), n in zip(folds, slices):
+        assert (f"  budget {budget}, seed {seed}: {n} labelled slices -> paper {math.ceil(n / 32) * 1000:,}, "
+                f"nnunet 250,000") in result.stdout
+    total = sum(math.ceil(n / 32) * 1000 for n in slices) * 5
+    assert (f"all 30 fine-tuning runs: paper {total:,}, nnunet {30 * 250_000:,} iterations; this plan runs "
+            f"--schedule paper") in result.stdout
+
+
+def test_schedule_and_tta_switch(toy_env):
+    tmp, env = toy_env
+    result = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "mim",
+                       "--schedule", "nnunet", "--tta", "--dry-run")
+    assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerMIM -p nnUNetPlans -device cuda" in result.stdout
+    assert "_paperSchedule" not in result.stdout and "--disable_tta" not in result.stdout
+    assert result.stdout.count("--tta on") == 2 and "this plan runs --schedule nnunet" in result.stdout
 
 
 def test_shards_split_the_runs_without_overlap(toy_env):
@@ -78,19 +109,21 @@ def test_shards_split_the_runs_without_overlap(toy_env):
 
 
 def test_miniature_protocol_through_report(tmp_path):
-    """Phantom -> reproduce_paper.sh (budgets 1 and 2 subjects, seed 0, baseline and MIM, tiny schedules) ->
-    report; every table cell must equal its run's summary.json, and a re-run must find everything done."""
+    """Phantom -> reproduce_paper.sh (budgets 1 and 2 subjects, seed 0, baseline and MIM, tiny schedules, a stale
+    nnUNet_ssp_checkpoint exported) -> report; every table cell must equal its run's summary.json, and a re-run must
+    find everything done."""
     from trainers import EXT_TRAINER_DIR
     env = dict(os.environ, nnUNet_extTrainer=EXT_TRAINER_DIR, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
                nnUNet_compile="false", nnUNet_ssp_num_epochs="1", nnUNet_ssp_iters_per_epoch="2")
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[name] = str(tmp_path / name)
-    env.pop("nnUNet_ssp_checkpoint", None)
+    # a stale export: the protocol must give each trainer its own method's checkpoint anyway
+    env["nnUNet_ssp_checkpoint"] = str(tmp_path / "stale" / "checkpoint_final.pth")
     run_cli(["nnunet_ssp", "phantom", "-d", "994", "-n", "Protocol", "--subjects", "4", "--test-subjects", "2",
              "--size", "48", "--seed", "4"], env)
     out = str(tmp_path / "protocol")
     args = ["-d", "994", "--budgets", "1", "2", "--seeds", "0", "--val", "1", "--methods", "mim", "--device", "cpu",
-            "--num-processes", "1", "--jobs", "2", "--predict-args=--disable_tta", "-o", out, "--pretrain-args",
+            "--num-processes", "1", "--jobs", "2", "-o", out, "--pretrain-args",
             "--epochs 1 --iters-per-epoch 2 --batch-size 4 --num-workers 0 --probe-slices 0"]
     first = reproduce(env, *args)
     assert first.stdout.count("$ nnUNetv2_train") == 4 and first.stdout.count("$ ssp_pretrain") == 1
@@ -99,15 +132,22 @@ def test_miniature_protocol_through_report(tmp_path):
     budgets = {int(fold): d["budget"] for fold, d in sidecar["folds"].items()}
     assert sorted(budgets.values()) == [1, 2]
     summaries = {}
-    for trainer, method in (("nnUNetTrainerBaseline", "baseline"), ("nnUNetTrainerMIM", "mim")):
+    for trainer, method in (("nnUNetTrainerBaseline_paperSchedule", "baseline"),
+                            ("nnUNetTrainerMIM_paperSchedule", "mim")):
         for fold, budget in budgets.items():
             folder = os.path.join(out, "predictions", trainer, f"fold_{fold}")
             evaluation = json.load(open(os.path.join(folder, "ssp_evaluation.json")))
             assert evaluation["run"]["method"] == method and evaluation["run"]["budget"] == budget
+            # the default protocol: the paper's schedule (its iterations here from nnUNet_ssp_iters_per_epoch), no TTA
+            assert evaluation["run"]["tta"] is False and evaluation["run"]["schedule"] == {
+                "name": "paper", "num_epochs": 1, "iterations_per_epoch": 2,
+                "initial_lr": 0.01 if method == "baseline" else 0.005}
             assert evaluation["run"]["seed"] == 0 and len(evaluation["clinical_per_subject"]) == 2
             summaries[method, budget] = json.load(open(os.path.join(folder, "summary.json")))
 
     report = os.path.join(out, "report")
+    assert ("Fine-tuning schedule: paper (1 epochs, 2 iterations per epoch). Test-time augmentation: off."
+            in open(os.path.join(report, "report.md")).read())
     for name in ("report.md", "dice.csv", "summary.csv", "clinical.csv", "wilcoxon.csv", "label_efficiency.png",
                  "bland_altman_ef.png"):
         assert os.path.getsize(os.path.join(report, name)) > 0, name

@@ -21,6 +21,10 @@ CASES = [f"ph{s:03d}_{p}" for s in range(1, 5) for p in ("ED", "ES")]
 RUNS = [(m, b, s, n, off) for m, off in (("baseline", 0.0), ("mim", 0.04)) for b, n in ((2, 2), ("all", 8))
         for s in (0, 1)] + [("dino", 2, 0, 2, 0.02), ("custom", "10", 0, 10, 0.01)]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# schedule and TTA as evaluations record them; dino and custom stand for files written before they were recorded
+RECORDED = {method: {"schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": iterations,
+                                  "initial_lr": lr}, "tta": False}
+            for method, iterations, lr in (("baseline", 3, 0.01), ("mim", 9, 0.005))}
 
 
 def _write_run(folder, method, budget, seed, num_train, offset, rng):
@@ -46,7 +50,8 @@ def _write_run(folder, method, budget, seed, num_train, offset, rng):
     evaluation = {"format": "nnunet_ssp.evaluation", "format_version": 1,
                   "run": {"dataset": "Dataset991_E2E", "trainer": f"nnUNetTrainer{method}", "method": method,
                           "fold": "5", "budget": budget, "seed": seed, "num_train_subjects": num_train,
-                          "prediction_folder": folder, "reference_folder": "/ref", "vendors": None},
+                          "prediction_folder": folder, "reference_folder": "/ref", "vendors": None,
+                          **RECORDED.get(method, {})},
                   "dice_summary": "summary.json", "labels": LABELS,
                   "hd95_per_case": {c: {k: 3.0 for k in LABELS} for c in CASES},
                   "hd95_mean": {"1": float(rng.uniform(2, 6)), "2": float(rng.uniform(2, 6)), "3": None},
@@ -105,6 +110,11 @@ def _seeds(runs, method, budget):
 def test_main_and_class_tables(results):
     root, out, runs, (main, paths) = results
     text = (out / "report.md").read_text()
+    assert ("Fine-tuning schedule: not recorded (2 runs); paper (1000 epochs, 3–9 iterations per epoch). "
+            "Test-time augmentation: not recorded (2 runs), off (8 runs).") in text
+    _, run_rows = _table_after(text, "## Runs")
+    assert {tuple(r[4:6]) for r in run_rows if r[0] == "mim"} == {
+        ("paper (1000 epochs x 9 iterations, lr 0.005)", "off")}
     header, rows = _table_after(text, "## 3D Dice, mean over the foreground classes")
     assert main in text
     assert header == ["method", "2", "10", "all"]  # numbers ascending (the string "10" too), "all" last

@@ -11,7 +11,7 @@ from nnunet_ssp.network import PlansTarget, tensor_digests
 from trainers.base import WarmupMixin
 from trainers.schedules import WarmupPolyLRScheduler
 from trainers.ssp_trainers import (nnUNetTrainerBaseline, nnUNetTrainerDINO, nnUNetTrainerMIM,
-                                   nnUNetTrainerMIM_warmup)
+                                   nnUNetTrainerMIM_warmup, nnUNetTrainerSSP)
 
 from conftest import DATASET_JSON, make_plans
 
@@ -99,19 +99,37 @@ def test_mim_trainer_loads_encoder_and_decoder_and_records_it(nnunet_env):
     assert record["initial_lr"] == 5e-3 and len(record["sha256"]) == 64
 
 
-def test_encoder_trainer_loads_only_the_encoder_and_warns_on_method_mismatch(nnunet_env, monkeypatch):
-    path, source = _write_checkpoint(nnunet_env, "mim", path=str(nnunet_env["nnUNet_results"]) + "/mim.pth")
-    monkeypatch.setenv("nnUNet_ssp_checkpoint", path)
+def test_encoder_trainer_loads_only_the_encoder(nnunet_env):
+    _, source = _write_checkpoint(nnunet_env, "dino")
     trainer = _trainer(nnUNetTrainerDINO)
     before = _load_like_on_train_start(trainer)
     for k, v in trainer.network.state_dict().items():
         reference = source.state_dict()[k] if k.startswith("encoder.") or k.startswith("decoder.encoder.") else before[k]
         assert torch.equal(v, reference), k
     record = json.load(open(os.path.join(_fold_folder(nnunet_env, nnUNetTrainerDINO), "ssp_init.json")))
-    assert record["loaded"]["parts"] == ["encoder"]
-    assert any("pretrained with 'mim'" in w and "expects 'dino'" in w for w in record["warnings"])
-    log = open(trainer.log_file).read()
-    assert "pretrained with 'mim'" in log and "Loaded SSP checkpoint" in log
+    assert record["loaded"]["parts"] == ["encoder"] and record["method"] == "dino" and record["warnings"] == []
+    assert "Loaded SSP checkpoint" in open(trainer.log_file).read()
+
+
+def test_named_trainer_refuses_another_methods_checkpoint_and_the_generic_one_loads_it(nnunet_env, monkeypatch):
+    """nnUNet_ssp_checkpoint exported to a MIM file: nnUNetTrainerDINO stops with one line naming both methods
+    before its fold folder exists; nnUNetTrainerSSP loads the parts the file holds (MIM: encoder and decoder)."""
+    path, source = _write_checkpoint(nnunet_env, "mim", path=str(nnunet_env["nnUNet_results"]) + "/mim.pth")
+    _write_checkpoint(nnunet_env, "dino")  # the DINO trainer's own checkpoint exists: the export still wins
+    monkeypatch.setenv("nnUNet_ssp_checkpoint", path)
+    with pytest.raises(SystemExit) as e:
+        _trainer(nnUNetTrainerDINO)
+    message = str(e.value.code)
+    assert message.startswith(f"nnunet_ssp error: {path}: checkpoint pretrained with 'mim', but nnUNetTrainerDINO "
+                              f"fine-tunes from 'dino' checkpoints") and "\n" not in message
+    assert not os.path.exists(os.path.dirname(_fold_folder(nnunet_env, nnUNetTrainerDINO)))
+    trainer = _trainer(nnUNetTrainerSSP)
+    _load_like_on_train_start(trainer)
+    source_state = source.state_dict()
+    assert all(torch.equal(v, source_state[k]) for k, v in trainer.network.state_dict().items()
+               if not k.startswith("decoder.seg_layers."))
+    record = json.load(open(os.path.join(_fold_folder(nnunet_env, nnUNetTrainerSSP), "ssp_init.json")))
+    assert record["method"] == "mim" and record["loaded"]["parts"] == ["encoder", "decoder"]
 
 
 def test_checkpoint_for_other_plans_is_refused_before_anything_is_written(nnunet_env, capsys):

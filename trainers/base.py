@@ -4,6 +4,7 @@
   plugin's schedule knobs ``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch``.
 - :class:`nnUNetTrainerSSP`: the same, but at the start of a fresh run (epoch 0, not ``--c``) it finds, verifies
   and loads an SSP contract checkpoint into the network parts its method declares, and fine-tunes at lr 5e-3.
+- :class:`PaperScheduleMixin`: the paper's fine-tuning length (see :mod:`nnunet_ssp.schedule`), for any of them.
 - :class:`WarmupMixin`: a linear learning-rate warm-up in front of the poly schedule, for any of them.
 """
 import os
@@ -13,17 +14,16 @@ import torch
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, default_checkpoint_folder, load_checkpoint,
-                                   sha256_of_file, verify_checkpoint)
+from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, SSP_INIT_FILE, default_checkpoint_folder,
+                                   load_checkpoint, sha256_of_file, verify_checkpoint)
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import save_json_atomic
 from nnunet_ssp.methods import parts_of_method
 from nnunet_ssp.network import PlansTarget, load_parts, tensor_digests
+from nnunet_ssp.schedule import ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, paper_iterations_per_epoch, positive_int_from_env
 from trainers.schedules import WarmupPolyLRScheduler
 
-NUM_EPOCHS_ENV = "nnUNet_ssp_num_epochs"
-ITERS_PER_EPOCH_ENV = "nnUNet_ssp_iters_per_epoch"
-SSP_INIT_FILE = "ssp_init.json"
+SSP_INITIAL_LR = 5e-3  # the paper's fine-tuning recommendation (its baseline: 1e-2)
 
 
 def _exit_with(error: SSPError):
@@ -32,42 +32,47 @@ def _exit_with(error: SSPError):
 
 
 def _positive_int_from_env(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    if not value.isdigit() or int(value) < 1:
-        raise _exit_with(SSPError(f"environment variable {name}={value!r}: expected a positive integer"))
-    return int(value)
+    try:
+        return positive_int_from_env(name)
+    except SSPError as e:
+        raise _exit_with(e) from None
 
 
 class nnUNetTrainerBaseline(nnUNetTrainer):
     """From-scratch control: nnU-Net's schedule (SGD, poly, 1000 x 250 iterations, lr 1e-2) from random init."""
+    #: the fine-tuning schedule's name, recorded in nnU-Net's debug.json and so in every evaluation
+    schedule_name = "nnunet"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        # nnU-Net's own ratio of training to validation iterations (250 : 50), kept whatever sets the iterations
+        self.validation_ratio = self.num_iterations_per_epoch / self.num_val_iterations_per_epoch
         num_epochs = _positive_int_from_env(NUM_EPOCHS_ENV)
         iters = _positive_int_from_env(ITERS_PER_EPOCH_ENV)
+        self.iterations_from_env = iters is not None
         if num_epochs is not None:
             self.num_epochs = num_epochs
         if iters is not None:
-            # validation keeps nnU-Net's own ratio to training (250 : 50)
-            stock_ratio = self.num_iterations_per_epoch / self.num_val_iterations_per_epoch
-            self.num_iterations_per_epoch = iters
-            self.num_val_iterations_per_epoch = max(1, round(iters / stock_ratio))
+            self.set_training_iterations(iters)
         if num_epochs is not None or iters is not None:
             self.print_to_log_file(f"nnunet_ssp schedule from the environment: {self.num_epochs} epochs x "
                                    f"{self.num_iterations_per_epoch} iterations "
                                    f"({self.num_val_iterations_per_epoch} validation iterations)")
+
+    def set_training_iterations(self, iterations: int) -> None:
+        """Training iterations per epoch; validation iterations at nnU-Net's ratio (at least 1)."""
+        self.num_iterations_per_epoch = iterations
+        self.num_val_iterations_per_epoch = max(1, round(iterations / self.validation_ratio))
 
 
 class nnUNetTrainerSSP(nnUNetTrainerBaseline):
     """Fine-tunes from an SSP checkpoint: loads the method's parts at the start of a fresh run, lr 5e-3.
 
     Checkpoint lookup: ``$nnUNet_ssp_checkpoint``, else
-    ``$nnUNet_results/<Dataset>/ssp/<method>__<plans>__<configuration>/checkpoint_final.pth``.
-    Without a method (this class itself) the checkpoint must be given by ``nnUNet_ssp_checkpoint`` and the parts it
-    holds are loaded. What was loaded goes to the training log and to ``fold_X/ssp_init.json``.
+    ``$nnUNet_results/<Dataset>/ssp/<method>__<plans>__<configuration>/checkpoint_final.pth``. A named trainer
+    (``ssp_method`` set) refuses a checkpoint of another method. Without a method (this class itself) the checkpoint
+    must be given by ``nnUNet_ssp_checkpoint`` and the parts it holds are loaded. What was loaded goes to the training log and to ``fold_X/ssp_init.json``.
     """
     ssp_method: Optional[str] = None
 
@@ -81,7 +86,7 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
             self._ssp_pending = self._find_and_verify(PlansTarget(dict(plans), configuration, dataset_json),
                                                       required=False)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 5e-3
+        self.initial_lr = SSP_INITIAL_LR
 
     def _checkpoint_path(self, target: PlansTarget) -> str:
         from_env = os.environ.get(CHECKPOINT_ENV)
@@ -104,14 +109,14 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
                 raise SSPError(f"{path}: SSP checkpoint not found; run ssp_pretrain -d {target.dataset_name} "
                                f"--method {self.ssp_method or '<method>'} or set {CHECKPOINT_ENV}")
             checkpoint = load_checkpoint(path)
+            if self.ssp_method is not None and checkpoint["method"] != self.ssp_method:
+                raise SSPError(f"{path}: checkpoint pretrained with '{checkpoint['method']}', but "
+                               f"{type(self).__name__} fine-tunes from '{self.ssp_method}' checkpoints; unset "
+                               f"{CHECKPOINT_ENV}, or train with nnUNetTrainerSSP to load any method's checkpoint")
             parts = parts_of_method(self.ssp_method) if self.ssp_method else tuple(checkpoint["parts"])
             self._ssp_warnings = verify_checkpoint(checkpoint, target, parts, source=path)
         except SSPError as e:
             raise _exit_with(e) from None
-        if self.ssp_method is not None and checkpoint["method"] != self.ssp_method:
-            self._ssp_warnings.append(f"{path}: checkpoint was pretrained with '{checkpoint['method']}' but "
-                                      f"{type(self).__name__} expects '{self.ssp_method}'; loading its "
-                                      f"{'+'.join(parts)} anyway")
         return path, checkpoint, parts
 
     def on_train_start(self):
@@ -140,6 +145,31 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
                 "network_tensor_sha256_after_load": tensor_digests(self.network, ("encoder", "decoder")),
             }, os.path.join(self.output_folder, SSP_INIT_FILE))
         self._ssp_pending = None
+
+
+class PaperScheduleMixin:
+    """The paper's fine-tuning length: an epoch is one pass over the fold's labelled training slices, i.e.
+    ceil(slices / batch size) iterations (10 subjects, 231 slices, batch 32: 8), for 1000 epochs with nnU-Net's poly
+    decay; validation iterations follow at nnU-Net's ratio. ``nnUNet_ssp_iters_per_epoch``, when set, still wins.
+    Put it first in the bases: ``class X_paperSchedule(PaperScheduleMixin, X)``."""
+    schedule_name = "paper"
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if not self.iterations_from_env:
+            slices = labelled_slices(dataset_tr)
+            batch = self.configuration_manager.batch_size  # the global batch, also under DDP
+            self.set_training_iterations(paper_iterations_per_epoch(slices, batch))
+            self.print_to_log_file(f"nnunet_ssp paper schedule: an epoch is one pass over the fold's {slices} "
+                                   f"labelled training slices at batch {batch}: {self.num_iterations_per_epoch} "
+                                   f"iterations ({self.num_val_iterations_per_epoch} validation iterations), "
+                                   f"{self.num_epochs} epochs")
+        return dataset_tr, dataset_val
+
+
+def labelled_slices(dataset) -> int:
+    """2D slices of an nnU-Net dataset's cases (the first spatial axis of each preprocessed case)."""
+    return sum(int(dataset.load_case(key)[0].shape[1]) for key in dataset.identifiers)
 
 
 class WarmupMixin:

@@ -2,12 +2,14 @@
 
 ``nnunet_ssp convert {mnms,mnms2,acdc} SRC -d ID -n NAME [--overwrite]`` writes ``$nnUNet_raw/DatasetID_NAME``
 with imagesTr/labelsTr and imagesTs/labelsTs (ED and ES of each labelled subject as cases ``{subject}_ED`` and
-``{subject}_ES``), cineTr (the 4D cine of every training subject), dataset.json and subjects.csv; see
-``nnunet_ssp.convert.common``. SRC and the train/test assignment of each dataset:
+``{subject}_ES``), cineTr (the 4D cine of every training subject), dataset.json and subjects.csv (see
+``nnunet_ssp.convert.common``), every stack with the base at slice 0 (``nnunet_ssp.convert.orientation``). SRC and
+the train/test assignment of each dataset:
 
 - ``mnms`` (M&Ms 2020, OpenDataset): SRC holds ``Training/Labeled``, ``Training/Unlabeled``, ``Validation``,
-  ``Testing`` and ``211230_M&Ms_Dataset_information_diagnosis_opendataset.csv``. Training and Validation -> train,
-  Testing -> test; Training/Unlabeled subjects without ground truth only give their cine (split ``unlabeled``).
+  ``Testing`` and ``211230_M&Ms_Dataset_information_diagnosis_opendataset.csv`` (all but Training/Labeled and the
+  table optional). Training and Validation -> train, Testing -> test; Training/Unlabeled subjects without ground
+  truth only give their cine (split ``unlabeled``).
 - ``mnms2`` (M&Ms-2): SRC holds ``dataset/NNN/`` and ``dataset_information.csv``. Subjects with pathology NOR, HCM
   or LV are dropped (possible overlap with M&Ms); challenge training and validation (001-200) -> train, challenge
   test (201-360) -> test, which leaves the paper's 101-160 + 176-200 and 281-360.

@@ -8,8 +8,9 @@ subject (labelled or not), dataset.json and subjects.csv. Labels follow the proj
 blood pool, 2 LV myocardium, 3 RV blood pool). Geometry is the source's: the voxel-to-world affine of each file (a
 3D ED/ES volume taken from a 4D file keeps the spatial part) and the frame interval of a cine; direction cosines that
 are not orthonormal, which ITK (nnU-Net's reader) refuses, become the nearest rotation. Label files get the geometry
-of their image. The folder is built next to its destination and moved into place in one rename, so an error never
-leaves partial output.
+of their image. Slice 0 is the base: a subject stored apex first is reversed with its world geometry kept (see
+``nnunet_ssp.convert.orientation``). The folder is built next to its destination and moved into place in one
+rename, so an error never leaves partial output.
 """
 import csv
 import json
@@ -23,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from nnunet_ssp.convert.orientation import base_first
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import check_intensities, write_error
 from nnunet_ssp.phantom.dataset import CHANNEL_NAMES, CINE_FOLDER, FILE_ENDING, LABELS, SUBJECTS_TABLE
@@ -31,7 +33,7 @@ TRAIN, TEST, UNLABELED = "train", "test", "unlabeled"
 PHASES = ("ED", "ES")
 SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", CINE_FOLDER)
 CSV_COLUMNS = ("subject", "split", "vendor", "pathology", "num_frames", "ed_frame", "es_frame", "num_slices",
-               "spacing_x_mm", "spacing_y_mm", "spacing_z_mm")
+               "spacing_x_mm", "spacing_y_mm", "spacing_z_mm", "slice_order")
 MAX_LABEL = max(LABELS.values())
 IDENTITY_LABELS = tuple(range(MAX_LABEL + 1))
 _AXES = {3: "X, Y, Z", 4: "X, Y, Z, T"}
@@ -130,8 +132,10 @@ def required_file(path: str) -> str:
     return path
 
 
-def subject_folders(folder: str) -> List[str]:
-    """The sub-folders of a required ``folder``, sorted by name."""
+def subject_folders(folder: str, optional: bool = False) -> List[str]:
+    """The sub-folders of ``folder``, sorted by name; a missing ``folder`` is an error, or none if ``optional``."""
+    if optional and not os.path.lexists(folder):
+        return []
     if not os.path.isdir(folder):
         raise SSPError(f"{folder}: not found")
     return sorted(entry.path for entry in os.scandir(folder) if entry.is_dir())
@@ -269,8 +273,9 @@ def _check_subject(s: Subject) -> None:
 
 
 def _write_subject(folder: str, s: Subject) -> Dict[str, str]:
-    """Writes the cases and cine of one subject; returns its subjects.csv row."""
+    """Writes the cases and cine of one subject, base first; returns its subjects.csv row."""
     _check_subject(s)
+    s, reversed_ = base_first(s)
     images, labels = ("imagesTs", "labelsTs") if s.split == TEST else ("imagesTr", "labelsTr")
     for phase, (image, label) in (s.phases or {}).items():
         _save(image, os.path.join(folder, images, f"{s.subject}_{phase}_0000{FILE_ENDING}"))
@@ -281,7 +286,8 @@ def _write_subject(folder: str, s: Subject) -> Dict[str, str]:
     x, y, z, t = s.cine.array.shape
     return dict(subject=s.subject, split=s.split, vendor=s.vendor, pathology=s.pathology, num_frames=str(t),
                 ed_frame=str(s.ed_frame), es_frame=str(s.es_frame), num_slices=str(z),
-                spacing_x_mm=str(round(sx, 6)), spacing_y_mm=str(round(sy, 6)), spacing_z_mm=str(round(sz, 6)))
+                spacing_x_mm=str(round(sx, 6)), spacing_y_mm=str(round(sy, 6)), spacing_z_mm=str(round(sz, 6)),
+                slice_order="reversed" if reversed_ else "base_first")
 
 
 def orthonormal_affine(affine: np.ndarray) -> np.ndarray:

@@ -3,7 +3,8 @@
 Layout of SRC: ``{Training/Labeled,Training/Unlabeled,Validation,Testing}/<Code>/<Code>_sa.nii.gz`` (4D cine) and
 ``<Code>_sa_gt.nii.gz`` (4D ground truth, labelled at ED and ES only; absent in Training/Unlabeled), and
 ``211230_M&Ms_Dataset_information_diagnosis_opendataset.csv`` (``External code``, ``Vendor`` A-D, ``Pathology``,
-0-based ``ED`` and ``ES``, ...). Labels already follow the project convention (1 LV, 2 MYO, 3 RV).
+0-based ``ED`` and ``ES``, ...). Training/Labeled and the table are required; the other folders may be missing (a
+partial download, a labelled-only share). Labels already follow the project convention (1 LV, 2 MYO, 3 RV).
 
 As in the paper, ED and ES are recomputed from the ground truth: of its two labelled frames the one with more
 foreground voxels is ED. Training and Validation subjects are training cases, Testing subjects test cases; a
@@ -21,7 +22,8 @@ from nnunet_ssp.errors import SSPError
 
 DESCRIPTION = "M&Ms (2020) short-axis cine CMR"
 TABLE = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
-FOLDERS = (("Training/Labeled", TRAIN), ("Training/Unlabeled", UNLABELED), ("Validation", TRAIN), ("Testing", TEST))
+REQUIRED_FOLDER = "Training/Labeled"
+FOLDERS = ((REQUIRED_FOLDER, TRAIN), ("Training/Unlabeled", UNLABELED), ("Validation", TRAIN), ("Testing", TEST))
 
 
 def list_subjects(source: str) -> List[SubjectLoader]:
@@ -29,7 +31,7 @@ def list_subjects(source: str) -> List[SubjectLoader]:
     table = read_table(table_path, "External code", ("Vendor", "Pathology", "ED", "ES"))
     loaders, seen = [], {}
     for folder, split in FOLDERS:
-        for subject_dir in subject_folders(os.path.join(source, folder)):
+        for subject_dir in subject_folders(os.path.join(source, folder), optional=folder != REQUIRED_FOLDER):
             code = os.path.basename(subject_dir)
             if code in seen:
                 raise SSPError(f"{subject_dir}: subject {code} is also in {seen[code]}")

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
+from nnunet_ssp.checkpoint import SSP_INIT_FILE
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import MEASURES, agreement, clinical_measures, hd95, label_volumes_ml
 from nnunet_ssp.io import atomic_path, save_json_atomic
@@ -26,12 +27,61 @@ FORMAT_VERSION = 1
 OUTPUT_FILE = "ssp_evaluation.json"
 DICE_SUMMARY = "summary.json"
 SIDES = ("reference", "prediction")
+BASELINE = "baseline"
 
 
-def method_of_trainer(trainer: str) -> str:
-    """The SSP method of a trainer: ``nnUNetTrainerMIM_warmup`` -> ``mim``, ``nnUNetTrainerBaseline`` ->
-    ``baseline`` (the name without ``nnUNetTrainer`` and ``_warmup``, lowercase)."""
-    return trainer.removeprefix("nnUNetTrainer").removesuffix("_warmup").lower() or trainer.lower()
+def results_fold_folder(dataset_name: str, trainer: str, plans_name: str, configuration: str, fold) -> Optional[str]:
+    """The run's nnU-Net results folder (``$nnUNet_results/<Dataset>/<trainer>__<plans>__<configuration>/fold_X``),
+    None when the fold or ``nnUNet_results`` is not known."""
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    if fold is None or not nnUNet_results.is_set():
+        return None
+    return get_output_folder(dataset_name, trainer, plans_name, configuration, fold)
+
+
+def method_of_run(trainer: str, fold_folder: Optional[str]) -> str:
+    """The SSP method of a fine-tuned run, from what the run recorded, never from the trainer's name: the method of
+    the checkpoint it loaded (``ssp_init.json`` in its results ``fold_folder``), else the trainer class's
+    ``ssp_method`` (found as nnU-Net finds trainers); ``baseline`` for a trainer that loads no SSP checkpoint."""
+    record = os.path.join(fold_folder, SSP_INIT_FILE) if fold_folder else None
+    if record and os.path.isfile(record):
+        return load_json(record)["method"]
+    trainer_class = _trainer_class(trainer)
+    if not hasattr(trainer_class, "ssp_method"):
+        return BASELINE
+    if trainer_class.ssp_method is None:
+        raise SSPError(f"{record or trainer}: not found; {trainer} loads any method's checkpoint, so the method is read "
+                       f"from its run's {SSP_INIT_FILE} (give -f and -c of the run)")
+    return trainer_class.ssp_method
+
+
+def schedule_of_run(fold_folder: Optional[str]) -> Optional[dict]:
+    """The fine-tuning schedule the run recorded in nnU-Net's ``debug.json`` (name, epochs, iterations per epoch,
+    initial lr), None without one. Stock trainers, which have no schedule name, ran nnU-Net's."""
+    path = os.path.join(fold_folder, "debug.json") if fold_folder else None
+    if not path or not os.path.isfile(path):
+        return None
+    debug = load_json(path)
+    try:
+        return {"name": debug.get("schedule_name", "nnunet"), "num_epochs": int(debug["num_epochs"]),
+                "iterations_per_epoch": int(debug["num_iterations_per_epoch"]),
+                "initial_lr": float(debug["initial_lr"])}
+    except (KeyError, ValueError):
+        raise SSPError(f"{path}: not nnU-Net's debug.json (no num_epochs, num_iterations_per_epoch, initial_lr)") from None
+
+
+def _trainer_class(trainer: str) -> type:
+    """The trainer class, found as nnUNetv2_train finds it (nnU-Net's trainers, then ``nnUNet_extTrainer``)."""
+    import contextlib
+    import io
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the lookup narrates its search
+            return recursive_find_trainer_class_by_name(trainer)
+    except RuntimeError:
+        raise SSPError(f"trainer {trainer}: not found among nnU-Net's trainers nor in nnUNet_extTrainer="
+                       f"{os.environ.get('nnUNet_extTrainer', '')} (run: eval \"$(nnunet_ssp env)\")") from None
 
 
 def _cases(folder: str, file_ending: str) -> List[str]:
@@ -135,16 +185,21 @@ def _nnunet_dice(reference_folder: str, prediction_folder: str, cases: Sequence[
     return result
 
 
-def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str], fold, prediction_folder: str,
-              reference_folder: str, vendors: Optional[Sequence[str]]) -> dict:
-    """The run's identity; budget, seed and training subjects from splits_ssp.json when it describes the fold."""
+def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str], fold, plans_name: str,
+              configuration: str, tta: Optional[bool], prediction_folder: str, reference_folder: str,
+              vendors: Optional[Sequence[str]]) -> dict:
+    """The run's identity, method and schedule (what the run recorded), whether the predictions used test-time
+    augmentation (as the caller says; None: not said); budget, seed and training subjects from splits_ssp.json when
+    it describes the fold."""
     sidecar = os.path.join(preprocessed_folder, SIDECAR)
     described = {}
     if fold is not None and os.path.isfile(sidecar):
         described = load_json(sidecar).get("folds", {}).get(str(fold), {})
-    return {"dataset": dataset_name, "trainer": trainer, "method": method_of_trainer(trainer) if trainer else None,
+    fold_folder = results_fold_folder(dataset_name, trainer, plans_name, configuration, fold) if trainer else None
+    return {"dataset": dataset_name, "trainer": trainer, "method": method_of_run(trainer, fold_folder) if trainer else None,
             "fold": fold, "budget": described.get("budget"), "seed": described.get("seed"),
             "num_train_subjects": len(described["subjects"]) if "subjects" in described else None,
+            "schedule": schedule_of_run(fold_folder), "tta": tta,
             "prediction_folder": prediction_folder, "reference_folder": reference_folder,
             "vendors": list(vendors) if vendors else None}
 
@@ -181,14 +236,17 @@ def _nanmean(values: Sequence[float]) -> float:
 
 def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder: Optional[str] = None,
                          trainer: Optional[str] = None, fold=None, vendors: Optional[Sequence[str]] = None,
-                         num_processes: Optional[int] = None) -> Tuple[dict, dict]:
+                         num_processes: Optional[int] = None, configuration: str = "2d",
+                         tta: Optional[bool] = None) -> Tuple[dict, dict]:
     """Evaluates the reference cases (of ``vendors`` only, if given) against their predictions.
 
     ``prediction_folder`` is what ``nnUNetv2_predict`` wrote (cases plus its dataset.json and plans.json, which give
     the labels and the image reader); ``reference_folder`` defaults to ``$nnUNet_raw/<Dataset>/labelsTs``. Writes
     ``summary.json`` (nnU-Net's Dice) and ``ssp_evaluation.json`` into ``prediction_folder`` and returns both
     contents (the evaluation with None for undefined values, nnU-Net's summary as it returns it). Predictions of
-    cases without a reference are ignored.
+    cases without a reference are ignored. ``trainer``, ``fold`` and ``configuration`` name the run (its method and
+    schedule: :func:`method_of_run`, :func:`schedule_of_run`); ``tta`` says whether the predictions used test-time
+    augmentation (recorded as given).
     """
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -228,8 +286,8 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
     clinical = _clinical_per_subject(cases, {c: r["volumes"] for c, r in per_case.items()})
     evaluation = _nan_to_none({
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "run": _run_info(dataset_name, preprocessed_folder, trainer,
-                         int(fold) if str(fold).isdigit() else fold, prediction_folder, reference_folder, vendors),
+        "run": _run_info(dataset_name, preprocessed_folder, trainer, int(fold) if str(fold).isdigit() else fold,
+                         plans_manager.plans_name, configuration, tta, prediction_folder, reference_folder, vendors),
         "dice_summary": DICE_SUMMARY,
         "labels": {str(value): name for name, value in dataset_json["labels"].items()
                    if isinstance(value, int) and value in hd95_labels},

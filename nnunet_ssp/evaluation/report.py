@@ -9,7 +9,7 @@ import csv
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -42,6 +42,8 @@ class Run:
     hd95: Dict[str, float]                      # label key -> mean HD95 (mm)
     clinical: Dict[str, Dict[str, float]]       # measure -> n, mae, bias, sd, loa_low, loa_high
     subjects: Dict[str, Dict[str, Dict[str, float]]]  # subject -> reference/prediction -> measure -> value
+    schedule: Optional[dict] = None             # the fine-tuning schedule the run recorded (name, epochs, ...)
+    tta: Optional[bool] = None                  # whether its predictions used test-time augmentation
 
 
 def _num(value) -> float:
@@ -107,6 +109,7 @@ def load_run(folder: str) -> Run:
             seed=None if run["seed"] is None else int(run["seed"]),
             num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
             labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
+            schedule=run.get("schedule"), tta=run.get("tta"),
             clinical={m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
                       for m, a in ev["clinical_agreement"].items()},
             subjects={s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}
@@ -323,6 +326,42 @@ def bland_altman_panels(groups, methods, budgets):
     return panels
 
 
+def _schedule_text(schedule: Optional[dict]) -> str:
+    if not schedule:
+        return "not recorded"
+    return (f"{schedule['name']} ({schedule['num_epochs']} epochs x {schedule['iterations_per_epoch']} iterations, "
+            f"lr {schedule['initial_lr']:g})")
+
+
+def _tta_text(tta: Optional[bool]) -> str:
+    return "not recorded" if tta is None else ("on" if tta else "off")
+
+
+def schedule_summary(runs: Sequence[Run]) -> str:
+    """The schedules the runs recorded, e.g. "paper (1000 epochs, 8–214 iterations per epoch)"."""
+    by_name = defaultdict(list)
+    for run in runs:
+        by_name[run.schedule["name"] if run.schedule else None].append(run.schedule)
+    parts = []
+    for name, schedules in sorted(by_name.items(), key=lambda item: str(item[0])):
+        if name is None:
+            parts.append(f"not recorded ({len(schedules)} runs)")
+            continue
+        epochs = sorted({s["num_epochs"] for s in schedules})
+        iterations = sorted({s["iterations_per_epoch"] for s in schedules})
+        parts.append(f"{name} ({'/'.join(map(str, epochs))} epochs, {iterations[0]}"
+                     + (f"–{iterations[-1]}" if len(iterations) > 1 else "") + " iterations per epoch)")
+    return "; ".join(parts)
+
+
+def tta_summary(runs: Sequence[Run]) -> str:
+    """"off", or how many runs had each setting when they differ."""
+    counts = Counter(_tta_text(run.tta) for run in runs)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{text} ({n} runs)" for text, n in sorted(counts.items()))
+
+
 def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
     """Writes report.md, dice.csv, summary.csv, clinical.csv, wilcoxon.csv, label_efficiency.png and
     bland_altman_ef.png into ``out``; returns the main table (Markdown) and the paths written. The files are made in
@@ -353,6 +392,7 @@ def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
         series, skipped = label_efficiency_series(groups, methods, budgets)
         md = ["# nnunet_ssp report", "",
               f"{len(runs)} runs: methods {', '.join(methods)}; budgets {', '.join(map(_text, budgets))}.",
+              f"Fine-tuning schedule: {schedule_summary(runs)}. Test-time augmentation: {tta_summary(runs)}.",
               "Cells are the mean over seeds, ± the standard deviation over seeds (ddof=1) when there are two or more, "
               "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run.", "",
               "## 3D Dice, mean over the foreground classes", "",
@@ -378,9 +418,9 @@ def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
             md += ["", "Not in label_efficiency.png (no number of training subjects): "
                    + ", ".join(f"{m} budget {_text(b)}" for m, b in skipped) + "."]
         md += ["", "## Runs", "", markdown_table(
-            ["method", "budget", "seed", "training subjects", "folder"],
-            [[r.method, _text(r.budget), _text(r.seed), _text(r.num_train_subjects), r.folder]
-             for r in runs])]
+            ["method", "budget", "seed", "training subjects", "schedule", "TTA", "folder"],
+            [[r.method, _text(r.budget), _text(r.seed), _text(r.num_train_subjects), _schedule_text(r.schedule),
+              _tta_text(r.tta), r.folder] for r in runs])]
 
         written = [_write_text(path("report.md"), "\n".join(md) + "\n")]
         written.append(write_csv(path("dice.csv"), ["method", "budget", "seed", "num_train_subjects", "class", "dice"],

@@ -86,6 +86,20 @@ class SSPMethod:
         """One batchgeneratorsv2 transform per view of a slice."""
         raise NotImplementedError
 
+    def view_patch_sizes(self) -> List[Tuple[int, ...]]:
+        """The spatial size of each view, in the order of :meth:`view_transforms` (default: all at the patch size)."""
+        return [self.patch_size] * len(self.view_transforms())
+
+    def example_batch(self, batch_size: int, num_channels: int, device) -> dict:
+        """A batch with the loader's keys and shapes (random views, every slice at position 0 and ED), for measuring
+        what a step costs without data."""
+        generator = torch.Generator().manual_seed(0)
+        views = [torch.randn(batch_size, num_channels, *size, generator=generator).to(device)
+                 for size in self.view_patch_sizes()]
+        zeros = torch.zeros(batch_size, dtype=torch.int64)
+        return {"views": views, "index": torch.arange(batch_size), "slice_position": zeros.float(),
+                "frame_from_ed": zeros, "subject": zeros}
+
     def loss(self, model: torch.nn.Module, batch: dict, step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The scalar loss of one batch and extra figures to log (averaged per epoch)."""
         raise NotImplementedError

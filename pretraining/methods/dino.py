@@ -82,6 +82,9 @@ class DINO(SSPMethod):
                               intensity="dino") for _ in range(self.dino_local_views)]
         return [blurred, solarized, *local]
 
+    def view_patch_sizes(self):
+        return [self.patch_size] * 2 + [self.local_patch_size] * self.dino_local_views
+
     def export_network(self, model: StudentTeacher) -> nn.Module:
         return model.student.network
 

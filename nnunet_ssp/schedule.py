@@ -1,0 +1,50 @@
+"""Fine-tuning schedules, the arithmetic that the trainers and the protocol's plan share.
+
+- ``nnunet``: nnU-Net's 1000 epochs x 250 iterations, at every label budget.
+- ``paper``: the paper's epoch is one pass over the fold's labelled 2D training slices, ceil(slices / batch)
+  iterations, for 1000 epochs (10 subjects, 231 slices, batch 32: 8 iterations per epoch, 8,000 in all).
+
+``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch`` override the epochs and the training iterations per
+epoch of every plugin trainer, whatever its schedule (short runs, tests, demos).
+"""
+import math
+import os
+from typing import Optional
+
+from nnunet_ssp.errors import SSPError
+
+NUM_EPOCHS_ENV = "nnUNet_ssp_num_epochs"
+ITERS_PER_EPOCH_ENV = "nnUNet_ssp_iters_per_epoch"
+NNUNET_EPOCHS = 1000
+NNUNET_ITERATIONS_PER_EPOCH = 250
+#: --schedule -> the trainer-name suffix of that schedule's trainers (trainers/ssp_trainers.py)
+SCHEDULE_SUFFIX = {"paper": "_paperSchedule", "nnunet": ""}
+
+
+def positive_int_from_env(name: str) -> Optional[int]:
+    """The positive integer in environment variable ``name``; None when it is unset or empty."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise SSPError(f"environment variable {name}={value!r}: expected a positive integer")
+    return int(value)
+
+
+def paper_iterations_per_epoch(slices: int, batch_size: int) -> int:
+    """One pass over ``slices`` at ``batch_size``: ceil(slices / batch_size), at least 1."""
+    return max(1, math.ceil(slices / batch_size))
+
+
+def num_epochs() -> int:
+    """The epochs of a plugin trainer's run: ``nnUNet_ssp_num_epochs`` or 1000."""
+    return positive_int_from_env(NUM_EPOCHS_ENV) or NNUNET_EPOCHS
+
+
+def iterations_per_epoch(schedule: str, slices: int, batch_size: int) -> int:
+    """Training iterations per epoch of ``schedule`` for a fold of ``slices`` labelled slices at ``batch_size``
+    (``nnUNet_ssp_iters_per_epoch`` wins when set)."""
+    from_env = positive_int_from_env(ITERS_PER_EPOCH_ENV)
+    if from_env:
+        return from_env
+    return paper_iterations_per_epoch(slices, batch_size) if schedule == "paper" else NNUNET_ITERATIONS_PER_EPOCH
