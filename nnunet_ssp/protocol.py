@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Sequence
 
 from nnunet_ssp.errors import SSPError, run_command
-from nnunet_ssp.schedule import SCHEDULE_SUFFIX
+from nnunet_ssp.schedule import (PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES, SCHEDULE_SUFFIX,
+                                 SKIP_FINAL_VALIDATION_ENV)
 
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
@@ -91,9 +92,15 @@ class Protocol:
         unknown = [m for m in self.methods if m not in TRAINER_OF_METHOD]
         if unknown:
             raise SSPError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(TRAINER_OF_METHOD)}")
-        suffix = args.trainer_suffix + SCHEDULE_SUFFIX[args.schedule]
-        self.method_of_trainer = {TRAINER_OF_METHOD[m] + suffix: m for m in self.methods}
-        self.trainers = [BASELINE_TRAINER + suffix, *self.method_of_trainer]
+        schedule = SCHEDULE_SUFFIX[args.schedule]
+        self.method_of_trainer, self.trainers = {}, []
+        for recipe in args.recipes:
+            name = "" if recipe == PAPER_RECIPE else f"_{recipe}"
+            if recipe not in PRETRAINED_ONLY_RECIPES:
+                self.trainers.append(BASELINE_TRAINER + name + schedule)
+            for method in self.methods:
+                self.method_of_trainer[TRAINER_OF_METHOD[method] + name + schedule] = method
+                self.trainers.append(TRAINER_OF_METHOD[method] + name + schedule)
 
     # ------------------------------------------------------------------ dataset and folds
     def _target_dataset(self):
@@ -161,12 +168,14 @@ class Protocol:
                 else [])]))
         return runs
 
-    def checkpoint_env(self, trainer: str) -> dict:
+    def training_env(self, trainer: str) -> dict:
         """A method's trainer fine-tunes from this protocol's checkpoint of that method, whatever the caller exported
-        as nnUNet_ssp_checkpoint (one stale export would otherwise give every trainer the same file)."""
+        as nnUNet_ssp_checkpoint (one stale export would otherwise give every trainer the same file); nnU-Net's
+        final validation is skipped, since the protocol predicts and evaluates the test set."""
         from nnunet_ssp.checkpoint import CHECKPOINT_ENV, FINAL_CHECKPOINT
         method = self.method_of_trainer.get(trainer)
-        return {CHECKPOINT_ENV: os.path.join(self.ssp_folder(method), FINAL_CHECKPOINT)} if method else {}
+        checkpoint = {CHECKPOINT_ENV: os.path.join(self.ssp_folder(method), FINAL_CHECKPOINT)} if method else {}
+        return {SKIP_FINAL_VALIDATION_ENV: "1", **checkpoint}
 
     def prediction_folder(self, trainer: str, fold: int) -> str:
         return os.path.join(self.output, "predictions", trainer, f"fold_{fold}")
@@ -184,7 +193,7 @@ class Protocol:
                 train = Step(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
                               "-device", a.device], _exists(results, "checkpoint_final.pth"),
                              resume=lambda r=results: ["--c"] if os.path.isfile(os.path.join(r, "checkpoint_latest.pth"))
-                             else [], env=self.checkpoint_env(trainer))
+                             else [], env=self.training_env(trainer))
                 predict = Step(["nnUNetv2_predict", "-i", test_images, "-o", prediction, "-d", self.dataset_id,
                                 "-c", a.configuration, "-f", index, "-tr", trainer, "-p", a.plans, "-device", a.device,
                                 "-npp", str(a.num_processes), "-nps", str(a.num_processes),
@@ -343,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits-yaml", nargs="+", metavar="FILE",
                    help="the paper's split YAML files instead of sampled budgets")
     p.add_argument("--methods", nargs="+", default=list(TRAINER_OF_METHOD), help="SSP methods (default: all four)")
-    p.add_argument("--trainer-suffix", default="", choices=["", "_warmup"],
-                   help="fine-tune with the _warmup trainer variants")
+    p.add_argument("--recipes", nargs="+", default=[PAPER_RECIPE], choices=RECIPES, metavar="RECIPE",
+                   help="fine-tuning recipes, each with its own trainers and report rows: paper (default; lr 1e-2 "
+                        "from scratch, 5e-3 pretrained), warmup (the _warmup trainers), baselineLR (pretrained at "
+                        "1e-2 too)")
     p.add_argument("--schedule", default="paper", choices=sorted(SCHEDULE_SUFFIX),
                    help="fine-tuning length: paper (default; an epoch is one pass over the fold's labelled slices, "
                         "the _paperSchedule trainers) or nnunet (1000 x 250 iterations at every budget)")

@@ -1,11 +1,12 @@
-"""Fine-tuning schedules, the arithmetic that the trainers and the protocol's plan share.
+"""Fine-tuning schedules and recipes: the arithmetic and names that the trainers and the protocol's plan share.
 
 - ``nnunet``: nnU-Net's 1000 epochs x 250 iterations, at every label budget.
 - ``paper``: the paper's epoch is one pass over the fold's labelled 2D training slices, ceil(slices / batch)
   iterations, for 1000 epochs (10 subjects, 231 slices, batch 32: 8 iterations per epoch, 8,000 in all).
 
 ``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch`` override the epochs and the training iterations per
-epoch of every plugin trainer, whatever its schedule (short runs, tests, demos).
+epoch of every plugin trainer, whatever its schedule (short runs, tests, demos). ``nnUNet_ssp_skip_final_validation=1``
+skips nnU-Net's validation after training, which changes no test-set result.
 """
 import math
 import os
@@ -15,10 +16,19 @@ from nnunet_ssp.errors import SSPError
 
 NUM_EPOCHS_ENV = "nnUNet_ssp_num_epochs"
 ITERS_PER_EPOCH_ENV = "nnUNet_ssp_iters_per_epoch"
+#: "1": the plugin's trainers skip nnU-Net's final validation (the protocol predicts the test set instead)
+SKIP_FINAL_VALIDATION_ENV = "nnUNet_ssp_skip_final_validation"
 NNUNET_EPOCHS = 1000
 NNUNET_ITERATIONS_PER_EPOCH = 250
 #: --schedule -> the trainer-name suffix of that schedule's trainers (trainers/ssp_trainers.py)
 SCHEDULE_SUFFIX = {"paper": "_paperSchedule", "nnunet": ""}
+#: fine-tuning recipes besides the paper's (lr 1e-2 from scratch, 5e-3 from a checkpoint, no warm-up); a recipe's
+#: trainers are named ``<trainer>_<recipe>`` (trainers/ssp_trainers.py) and it names their rows in the report
+WARMUP, BASELINE_LR = "warmup", "baselineLR"
+PAPER_RECIPE = "paper"
+RECIPES = (PAPER_RECIPE, WARMUP, BASELINE_LR)
+#: recipes that change nothing for the from-scratch baseline (it fine-tunes at 1e-2 already)
+PRETRAINED_ONLY_RECIPES = (BASELINE_LR,)
 
 
 def positive_int_from_env(name: str) -> Optional[int]:

@@ -10,19 +10,11 @@
 #   DEMO_METHODS ("simclr pcl dino mim"), DEMO_PRETRAIN_EPOCHS (3), DEMO_PRETRAIN_ITERS (10), DEMO_PRETRAIN_BATCH (16),
 #   DEMO_EPOCHS (5), DEMO_ITERS (10 per epoch).
 set -euo pipefail
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"
-cd "$REPO_ROOT"
 START=$SECONDS
-
-WORK="${DEMO_DIR:-$REPO_ROOT/demo_output}"
-export nnUNet_raw="${nnUNet_raw:-$WORK/nnUNet_raw}"
-export nnUNet_preprocessed="${nnUNet_preprocessed:-$WORK/nnUNet_preprocessed}"
-export nnUNet_results="${nnUNet_results:-$WORK/nnUNet_results}"
-mkdir -p "$nnUNet_raw" "$nnUNet_preprocessed" "$nnUNet_results"
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/workspace_env.sh" "${DEMO_DIR:-}" demo_output
 ID="${DEMO_DATASET_ID:-501}"
-# CPU-sized fine-tuning: short schedules, augmentation in the main process (no worker start-up per run)
+# CPU-sized fine-tuning: short schedules
 export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-5}" nnUNet_ssp_iters_per_epoch="${DEMO_ITERS:-10}"
-export nnUNet_n_proc_DA="${nnUNet_n_proc_DA:-0}" nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
 
 echo "== phantom: $nnUNet_raw/Dataset${ID}_CinePhantom"
 nnunet_ssp phantom -d "$ID" -n CinePhantom --subjects "${DEMO_SUBJECTS:-10}" \

@@ -204,7 +204,8 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
 
     ev = _load(pred, "ssp_evaluation.json")
     assert ev["format"] == "nnunet_ssp.evaluation" and ev["format_version"] == 1 and ev["dice_summary"] == "summary.json"
-    assert ev["run"] == {"dataset": DATASET, "trainer": "nnUNetTrainerMIM_warmup", "method": "mim", "fold": 5,
+    assert ev["run"] == {"dataset": DATASET, "trainer": "nnUNetTrainerMIM_warmup", "method": "mim", "recipe": "warmup",
+                         "fold": 5,
                          "budget": 2, "seed": 1, "num_train_subjects": 2, "tta": False,
                          "schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": 8,
                                       "initial_lr": 0.005}, "prediction_folder": str(pred),
@@ -315,13 +316,20 @@ def test_the_method_is_what_the_run_recorded_never_the_trainer_name(workspace):
 
 
 def test_report_names_the_methods_of_a_warmup_run_and_a_baseline_variant(workspace, tmp_path):
+    """Method and recipe come from the run and its trainer class; the report's row is the method, with the recipe
+    when it is not the paper's."""
     from nnunet_ssp.evaluation.report import write_report
     pred, _ = workspace
     _record_run("nnUNetTrainerMIM_warmup", 5, "mim")
-    for trainer in ("nnUNetTrainerMIM_warmup", "nnUNetTrainerBaseline_warmup"):
+    expected = {"nnUNetTrainerMIM_warmup": ("mim", "warmup"), "nnUNetTrainerBaseline_warmup": ("baseline", "warmup"),
+                "nnUNetTrainerBaseline_paperSchedule": ("baseline", ""),
+                "nnUNetTrainerMIM_baselineLR_paperSchedule": ("mim", "baselineLR")}
+    for trainer, (method, recipe) in expected.items():
         folder = tmp_path / "predictions" / trainer
         shutil.copytree(pred, folder)
-        evaluate_predictions(str(folder), DATASET, trainer=trainer, fold="5", num_processes=1)
+        evaluation, _ = evaluate_predictions(str(folder), DATASET, trainer=trainer, fold="5", num_processes=1)
+        assert (evaluation["run"]["method"], evaluation["run"]["recipe"]) == (method, recipe)
     write_report([str(tmp_path / "predictions")], str(tmp_path / "report"))
     with open(tmp_path / "report" / "summary.csv") as f:
-        assert {row["method"] for row in csv.DictReader(f)} == {"baseline", "mim"}
+        rows = list(dict.fromkeys(row["method"] for row in csv.DictReader(f)))
+    assert rows == ["baseline", "baseline_warmup", "mim_baselineLR", "mim_warmup"]

@@ -93,6 +93,12 @@ def test_schedule_and_tta_switch(toy_env):
     assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerMIM -p nnUNetPlans -device cuda" in result.stdout
     assert "_paperSchedule" not in result.stdout and "--disable_tta" not in result.stdout
     assert result.stdout.count("--tta on") == 2 and "this plan runs --schedule nnunet" in result.stdout
+    recipes = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "mim",
+                        "--recipes", "paper", "baselineLR", "warmup", "--dry-run")
+    assert [name.split(" fold")[0] for phase, name in _planned(recipes.stdout) if phase == "finetune"] == [
+        "nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule",
+        "nnUNetTrainerMIM_baselineLR_paperSchedule",  # the baseline has the scratch lr already
+        "nnUNetTrainerBaseline_warmup_paperSchedule", "nnUNetTrainerMIM_warmup_paperSchedule"]
 
 
 def test_shards_split_the_runs_without_overlap(toy_env):
@@ -138,6 +144,11 @@ def test_miniature_protocol_through_report(tmp_path):
             folder = os.path.join(out, "predictions", trainer, f"fold_{fold}")
             evaluation = json.load(open(os.path.join(folder, "ssp_evaluation.json")))
             assert evaluation["run"]["method"] == method and evaluation["run"]["budget"] == budget
+            # the protocol predicts the test set, so nnU-Net's final validation of the fold is skipped
+            fold_folder = os.path.join(env["nnUNet_results"], "Dataset994_Protocol", f"{trainer}__nnUNetPlans__2d",
+                                       f"fold_{fold}")
+            assert os.path.isfile(os.path.join(fold_folder, "checkpoint_final.pth"))
+            assert not os.path.exists(os.path.join(fold_folder, "validation"))
             # the default protocol: the paper's schedule (its iterations here from nnUNet_ssp_iters_per_epoch), no TTA
             assert evaluation["run"]["tta"] is False and evaluation["run"]["schedule"] == {
                 "name": "paper", "num_epochs": 1, "iterations_per_epoch": 2,

@@ -54,6 +54,20 @@ def test_schedules(nnunet_env, monkeypatch):
         _trainer(nnUNetTrainerBaseline)
 
 
+def test_baseline_lr_recipe_fine_tunes_at_the_scratch_lr_and_loads_the_same_parts(nnunet_env):
+    from trainers import ssp_trainers
+    path, source = _write_checkpoint(nnunet_env, "mim")
+    trainer = _trainer(ssp_trainers.nnUNetTrainerMIM_baselineLR)
+    assert trainer.initial_lr == _trainer(nnUNetTrainerBaseline).initial_lr == 1e-2 and trainer.recipe == "baselineLR"
+    _load_like_on_train_start(trainer)
+    source_state = source.state_dict()
+    assert all(torch.equal(v, source_state[k]) for k, v in trainer.network.state_dict().items()
+               if not k.startswith("decoder.seg_layers."))
+    assert not hasattr(ssp_trainers, "nnUNetTrainerBaseline_baselineLR")  # it would be the baseline itself
+    assert ssp_trainers.nnUNetTrainerMIM_warmup_paperSchedule.recipe == "warmup"
+    assert nnUNetTrainerMIM.recipe == nnUNetTrainerBaseline.recipe == ""
+
+
 def test_warmup_then_poly_matches_the_formula():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = WarmupPolyLRScheduler(opt, 5e-3, num_epochs=1000, warmup_epochs=50)

@@ -20,10 +20,12 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import save_json_atomic
 from nnunet_ssp.methods import parts_of_method
 from nnunet_ssp.network import PlansTarget, load_parts, tensor_digests
-from nnunet_ssp.schedule import ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, paper_iterations_per_epoch, positive_int_from_env
+from nnunet_ssp.schedule import (ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, SKIP_FINAL_VALIDATION_ENV,
+                                 paper_iterations_per_epoch, positive_int_from_env)
 from trainers.schedules import WarmupPolyLRScheduler
 
 SSP_INITIAL_LR = 5e-3  # the paper's fine-tuning recommendation (its baseline: 1e-2)
+SCRATCH_INITIAL_LR = 1e-2  # nnU-Net's and the paper's from-scratch lr
 
 
 def _exit_with(error: SSPError):
@@ -42,6 +44,8 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
     """From-scratch control: nnU-Net's schedule (SGD, poly, 1000 x 250 iterations, lr 1e-2) from random init."""
     #: the fine-tuning schedule's name, recorded in nnU-Net's debug.json and so in every evaluation
     schedule_name = "nnunet"
+    #: the fine-tuning recipe's name ("" = the paper's), recorded in every evaluation: it names the report's row
+    recipe = ""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -59,6 +63,14 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
             self.print_to_log_file(f"nnunet_ssp schedule from the environment: {self.num_epochs} epochs x "
                                    f"{self.num_iterations_per_epoch} iterations "
                                    f"({self.num_val_iterations_per_epoch} validation iterations)")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation of the final network, unless ``nnUNet_ssp_skip_final_validation=1``: the protocol
+        predicts the test set anyway, and this validation costs a fine-tune on a CPU 35-50 s of pool start-ups."""
+        if os.environ.get(SKIP_FINAL_VALIDATION_ENV) == "1":
+            self.print_to_log_file(f"final validation skipped ({SKIP_FINAL_VALIDATION_ENV}=1)")
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def set_training_iterations(self, iterations: int) -> None:
         """Training iterations per epoch; validation iterations at nnU-Net's ratio (at least 1)."""
@@ -165,6 +177,17 @@ class PaperScheduleMixin:
                                    f"iterations ({self.num_val_iterations_per_epoch} validation iterations), "
                                    f"{self.num_epochs} epochs")
         return dataset_tr, dataset_val
+
+
+class BaselineLRMixin:
+    """Fine-tunes a pretrained network at the from-scratch baseline's learning rate (nnU-Net's 1e-2) instead of the
+    paper's 5e-3, so that the lr does not differ between the arms of the comparison. For the SSP trainers; put it
+    first in the bases: ``class X_baselineLR(BaselineLRMixin, X)``."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # nnU-Net records its trainers' __init__ signature
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = SCRATCH_INITIAL_LR
 
 
 def labelled_slices(dataset) -> int:

@@ -2,14 +2,21 @@
 
 The base trainers are a name plus a method key (``nnUNetTrainerBaseline`` loads nothing, ``nnUNetTrainerSSP`` any
 method's checkpoint). Each comes in variants whose name says what changes, as nnU-Net's own variants do
-(``nnUNetTrainer_250epochs``), so the results folder records it:
+(``nnUNetTrainer_250epochs``), so the results folder records it: ``<base><recipe><schedule>`` with
 
-- ``<base>_warmup``: a linear learning-rate warm-up before the poly decay (:class:`trainers.base.WarmupMixin`);
-- ``<base>_paperSchedule``: the paper's fine-tuning length, an epoch = one pass over the fold's labelled slices
-  (:class:`trainers.base.PaperScheduleMixin`);
-- ``<base>_warmup_paperSchedule``: both.
+- recipe ``_warmup``: a linear learning-rate warm-up before the poly decay (:class:`trainers.base.WarmupMixin`);
+- recipe ``_baselineLR`` (pretrained trainers only): the from-scratch lr 1e-2 instead of the paper's 5e-3
+  (:class:`trainers.base.BaselineLRMixin`);
+- schedule ``_paperSchedule``: the paper's fine-tuning length, an epoch = one pass over the fold's labelled slices
+  (:class:`trainers.base.PaperScheduleMixin`).
+
+e.g. ``nnUNetTrainerMIM_baselineLR_paperSchedule``. A variant's ``recipe`` (``warmup``, ``baselineLR``; "" for the
+paper's) names its row in the report.
 """
-from trainers.base import PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline, nnUNetTrainerSSP
+from itertools import product
+
+from nnunet_ssp.schedule import BASELINE_LR, PRETRAINED_ONLY_RECIPES, SCHEDULE_SUFFIX, WARMUP
+from trainers.base import BaselineLRMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline, nnUNetTrainerSSP
 
 
 class nnUNetTrainerMIM(nnUNetTrainerSSP):
@@ -30,18 +37,31 @@ class nnUNetTrainerDINO(nnUNetTrainerSSP):
 
 BASE_TRAINERS = (nnUNetTrainerBaseline, nnUNetTrainerSSP, nnUNetTrainerMIM, nnUNetTrainerSimCLR, nnUNetTrainerPCL,
                  nnUNetTrainerDINO)
-#: name suffix -> the mixins it puts in front of the base trainer
-VARIANTS = {"_warmup": (WarmupMixin,), "_paperSchedule": (PaperScheduleMixin,),
-            "_warmup_paperSchedule": (PaperScheduleMixin, WarmupMixin)}
+#: recipe -> its mixins; "" is the paper's recipe
+RECIPES = {"": (), WARMUP: (WarmupMixin,), BASELINE_LR: (BaselineLRMixin,)}
+#: schedule name-suffix -> its mixins
+SCHEDULES = {SCHEDULE_SUFFIX["nnunet"]: (), SCHEDULE_SUFFIX["paper"]: (PaperScheduleMixin,)}
 
 
-def _define_variant(base: type, suffix: str) -> type:
-    """``<base><suffix>``, defined in this module so that nnU-Net's lookup by name (and pickling) finds it."""
-    mixins = VARIANTS[suffix]
-    variant = type(base.__name__ + suffix, (*mixins, base), {
-        "__module__": __name__, "__doc__": f"{base.__name__} with {' and '.join(m.__name__ for m in mixins)}."})
+def variant_name(base: str, recipe: str = "", schedule_suffix: str = "") -> str:
+    return base + (f"_{recipe}" if recipe else "") + schedule_suffix
+
+
+def _applies(base: type, recipe: str) -> bool:
+    """Some recipes (baselineLR) change nothing for the from-scratch baseline."""
+    return not (recipe in PRETRAINED_ONLY_RECIPES and base is nnUNetTrainerBaseline)
+
+
+def _define_variant(base: type, recipe: str, schedule_suffix: str) -> type:
+    """The variant, defined in this module so that nnU-Net's lookup by name (and pickling) finds it."""
+    mixins = SCHEDULES[schedule_suffix] + RECIPES[recipe]
+    variant = type(variant_name(base.__name__, recipe, schedule_suffix), (*mixins, base), {
+        "__module__": __name__, "recipe": recipe,
+        "__doc__": f"{base.__name__} with {' and '.join(m.__name__ for m in mixins)}."})
     globals()[variant.__name__] = variant
     return variant
 
 
-ALL_TRAINERS = BASE_TRAINERS + tuple(_define_variant(base, suffix) for base in BASE_TRAINERS for suffix in VARIANTS)
+ALL_TRAINERS = BASE_TRAINERS + tuple(
+    _define_variant(base, recipe, schedule) for base, recipe, schedule in product(BASE_TRAINERS, RECIPES, SCHEDULES)
+    if (recipe or schedule) and _applies(base, recipe))

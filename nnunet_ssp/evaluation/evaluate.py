@@ -188,7 +188,8 @@ def _nnunet_dice(reference_folder: str, prediction_folder: str, cases: Sequence[
 def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str], fold, plans_name: str,
               configuration: str, tta: Optional[bool], prediction_folder: str, reference_folder: str,
               vendors: Optional[Sequence[str]]) -> dict:
-    """The run's identity, method and schedule (what the run recorded), whether the predictions used test-time
+    """The run's identity, method and schedule (what the run recorded), its fine-tuning recipe (the trainer class's;
+    "" for the paper's and for stock trainers), whether the predictions used test-time
     augmentation (as the caller says; None: not said); budget, seed and training subjects from splits_ssp.json when
     it describes the fold."""
     sidecar = os.path.join(preprocessed_folder, SIDECAR)
@@ -197,6 +198,7 @@ def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str
         described = load_json(sidecar).get("folds", {}).get(str(fold), {})
     fold_folder = results_fold_folder(dataset_name, trainer, plans_name, configuration, fold) if trainer else None
     return {"dataset": dataset_name, "trainer": trainer, "method": method_of_run(trainer, fold_folder) if trainer else None,
+            "recipe": getattr(_trainer_class(trainer), "recipe", "") if trainer else None,
             "fold": fold, "budget": described.get("budget"), "seed": described.get("seed"),
             "num_train_subjects": len(described["subjects"]) if "subjects" in described else None,
             "schedule": schedule_of_run(fold_folder), "tta": tta,

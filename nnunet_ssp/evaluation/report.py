@@ -32,7 +32,7 @@ NAN = float("nan")
 class Run:
     """One evaluated prediction folder. Missing values are NaN."""
     folder: str
-    method: str
+    method: str                                 # the row: the method, with its recipe unless the paper's
     budget: Budget
     seed: Optional[int]
     num_train_subjects: Optional[int]
@@ -68,9 +68,16 @@ def budget_sort_key(budget: Budget) -> Tuple:
     return (1, 0, "") if budget == "all" else (2, 0, budget)
 
 
-def method_sort_key(method: str) -> Tuple:
-    """The paper's methods in its order, then the others alphabetically."""
-    return (METHOD_ORDER.index(method), "") if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+def row_label(method: str, recipe: Optional[str]) -> str:
+    """A report row: the method, ``<method>_<recipe>`` for a recipe other than the paper's."""
+    return f"{method}_{recipe}" if recipe else str(method)
+
+
+def method_sort_key(label: str) -> Tuple:
+    """The paper's methods in its order, then the others alphabetically; each method's paper recipe first."""
+    method, _, recipe = label.partition("_")
+    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (order, method if order == len(METHOD_ORDER) else "", recipe)
 
 
 def label_sort_key(label: str) -> Tuple:
@@ -105,7 +112,7 @@ def load_run(folder: str) -> Run:
         run = ev["run"]
         labels = {str(k): str(v) for k, v in ev["labels"].items()}
         fields = dict(
-            folder=folder, method=str(run["method"]), budget=_budget(run["budget"]),
+            folder=folder, method=row_label(run["method"], run.get("recipe")), budget=_budget(run["budget"]),
             seed=None if run["seed"] is None else int(run["seed"]),
             num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
             labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
