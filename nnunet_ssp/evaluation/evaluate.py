@@ -6,6 +6,7 @@ format; HD95 per case and class, the clinical measures per subject and their agr
 neither file behind.
 """
 import csv
+import functools
 import math
 import os
 import tempfile
@@ -71,8 +72,10 @@ def schedule_of_run(fold_folder: Optional[str]) -> Optional[dict]:
         raise SSPError(f"{path}: not nnU-Net's debug.json (no num_epochs, num_iterations_per_epoch, initial_lr)") from None
 
 
+@functools.lru_cache(maxsize=None)
 def _trainer_class(trainer: str) -> type:
-    """The trainer class, found as nnUNetv2_train finds it (nnU-Net's trainers, then ``nnUNet_extTrainer``)."""
+    """The trainer class, found as nnUNetv2_train finds it (nnU-Net's trainers, then ``nnUNet_extTrainer``); the
+    search imports every trainer module, so each name is looked up once (method and recipe both need it)."""
     import contextlib
     import io
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
