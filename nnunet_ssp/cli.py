@@ -95,6 +95,16 @@ def _evaluate(args):
     print("\n".join(summary_lines(evaluation, dice)))
 
 
+def _predict(args):
+    from nnunet_ssp.predict import PredictionRun, predict_runs, use_nnunet_threads
+    use_nnunet_threads(args.device)
+    predict_runs([PredictionRun(*run) for run in args.runs], args.i, args.d, configuration=args.c, plans=args.p,
+                 device=args.device, tta=not args.disable_tta, checkpoint=args.chk, step_size=args.step_size,
+                 on_device=not args.not_on_device, save_probabilities=args.save_probabilities,
+                 skip_complete=args.resume, evaluate=args.evaluate, reference=args.reference,
+                 num_processes=args.num_processes)
+
+
 def _report(args):
     from nnunet_ssp.evaluation.report import write_report
     table, paths = write_report(args.results, args.output)
@@ -167,6 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                    help="processes for nnU-Net's Dice (default: nnU-Net's default)")
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("predict", help="predict an image folder with many trained runs in one process (as "
+                                        "nnUNetv2_predict does for one), optionally evaluating each",
+                       description="Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's "
+                                   "own predictor (as nnUNetv2_predict -npp 0 -nps 0: no worker pools; the same "
+                                   "files). An output folder is complete once it holds plans.json, written last.")
+    p.add_argument("-i", required=True, metavar="IMAGES", help="input folder (CASE_0000.nii.gz, ...)")
+    p.add_argument("--run", dest="runs", nargs=3, action="append", required=True, metavar=("TRAINER", "FOLD", "OUT"),
+                   help="a trained run and the folder for its predictions (repeat for more runs)")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-c", default="2d", help="configuration (default 2d)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="default cuda")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint of each run (default checkpoint_final.pth)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring")
+    p.add_argument("--save_probabilities", action="store_true", help="also write the class probabilities")
+    p.add_argument("--not_on_device", action="store_true", help="keep the sliding window's results off the GPU")
+    p.add_argument("--continue", dest="resume", action="store_true",
+                   help="skip runs whose folder is complete (and, with --evaluate, evaluated)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="evaluate each folder as 'nnunet_ssp evaluate OUT -d D -tr TRAINER -f FOLD -c C --tta ...'")
+    p.add_argument("--reference", metavar="DIR", help="--evaluate's reference label maps (default: "
+                                                      "$nnUNet_raw/<Dataset>/labelsTs)")
+    p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
+                   help="processes for --evaluate's nnU-Net Dice (default: nnU-Net's default)")
+    p.set_defaults(run=_predict)
 
     p = sub.add_parser("report", help="paper-style tables, tests and figures from evaluated prediction folders",
                        description="Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and "

@@ -2,13 +2,16 @@
 
 prepare   merge the converted datasets (when several), ``nnUNetv2_plan_and_preprocess``, ``nnunet_ssp splits``
 pretrain  ``ssp_pretrain --method M`` for each method
-finetune  for each (budget, seed) fold and each trainer (the baseline and one per method):
-          ``nnUNetv2_train`` -> ``nnUNetv2_predict`` on imagesTs -> ``nnunet_ssp evaluate``
+finetune  for each (budget, seed) fold and each trainer (the baseline and one per method) ``nnUNetv2_train``; then
+          ``nnunet_ssp predict --evaluate`` predicts imagesTs with every trained run and evaluates the predictions
+          (the files of ``nnUNetv2_predict`` and ``nnunet_ssp evaluate``), many runs per process: up to --jobs
+          processes share the runs, since on a small test set a process per run starts up for as long as it predicts
 report    ``nnunet_ssp report`` over every evaluated prediction folder
 
-A run whose result exists is skipped (an interrupted training continues with ``--c``/``--continue``), so re-running
-the same command resumes. ``--shard i/n`` takes every n-th pretraining and fine-tuning run starting at i, so n
-machines split the work; run ``--phase pretrain`` on every shard before ``--phase finetune``, and ``--phase report``
+A run whose result exists is skipped (an interrupted training continues with ``--c``/``--continue``, ``nnunet_ssp
+predict --continue`` skips complete prediction folders), so re-running the same command resumes. ``--shard i/n``
+takes every n-th pretraining and fine-tuning run starting at i, so n machines split the work (each predicts the
+runs it trained); run ``--phase pretrain`` on every shard before ``--phase finetune``, and ``--phase report``
 once at the end. ``--dry-run`` prints the plan and writes nothing. Each command's output goes to a log file under
 the output folder.
 """
@@ -21,7 +24,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
 from nnunet_ssp.errors import SSPError, run_command
 from nnunet_ssp.schedule import (PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES, SCHEDULE_SUFFIX,
@@ -62,10 +65,6 @@ class Run:
 def _exists(*parts: str) -> Callable[[], bool]:
     path = os.path.join(*parts)
     return lambda: os.path.isfile(path)
-
-
-def _folder_holds(folder: str, names: Sequence[str]) -> Callable[[], bool]:
-    return lambda: os.path.isdir(folder) and set(names) <= set(os.listdir(folder))
 
 
 def parse_shard(text: str):
@@ -180,32 +179,43 @@ class Protocol:
     def prediction_folder(self, trainer: str, fold: int) -> str:
         return os.path.join(self.output, "predictions", trainer, f"fold_{fold}")
 
-    def finetune_runs(self) -> List[Run]:
-        a, runs = self.args, []
+    def finetune_pairs(self) -> List[Tuple[dict, str]]:
+        """(fold, trainer) of every fine-tuning run, fold by fold."""
+        return [(fold, trainer) for fold in self.folds() for trainer in self.trainers]
+
+    def training_run(self, fold: dict, trainer: str) -> Run:
+        a, index = self.args, str(fold["fold"])
+        results = os.path.join(self.results_root, self.dataset_name, f"{trainer}__{a.plans}__{a.configuration}",
+                               f"fold_{index}")
+        train = Step(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
+                      "-device", a.device], _exists(results, "checkpoint_final.pth"),
+                     resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
+                     env=self.training_env(trainer))
+        return Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']})", [train])
+
+    def prediction_runs(self, pairs: Sequence[Tuple[dict, str]]) -> List[Run]:
+        """The trained runs' predictions of imagesTs and their evaluation: the runs dealt out to up to --jobs
+        ``nnunet_ssp predict`` processes; one is done when each of its runs is predicted and evaluated."""
+        from nnunet_ssp.evaluation.evaluate import OUTPUT_FILE
+        from nnunet_ssp.predict import prediction_complete
+        a = self.args
         test_images = os.path.join(self.raw_root, self.dataset_name, "imagesTs")
         test_cases = _cases_in(test_images)
-        for fold in self.folds():
-            for trainer in self.trainers:
-                index = str(fold["fold"])
-                results = os.path.join(self.results_root, self.dataset_name,
-                                       f"{trainer}__{a.plans}__{a.configuration}", f"fold_{index}")
-                prediction = self.prediction_folder(trainer, fold["fold"])
-                train = Step(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
-                              "-device", a.device], _exists(results, "checkpoint_final.pth"),
-                             resume=lambda r=results: ["--c"] if os.path.isfile(os.path.join(r, "checkpoint_latest.pth"))
-                             else [], env=self.training_env(trainer))
-                predict = Step(["nnUNetv2_predict", "-i", test_images, "-o", prediction, "-d", self.dataset_id,
-                                "-c", a.configuration, "-f", index, "-tr", trainer, "-p", a.plans, "-device", a.device,
-                                "-npp", str(a.num_processes), "-nps", str(a.num_processes),
-                                *([] if a.tta else ["--disable_tta"]), *a.predict_args],
-                               _folder_holds(prediction, [c + ".nii.gz" for c in test_cases] + ["plans.json"]),
-                               resume=lambda: ["--continue_prediction"])
-                evaluate = Step(["nnunet_ssp", "evaluate", prediction, "-d", self.dataset_id, "-tr", trainer,
-                                 "-f", index, "-c", a.configuration, "-np", str(a.num_processes),
-                                 "--tta", "on" if a.tta else "off"],
-                                _exists(prediction, "ssp_evaluation.json"))
-                runs.append(Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']})",
-                                [train, predict, evaluate]))
+        workers = min(a.jobs, len(pairs))
+        runs = []
+        for worker in range(workers):
+            mine = pairs[worker::workers]
+            folders = [self.prediction_folder(trainer, fold["fold"]) for fold, trainer in mine]
+            command = ["nnunet_ssp", "predict", "-i", test_images, "-d", self.dataset_id, "-c", a.configuration,
+                       "-p", a.plans, "-device", a.device, *([] if a.tta else ["--disable_tta"]), "--continue",
+                       "--evaluate", "-np", str(a.num_processes)]
+            for (fold, trainer), folder in zip(mine, folders):
+                command += ["--run", trainer, str(fold["fold"]), folder]
+            done = lambda folders=folders: all(prediction_complete(f, test_cases, ".nii.gz")
+                                               and os.path.isfile(os.path.join(f, OUTPUT_FILE)) for f in folders)
+            runs.append(Run("finetune", f"predict and evaluate {len(mine)} runs"
+                            + (f" (process {worker + 1}/{workers})" if workers > 1 else ""),
+                            [Step(command + a.predict_args, done)]))
         return runs
 
     def iteration_budget(self) -> List[str]:
@@ -247,12 +257,17 @@ class Protocol:
         return [Run("report", "report", [Step(["nnunet_ssp", "report", os.path.join(self.output, "predictions"),
                                                "-o", report], lambda: False)])]
 
-    def phase_runs(self, phase: str, shard=(0, 1)) -> List[Run]:
-        """The runs of one phase; pretraining and fine-tuning runs are split over shards."""
+    def phase_runs(self, phase: str, shard=(0, 1)) -> List[List[Run]]:
+        """The runs of one phase in stages: a stage starts once the one before has ended, and the runs of the
+        pretraining and fine-tuning stages are independent of each other. Pretraining and fine-tuning runs are split
+        over shards; a shard's trained runs are predicted and evaluated after its fine-tuning runs."""
         index, count = shard
-        runs = {"prepare": self.prepare_runs, "pretrain": self.pretrain_runs, "finetune": self.finetune_runs,
-                "report": self.report_runs}[phase]()
-        return runs[index::count] if phase in ("pretrain", "finetune") else runs
+        if phase == "finetune":
+            pairs = self.finetune_pairs()[index::count]
+            return [[self.training_run(fold, trainer) for fold, trainer in pairs], self.prediction_runs(pairs)]
+        if phase == "pretrain":
+            return [self.pretrain_runs()[index::count]]
+        return [{"prepare": self.prepare_runs, "report": self.report_runs}[phase]()]
 
 
 def _required_env(name: str) -> str:
@@ -288,12 +303,20 @@ def _describe(command: List[str]) -> str:
     return " ".join(shlex.quote(c) for c in command)
 
 
-def print_plan(runs: List[Run]) -> None:
+def _numbered(stages: Sequence[Sequence[Run]]):
+    """(number of the run in its phase, total, run) for the runs of each stage, stage by stage."""
+    total = sum(len(stage) for stage in stages)
+    numbers = iter(range(1, total + 1))
+    return [[(next(numbers), total, run) for run in stage] for stage in stages]
+
+
+def print_plan(stages: Sequence[Sequence[Run]]) -> None:
     """The dry run: every run with its commands, those already done marked."""
-    for number, run in enumerate(runs, 1):
-        print(f"[{run.phase} {number}/{len(runs)}] {run.name}{' [done]' if run.is_done() else ''}")
-        for step in run.steps:
-            print(f"    {'(done) ' if step.done() else ''}{_describe(step.command)}")
+    for stage in _numbered(stages):
+        for number, total, run in stage:
+            print(f"[{run.phase} {number}/{total}] {run.name}{' [done]' if run.is_done() else ''}")
+            for step in run.steps:
+                print(f"    {'(done) ' if step.done() else ''}{_describe(step.command)}")
 
 
 def _execute_run(run: Run, label: str, log_folder: str, base_env: dict) -> None:
@@ -321,17 +344,18 @@ def _execute_run(run: Run, label: str, log_folder: str, base_env: dict) -> None:
         print(f"[{label}] {os.path.basename(command[0])} finished in {time.time() - start:.0f} s", flush=True)
 
 
-def execute(runs: List[Run], log_folder: str, jobs: int = 1) -> None:
-    """Runs ``runs`` with up to ``jobs`` at a time; after the first failure no new run starts, and its error is
-    raised once the runs under way have ended."""
+def execute(stages: Sequence[Sequence[Run]], log_folder: str, jobs: int = 1) -> None:
+    """Runs the stages in order, the runs of each with up to ``jobs`` at a time; after the first failure no new run
+    starts, and its error is raised once the runs under way have ended."""
     base_env = PARALLEL_RUN_ENV if jobs > 1 else {}
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(_execute_run, run, f"{run.phase} {number}/{len(runs)}", log_folder, base_env)
-                   for number, run in enumerate(runs, 1)]
-        for future in as_completed(futures):
-            if future.exception() is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise future.exception()
+    for stage in _numbered(stages):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(_execute_run, run, f"{run.phase} {number}/{total}", log_folder, base_env)
+                       for number, total, run in stage]
+            for future in as_completed(futures):
+                if future.exception() is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise future.exception()
 
 
 def _slug(text: str) -> str:
@@ -366,16 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda")
     p.add_argument("--pretrain-args", default="", help="extra ssp_pretrain arguments, e.g. '--epochs 50'")
     p.add_argument("--predict-args", default=[], type=shlex.split,
-                   help="extra nnUNetv2_predict arguments, e.g. '-chk checkpoint_best.pth'")
-    p.add_argument("--num-processes", type=int, default=2, help="processes for preprocessing, prediction and "
-                                                                  "evaluation (default 2)")
+                   help="extra 'nnunet_ssp predict' arguments, which are nnUNetv2_predict's: -chk, -step_size, "
+                        "--save_probabilities, --not_on_device, e.g. '-chk checkpoint_best.pth'")
+    p.add_argument("--num-processes", type=int, default=2, help="processes for preprocessing and nnU-Net's Dice "
+                                                                  "(default 2)")
     p.add_argument("-o", "--output", help="predictions, logs and report (default "
                                           "$nnUNet_results/<Dataset>/ssp_protocol)")
     p.add_argument("--phase", default="all", choices=("all",) + PHASES)
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th pretraining and fine-tuning run from i")
     p.add_argument("--jobs", type=int, default=1,
-                   help="pretraining or fine-tuning runs at a time (default 1; 2 suits a small CPU machine, where "
-                        "process start-up dominates short runs; parallel runs get OMP_WAIT_POLICY=PASSIVE)")
+                   help="pretraining or fine-tuning runs at a time, and processes that share the predictions "
+                        "(default 1; 2 suits a small CPU machine, where process start-up dominates short runs; "
+                        "parallel runs get OMP_WAIT_POLICY=PASSIVE)")
     p.add_argument("--dry-run", action="store_true", help="print the plan of runs and write nothing")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
@@ -395,13 +421,13 @@ def main(argv=None) -> int:
         print(f"{protocol.dataset_name}: phases {', '.join(phases)}, shard {args.shard}; outputs in {protocol.output}"
               + (" (dry run: nothing is written)" if args.dry_run else ""))
         for phase in phases:  # built phase by phase: fine-tuning runs need the folds that prepare writes
-            runs = protocol.phase_runs(phase, shard)
+            stages = protocol.phase_runs(phase, shard)
             if args.dry_run:
-                print_plan(runs)
+                print_plan(stages)
                 if phase == "finetune":
                     print("\n".join(protocol.iteration_budget()))
             else:  # prepare and report are single steps in order; runs of the other phases are independent
-                execute(runs, os.path.join(protocol.output, "logs"),
+                execute(stages, os.path.join(protocol.output, "logs"),
                         args.jobs if phase in ("pretrain", "finetune") else 1)
         if "report" in phases and not args.dry_run:
             print(f"report: {os.path.join(protocol.output, 'report', 'report.md')}")

@@ -1,7 +1,9 @@
 """``scripts/reproduce_paper.sh``: the plan of a converted toy dataset (dry run, shards), and a two-budget, one-seed
-miniature of the whole protocol through the stock CLIs to ``nnunet_ssp report``, whose table must hold the values
-of the underlying ``summary.json`` files; a second invocation must find every run done."""
+miniature of the whole protocol through the stock CLIs and ``nnunet_ssp predict`` to ``nnunet_ssp report``, whose
+table must hold the values of the underlying ``summary.json`` files; a second invocation must find every run done
+but the one whose evaluation was removed."""
 import csv
+import glob
 import json
 import math
 import os
@@ -32,6 +34,18 @@ def _planned(stdout):
     return re.findall(r"^\[(\w+) \d+/\d+\] (.+?)(?: \[done\])?$", stdout, flags=re.M)
 
 
+def _predicted(stdout):
+    """[[(trainer, fold, output folder)] of each ``nnunet_ssp predict`` command] of a dry run."""
+    return [re.findall(r"--run (\S+) (\d+) (\S+)", line) for line in stdout.splitlines()
+            if line.strip().startswith("nnunet_ssp predict ")]
+
+
+def _trained(stdout):
+    """[(phase, name)] of the pretraining and fine-tuning runs of a dry run."""
+    return [(phase, name) for phase, name in _planned(stdout)
+            if phase in ("pretrain", "finetune") and not name.startswith("predict and evaluate")]
+
+
 @pytest.fixture
 def toy_env(tmp_path):
     """An M&Ms-2-layout toy with 6 development and 2 test subjects, converted to Dataset641_Test."""
@@ -55,18 +69,27 @@ def test_dry_run_lists_every_run_and_writes_nothing(toy_env):
     assert [name for phase, name in runs if phase == "pretrain"] == [f"ssp_pretrain {m}"
                                                                       for m in ("simclr", "pcl", "dino", "mim")]
     finetune = [name for phase, name in runs if phase == "finetune"]
-    assert len(finetune) == 3 * 2 * 5  # budgets x seeds x (baseline + 4 methods)
     trainers = ("nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
                 "nnUNetTrainerMIM")
     folds = [(s, b) for s in (0, 1) for b in ("2", "4", "all")]
     expected = [f"{t}_paperSchedule fold {fold} (budget {b}, seed {s})"  # the paper's schedule by default
                 for fold, (s, b) in enumerate(folds) for t in trainers]
-    assert finetune == expected
+    assert finetune == expected + ["predict and evaluate 30 runs"]  # budgets x seeds x (baseline + 4 methods)
     assert [phase for phase, _ in runs][-1] == "report"
     assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerBaseline_paperSchedule -p nnUNetPlans -device cuda" in result.stdout
-    assert result.stdout.count("--disable_tta") == result.stdout.count("nnUNetv2_predict ") == 30  # no TTA
-    assert result.stdout.count("--tta off") == 30
-    assert "ssp_pretrain -d 641 --method mim" in result.stdout
+    # then every trained run predicts the test images, without TTA, and is evaluated, all in one process
+    predictions = os.path.join(env["nnUNet_results"], "Dataset641_Test", "ssp_protocol", "predictions")
+    assert _predicted(result.stdout) == [[(f"{t}_paperSchedule", str(fold), os.path.join(
+        predictions, f"{t}_paperSchedule", f"fold_{fold}")) for fold in range(6) for t in trainers]]
+    assert (f"nnunet_ssp predict -i {os.path.join(env['nnUNet_raw'], 'Dataset641_Test', 'imagesTs')} -d 641 -c 2d "
+            f"-p nnUNetPlans -device cuda --disable_tta --continue --evaluate -np 2 --run ") in result.stdout
+    assert "nnUNetv2_predict" not in result.stdout and "ssp_pretrain -d 641 --method mim" in result.stdout
+    # --jobs 2: two processes share the predictions
+    jobs = reproduce(env, "-d", "641", "--budgets", "2", "4", "all", "--seeds", "0", "1", "--val", "1", "--jobs", "2",
+                     "--dry-run")
+    assert [name for _, name in _planned(jobs.stdout) if name.startswith("predict")] == [
+        "predict and evaluate 15 runs (process 1/2)", "predict and evaluate 15 runs (process 2/2)"]
+    assert sorted(sum(_predicted(jobs.stdout), [])) == sorted(_predicted(result.stdout)[0])
 
     # the iteration budget: each fold's labelled slices (counted here from the images), at the paper's batch 32
     # before planning, 1000 epochs; the nnU-Net schedule is 250 iterations per epoch at every budget
@@ -92,10 +115,10 @@ def test_schedule_and_tta_switch(toy_env):
                        "--schedule", "nnunet", "--tta", "--dry-run")
     assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerMIM -p nnUNetPlans -device cuda" in result.stdout
     assert "_paperSchedule" not in result.stdout and "--disable_tta" not in result.stdout
-    assert result.stdout.count("--tta on") == 2 and "this plan runs --schedule nnunet" in result.stdout
+    assert len(_predicted(result.stdout)[0]) == 2 and "this plan runs --schedule nnunet" in result.stdout
     recipes = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "mim",
                         "--recipes", "paper", "baselineLR", "warmup", "--dry-run")
-    assert [name.split(" fold")[0] for phase, name in _planned(recipes.stdout) if phase == "finetune"] == [
+    assert [name.split(" fold")[0] for phase, name in _trained(recipes.stdout) if phase == "finetune"] == [
         "nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule",
         "nnUNetTrainerMIM_baselineLR_paperSchedule",  # the baseline has the scratch lr already
         "nnUNetTrainerBaseline_warmup_paperSchedule", "nnUNetTrainerMIM_warmup_paperSchedule"]
@@ -104,12 +127,15 @@ def test_schedule_and_tta_switch(toy_env):
 def test_shards_split_the_runs_without_overlap(toy_env):
     tmp, env = toy_env
     common = ["-d", "641", "--budgets", "2", "4", "--seeds", "0", "--val", "1", "--dry-run"]
-    everything = _planned(reproduce(env, *common).stdout)
-    shards = [_planned(reproduce(env, *common, "--shard", f"{i}/3").stdout) for i in range(3)]
-    heavy = [r for r in everything if r[0] in ("pretrain", "finetune")]
-    shard_heavy = [[r for r in shard if r[0] in ("pretrain", "finetune")] for shard in shards]
-    assert sorted(sum(shard_heavy, [])) == sorted(heavy) and all(shard_heavy)
-    assert all(not any(r[0] == "report" for r in shard) for shard in shards)  # the report runs once, unsharded
+    everything = reproduce(env, *common).stdout
+    shards = [reproduce(env, *common, "--shard", f"{i}/3").stdout for i in range(3)]
+    assert sorted(sum(map(_trained, shards), [])) == sorted(_trained(everything)) and all(map(_trained, shards))
+    assert sorted(sum(sum(map(_predicted, shards), []), [])) == sorted(_predicted(everything)[0])
+    for shard in shards:  # a shard predicts the runs it trains
+        trained = [re.fullmatch(r"(\S+) fold (\d+) .*", name).groups() for phase, name in _trained(shard)
+                   if phase == "finetune"]
+        assert sorted((t, f) for t, f, _ in _predicted(shard)[0]) == sorted(trained)
+    assert all(not any(r[0] == "report" for r in _planned(shard)) for shard in shards)  # the report runs once
     bad = reproduce(env, *common, "--shard", "3/3", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --shard 3/3: i must be in 0..n-1"
 
@@ -133,6 +159,7 @@ def test_miniature_protocol_through_report(tmp_path):
             "--epochs 1 --iters-per-epoch 2 --batch-size 4 --num-workers 0 --probe-slices 0"]
     first = reproduce(env, *args)
     assert first.stdout.count("$ nnUNetv2_train") == 4 and first.stdout.count("$ ssp_pretrain") == 1
+    assert first.stdout.count("$ nnunet_ssp predict") == 2 and "nnUNetv2_predict" not in first.stdout  # --jobs 2
 
     sidecar = json.load(open(os.path.join(env["nnUNet_preprocessed"], "Dataset994_Protocol", "splits_ssp.json")))
     budgets = {int(fold): d["budget"] for fold, d in sidecar["folds"].items()}
@@ -175,9 +202,15 @@ def test_miniature_protocol_through_report(tmp_path):
             expected = (summary["foreground_mean"] if line["class"] == "mean" else summary["mean"][line["class"]])["Dice"]
             assert float(line["dice"]) == pytest.approx(expected, abs=1e-12)
 
+    # a re-run trains nothing and evaluates only the folder whose evaluation is missing, in one process
+    redo = os.path.join(out, "predictions", "nnUNetTrainerMIM_paperSchedule", "fold_1")
+    os.remove(os.path.join(redo, "ssp_evaluation.json"))
+    kept = {f: _snapshot(f) for f in glob.glob(os.path.join(out, "predictions", "*", "fold_*")) if f != redo}
     again = reproduce(env, *args)
     assert "$ nnUNetv2_train" not in again.stdout and "$ ssp_pretrain" not in again.stdout
-    assert "$ nnunet_ssp report" in again.stdout
+    assert again.stdout.count("$ nnunet_ssp predict") == 1 and "$ nnunet_ssp report" in again.stdout
+    assert os.path.isfile(os.path.join(redo, "ssp_evaluation.json"))
+    assert {f: _snapshot(f) for f in kept} == kept
 
 
 @pytest.mark.parametrize("jobs, expected", [(1, "unset"), (2, "PASSIVE")])
@@ -186,9 +219,9 @@ def test_parallel_runs_get_passive_openmp_threads_unless_the_user_sets_them(tmp_
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     show = ["python", "-c", "import os; print('policy', os.environ.get('OMP_WAIT_POLICY', 'unset'))"]
     runs = [Run("finetune", f"run {i}", [Step(show, done=lambda: False)]) for i in range(2)]
-    execute(runs, str(tmp_path), jobs=jobs)
+    execute([runs], str(tmp_path), jobs=jobs)
     logs = [open(tmp_path / f, encoding="utf-8").read() for f in sorted(os.listdir(tmp_path))]
     assert len(logs) == 2 and all(f"policy {expected}" in log for log in logs)
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
-    execute(runs, str(tmp_path / "own"), jobs=jobs)
+    execute([runs], str(tmp_path / "own"), jobs=jobs)
     assert all("policy ACTIVE" in open(tmp_path / "own" / f).read() for f in os.listdir(tmp_path / "own"))

@@ -1,0 +1,91 @@
+"""``nnunet_ssp predict`` on the tiny phantom (conftest.phantom_workspace) with a model trained by the stock CLI: its
+folders hold nnUNetv2_predict's files, voxel for voxel, and their evaluation; ``--continue`` skips them; a run that
+was not trained fails in one line before anything is written; a failure while predicting leaves no output folder."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_ssp.schedule import SKIP_FINAL_VALIDATION_ENV
+
+from conftest import PHANTOM_DATASET as DATASET, PHANTOM_ID as DATASET_ID, run_cli as run
+
+TRAINER, FOLD = "nnUNetTrainerBaseline_paperSchedule", "3"
+
+
+@pytest.fixture(scope="module")
+def trained(phantom_workspace):
+    root, env = phantom_workspace
+    run(["nnUNetv2_train", str(DATASET_ID), "2d", FOLD, "-tr", TRAINER, "-device", "cpu"],
+        dict(env, **{SKIP_FINAL_VALIDATION_ENV: "1"}))
+    return env, os.path.join(env["nnUNet_raw"], DATASET, "imagesTs")
+
+
+def _predict(env, images, *args, check=True):
+    return run(["nnunet_ssp", "predict", "-i", images, "-d", str(DATASET_ID), "-device", "cpu", "--disable_tta",
+                *args], env, check=check)
+
+
+def _snapshot(folder):
+    return sorted((name, os.path.getmtime(os.path.join(folder, name))) for name in os.listdir(folder))
+
+
+def test_predictions_equal_nnunetv2_predicts_and_continue_skips_them(trained, tmp_path):
+    env, images = trained
+    stock = str(tmp_path / "stock")
+    run(["nnUNetv2_predict", "-i", images, "-o", stock, "-d", str(DATASET_ID), "-c", "2d", "-f", FOLD, "-tr", TRAINER,
+         "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env)
+    ours = [str(tmp_path / "a"), str(tmp_path / "b")]
+    result = _predict(env, images, "--run", TRAINER, FOLD, ours[0], "--run", TRAINER, FOLD, ours[1], "--evaluate",
+                      "-np", "1")
+    cases = sorted(f for f in os.listdir(stock) if f.endswith(".nii.gz"))
+    assert len(cases) == len(os.listdir(images)) == 2
+    labels = set()
+    for folder in ours:
+        assert sorted(os.listdir(folder)) == sorted(os.listdir(stock) + ["summary.json", "ssp_evaluation.json"])
+        for case in cases:
+            expected, got = sitk.ReadImage(os.path.join(stock, case)), sitk.ReadImage(os.path.join(folder, case))
+            assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected)), case
+            assert (got.GetSpacing(), got.GetOrigin(), got.GetDirection()) == (
+                expected.GetSpacing(), expected.GetOrigin(), expected.GetDirection())
+            labels |= set(np.unique(sitk.GetArrayFromImage(got)).tolist())
+        for name in ("dataset.json", "plans.json"):
+            assert json.load(open(os.path.join(folder, name))) == json.load(open(os.path.join(stock, name)))
+        args = json.load(open(os.path.join(folder, "predict_from_raw_data_args.json")))
+        assert (args["list_of_lists_or_source_folder"], args["output_folder_or_list_of_truncated_output_files"]) == (
+            images, folder)
+        evaluation = json.load(open(os.path.join(folder, "ssp_evaluation.json")))["run"]
+        assert (evaluation["trainer"], evaluation["fold"], evaluation["tta"]) == (TRAINER, int(FOLD), False)
+        assert f"{TRAINER} fold {FOLD}: 2 cases predicted in " in result.stdout
+    assert len(labels) > 1  # the comparison is not between two empty or constant label maps
+    assert sorted(os.listdir(tmp_path)) == ["a", "b", "stock"]  # no temporary folder left beside them
+
+    before = [_snapshot(folder) for folder in ours]
+    again = _predict(env, images, "--run", TRAINER, FOLD, ours[0], "--run", TRAINER, FOLD, ours[1], "--evaluate",
+                     "--continue")
+    assert [_snapshot(folder) for folder in ours] == before
+    assert again.stdout.count("predictions complete in") == 2 and "Dice" not in again.stdout
+
+
+def test_an_untrained_run_or_a_failed_prediction_leaves_no_output(trained, tmp_path):
+    env, images = trained
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    missing = _predict(env, images, "--run", TRAINER, FOLD, first, "--run", TRAINER, "2", second, check=False)
+    checkpoint = os.path.join(env["nnUNet_results"], DATASET, f"{TRAINER}__nnUNetPlans__2d", "fold_2",
+                              "checkpoint_final.pth")
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
+        f"error: {checkpoint}: not found; train {TRAINER} fold 2 first")
+    assert os.listdir(tmp_path) == []
+
+    broken = tmp_path / "images"  # the real cases, then one that cannot be read: it fails after the others
+    shutil.copytree(images, broken)
+    (broken / "zz_0000.nii.gz").write_bytes(b"not an image")
+    failed = _predict(env, str(broken), "--run", TRAINER, FOLD, first, check=False)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: {first}: predicting with {TRAINER} fold {FOLD} failed (RuntimeError: ")
+    assert str(broken / "zz_0000.nii.gz") in error
+    assert sorted(os.listdir(tmp_path)) == ["images"]
