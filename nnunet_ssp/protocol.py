@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Sequence, Tuple
 
 from nnunet_ssp.errors import SSPError, run_command
-from nnunet_ssp.schedule import (PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES, SCHEDULE_SUFFIX,
-                                 SKIP_FINAL_VALIDATION_ENV)
+from nnunet_ssp.methods import parts_of_method
+from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
+                                 SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV)
 
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
@@ -98,6 +99,8 @@ class Protocol:
             if recipe not in PRETRAINED_ONLY_RECIPES:
                 self.trainers.append(BASELINE_TRAINER + name + schedule)
             for method in self.methods:
+                if recipe in DECODER_METHOD_RECIPES and "decoder" not in parts_of_method(method):
+                    continue  # the encoder methods load the encoder alone anyway
                 self.method_of_trainer[TRAINER_OF_METHOD[method] + name + schedule] = method
                 self.trainers.append(TRAINER_OF_METHOD[method] + name + schedule)
 
@@ -379,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", nargs="+", default=[PAPER_RECIPE], choices=RECIPES, metavar="RECIPE",
                    help="fine-tuning recipes, each with its own trainers and report rows: paper (default; lr 1e-2 "
                         "from scratch, 5e-3 pretrained), warmup (the _warmup trainers), baselineLR (pretrained at "
-                        "1e-2 too)")
+                        "1e-2 too), baselineLR_encoderOnly (MIM: 1e-2 and the encoder alone)")
     p.add_argument("--schedule", default="paper", choices=sorted(SCHEDULE_SUFFIX),
                    help="fine-tuning length: paper (default; an epoch is one pass over the fold's labelled slices, "
                         "the _paperSchedule trainers) or nnunet (1000 x 250 iterations at every budget)")

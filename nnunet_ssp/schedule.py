@@ -24,11 +24,14 @@ NNUNET_ITERATIONS_PER_EPOCH = 250
 SCHEDULE_SUFFIX = {"paper": "_paperSchedule", "nnunet": ""}
 #: fine-tuning recipes besides the paper's (lr 1e-2 from scratch, 5e-3 from a checkpoint, no warm-up); a recipe's
 #: trainers are named ``<trainer>_<recipe>`` (trainers/ssp_trainers.py) and it names their rows in the report
-WARMUP, BASELINE_LR = "warmup", "baselineLR"
+WARMUP, BASELINE_LR, ENCODER_ONLY = "warmup", "baselineLR", "baselineLR_encoderOnly"
 PAPER_RECIPE = "paper"
-RECIPES = (PAPER_RECIPE, WARMUP, BASELINE_LR)
+RECIPES = (PAPER_RECIPE, WARMUP, BASELINE_LR, ENCODER_ONLY)
 #: recipes that change nothing for the from-scratch baseline (it fine-tunes at 1e-2 already)
-PRETRAINED_ONLY_RECIPES = (BASELINE_LR,)
+PRETRAINED_ONLY_RECIPES = (BASELINE_LR, ENCODER_ONLY)
+#: recipes that change only the trainers of methods that pretrain the decoder as well (MIM): loading the encoder
+#: alone is what the encoder methods do already
+DECODER_METHOD_RECIPES = (ENCODER_ONLY,)
 
 
 def positive_int_from_env(name: str) -> Optional[int]:

@@ -5,6 +5,7 @@
 #   nnunet_ssp phantom -> plan/preprocess -> splits (ABL_BUDGETS x ABL_SEEDS) -> ssp_pretrain mim
 #   -> per fold: baseline and MIM under each recipe, the paper's schedule scaled to ABL_EPOCHS epochs -> report
 # Usage: bash scripts/ablation.sh   (idempotent; knobs below, results in $ABL_DIR/protocol/report)
+# ABL_PRETRAIN_LR: the pretraining lr (default: the method's, scaled to the batch: MIM 0.01 x 32/128 = 0.0025)
 set -euo pipefail
 START=$SECONDS
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/workspace_env.sh" "${ABL_DIR:-}" ablation_output
@@ -22,7 +23,7 @@ read -r -a RECIPES <<< "${ABL_RECIPES:-paper baselineLR}"
 python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" --val "${ABL_VAL:-2}" \
   --methods mim --recipes "${RECIPES[@]}" --device cpu --num-processes 1 --jobs 2 \
   --pretrain-args "--epochs ${ABL_PRETRAIN_EPOCHS:-20} --iters-per-epoch ${ABL_PRETRAIN_ITERS:-100} \
---batch-size ${ABL_PRETRAIN_BATCH:-32} --mask-patch-size ${ABL_MASK:-8} --num-workers 1" \
+--batch-size ${ABL_PRETRAIN_BATCH:-32} --mask-patch-size ${ABL_MASK:-8} --num-workers 1${ABL_PRETRAIN_LR:+ --lr $ABL_PRETRAIN_LR}" \
   -o "$WORK/protocol"
 echo
 cat "$WORK/protocol/report/report.md"

@@ -2,7 +2,8 @@
 # The main job on the embedded cine phantom: the paper's protocol (scripts/reproduce_paper.sh), scaled down to CPU:
 #   nnunet_ssp phantom -> nnUNetv2_plan_and_preprocess -> nnunet_ssp splits (budgets 2 and 6 subjects, seeds 0 and 1)
 #   -> ssp_pretrain --method simclr, pcl, dino, mim
-#   -> per budget x seed x {Baseline, SimCLR, PCL, DINO, MIM}: nnUNetv2_train -> nnUNetv2_predict -> nnunet_ssp evaluate
+#   -> per budget x seed x {Baseline, SimCLR, PCL, DINO, MIM}: nnUNetv2_train; then nnunet_ssp predict --evaluate
+#      (the test set, many trained runs per process)
 #   -> nnunet_ssp report (Dice table, per-class, clinical errors, Wilcoxon, label-efficiency and Bland-Altman plots).
 # Idempotent: finished runs are reused. Usage: bash scripts/demo.sh
 # Knobs (CPU-sized defaults): DEMO_DIR (./demo_output), DEMO_DATASET_ID (501), DEMO_SUBJECTS (10),

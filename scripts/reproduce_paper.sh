@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the paper's protocol with the stock commands on converted datasets (GPU scale, real data):
 #   merge (several datasets) -> nnUNetv2_plan_and_preprocess -> nnunet_ssp splits -> ssp_pretrain (4 methods)
-#   -> for each budget x seed x {baseline, 4 methods}: nnUNetv2_train -> nnUNetv2_predict -> nnunet_ssp evaluate
+#   -> for each budget x seed x {baseline, 4 methods}: nnUNetv2_train; then nnunet_ssp predict --evaluate (imagesTs,
+#      many trained runs per process)
 #   -> nnunet_ssp report.
 # Resumable (finished runs are skipped), shardable (--shard i/n), --dry-run prints the plan.
 # Example: bash scripts/reproduce_paper.sh -d 511 512 --splits-yaml ssp-cmr-cine-segmentation/data/subject_splits/*.yaml

@@ -116,12 +116,15 @@ def test_schedule_and_tta_switch(toy_env):
     assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerMIM -p nnUNetPlans -device cuda" in result.stdout
     assert "_paperSchedule" not in result.stdout and "--disable_tta" not in result.stdout
     assert len(_predicted(result.stdout)[0]) == 2 and "this plan runs --schedule nnunet" in result.stdout
-    recipes = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "mim",
-                        "--recipes", "paper", "baselineLR", "warmup", "--dry-run")
+    recipes = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "mim", "dino",
+                        "--recipes", "paper", "baselineLR", "warmup", "baselineLR_encoderOnly", "--dry-run")
     assert [name.split(" fold")[0] for phase, name in _trained(recipes.stdout) if phase == "finetune"] == [
-        "nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule",
-        "nnUNetTrainerMIM_baselineLR_paperSchedule",  # the baseline has the scratch lr already
-        "nnUNetTrainerBaseline_warmup_paperSchedule", "nnUNetTrainerMIM_warmup_paperSchedule"]
+        "nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule", "nnUNetTrainerDINO_paperSchedule",
+        # the baseline has the scratch lr already
+        "nnUNetTrainerMIM_baselineLR_paperSchedule", "nnUNetTrainerDINO_baselineLR_paperSchedule",
+        "nnUNetTrainerBaseline_warmup_paperSchedule", "nnUNetTrainerMIM_warmup_paperSchedule",
+        "nnUNetTrainerDINO_warmup_paperSchedule",
+        "nnUNetTrainerMIM_baselineLR_encoderOnly_paperSchedule"]  # DINO loads the encoder alone anyway
 
 
 def test_shards_split_the_runs_without_overlap(toy_env):

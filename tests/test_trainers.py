@@ -8,6 +8,7 @@ import torch
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, save_checkpoint
 from nnunet_ssp.network import PlansTarget, tensor_digests
+from trainers import ssp_trainers
 from trainers.base import WarmupMixin
 from trainers.schedules import WarmupPolyLRScheduler
 from trainers.ssp_trainers import (nnUNetTrainerBaseline, nnUNetTrainerDINO, nnUNetTrainerMIM,
@@ -55,7 +56,6 @@ def test_schedules(nnunet_env, monkeypatch):
 
 
 def test_baseline_lr_recipe_fine_tunes_at_the_scratch_lr_and_loads_the_same_parts(nnunet_env):
-    from trainers import ssp_trainers
     path, source = _write_checkpoint(nnunet_env, "mim")
     trainer = _trainer(ssp_trainers.nnUNetTrainerMIM_baselineLR)
     assert trainer.initial_lr == _trainer(nnUNetTrainerBaseline).initial_lr == 1e-2 and trainer.recipe == "baselineLR"
@@ -113,16 +113,30 @@ def test_mim_trainer_loads_encoder_and_decoder_and_records_it(nnunet_env):
     assert record["initial_lr"] == 5e-3 and len(record["sha256"]) == 64
 
 
-def test_encoder_trainer_loads_only_the_encoder(nnunet_env):
-    _, source = _write_checkpoint(nnunet_env, "dino")
-    trainer = _trainer(nnUNetTrainerDINO)
+@pytest.mark.parametrize("method, cls, lr", [("dino", nnUNetTrainerDINO, 5e-3),
+                                             ("mim", ssp_trainers.nnUNetTrainerMIM_baselineLR_encoderOnly, 1e-2)])
+def test_encoder_trainer_loads_only_the_encoder(nnunet_env, method, cls, lr):
+    """An encoder method's trainer, and MIM's encoder-only recipe: the encoder equals the checkpoint's, the decoder
+    keeps its fresh init although the MIM checkpoint holds one."""
+    _, source = _write_checkpoint(nnunet_env, method)
+    trainer = _trainer(cls)
     before = _load_like_on_train_start(trainer)
     for k, v in trainer.network.state_dict().items():
         reference = source.state_dict()[k] if k.startswith("encoder.") or k.startswith("decoder.encoder.") else before[k]
         assert torch.equal(v, reference), k
-    record = json.load(open(os.path.join(_fold_folder(nnunet_env, nnUNetTrainerDINO), "ssp_init.json")))
-    assert record["loaded"]["parts"] == ["encoder"] and record["method"] == "dino" and record["warnings"] == []
+    assert any(k.startswith("decoder.stages.") and not torch.equal(v, source.state_dict()[k])
+               for k, v in trainer.network.state_dict().items())
+    record = json.load(open(os.path.join(_fold_folder(nnunet_env, cls), "ssp_init.json")))
+    assert record["loaded"]["parts"] == ["encoder"] and record["method"] == method and record["warnings"] == []
+    assert record["initial_lr"] == lr
     assert "Loaded SSP checkpoint" in open(trainer.log_file).read()
+
+
+def test_encoder_only_recipe_exists_only_where_a_decoder_would_load():
+    assert ssp_trainers.nnUNetTrainerMIM_baselineLR_encoderOnly_paperSchedule.recipe == "baselineLR_encoderOnly"
+    assert hasattr(ssp_trainers, "nnUNetTrainerSSP_baselineLR_encoderOnly")
+    for name in ("Baseline", "DINO", "SimCLR", "PCL"):
+        assert not hasattr(ssp_trainers, f"nnUNetTrainer{name}_baselineLR_encoderOnly")
 
 
 def test_named_trainer_refuses_another_methods_checkpoint_and_the_generic_one_loads_it(nnunet_env, monkeypatch):

@@ -6,6 +6,7 @@
   and loads an SSP contract checkpoint into the network parts its method declares, and fine-tunes at lr 5e-3.
 - :class:`PaperScheduleMixin`: the paper's fine-tuning length (see :mod:`nnunet_ssp.schedule`), for any of them.
 - :class:`WarmupMixin`: a linear learning-rate warm-up in front of the poly schedule, for any of them.
+- :class:`BaselineLRMixin`, :class:`EncoderOnlyMixin`: the scratch lr, the encoder alone, for the SSP trainers.
 """
 import os
 from typing import Optional
@@ -125,11 +126,15 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
                 raise SSPError(f"{path}: checkpoint pretrained with '{checkpoint['method']}', but "
                                f"{type(self).__name__} fine-tunes from '{self.ssp_method}' checkpoints; unset "
                                f"{CHECKPOINT_ENV}, or train with nnUNetTrainerSSP to load any method's checkpoint")
-            parts = parts_of_method(self.ssp_method) if self.ssp_method else tuple(checkpoint["parts"])
+            parts = self.parts_to_load(checkpoint)
             self._ssp_warnings = verify_checkpoint(checkpoint, target, parts, source=path)
         except SSPError as e:
             raise _exit_with(e) from None
         return path, checkpoint, parts
+
+    def parts_to_load(self, checkpoint: dict) -> tuple:
+        """The network parts this trainer loads: its method's; without a method, every part the checkpoint holds."""
+        return parts_of_method(self.ssp_method) if self.ssp_method else tuple(checkpoint["parts"])
 
     def on_train_start(self):
         if not self.was_initialized:
@@ -188,6 +193,16 @@ class BaselineLRMixin:
                  device: torch.device = torch.device("cuda")):  # nnU-Net records its trainers' __init__ signature
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = SCRATCH_INITIAL_LR
+
+
+class EncoderOnlyMixin:
+    """Loads only the encoder of a checkpoint that holds the decoder too (MIM); the decoder starts from nnU-Net's
+    random init. On the phantom, MIM's decoder learns to copy the high-resolution skip features (its top stage weighs
+    the skip half of its input 2x the upsampled half, against 1x at init) and fine-tuning from it fits the labels
+    more slowly (README, "Does pretraining help"). Put it first in the bases."""
+
+    def parts_to_load(self, checkpoint: dict) -> tuple:
+        return ("encoder",)
 
 
 def labelled_slices(dataset) -> int:

@@ -7,6 +7,8 @@ method's checkpoint). Each comes in variants whose name says what changes, as nn
 - recipe ``_warmup``: a linear learning-rate warm-up before the poly decay (:class:`trainers.base.WarmupMixin`);
 - recipe ``_baselineLR`` (pretrained trainers only): the from-scratch lr 1e-2 instead of the paper's 5e-3
   (:class:`trainers.base.BaselineLRMixin`);
+- recipe ``_baselineLR_encoderOnly`` (trainers that load a decoder: MIM and the generic one): lr 1e-2 and the
+  encoder alone (:class:`trainers.base.EncoderOnlyMixin`);
 - schedule ``_paperSchedule``: the paper's fine-tuning length, an epoch = one pass over the fold's labelled slices
   (:class:`trainers.base.PaperScheduleMixin`).
 
@@ -15,8 +17,11 @@ paper's) names its row in the report.
 """
 from itertools import product
 
-from nnunet_ssp.schedule import BASELINE_LR, PRETRAINED_ONLY_RECIPES, SCHEDULE_SUFFIX, WARMUP
-from trainers.base import BaselineLRMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline, nnUNetTrainerSSP
+from nnunet_ssp.methods import parts_of_method
+from nnunet_ssp.schedule import (BASELINE_LR, DECODER_METHOD_RECIPES, ENCODER_ONLY, PRETRAINED_ONLY_RECIPES,
+                                 SCHEDULE_SUFFIX, WARMUP)
+from trainers.base import (BaselineLRMixin, EncoderOnlyMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline,
+                           nnUNetTrainerSSP)
 
 
 class nnUNetTrainerMIM(nnUNetTrainerSSP):
@@ -38,7 +43,8 @@ class nnUNetTrainerDINO(nnUNetTrainerSSP):
 BASE_TRAINERS = (nnUNetTrainerBaseline, nnUNetTrainerSSP, nnUNetTrainerMIM, nnUNetTrainerSimCLR, nnUNetTrainerPCL,
                  nnUNetTrainerDINO)
 #: recipe -> its mixins; "" is the paper's recipe
-RECIPES = {"": (), WARMUP: (WarmupMixin,), BASELINE_LR: (BaselineLRMixin,)}
+RECIPES = {"": (), WARMUP: (WarmupMixin,), BASELINE_LR: (BaselineLRMixin,),
+           ENCODER_ONLY: (BaselineLRMixin, EncoderOnlyMixin)}
 #: schedule name-suffix -> its mixins
 SCHEDULES = {SCHEDULE_SUFFIX["nnunet"]: (), SCHEDULE_SUFFIX["paper"]: (PaperScheduleMixin,)}
 
@@ -47,8 +53,17 @@ def variant_name(base: str, recipe: str = "", schedule_suffix: str = "") -> str:
     return base + (f"_{recipe}" if recipe else "") + schedule_suffix
 
 
+def loads_decoder(base: type) -> bool:
+    """Whether the trainer may load a pretrained decoder: the generic SSP trainer, and those of decoder methods."""
+    return issubclass(base, nnUNetTrainerSSP) and (base.ssp_method is None
+                                                   or "decoder" in parts_of_method(base.ssp_method))
+
+
 def _applies(base: type, recipe: str) -> bool:
-    """Some recipes (baselineLR) change nothing for the from-scratch baseline."""
+    """Some recipes change nothing for the from-scratch baseline (baselineLR) or for encoder methods
+    (baselineLR_encoderOnly)."""
+    if recipe in DECODER_METHOD_RECIPES:
+        return loads_decoder(base)
     return not (recipe in PRETRAINED_ONLY_RECIPES and base is nnUNetTrainerBaseline)
 
 
