@@ -322,17 +322,25 @@ def print_plan(stages: Sequence[Sequence[Run]]) -> None:
                 print(f"    {'(done) ' if step.done() else ''}{_describe(step.command)}")
 
 
+def _say(line: str, stream=None) -> None:
+    """One whole line in one write: ``print`` writes the text and its newline separately, so the lines of runs
+    executing in parallel threads could run into each other."""
+    stream = stream or sys.stdout
+    stream.write(line + "\n")
+    stream.flush()
+
+
 def _execute_run(run: Run, label: str, log_folder: str, base_env: dict) -> None:
     """Runs the steps of ``run`` that are not done, in order, with ``base_env`` under the environment; each command's
     output goes to its log file."""
-    print(f"[{label}] {run.name}{' [done]' if run.is_done() else ''}", flush=True)
+    _say(f"[{label}] {run.name}{' [done]' if run.is_done() else ''}")
     for step in run.steps:
         if step.done():
             continue
         command = step.command + step.resume()
         log = os.path.join(log_folder, f"{run.phase}_{_slug(run.name)}_{os.path.basename(command[0])}.log")
         os.makedirs(log_folder, exist_ok=True)
-        print(f"[{label}] $ {_describe(command)}", flush=True)
+        _say(f"[{label}] $ {_describe(command)}")
         start = time.time()
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n$ {_describe(command)}\n")
@@ -341,10 +349,10 @@ def _execute_run(run: Run, label: str, log_folder: str, base_env: dict) -> None:
                                    env={**base_env, **os.environ, **step.env})
         if code != 0:
             tail = open(log, encoding="utf-8", errors="replace").read().strip().splitlines()[-15:]
-            print("\n".join(f"[{label}] | {line}" for line in tail), file=sys.stderr)
+            _say("\n".join(f"[{label}] | {line}" for line in tail), sys.stderr)
             raise SSPError(f"{command[0]} failed (exit {code}) in '{run.name}'; full output in {log}; "
                            f"re-run the same command to resume")
-        print(f"[{label}] {os.path.basename(command[0])} finished in {time.time() - start:.0f} s", flush=True)
+        _say(f"[{label}] {os.path.basename(command[0])} finished in {time.time() - start:.0f} s")
 
 
 def execute(stages: Sequence[Sequence[Run]], log_folder: str, jobs: int = 1) -> None:
