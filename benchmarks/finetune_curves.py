@@ -37,12 +37,11 @@ def _case_files(folder: str, cases, file_ending: str):
 def _score(trainer, cases_by_set, raw: str, out: str) -> dict:
     """Mean foreground Dice per case set ("val", "test") of the trainer's current network (nnU-Net's predictor and
     metrics); the network is left in training mode with deep supervision."""
-    import torch
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from nnunet_ssp.predict import make_predictor
     trainer.set_deep_supervision_enabled(False)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                device=torch.device("cpu"), allow_tqdm=False)
+    predictor = make_predictor("cpu", tta=False)
     net = trainer.network
     predictor.manual_initialization(net, trainer.plans_manager, trainer.configuration_manager,
                                     [{k: v.clone() for k, v in net.state_dict().items()}], trainer.dataset_json,

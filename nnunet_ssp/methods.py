@@ -14,6 +14,11 @@ METHOD_PARTS = {
 }
 
 
+def pretrains_decoder(method: str) -> bool:
+    """Whether ``method`` pretrains the decoder as well as the encoder (MIM)."""
+    return "decoder" in parts_of_method(method)
+
+
 def parts_of_method(method: str) -> tuple:
     """The network parts that ``method`` pretrains; a clear error for an unknown method."""
     try:

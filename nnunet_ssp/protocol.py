@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Sequence, Tuple
 
 from nnunet_ssp.errors import SSPError, run_command
-from nnunet_ssp.methods import parts_of_method
+from nnunet_ssp.methods import pretrains_decoder
 from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
                                  SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV)
 
@@ -99,7 +99,7 @@ class Protocol:
             if recipe not in PRETRAINED_ONLY_RECIPES:
                 self.trainers.append(BASELINE_TRAINER + name + schedule)
             for method in self.methods:
-                if recipe in DECODER_METHOD_RECIPES and "decoder" not in parts_of_method(method):
+                if recipe in DECODER_METHOD_RECIPES and not pretrains_decoder(method):
                     continue  # the encoder methods load the encoder alone anyway
                 self.method_of_trainer[TRAINER_OF_METHOD[method] + name + schedule] = method
                 self.trainers.append(TRAINER_OF_METHOD[method] + name + schedule)

@@ -198,7 +198,7 @@ class BaselineLRMixin:
 class EncoderOnlyMixin:
     """Loads only the encoder of a checkpoint that holds the decoder too (MIM); the decoder starts from nnU-Net's
     random init. On the phantom, MIM's decoder learns to copy the high-resolution skip features (its top stage weighs
-    the skip half of its input 2x the upsampled half, against 1x at init) and fine-tuning from it fits the labels
+    the skip half of its input about 1.5x the upsampled half, against 1x at init) and fine-tuning from it fits the labels
     more slowly (README, "Does pretraining help"). Put it first in the bases."""
 
     def parts_to_load(self, checkpoint: dict) -> tuple:

@@ -17,7 +17,7 @@ paper's) names its row in the report.
 """
 from itertools import product
 
-from nnunet_ssp.methods import parts_of_method
+from nnunet_ssp.methods import pretrains_decoder
 from nnunet_ssp.schedule import (BASELINE_LR, DECODER_METHOD_RECIPES, ENCODER_ONLY, PRETRAINED_ONLY_RECIPES,
                                  SCHEDULE_SUFFIX, WARMUP)
 from trainers.base import (BaselineLRMixin, EncoderOnlyMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline,
@@ -55,8 +55,7 @@ def variant_name(base: str, recipe: str = "", schedule_suffix: str = "") -> str:
 
 def loads_decoder(base: type) -> bool:
     """Whether the trainer may load a pretrained decoder: the generic SSP trainer, and those of decoder methods."""
-    return issubclass(base, nnUNetTrainerSSP) and (base.ssp_method is None
-                                                   or "decoder" in parts_of_method(base.ssp_method))
+    return issubclass(base, nnUNetTrainerSSP) and (base.ssp_method is None or pretrains_decoder(base.ssp_method))
 
 
 def _applies(base: type, recipe: str) -> bool:
