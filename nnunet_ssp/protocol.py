@@ -2,7 +2,8 @@
 
 prepare   merge the converted datasets (when several), ``nnUNetv2_plan_and_preprocess``, ``nnunet_ssp splits``
 pretrain  ``ssp_pretrain --method M`` for each method
-finetune  for each (budget, seed) fold and each trainer (the baseline and one per method) ``nnUNetv2_train``; then
+finetune  for each (budget, seed) fold and each trainer (the baseline and one per method and recipe; methods not in
+          --every-budget at the smallest budget only) ``nnUNetv2_train``; then
           ``nnunet_ssp predict --evaluate`` predicts imagesTs with every trained run and evaluates the predictions
           (the files of ``nnUNetv2_predict`` and ``nnunet_ssp evaluate``), many runs per process: up to --jobs
           processes share the runs, since on a small test set a process per run starts up for as long as it predicts
@@ -22,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, List, Sequence, Tuple
@@ -92,12 +94,23 @@ class Protocol:
         unknown = [m for m in self.methods if m not in TRAINER_OF_METHOD]
         if unknown:
             raise SSPError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(TRAINER_OF_METHOD)}")
+        self.every_budget_methods = self.methods if args.every_budget is None else list(args.every_budget)
+        self.pretrain_args_of = {}
+        for method, extra in args.pretrain_args_of or []:
+            if method not in self.methods:
+                raise SSPError(f"--pretrain-args-of {method}: not one of --methods {' '.join(self.methods)}")
+            self.pretrain_args_of[method] = shlex.split(extra)
+        outside = [m for m in self.every_budget_methods if m not in self.methods]
+        if outside:
+            raise SSPError(f"--every-budget {' '.join(outside)}: not one of --methods {' '.join(self.methods)}")
         schedule = SCHEDULE_SUFFIX[args.schedule]
         self.method_of_trainer, self.trainers = {}, []
         for recipe in args.recipes:
             name = "" if recipe == PAPER_RECIPE else f"_{recipe}"
-            if recipe not in PRETRAINED_ONLY_RECIPES:
-                self.trainers.append(BASELINE_TRAINER + name + schedule)
+            # a recipe that changes nothing for the baseline is compared with the paper's baseline
+            baseline = BASELINE_TRAINER + ("" if recipe in PRETRAINED_ONLY_RECIPES else name) + schedule
+            if baseline not in self.trainers:
+                self.trainers.append(baseline)
             for method in self.methods:
                 if recipe in DECODER_METHOD_RECIPES and not pretrains_decoder(method):
                     continue  # the encoder methods load the encoder alone anyway
@@ -163,7 +176,7 @@ class Protocol:
         for method in self.methods:
             folder = self.ssp_folder(method)
             command = ["ssp_pretrain", "-d", self.dataset_id, "--method", method, "-c", a.configuration, "-p", a.plans,
-                       "--device", a.device, *shlex.split(a.pretrain_args)]
+                       "--device", a.device, *shlex.split(a.pretrain_args), *self.pretrain_args_of.get(method, [])]
             runs.append(Run("pretrain", f"ssp_pretrain {method}", [Step(
                 command, _exists(folder, "checkpoint_final.pth"),
                 resume=lambda f=folder: ["--continue"] if os.path.isfile(os.path.join(f, "checkpoint_latest.pth"))
@@ -183,8 +196,13 @@ class Protocol:
         return os.path.join(self.output, "predictions", trainer, f"fold_{fold}")
 
     def finetune_pairs(self) -> List[Tuple[dict, str]]:
-        """(fold, trainer) of every fine-tuning run, fold by fold."""
-        return [(fold, trainer) for fold in self.folds() for trainer in self.trainers]
+        """(fold, trainer) of every fine-tuning run, fold by fold: the baseline and the --every-budget methods at
+        every budget, the other methods at the smallest budget only."""
+        folds = self.folds()
+        smallest = min((fold["budget"] for fold in folds), key=_budget_order, default=None)
+        everywhere = (None, *self.every_budget_methods)  # None: the baseline, which is no method's trainer
+        return [(fold, trainer) for fold in folds for trainer in self.trainers
+                if fold["budget"] == smallest or self.method_of_trainer.get(trainer) in everywhere]
 
     def training_run(self, fold: dict, trainer: str) -> Run:
         a, index = self.args, str(fold["fold"])
@@ -234,14 +252,15 @@ class Protocol:
         batch, where = self._batch_size()
         epochs, totals = num_epochs(), {schedule: 0 for schedule in SCHEDULE_SUFFIX}
         lines = [f"fine-tuning iterations per run ({epochs} epochs, batch {batch}: {where}):"]
-        for fold, described in zip(folds, descriptions):
+        runs_of_fold = Counter(fold["fold"] for fold, _ in self.finetune_pairs())
+        for planned, fold, described in zip(self.folds(), folds, descriptions):
             slices = sum(_slices(os.path.join(raw, "imagesTr", f"{case}_0000.nii.gz")) for case in fold["train"])
             per_run = {s: iterations_per_epoch(s, slices, batch) * epochs for s in SCHEDULE_SUFFIX}
             for schedule, iterations in per_run.items():
-                totals[schedule] += iterations * len(self.trainers)
+                totals[schedule] += iterations * runs_of_fold[planned["fold"]]
             lines.append(f"  budget {described['budget']}, seed {described['seed']}: {slices} labelled slices -> "
                          + ", ".join(f"{s} {n:,}" for s, n in per_run.items()))
-        lines.append(f"all {len(folds) * len(self.trainers)} fine-tuning runs: "
+        lines.append(f"all {sum(runs_of_fold.values())} fine-tuning runs: "
                      + ", ".join(f"{s} {n:,}" for s, n in totals.items())
                      + f" iterations; this plan runs --schedule {self.args.schedule}"
                      + ("" if epochs == NNUNET_EPOCHS else " (epochs from nnUNet_ssp_num_epochs)"))
@@ -271,6 +290,13 @@ class Protocol:
         if phase == "pretrain":
             return [self.pretrain_runs()[index::count]]
         return [{"prepare": self.prepare_runs, "report": self.report_runs}[phase]()]
+
+
+def _budget_order(budget) -> tuple:
+    """Sort key of fold budgets: numbers by size, then "all", then named ones (vendor folds)."""
+    if isinstance(budget, int):
+        return (0, budget, "")
+    return (1 if budget == "all" else 2, 0, str(budget))
 
 
 def _required_env(name: str) -> str:
@@ -400,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda")
     p.add_argument("--pretrain-args", default="", help="extra ssp_pretrain arguments, e.g. '--epochs 50'")
+    p.add_argument("--pretrain-args-of", nargs=2, action="append", metavar=("METHOD", "ARGS"),
+                   help="extra ssp_pretrain arguments of one method, after --pretrain-args, e.g. "
+                        "--pretrain-args-of mim '--mask-patch-size 16' (repeatable)")
+    p.add_argument("--every-budget", nargs="*", metavar="METHOD",
+                   help="methods fine-tuned at every budget (default: all --methods); the others only at the "
+                        "smallest budget. The baseline runs at every budget")
     p.add_argument("--predict-args", default=[], type=shlex.split,
                    help="extra 'nnunet_ssp predict' arguments, which are nnUNetv2_predict's: -chk, -step_size, "
                         "--save_probabilities, --not_on_device, e.g. '-chk checkpoint_best.pth'")

@@ -1,33 +1,44 @@
 #!/usr/bin/env bash
-# The main job on the embedded cine phantom: the paper's protocol (scripts/reproduce_paper.sh), scaled down to CPU:
-#   nnunet_ssp phantom -> nnUNetv2_plan_and_preprocess -> nnunet_ssp splits (budgets 2 and 6 subjects, seeds 0 and 1)
-#   -> ssp_pretrain --method simclr, pcl, dino, mim
-#   -> per budget x seed x {Baseline, SimCLR, PCL, DINO, MIM}: nnUNetv2_train; then nnunet_ssp predict --evaluate
-#      (the test set, many trained runs per process)
-#   -> nnunet_ssp report (Dice table, per-class, clinical errors, Wilcoxon, label-efficiency and Bland-Altman plots).
-# Idempotent: finished runs are reused. Usage: bash scripts/demo.sh
-# Knobs (CPU-sized defaults): DEMO_DIR (./demo_output), DEMO_DATASET_ID (501), DEMO_SUBJECTS (10),
-#   DEMO_TEST_SUBJECTS (4), DEMO_SIZE (64 px), DEMO_BUDGETS ("2 6"), DEMO_SEEDS ("0 1"), DEMO_VAL (1 subject),
-#   DEMO_METHODS ("simclr pcl dino mim"), DEMO_PRETRAIN_EPOCHS (3), DEMO_PRETRAIN_ITERS (10), DEMO_PRETRAIN_BATCH (16),
-#   DEMO_EPOCHS (5), DEMO_ITERS (10 per epoch).
+# The main job on the embedded cine phantom: the paper's low-label comparison (MIM against training from scratch),
+# scaled to a 2-core CPU, through scripts/reproduce_paper.sh's protocol:
+#   nnunet_ssp phantom (24 + 8 subjects, 64 px) -> nnUNetv2_plan_and_preprocess -> nnunet_ssp splits (budgets 1 and
+#   2 subjects, seeds 0 1 2, 2 validation subjects) -> ssp_pretrain --method mim
+#   -> per budget x seed: nnUNetv2_train of the baseline and of MIM's trainer of each recipe, the paper's schedule
+#      scaled to DEMO_EPOCHS epochs for every run; then nnunet_ssp predict --evaluate (the test set, no TTA)
+#   -> nnunet_ssp report (Dice table, per class, clinical errors, Wilcoxon, label-efficiency and Bland-Altman plots).
+# Idempotent: finished runs are reused. Usage: bash scripts/demo.sh   (scripts/mini_paper.sh runs it with more)
+# Knobs (CPU-sized defaults): DEMO_DIR (./demo_output), DEMO_DATASET_ID (501), DEMO_SUBJECTS (24),
+#   DEMO_TEST_SUBJECTS (8), DEMO_SIZE (64 px), DEMO_PHANTOM_SEED (11), DEMO_BUDGETS ("1 2"), DEMO_SEEDS ("0 1 2"),
+#   DEMO_VAL (2 subjects), DEMO_METHODS ("mim"), DEMO_EVERY_BUDGET (methods fine-tuned at every budget; default
+#   all), DEMO_RECIPES ("baselineLR_encoderOnly"), DEMO_EPOCHS (fine-tuning epochs of the paper schedule, 60),
+#   DEMO_PRETRAIN_EPOCHS (4) x DEMO_PRETRAIN_ITERS (100) at DEMO_PRETRAIN_BATCH (32),
+#   DEMO_MIM_ARGS ("--lr 0.02 --mask-patch-size 16"), DEMO_JOBS (2).
 set -euo pipefail
 START=$SECONDS
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/workspace_env.sh" "${DEMO_DIR:-}" demo_output
 ID="${DEMO_DATASET_ID:-501}"
-# CPU-sized fine-tuning: short schedules
-export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-5}" nnUNet_ssp_iters_per_epoch="${DEMO_ITERS:-10}"
+# the paper's schedule (an epoch is one pass over the fold's labelled slices), scaled to DEMO_EPOCHS for every run
+export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-60}"
 
 echo "== phantom: $nnUNet_raw/Dataset${ID}_CinePhantom"
-nnunet_ssp phantom -d "$ID" -n CinePhantom --subjects "${DEMO_SUBJECTS:-10}" \
-  --test-subjects "${DEMO_TEST_SUBJECTS:-4}" --size "${DEMO_SIZE:-64}" --seed 0
+nnunet_ssp phantom -d "$ID" -n CinePhantom --subjects "${DEMO_SUBJECTS:-24}" \
+  --test-subjects "${DEMO_TEST_SUBJECTS:-8}" --size "${DEMO_SIZE:-64}" --seed "${DEMO_PHANTOM_SEED:-11}"
 
-read -r -a BUDGETS <<< "${DEMO_BUDGETS:-2 6}"
-read -r -a SEEDS <<< "${DEMO_SEEDS:-0 1}"
-read -r -a METHODS <<< "${DEMO_METHODS:-simclr pcl dino mim}"
-python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" --val "${DEMO_VAL:-1}" \
-  --methods "${METHODS[@]}" --device cpu --num-processes 1 --jobs 2 \
-  --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-3} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-10} \
---batch-size ${DEMO_PRETRAIN_BATCH:-16} --num-workers 1 --probe-slices 128" \
+read -r -a BUDGETS <<< "${DEMO_BUDGETS:-1 2}"
+read -r -a SEEDS <<< "${DEMO_SEEDS:-0 1 2}"
+read -r -a METHODS <<< "${DEMO_METHODS:-mim}"
+read -r -a RECIPES <<< "${DEMO_RECIPES:-baselineLR_encoderOnly}"
+EVERY_BUDGET=()
+if [ -n "${DEMO_EVERY_BUDGET:-}" ]; then read -r -a EVERY <<< "$DEMO_EVERY_BUDGET"; EVERY_BUDGET=(--every-budget "${EVERY[@]}"); fi
+MIM_ARGS=()
+if [[ " ${METHODS[*]} " == *" mim "* ]]; then
+  MIM_ARGS=(--pretrain-args-of mim "${DEMO_MIM_ARGS:---lr 0.02 --mask-patch-size 16}")
+fi
+python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" --val "${DEMO_VAL:-2}" \
+  --methods "${METHODS[@]}" "${EVERY_BUDGET[@]}" --recipes "${RECIPES[@]}" --device cpu --num-processes 1 \
+  --jobs "${DEMO_JOBS:-2}" \
+  --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-4} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-100} \
+--batch-size ${DEMO_PRETRAIN_BATCH:-32} --num-workers 1 --probe-slices 256" "${MIM_ARGS[@]}" \
   -o "$WORK/protocol"
 
 echo

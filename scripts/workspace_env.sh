@@ -1,4 +1,4 @@
-# Sourced by demo.sh and ablation.sh: source workspace_env.sh "$FOLDER_OR_EMPTY" DEFAULT_NAME
+# Sourced by demo.sh: source workspace_env.sh "$FOLDER_OR_EMPTY" DEFAULT_NAME
 # The venv (setup_env.sh), then nnU-Net's three folders under WORK (the given folder, else $REPO_ROOT/DEFAULT_NAME)
 # unless they are set already, CPU-sized data loading (augmentation in the main process), cwd = the repository.
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/setup_env.sh"

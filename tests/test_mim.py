@@ -66,3 +66,31 @@ def test_mim_model_reconstructs_one_channel_and_gradients_reach_encoder_and_deco
     assert net.encoder.stages[0][0].convs[0].conv.weight.grad.abs().sum() > 0
     assert net.decoder.stages[0].convs[0].conv.weight.grad.abs().sum() > 0
     assert method.parts == ("encoder", "decoder")
+
+
+def _block_any(mask: np.ndarray, grid) -> np.ndarray:
+    """(H, W) 0/1 mask -> (h, w): 1 where any pixel of the cell is 1 (H, W multiples of h, w)."""
+    fy, fx = mask.shape[0] // grid[0], mask.shape[1] // grid[1]
+    return mask.reshape(grid[0], fy, grid[1], fx).max(axis=(1, 3))
+
+
+@pytest.mark.parametrize("skip_features", ["kept", "masked"])
+def test_masked_skip_features_are_zero_at_masked_patches_and_unchanged_elsewhere(target, seeded, skip_features):
+    method = MIM(target.network_spec, (64, 64), mask_patch_size=16, skip_features=skip_features)
+    model = method.build_model().eval()
+    images = torch.randn(2, 1, 64, 64)
+    masked, mask = method.mask_batch(images)
+    seen = []
+    model.network.decoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        method.reconstruct(model, masked, mask)
+        encoder_outputs = model.network.encoder(masked)
+    skips = seen[0]
+    assert torch.equal(skips[-1], encoder_outputs[-1])  # the deepest features feed the decoder unmasked
+    for skip, full in zip(skips[:-1], encoder_outputs[:-1]):
+        for row in range(len(images)):
+            cells = _block_any(mask[row, 0].numpy(), full.shape[2:])
+            expected = full[row].numpy() * (1 - cells if skip_features == "masked" else 1)
+            np.testing.assert_array_equal(skip[row].numpy(), expected)
+    with pytest.raises(ValueError, match="skip_features"):
+        MIM(target.network_spec, (64, 64), skip_features="dropped")

@@ -127,6 +127,30 @@ def test_schedule_and_tta_switch(toy_env):
         "nnUNetTrainerMIM_baselineLR_encoderOnly_paperSchedule"]  # DINO loads the encoder alone anyway
 
 
+def test_every_budget_methods_recipe_controls_and_per_method_pretraining_arguments(toy_env):
+    tmp, env = toy_env
+    result = reproduce(env, "-d", "641", "--budgets", "4", "2", "--seeds", "0", "--val", "1", "--methods", "dino",
+                       "mim", "--every-budget", "mim", "--recipes", "baselineLR",
+                       "--pretrain-args-of", "mim", "--mask-patch-size 16 --skip-features masked", "--dry-run")
+    # fold 0 is budget 4, fold 1 budget 2 (the smallest): DINO fine-tunes there only; a recipe that leaves the
+    # baseline unchanged is compared with the paper's baseline
+    assert [name.split(" (")[0] for phase, name in _trained(result.stdout) if phase == "finetune"] == [
+        "nnUNetTrainerBaseline_paperSchedule fold 0", "nnUNetTrainerMIM_baselineLR_paperSchedule fold 0",
+        "nnUNetTrainerBaseline_paperSchedule fold 1", "nnUNetTrainerDINO_baselineLR_paperSchedule fold 1",
+        "nnUNetTrainerMIM_baselineLR_paperSchedule fold 1"]
+    assert re.search(r"all 5 fine-tuning runs: paper [\d,]+, nnunet 1,250,000 iterations", result.stdout)
+    pretrain = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("ssp_pretrain ")]
+    assert pretrain == ["ssp_pretrain -d 641 --method dino -c 2d -p nnUNetPlans --device cuda",
+                        "ssp_pretrain -d 641 --method mim -c 2d -p nnUNetPlans --device cuda --mask-patch-size 16 "
+                        "--skip-features masked"]
+    for bad, message in ((["--every-budget", "pcl"], "--every-budget pcl: not one of --methods dino mim"),
+                         (["--pretrain-args-of", "pcl", "--epochs 2"], "--pretrain-args-of pcl: not one of --methods "
+                                                                        "dino mim")):
+        refused = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "dino",
+                            "mim", *bad, "--dry-run", check=False)
+        assert refused.returncode == 2 and refused.stderr.strip() == f"error: {message}"
+
+
 def test_shards_split_the_runs_without_overlap(toy_env):
     tmp, env = toy_env
     common = ["-d", "641", "--budgets", "2", "4", "--seeds", "0", "--val", "1", "--dry-run"]

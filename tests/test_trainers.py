@@ -55,6 +55,25 @@ def test_schedules(nnunet_env, monkeypatch):
         _trainer(nnUNetTrainerBaseline)
 
 
+def test_progress_plot_is_drawn_once_per_50_iterations_and_after_the_last_epoch(nnunet_env, monkeypatch):
+    drawn = []
+    monkeypatch.setenv("nnUNet_ssp_num_epochs", "20")
+    for iterations, expected in ((7, [7, 15, 19]), (50, list(range(20))), (250, list(range(20)))):
+        monkeypatch.setenv("nnUNet_ssp_iters_per_epoch", str(iterations))
+        trainer, drawn[:] = _trainer(nnUNetTrainerBaseline), []
+        # nnU-Net's logger, which draws the plot (the trainer's logger hands it to its local logger)
+        monkeypatch.setattr(type(trainer.logger.local_logger), "plot_progress_png",
+                            lambda logger, folder: drawn.append(trainer.current_epoch))
+        trainer.disable_checkpointing = True
+        for epoch in range(20):
+            trainer.on_epoch_start()
+            for key, value in (("train_losses", 1.0), ("val_losses", 1.0), ("mean_fg_dice", 0.5),
+                               ("dice_per_class_or_region", [0.5]), ("lrs", 0.01)):
+                trainer.logger.log(key, value, epoch)
+            trainer.on_epoch_end()
+        assert drawn == expected and trainer.current_epoch == 20  # 7 iterations: every 8th epoch and the last
+
+
 def test_baseline_lr_recipe_fine_tunes_at_the_scratch_lr_and_loads_the_same_parts(nnunet_env):
     path, source = _write_checkpoint(nnunet_env, "mim")
     trainer = _trainer(ssp_trainers.nnUNetTrainerMIM_baselineLR)

@@ -1,13 +1,15 @@
 """Base classes of the plugin's nnU-Net trainers.
 
 - :class:`nnUNetTrainerBaseline`: stock nnU-Net training from random init (the from-scratch control), plus the
-  plugin's schedule knobs ``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch``.
+  plugin's schedule knobs ``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch``; progress.png is drawn once
+  per 50 training iterations, not after every epoch, however short.
 - :class:`nnUNetTrainerSSP`: the same, but at the start of a fresh run (epoch 0, not ``--c``) it finds, verifies
   and loads an SSP contract checkpoint into the network parts its method declares, and fine-tunes at lr 5e-3.
 - :class:`PaperScheduleMixin`: the paper's fine-tuning length (see :mod:`nnunet_ssp.schedule`), for any of them.
 - :class:`WarmupMixin`: a linear learning-rate warm-up in front of the poly schedule, for any of them.
 - :class:`BaselineLRMixin`, :class:`EncoderOnlyMixin`: the scratch lr, the encoder alone, for the SSP trainers.
 """
+import math
 import os
 from typing import Optional
 
@@ -27,6 +29,10 @@ from trainers.schedules import WarmupPolyLRScheduler
 
 SSP_INITIAL_LR = 5e-3  # the paper's fine-tuning recommendation (its baseline: 1e-2)
 SCRATCH_INITIAL_LR = 1e-2  # nnU-Net's and the paper's from-scratch lr
+#: nnU-Net draws progress.png after every epoch, about 1.1 s on a CPU; when an epoch is one iteration (the paper
+#: schedule of a small fold) that is more than the iteration. The plugin's trainers draw it once per this many
+#: training iterations (so after every epoch of nnU-Net's 250) and after the last epoch.
+PROGRESS_PLOT_ITERATIONS = 50
 
 
 def _exit_with(error: SSPError):
@@ -72,6 +78,17 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
             self.print_to_log_file(f"final validation skipped ({SKIP_FINAL_VALIDATION_ENV}=1)")
             return
         super().perform_actual_validation(save_probabilities)
+
+    def on_epoch_end(self):
+        """nnU-Net's, with progress.png drawn only when due (:data:`PROGRESS_PLOT_ITERATIONS`)."""
+        every = math.ceil(PROGRESS_PLOT_ITERATIONS / self.num_iterations_per_epoch)
+        if (self.current_epoch + 1) % every == 0 or self.current_epoch == self.num_epochs - 1:
+            return super().on_epoch_end()
+        self.logger.plot_progress_png = lambda output_folder: None
+        try:
+            super().on_epoch_end()
+        finally:
+            del self.logger.plot_progress_png  # the logger's own method again
 
     def set_training_iterations(self, iterations: int) -> None:
         """Training iterations per epoch; validation iterations at nnU-Net's ratio (at least 1)."""

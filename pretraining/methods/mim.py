@@ -4,14 +4,20 @@ The whole nnU-Net U-Net (encoder and decoder) with a 1×1 reconstruction head re
 round(0.75 × number of patches) square 32-px patches per image were set to 0; the loss is the MSE over the masked
 pixels only. Fine-tuning loads encoder and decoder, never the reconstruction head.
 
+``--skip-features masked`` (not the paper's; default ``kept``) also sets the encoder's skip features to 0 wherever
+their position lies in a masked patch (the mask max-pooled to each skip's grid), so that the decoder restores a
+masked patch from the deep path, not by copying its visible neighbours through the skips (the shortcut measured in
+README, "Does pretraining help on the phantom?").
+
 Distributed runs: every rank draws the masks of the whole global batch from the (identically seeded) torch RNG and
 keeps its own rows, and the masked squared errors and masked-pixel counts are summed over the ranks before dividing:
 the loss and the masks are the one-process run's.
 """
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from pretraining import distributed
 from pretraining.data.views import augmentation
@@ -36,27 +42,42 @@ def random_patch_mask(batch_size: int, height: int, width: int, patch_size: int,
     return mask[:, :, :height, :width]
 
 
+SKIP_FEATURES = ("kept", "masked")
+
+
 class ReconstructionModel(torch.nn.Module):
-    """The plans' network with as many output channels as input channels: its last 1×1 head reconstructs."""
+    """The plans' network with as many output channels as input channels: its last 1×1 head reconstructs.
+
+    Given ``skip_mask`` (B, 1, H, W), the skip features (every encoder output but the deepest) are zeroed wherever
+    the mask, max-pooled to their grid, is 1."""
 
     def __init__(self, network: torch.nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)
+    def forward(self, x: torch.Tensor, skip_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if skip_mask is None:
+            return self.network(x)
+        skips = self.network.encoder(x)
+        kept = [s * (1 - F.adaptive_max_pool2d(skip_mask.to(s.dtype), s.shape[2:])) for s in skips[:-1]]
+        return self.network.decoder(kept + [skips[-1]])
 
 
 class MIM(SSPMethod):
     name = "mim"
     defaults = Hyperparameters(batch_size=128, lr=0.01, momentum=0.99, weight_decay=3e-5, nesterov=True)
     options = {"mask_patch_size": Option(32, "MIM: side of the masked square patches in px (default 32)"),
-               "mask_ratio": Option(0.75, "MIM: fraction of the patches masked per image (default 0.75)")}
+               "mask_ratio": Option(0.75, "MIM: fraction of the patches masked per image (default 0.75)"),
+               "skip_features": Option("kept", "MIM: 'masked' also zeroes the encoder's skip features at the masked "
+                                               "patches, so the decoder cannot copy visible neighbours (default "
+                                               "'kept', the paper's)")}
 
     def __init__(self, spec, patch_size, **options):
         super().__init__(spec, patch_size, **options)
         if self.mask_patch_size < 1 or not 0 < self.mask_ratio < 1:
             raise ValueError("mask_patch_size must be >= 1 and mask_ratio in (0, 1)")
+        if self.skip_features not in SKIP_FEATURES:
+            raise ValueError(f"skip_features must be one of {', '.join(SKIP_FEATURES)} (got {self.skip_features!r})")
 
     def build_model(self) -> torch.nn.Module:
         return ReconstructionModel(self.spec.build(num_output_channels=self.spec.num_input_channels))
@@ -73,10 +94,13 @@ class MIM(SSPMethod):
         mask = distributed.local_rows(mask)
         return images * (1 - mask), mask
 
+    def reconstruct(self, model, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(masked, mask if self.skip_features == "masked" else None)
+
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["views"][0]
         masked, mask = self.mask_batch(images)
-        reconstruction = model(masked)
+        reconstruction = self.reconstruct(model, masked, mask)
         squared_error, count = masked_squared_error(reconstruction.float(), images.float(), mask)
         # masked_mse of the global batch
         return distributed.all_reduce_sum(squared_error) / distributed.all_reduce_sum(count).clamp_min(1), {}
@@ -87,8 +111,8 @@ class MIM(SSPMethod):
         import matplotlib.pyplot as plt
         images = batch["views"][0][:4].to(next(model.parameters()).device)  # the loader's batch is on the CPU
         with torch.no_grad():
-            masked, _ = self.mask_batch(images)
-            reconstruction = model(masked).float()
+            masked, mask = self.mask_batch(images)
+            reconstruction = self.reconstruct(model, masked, mask).float()
         columns = (("input", images), ("masked", masked), ("reconstruction", reconstruction))
         fig, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
         for row in range(len(images)):
