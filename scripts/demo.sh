@@ -10,15 +10,16 @@
 # Knobs (CPU-sized defaults): DEMO_DIR (./demo_output), DEMO_DATASET_ID (501), DEMO_SUBJECTS (24),
 #   DEMO_TEST_SUBJECTS (8), DEMO_SIZE (64 px), DEMO_PHANTOM_SEED (11), DEMO_BUDGETS ("1 2"), DEMO_SEEDS ("0 1 2"),
 #   DEMO_VAL (2 subjects), DEMO_METHODS ("mim"), DEMO_EVERY_BUDGET (methods fine-tuned at every budget; default
-#   all), DEMO_RECIPES ("baselineLR_encoderOnly"), DEMO_EPOCHS (fine-tuning epochs of the paper schedule, 60),
-#   DEMO_PRETRAIN_EPOCHS (4) x DEMO_PRETRAIN_ITERS (100) at DEMO_PRETRAIN_BATCH (32),
-#   DEMO_MIM_ARGS ("--lr 0.02 --mask-patch-size 16"), DEMO_JOBS (2).
+#   all), DEMO_RECIPES ("baselineLR_encoderOnly"), DEMO_EPOCHS (fine-tuning epochs of the paper schedule, 40),
+#   DEMO_PRETRAIN_EPOCHS (3) x DEMO_PRETRAIN_ITERS (100) at DEMO_PRETRAIN_BATCH (32),
+#   DEMO_MIM_ARGS ("--lr 0.02 --mask-patch-size 16"), DEMO_JOBS (2), DEMO_DRY_RUN (1: make the phantom, print the
+#   plan of runs, run nothing).
 set -euo pipefail
 START=$SECONDS
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/workspace_env.sh" "${DEMO_DIR:-}" demo_output
 ID="${DEMO_DATASET_ID:-501}"
 # the paper's schedule (an epoch is one pass over the fold's labelled slices), scaled to DEMO_EPOCHS for every run
-export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-60}"
+export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-40}"
 
 echo "== phantom: $nnUNet_raw/Dataset${ID}_CinePhantom"
 nnunet_ssp phantom -d "$ID" -n CinePhantom --subjects "${DEMO_SUBJECTS:-24}" \
@@ -30,6 +31,8 @@ read -r -a METHODS <<< "${DEMO_METHODS:-mim}"
 read -r -a RECIPES <<< "${DEMO_RECIPES:-baselineLR_encoderOnly}"
 EVERY_BUDGET=()
 if [ -n "${DEMO_EVERY_BUDGET:-}" ]; then read -r -a EVERY <<< "$DEMO_EVERY_BUDGET"; EVERY_BUDGET=(--every-budget "${EVERY[@]}"); fi
+DRY_RUN=()
+if [ "${DEMO_DRY_RUN:-0}" = 1 ]; then DRY_RUN=(--dry-run); fi
 MIM_ARGS=()
 if [[ " ${METHODS[*]} " == *" mim "* ]]; then
   MIM_ARGS=(--pretrain-args-of mim "${DEMO_MIM_ARGS:---lr 0.02 --mask-patch-size 16}")
@@ -37,9 +40,10 @@ fi
 python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" --val "${DEMO_VAL:-2}" \
   --methods "${METHODS[@]}" "${EVERY_BUDGET[@]}" --recipes "${RECIPES[@]}" --device cpu --num-processes 1 \
   --jobs "${DEMO_JOBS:-2}" \
-  --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-4} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-100} \
+  --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-3} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-100} \
 --batch-size ${DEMO_PRETRAIN_BATCH:-32} --num-workers 1 --probe-slices 256" "${MIM_ARGS[@]}" \
-  -o "$WORK/protocol"
+  -o "$WORK/protocol" "${DRY_RUN[@]}"
+if [ "${DEMO_DRY_RUN:-0}" = 1 ]; then exit 0; fi
 
 echo
 cat "$WORK/protocol/report/report.md"

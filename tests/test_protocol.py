@@ -151,6 +151,28 @@ def test_every_budget_methods_recipe_controls_and_per_method_pretraining_argumen
         assert refused.returncode == 2 and refused.stderr.strip() == f"error: {message}"
 
 
+@pytest.mark.parametrize("script, finetuned", [
+    ("demo.sh", {budget: ["nnUNetTrainerBaseline", "nnUNetTrainerMIM_baselineLR_encoderOnly"] for budget in "12"}),
+    ("mini_paper.sh", {"1": ["nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
+                             "nnUNetTrainerMIM", "nnUNetTrainerMIM_baselineLR_encoderOnly"],
+                       **{budget: ["nnUNetTrainerBaseline", "nnUNetTrainerMIM", "nnUNetTrainerMIM_baselineLR_encoderOnly"]
+                          for budget in "24"}})])
+def test_demo_and_mini_paper_plans_with_their_defaults(tmp_path, script, finetuned):
+    """The README's main command and the mini-paper, planned with their default runs (a small phantom)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    env.update(DEMO_DIR=str(tmp_path), DEMO_SUBJECTS="7", DEMO_TEST_SUBJECTS="1", DEMO_SIZE="48", DEMO_DRY_RUN="1")
+    result = run_cli(["bash", os.path.join(REPO, "scripts", script)], env)
+    planned = [re.fullmatch(r"(\S+)_paperSchedule fold (\d+) \(budget (\S+), seed (\d)\)", name).groups()
+               for phase, name in _trained(result.stdout) if phase == "finetune"]
+    budgets = sorted(finetuned)
+    assert planned == [(trainer, str(fold), budget, seed) for fold, (seed, budget) in
+                       enumerate((s, b) for s in "012" for b in budgets) for trainer in finetuned[budget]]
+    assert "ssp_pretrain -d 5" in result.stdout and "--method mim -c 2d -p nnUNetPlans --device cpu --epochs 3 " \
+           "--iters-per-epoch 100 --batch-size 32 --num-workers 1 --probe-slices 256 --lr 0.02 --mask-patch-size 16" \
+           in result.stdout
+    assert f"this plan runs --schedule paper (epochs from nnUNet_ssp_num_epochs)" in result.stdout
+
+
 def test_shards_split_the_runs_without_overlap(toy_env):
     tmp, env = toy_env
     common = ["-d", "641", "--budgets", "2", "4", "--seeds", "0", "--val", "1", "--dry-run"]
