@@ -25,6 +25,7 @@ subject stay together. One mode per call (``options`` holds exactly one of these
   ``{budget: "vendors:A+B", seed, vendors, subjects}``; the sidecar also holds ``val_subjects`` and
   ``test_cases_by_vendor`` (the imagesTs cases of each vendor's test subjects).
 """
+import glob
 import json
 import os
 import re
@@ -298,9 +299,28 @@ def write_folds(preprocessed_folder: str, folds: Sequence[dict], descriptions: S
     (``descriptions`` by fold index plus ``entries``); returns {fold index: description}."""
     kept = _kept_folds(preprocessed_folder)
     splits_file, sidecar_file = _files(preprocessed_folder)
+    _refuse_to_change_trained_folds(splits_file, kept + list(folds), os.path.basename(preprocessed_folder))
     save_json_atomic(kept + list(folds), splits_file)
     save_json_atomic(_sidecar(len(kept), descriptions, entries), sidecar_file)
     return {len(kept) + i: d for i, d in enumerate(descriptions)}
+
+
+def _refuse_to_change_trained_folds(splits_file: str, new_folds: Sequence[dict], dataset_name: str) -> None:
+    """nnU-Net results are found by fold number alone: a fold that changes its cases while a run trained on the old
+    ones is in ``$nnUNet_results/<dataset>/*/fold_N`` would let that run pass for the new fold (the protocol would
+    skip it as done). Raises SSPError naming the first such run."""
+    results = os.environ.get("nnUNet_results")
+    if not (results and os.path.isfile(splits_file)):
+        return
+    old_folds = load_json_file(splits_file, list)
+    new_folds = json.loads(json.dumps(list(new_folds)))
+    for index, old in enumerate(old_folds):
+        if index < len(new_folds) and new_folds[index] == old:
+            continue
+        trained = sorted(glob.glob(os.path.join(results, dataset_name, "*", f"fold_{index}")))
+        if trained:
+            raise SSPError(f"{splits_file}: fold {index} would change its cases, but {trained[0]} was trained on the "
+                           f"old ones; move that dataset's results away (or use another dataset id) first")
 
 
 def write_splits(preprocessed_folder: str, raw_folder: str, options: dict) -> Dict[int, dict]:

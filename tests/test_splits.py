@@ -241,3 +241,24 @@ def test_corrupt_existing_split_files_are_named_and_left_alone(dataset, name, co
     assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
     with open(path) as f:
         assert f.read() == content
+
+
+def test_folds_with_trained_runs_keep_their_cases(dataset, tmp_path):
+    """nnU-Net finds a run by its fold number: new budgets may not give a trained fold other cases."""
+    pre, raw = dataset
+    results = tmp_path / "results"
+    env = dict(os.environ, nnUNet_raw=os.path.dirname(raw), nnUNet_preprocessed=os.path.dirname(pre),
+               nnUNet_results=str(results))
+    splits = ["nnunet_ssp", "splits", "-d", "950", "--seeds", "0", "--val", "2", "--budgets"]
+    run_cli(splits + ["1", "2"], env)
+    (results / DATASET / "nnUNetTrainerBaseline__nnUNetPlans__2d" / "fold_1").mkdir(parents=True)
+    run_cli(splits + ["1", "2"], env)  # the same folds again: nothing changes
+    run_cli(splits + ["1", "2", "4"], env)  # fold 2 is new, folds 0 and 1 keep their cases
+    before = read(pre)
+    refused = run_cli(splits + ["1", "4"], env, check=False)  # fold 1 would become budget 4
+    path = os.path.join(pre, "splits_final.json")
+    trained = results / DATASET / "nnUNetTrainerBaseline__nnUNetPlans__2d" / "fold_1"
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        f"error: {path}: fold 1 would change its cases, but {trained} was trained on the old ones; move that "
+        f"dataset's results away (or use another dataset id) first")
+    assert read(pre) == before
