@@ -74,11 +74,12 @@ def _block_any(mask: np.ndarray, grid) -> np.ndarray:
     return mask.reshape(grid[0], fy, grid[1], fx).max(axis=(1, 3))
 
 
-@pytest.mark.parametrize("skip_features", ["kept", "masked"])
-def test_masked_skip_features_are_zero_at_masked_patches_and_unchanged_elsewhere(target, seeded, skip_features):
+@pytest.mark.parametrize("skip_features", ["kept", "masked", "dropped"])
+def test_skip_features_reach_the_decoder_kept_masked_at_masked_patches_or_dropped_per_image(target, seeded,
+                                                                                             skip_features):
     method = MIM(target.network_spec, (64, 64), mask_patch_size=16, skip_features=skip_features)
     model = method.build_model().eval()
-    images = torch.randn(2, 1, 64, 64)
+    images = torch.randn(12, 1, 64, 64)
     masked, mask = method.mask_batch(images)
     seen = []
     model.network.decoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
@@ -86,11 +87,16 @@ def test_masked_skip_features_are_zero_at_masked_patches_and_unchanged_elsewhere
         method.reconstruct(model, masked, mask)
         encoder_outputs = model.network.encoder(masked)
     skips = seen[0]
-    assert torch.equal(skips[-1], encoder_outputs[-1])  # the deepest features feed the decoder unmasked
-    for skip, full in zip(skips[:-1], encoder_outputs[:-1]):
-        for row in range(len(images)):
+    assert torch.equal(skips[-1], encoder_outputs[-1])  # the deepest features feed the decoder unchanged
+    dropped_rows = set()
+    for row in range(len(images)):
+        if skip_features == "dropped" and not skips[0][row].any():
+            dropped_rows.add(row)
+        for skip, full in zip(skips[:-1], encoder_outputs[:-1]):
             cells = _block_any(mask[row, 0].numpy(), full.shape[2:])
-            expected = full[row].numpy() * (1 - cells if skip_features == "masked" else 1)
-            np.testing.assert_array_equal(skip[row].numpy(), expected)
+            keep = {"kept": 1, "masked": 1 - cells, "dropped": 0 if row in dropped_rows else 1}[skip_features]
+            np.testing.assert_array_equal(skip[row].numpy(), full[row].numpy() * keep)
+    if skip_features == "dropped":  # some images lose every skip, the others keep them all
+        assert 0 < len(dropped_rows) < len(images)
     with pytest.raises(ValueError, match="skip_features"):
-        MIM(target.network_spec, (64, 64), skip_features="dropped")
+        MIM(target.network_spec, (64, 64), skip_features="removed")

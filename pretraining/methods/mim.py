@@ -4,10 +4,11 @@ The whole nnU-Net U-Net (encoder and decoder) with a 1×1 reconstruction head re
 round(0.75 × number of patches) square 32-px patches per image were set to 0; the loss is the MSE over the masked
 pixels only. Fine-tuning loads encoder and decoder, never the reconstruction head.
 
-``--skip-features masked`` (not the paper's; default ``kept``) also sets the encoder's skip features to 0 wherever
-their position lies in a masked patch (the mask max-pooled to each skip's grid), so that the decoder restores a
-masked patch from the deep path, not by copying its visible neighbours through the skips (the shortcut measured in
-README, "Does pretraining help on the phantom?").
+``--skip-features`` (not the paper's; default ``kept``): ``masked`` also sets the encoder's skip features to 0
+wherever their position lies in a masked patch (the mask max-pooled to each skip's grid), so that the decoder restores
+a masked patch from the deep path, not by copying its visible neighbours through the skips (the shortcut measured in
+README, "Does pretraining help on the phantom?"); ``dropped`` sets all skip features of a random half of the images
+to 0, so that the decoder learns to restore whole images from the deepest features alone.
 
 Distributed runs: every rank draws the masks of the whole global batch from the (identically seeded) torch RNG and
 keeps its own rows, and the masked squared errors and masked-pixel counts are summed over the ranks before dividing:
@@ -42,7 +43,7 @@ def random_patch_mask(batch_size: int, height: int, width: int, patch_size: int,
     return mask[:, :, :height, :width]
 
 
-SKIP_FEATURES = ("kept", "masked")
+SKIP_FEATURES = ("kept", "masked", "dropped")
 
 
 class ReconstructionModel(torch.nn.Module):
@@ -69,7 +70,8 @@ class MIM(SSPMethod):
     options = {"mask_patch_size": Option(32, "MIM: side of the masked square patches in px (default 32)"),
                "mask_ratio": Option(0.75, "MIM: fraction of the patches masked per image (default 0.75)"),
                "skip_features": Option("kept", "MIM: 'masked' also zeroes the encoder's skip features at the masked "
-                                               "patches, so the decoder cannot copy visible neighbours (default "
+                                               "patches, so the decoder cannot copy visible neighbours; 'dropped' "
+                                               "zeroes all of them for a random half of the images (default "
                                                "'kept', the paper's)")}
 
     def __init__(self, spec, patch_size, **options):
@@ -94,8 +96,18 @@ class MIM(SSPMethod):
         mask = distributed.local_rows(mask)
         return images * (1 - mask), mask
 
+    def skip_mask(self, mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """Where the skip features are set to 0 (1), as a (B, 1, H, W) mask; None keeps them all. ``dropped`` draws
+        its images like the patch masks: over the global batch, this rank's rows."""
+        if self.skip_features == "kept":
+            return None
+        if self.skip_features == "masked":
+            return mask
+        dropped = (torch.rand(len(mask) * distributed.world_size(), device=mask.device) < 0.5).to(mask.dtype)
+        return distributed.local_rows(dropped).view(-1, 1, 1, 1).expand_as(mask)
+
     def reconstruct(self, model, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return model(masked, mask if self.skip_features == "masked" else None)
+        return model(masked, self.skip_mask(mask))
 
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["views"][0]
