@@ -7,11 +7,9 @@ from nnunet_ssp.errors import OneLineArgumentParser, SSPError, run_command
 
 
 def _phantom(args):
+    from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.phantom import write_phantom_dataset
-    raw = os.environ.get("nnUNet_raw")
-    if not raw:
-        raise SSPError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (see README)")
-    path = write_phantom_dataset(raw, args.dataset_id, args.name, args.subjects, args.test_subjects,
+    path = write_phantom_dataset(nnunet_path("nnUNet_raw"), args.dataset_id, args.name, args.subjects, args.test_subjects,
                                  seed=args.seed, size=args.size, overwrite=args.overwrite)
     print(path)
 
@@ -62,13 +60,13 @@ def _checkpoint(args):
 
 
 def _splits(args):
+    from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.network import preprocessed_dataset_folder
     from nnunet_ssp.splits import write_splits
     if args.from_yaml and (args.seeds or args.val is not None):
         raise SSPError("--seeds and --val do not apply to --from-yaml: the split files give train and validation")
-    raw = os.environ.get("nnUNet_raw")
-    if args.vendors and not raw:
-        raise SSPError("nnUNet_raw is not set: --vendors reads $nnUNet_raw/<Dataset>/subjects.csv (see README)")
+    raw = nnunet_path("nnUNet_raw", "--vendors reads the raw dataset's subjects.csv") if args.vendors else \
+        os.environ.get("nnUNet_raw")
     folder = preprocessed_dataset_folder(args.dataset)
     options = {"budgets": args.budgets, "from_yaml": args.from_yaml, "vendors": args.vendors, "seeds": args.seeds,
                "num_val": args.val}
@@ -80,11 +78,9 @@ def _splits(args):
 
 
 def _merge(args):
+    from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.merge import merge_datasets
-    raw = os.environ.get("nnUNet_raw")
-    if not raw:
-        raise SSPError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (see README)")
-    print(merge_datasets(raw, args.dataset_id, args.name, args.sources, overwrite=args.overwrite))
+    print(merge_datasets(nnunet_path("nnUNet_raw"), args.dataset_id, args.name, args.sources, overwrite=args.overwrite))
 
 
 def _evaluate(args):

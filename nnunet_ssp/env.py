@@ -6,6 +6,7 @@ import sys
 import sysconfig
 from importlib import metadata
 
+from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import atomic_path
 
 EXT_TRAINER_ENV = "nnUNet_extTrainer"
@@ -14,6 +15,18 @@ GUARD_PTH = "nnunet_ssp_torchvision_guard.pth"
 GUARD_PTH_LINE = ("import importlib.util as _u; _u.find_spec('nnunet_ssp') and "
                   "__import__('nnunet_ssp.torchvision_guard').torchvision_guard.install()\n")
 SUPPORTED_NNUNET = ((2, 8, 1), (2, 9, 0))
+
+
+def nnunet_path(name: str, why: str = "") -> str:
+    """The folder in ``name`` (one of NNUNET_PATH_ENVS), read through ``nnunetv2.paths``; an SSPError saying how to
+    set it when it is not set (``why``: what needs it)."""
+    import nnunetv2.paths
+    value = getattr(nnunetv2.paths, name).get()
+    if not value:
+        needed = f" ({why})" if why else ""
+        raise SSPError(f"{name} is not set{needed}: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results "
+                       f"(see README)")
+    return value
 
 
 def ext_trainer_dir() -> str:

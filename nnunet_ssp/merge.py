@@ -1,5 +1,5 @@
-"""``nnunet_ssp merge``: several raw datasets in the phantom/converter layout as one (the paper trains on M&Ms and
-M&Ms-2 together).
+"""``nnunet_ssp merge``: several raw datasets in the layout of ``nnunet_ssp.raw_layout`` as one (the paper trains
+on M&Ms and M&Ms-2 together).
 
 The files of imagesTr, labelsTr, imagesTs, labelsTs and cineTr are hard-linked (copied where linking fails, e.g.
 across filesystems). The sources must agree on labels, channel_names and file_ending; dataset.json gets numTraining
@@ -7,15 +7,14 @@ recounted and ``sources`` (name: description); subjects.csv is the union of the 
 values empty) plus ``source_dataset``. A subject or file name present in two sources is refused. The folder is built
 next to its destination and moved into place in one rename, so an error never leaves partial output.
 """
-import csv
 import json
 import os
 import shutil
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
-from nnunet_ssp.convert.common import SUBFOLDERS, build_into_place, target_folder
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.phantom.dataset import CINE_FOLDER, SUBJECTS_TABLE
+from nnunet_ssp.raw_layout import (LABELS_TR, SUBFOLDERS, SUBJECTS_TABLE, SubjectRow, build_into_place,
+                                   make_subfolders, read_subjects, target_folder, write_dataset_json, write_subjects)
 
 SOURCE_COLUMN = "source_dataset"
 MATCHING_KEYS = ("labels", "channel_names", "file_ending")
@@ -44,21 +43,6 @@ def _read_dataset_json(folder: str) -> dict:
         raise SSPError(f"{path}: cannot read ({' '.join(str(e).split())})") from None
 
 
-def _read_subjects(folder: str) -> Tuple[List[str], List[Dict[str, str]]]:
-    """(columns, rows) of a source's subjects.csv."""
-    path = os.path.join(folder, SUBJECTS_TABLE)
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            columns = list(reader.fieldnames or [])
-    except (OSError, csv.Error) as e:
-        raise SSPError(f"{path}: cannot read ({' '.join(str(e).split())})") from None
-    if "subject" not in columns:
-        raise SSPError(f"{path}: no column 'subject' (columns: {', '.join(columns)})")
-    return columns, rows
-
-
 def _check_dataset_jsons(folders: Sequence[str], jsons: Sequence[dict]) -> None:
     """Every source has the first one's labels, channel_names and file_ending."""
     for folder, d in zip(folders, jsons):
@@ -70,20 +54,19 @@ def _check_dataset_jsons(folders: Sequence[str], jsons: Sequence[dict]) -> None:
                                f"in {os.path.join(folders[0], 'dataset.json')}")
 
 
-def _merged_subjects(folders: Sequence[str]) -> Tuple[List[str], List[Dict[str, str]]]:
-    """(columns, rows) of the merged subjects.csv; a subject in two sources is an SSPError naming both tables."""
-    columns, rows, seen = [], [], {}
+def _merged_subjects(folders: Sequence[str]) -> List[SubjectRow]:
+    """The rows of the merged subjects.csv, each with its source; a subject in two sources is an SSPError naming both
+    tables."""
+    rows, seen = [], {}
     for folder in folders:
-        source_columns, source_rows = _read_subjects(folder)
-        columns += [c for c in source_columns if c not in columns]
-        name = os.path.basename(folder)
-        for row in source_rows:
-            if row["subject"] in seen:
-                raise SSPError(f"{os.path.join(folder, SUBJECTS_TABLE)}: subject {row['subject']} is also in "
-                               f"{os.path.join(seen[row['subject']], SUBJECTS_TABLE)}")
-            seen[row["subject"]] = folder
-            rows.append({**row, SOURCE_COLUMN: row.get(SOURCE_COLUMN) or name})
-    return columns + [SOURCE_COLUMN] * (SOURCE_COLUMN not in columns), rows
+        table = os.path.join(folder, SUBJECTS_TABLE)
+        for row in read_subjects(table):
+            if row.subject in seen:
+                raise SSPError(f"{table}: subject {row.subject} is also in {seen[row.subject]}")
+            seen[row.subject] = table
+            row.extra[SOURCE_COLUMN] = row.extra.get(SOURCE_COLUMN) or os.path.basename(folder)
+            rows.append(row)
+    return rows
 
 
 def _planned_files(folders: Sequence[str]) -> Dict[str, str]:
@@ -100,24 +83,6 @@ def _planned_files(folders: Sequence[str]) -> Dict[str, str]:
                     raise SSPError(f"{os.path.join(source, name)}: also in {planned[relative]}")
                 planned[relative] = os.path.join(source, name)
     return planned
-
-
-def _merged_dataset_json(name: str, folders: Sequence[str], jsons: Sequence[dict], files: Dict[str, str]) -> dict:
-    """The sources' labels, channel_names and file_ending, numTraining counted in ``files``, the sources with
-    their descriptions."""
-    names = [os.path.basename(f) for f in folders]
-    ending = jsons[0]["file_ending"]
-    return {
-        "name": name,
-        "description": f"Merged by nnunet_ssp from {', '.join(names)}",
-        "channel_names": jsons[0]["channel_names"],
-        "labels": jsons[0]["labels"],
-        "numTraining": sum(1 for f in files if f.startswith("labelsTr" + os.sep) and f.endswith(ending)),
-        "file_ending": ending,
-        "cine_folder": CINE_FOLDER,
-        "subjects_table": SUBJECTS_TABLE,
-        "sources": {n: d.get("description", "") for n, d in zip(names, jsons)},
-    }
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -137,21 +102,17 @@ def merge_datasets(raw_root: str, dataset_id: int, name: str, sources: Sequence[
         raise SSPError(f"{repeated[0]}: given twice, or both source and destination of the merge")
     jsons = [_read_dataset_json(f) for f in folders]
     _check_dataset_jsons(folders, jsons)
-    columns, rows = _merged_subjects(folders)
+    rows = _merged_subjects(folders)
     files = _planned_files(folders)
-    dataset_json = _merged_dataset_json(name, folders, jsons, files)
+    names = [os.path.basename(f) for f in folders]
+    num_training = sum(1 for f in files if f.startswith(LABELS_TR + os.sep) and f.endswith(jsons[0]["file_ending"]))
 
     def build(folder: str) -> None:
-        for sub in SUBFOLDERS:
-            os.mkdir(os.path.join(folder, sub))
+        make_subfolders(folder)
         for relative, source in files.items():
             _link_or_copy(source, os.path.join(folder, relative))
-        with open(os.path.join(folder, SUBJECTS_TABLE), "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore",
-                                    lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-        with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
-            json.dump(dataset_json, f, indent=2)
-            f.write("\n")
+        write_subjects(folder, rows)
+        write_dataset_json(folder, name, f"Merged by nnunet_ssp from {', '.join(names)}", num_training,
+                           **{key: jsons[0][key] for key in MATCHING_KEYS},
+                           sources={n: d.get("description", "") for n, d in zip(names, jsons)})
     return build_into_place(target, build)

@@ -143,16 +143,14 @@ class NetworkSpec:
 
 def preprocessed_dataset_folder(dataset: str) -> str:
     """``$nnUNet_preprocessed/<DatasetXXX_Name>`` for a dataset name or id, with clear errors."""
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    if not nnUNet_preprocessed.is_set():
-        raise SSPError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and "
-                       "nnUNet_results (see README)")
+    from nnunet_ssp.env import nnunet_path
+    preprocessed = nnunet_path("nnUNet_preprocessed")
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
     except (RuntimeError, ValueError) as e:
         raise SSPError(f"dataset '{dataset}': {str(e).splitlines()[0]}") from None
-    return os.path.join(nnUNet_preprocessed.get(), dataset_name)
+    return os.path.join(preprocessed, dataset_name)
 
 
 class PlansTarget:

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Callable, List, Sequence, Tuple
 
+from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError, run_command
 from nnunet_ssp.methods import pretrains_decoder
 from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
@@ -85,9 +86,9 @@ class Protocol:
 
     def __init__(self, args):
         self.args = args
-        self.raw_root = _required_env("nnUNet_raw")
-        self.preprocessed_root = _required_env("nnUNet_preprocessed")
-        self.results_root = _required_env("nnUNet_results")
+        self.raw_root = nnunet_path("nnUNet_raw")
+        self.preprocessed_root = nnunet_path("nnUNet_preprocessed")
+        self.results_root = nnunet_path("nnUNet_results")
         self.dataset_id, self.dataset_name = self._target_dataset()
         self.output = args.output or os.path.join(self.results_root, self.dataset_name, "ssp_protocol")
         self.methods = list(args.methods)
@@ -297,13 +298,6 @@ def _budget_order(budget) -> tuple:
     if isinstance(budget, int):
         return (0, budget, "")
     return (1 if budget == "all" else 2, 0, str(budget))
-
-
-def _required_env(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise SSPError(f"{name} is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
-    return value
 
 
 def _dataset_name(dataset: str, convert) -> str:

@@ -197,30 +197,25 @@ def yaml_fold(path: str, cases: Sequence[str]) -> Tuple[dict, dict]:
 def vendor_folds(cases: Sequence[str], raw_folder: str, file_ending: str, vendors: Sequence[str],
                  seeds: Sequence[int], num_val: int = None):
     """(folds, descriptions, sidecar entries) of the vendor subsets (see the module docstring)."""
-    from nnunet_ssp.convert.common import read_table
-    from nnunet_ssp.phantom.dataset import SUBJECTS_TABLE
+    from nnunet_ssp.raw_layout import IMAGES_TS, SUBJECTS_TABLE, TEST, read_vendor_table
     table_path = os.path.join(raw_folder, SUBJECTS_TABLE)
-    table = read_table(table_path, "subject", ("split", "vendor"))
-    present = sorted({row["vendor"] for row in table.values()})
-    unknown = [v for v in vendors if v not in present]
-    if unknown:
-        raise SSPError(f"{table_path}: no subjects of vendor(s) {', '.join(unknown)} (vendors: {', '.join(present)})")
+    table = read_vendor_table(table_path, vendors)
     grouped = cases_by_subject(cases)
     missing = [s for s in grouped if s not in table]
     if missing:
         raise SSPError(f"{table_path}: no row for training subject(s) {_few(missing)} ({len(missing)} in all)")
-    selected = [c for s, group in grouped.items() if table[s]["vendor"] in vendors for c in group]
+    selected = [c for s, group in grouped.items() if table[s].vendor in vendors for c in group]
     folds, descriptions, val_subjects = make_budget_splits(selected, ["all"], seeds, num_val)
     descriptions = [{**_vendor_identity(vendors, d["seed"]), "subjects": d["subjects"]} for d in descriptions]
-    test_folder = os.path.join(raw_folder, "imagesTs")
+    test_folder = os.path.join(raw_folder, IMAGES_TS)
     suffix = "_0000" + file_ending
     test_cases = sorted(f[:-len(suffix)] for f in os.listdir(test_folder) if f.endswith(suffix)) \
         if os.path.isdir(test_folder) else []
     by_vendor = {}
     for case in test_cases:
         row = table.get(subject_of_case(case))
-        if row and row["split"] == "test":
-            by_vendor.setdefault(row["vendor"], []).append(case)
+        if row and row.split == TEST:
+            by_vendor.setdefault(row.vendor, []).append(case)
     return folds, descriptions, {"val_subjects": val_subjects, "test_cases_by_vendor": by_vendor}
 
 

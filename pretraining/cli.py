@@ -13,6 +13,7 @@ import sys
 from contextlib import contextmanager
 from typing import List
 
+from nnunet_ssp.env import NNUNET_PATH_ENVS, nnunet_path
 from nnunet_ssp.errors import OneLineArgumentParser, SSPError, run_command
 from nnunet_ssp.methods import METHOD_PARTS
 from pretraining.methods import all_options
@@ -73,9 +74,9 @@ def _check_numbers(args) -> None:
 
 
 def _check_environment(args) -> None:
-    for env in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        if not os.environ.get(env) and not (env == "nnUNet_results" and args.output):
-            raise SSPError(f"{env} is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results")
+    for env in NNUNET_PATH_ENVS:
+        if not (env == "nnUNet_results" and args.output):
+            nnunet_path(env)
 
 
 def _refuse_to_overwrite(output: str, continue_training: bool) -> None:

@@ -13,13 +13,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ssp.convert.common import Volume, orthonormal_affine, read_labels, target_folder
+from nnunet_ssp.convert.common import Volume, orthonormal_affine, read_labels
+from nnunet_ssp.raw_layout import target_folder
 from nnunet_ssp.convert.mnms import labelled_frames
 from nnunet_ssp.convert.mnms2 import vendor_code
 from nnunet_ssp.convert.orientation import (APEX_FIRST, BASE_FIRST, header_vote, label_position, label_vote,
                                             reverse_slices, stored_order)
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.phantom import LABELS, simulate_subject, subject_rng
+from nnunet_ssp.phantom import simulate_subject, subject_rng
+from nnunet_ssp.raw_layout import LABELS
 
 SIZE, SEED = 48, 5
 # SimpleITK direction (LPS): orthonormal, right-handed, oblique; the slice direction (third column) points towards the

@@ -6,8 +6,8 @@ import os
 import pytest
 
 from conftest import run_cli
-from nnunet_ssp.convert.common import SUBFOLDERS
-from nnunet_ssp.phantom import CSV_COLUMNS, write_phantom_dataset
+from nnunet_ssp.phantom import CSV_COLUMNS, VOLUME_KEYS, write_phantom_dataset
+from nnunet_ssp.raw_layout import SUBFOLDERS
 
 A, B, MERGED = "Dataset601_PhA", "Dataset602_PhB", "Dataset610_Both"
 
@@ -26,14 +26,13 @@ def write_csv(path, columns, rows):
 
 
 def rename_subjects(folder):
-    """ph001 -> qh001 in every file name and in subjects.csv; phenotype becomes pathology (as converters write)."""
+    """ph001 -> qh001 in every file name and in subjects.csv, without the volume columns (as converters write)."""
     for sub in SUBFOLDERS:
         for name in os.listdir(os.path.join(folder, sub)):
             os.rename(os.path.join(folder, sub, name), os.path.join(folder, sub, "q" + name[1:]))
     columns, rows = read_csv(os.path.join(folder, "subjects.csv"))
-    rows = [{**{k: v for k, v in r.items() if k != "phenotype"}, "subject": "q" + r["subject"][1:],
-             "pathology": r["phenotype"]} for r in rows]
-    write_csv(os.path.join(folder, "subjects.csv"), [c for c in columns if c != "phenotype"] + ["pathology"], rows)
+    rows = [{**{k: v for k, v in r.items() if k not in VOLUME_KEYS}, "subject": "q" + r["subject"][1:]} for r in rows]
+    write_csv(os.path.join(folder, "subjects.csv"), [c for c in columns if c not in VOLUME_KEYS], rows)
 
 
 @pytest.fixture
@@ -71,10 +70,10 @@ def test_merge(raw):
     assert len(os.listdir(os.path.join(merged, "cineTr"))) == 3 + 2
 
     columns, rows = read_csv(os.path.join(merged, "subjects.csv"))
-    assert columns == list(CSV_COLUMNS) + ["pathology", "source_dataset"]
+    assert columns == list(CSV_COLUMNS) + ["source_dataset"]
     assert [r["subject"] for r in rows] == ["ph001", "ph002", "ph003", "ph004", "qh001", "qh002", "qh003"]
     assert [r["source_dataset"] for r in rows] == [A] * 4 + [B] * 3
-    assert rows[0]["pathology"] == "" and rows[4]["phenotype"] == "" and rows[4]["pathology"]
+    assert rows[0]["lv_edv_ml"] and rows[4]["lv_edv_ml"] == "" and rows[4]["pathology"]
     dataset_json = json.load(open(os.path.join(merged, "dataset.json")))
     source_json = json.load(open(os.path.join(raw, A, "dataset.json")))
     assert dataset_json["numTraining"] == 10 and list(dataset_json["sources"]) == [A, B]

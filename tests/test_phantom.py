@@ -85,7 +85,7 @@ def test_layout_counts_and_dataset_json(raw, table):
     assert meta["phantom"] == {"seed": SEED, "size": SIZE, "num_subjects": N_TRAIN, "num_test_subjects": N_TEST,
                                "version": PHANTOM_VERSION}
     for r in table:
-        assert r["vendor"] in VENDORS and r["phenotype"] in PHENOTYPES
+        assert r["vendor"] in VENDORS and r["pathology"] in PHENOTYPES
 
 
 def test_geometry_of_cases_and_cines(raw, table):
@@ -171,7 +171,7 @@ def test_subjects_table_matches_the_label_files(raw, table):
 def test_subject_depends_only_on_seed_and_index(raw, table):
     row = table[1]
     subject = simulate_subject(subject_rng(SEED, 2), "ph002", SIZE)
-    assert (subject.vendor, subject.phenotype) == (row["vendor"], row["phenotype"])
+    assert (subject.vendor, subject.phenotype) == (row["vendor"], row["pathology"])
     assert (subject.ed_frame, subject.es_frame) == (int(row["ed_frame"]), int(row["es_frame"]))
     cine = read(os.path.join(raw, "cineTr", "ph002_0000.nii.gz"))[1]
     assert np.array_equal(subject.cine, cine.astype(np.float32))

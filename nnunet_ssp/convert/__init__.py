@@ -1,9 +1,8 @@
-"""Converters from public cardiac cine datasets to one nnU-Net raw dataset each, in the phantom's layout.
+"""Converters from public cardiac cine datasets to one raw dataset each, in the layout of ``nnunet_ssp.raw_layout``.
 
 ``nnunet_ssp convert {mnms,mnms2,acdc} SRC -d ID -n NAME [--overwrite]`` writes ``$nnUNet_raw/DatasetID_NAME``
 with imagesTr/labelsTr and imagesTs/labelsTs (ED and ES of each labelled subject as cases ``{subject}_ED`` and
-``{subject}_ES``), cineTr (the 4D cine of every training subject), dataset.json and subjects.csv (see
-``nnunet_ssp.convert.common``), every stack with the base at slice 0 (``nnunet_ssp.convert.orientation``). SRC and
+``{subject}_ES``), cineTr (the 4D cine of every training subject), dataset.json and subjects.csv, every stack with the base at slice 0 (``nnunet_ssp.convert.orientation``). SRC and
 the train/test assignment of each dataset:
 
 - ``mnms`` (M&Ms 2020, OpenDataset): SRC holds ``Training/Labeled``, ``Training/Unlabeled``, ``Validation``,
@@ -32,7 +31,7 @@ def split_file_test_set(loaders: Sequence[Callable], split_file: str) -> List[Ca
     release, Training included. A test subject the source lacks, or one without ground truth, is an error (raised
     when the last subject has loaded, before anything is moved into place)."""
     from dataclasses import replace
-    from nnunet_ssp.convert.common import TEST, TRAIN, UNLABELED
+    from nnunet_ssp.raw_layout import TEST, TRAIN, UNLABELED
     from nnunet_ssp.splits import read_split_file
     wanted, seen = set(read_split_file(split_file).get("test", [])), set()
 
@@ -58,13 +57,13 @@ def convert_dataset(dataset: str, source: str, dataset_id: int, name: str, overw
     """Converts the ``dataset`` (one of DATASETS) distributed in folder ``source`` to
     ``{raw_root}/Dataset{dataset_id:03d}_{name}`` (raw_root: $nnUNet_raw by default) and returns its path;
     ``test_split_file``: take the test subjects from a split YAML (see :func:`split_file_test_set`)."""
-    from nnunet_ssp.convert.common import target_folder, write_dataset
+    from nnunet_ssp.convert.common import write_dataset
+    from nnunet_ssp.env import nnunet_path
+    from nnunet_ssp.raw_layout import target_folder
     if dataset not in DATASETS:
         raise SSPError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     if raw_root is None:
-        raw_root = os.environ.get("nnUNet_raw")
-        if not raw_root:
-            raise SSPError("nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (see README)")
+        raw_root = nnunet_path("nnUNet_raw")
     target = target_folder(raw_root, dataset_id, name, overwrite)
     source = os.path.abspath(source)
     if not os.path.isdir(source):

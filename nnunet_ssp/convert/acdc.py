@@ -11,8 +11,9 @@ import os
 from functools import partial
 from typing import Dict, List
 
-from nnunet_ssp.convert.common import (PHASES, TEST, TRAIN, Subject, SubjectLoader, parse_int, read_image, read_phases,
-                                       required_file, subject_folders)
+from nnunet_ssp.convert.common import (Subject, SubjectLoader, parse_int, read_image, read_phases, required_file,
+                                       subject_folders)
+from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN
 from nnunet_ssp.errors import SSPError
 
 DESCRIPTION = "ACDC (2017) short-axis cine CMR"

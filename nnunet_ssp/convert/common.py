@@ -1,23 +1,13 @@
-"""What the converters share: reading NIfTI volumes and tables with one-line errors, and writing one nnU-Net raw
-dataset in the layout of ``nnunet_ssp.phantom`` atomically.
+"""What the converters share: reading NIfTI volumes and tables with one-line errors, and writing one raw dataset in
+the layout of ``nnunet_ssp.raw_layout`` atomically.
 
-Layout of ``$nnUNet_raw/DatasetID_NAME``: imagesTr/labelsTr with the ED and ES volumes of each labelled training
-subject as separate cases ``{subject}_ED`` and ``{subject}_ES`` (``_0000`` channel suffix on images), imagesTs/labelsTs
-likewise for the test subjects, ``cineTr/{subject}_0000.nii.gz`` with the 4D cine (X, Y, Z, T) of every training
-subject (labelled or not), dataset.json and subjects.csv. Labels follow the project convention (0 background, 1 LV
-blood pool, 2 LV myocardium, 3 RV blood pool). Geometry is the source's: the voxel-to-world affine of each file (a
-3D ED/ES volume taken from a 4D file keeps the spatial part) and the frame interval of a cine; direction cosines that
-are not orthonormal, which ITK (nnU-Net's reader) refuses, become the nearest rotation. Label files get the geometry
-of their image. Slice 0 is the base: a subject stored apex first is reversed with its world geometry kept (see
-``nnunet_ssp.convert.orientation``). The folder is built next to its destination and moved into place in one
-rename, so an error never leaves partial output.
+Geometry is the source's: the voxel-to-world affine of each file (a 3D ED/ES volume taken from a 4D file keeps the
+spatial part) and the frame interval of a cine; direction cosines that are not orthonormal, which ITK (nnU-Net's
+reader) refuses, become the nearest rotation. Label files get the geometry of their image. Slice 0 is the base: a
+subject stored apex first is reversed with its world geometry kept (see ``nnunet_ssp.convert.orientation``).
 """
 import csv
-import json
 import os
-import re
-import secrets
-import shutil
 import sys
 from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,18 +16,14 @@ import numpy as np
 
 from nnunet_ssp.convert.orientation import base_first
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import check_intensities, write_error
-from nnunet_ssp.phantom.dataset import CHANNEL_NAMES, CINE_FOLDER, FILE_ENDING, LABELS, SUBJECTS_TABLE
+from nnunet_ssp.io import check_intensities
+from nnunet_ssp.raw_layout import (BASE_FIRST, LABELS, PHASES, REVERSED, TEST, TRAIN, SubjectRow,
+                                   build_into_place, case_files, cine_file, make_subfolders, write_dataset_json,
+                                   write_subjects)
 
-TRAIN, TEST, UNLABELED = "train", "test", "unlabeled"
-PHASES = ("ED", "ES")
-SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs", CINE_FOLDER)
-CSV_COLUMNS = ("subject", "split", "vendor", "pathology", "num_frames", "ed_frame", "es_frame", "num_slices",
-               "spacing_x_mm", "spacing_y_mm", "spacing_z_mm", "slice_order")
 MAX_LABEL = max(LABELS.values())
 IDENTITY_LABELS = tuple(range(MAX_LABEL + 1))
 _AXES = {3: "X, Y, Z", 4: "X, Y, Z, T"}
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 @dataclass
@@ -176,79 +162,26 @@ def parse_int(text: str, what: str, where: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-def target_folder(raw_root: str, dataset_id: int, name: str, overwrite: bool) -> str:
-    """Checks id, name and destination; returns ``{raw_root}/Dataset{dataset_id:03d}_{name}``."""
-    raw_root = os.path.abspath(raw_root)
-    if not 1 <= dataset_id <= 9999:
-        raise SSPError(f"{raw_root}: dataset id must be in 1..9999, got {dataset_id}")
-    if not _NAME_RE.fullmatch(name):
-        raise SSPError(f"{raw_root}: dataset name must be letters, digits, '_' or '-' (starting with a letter or "
-                       f"digit), got {name!r}")
-    if os.path.exists(raw_root) and not os.path.isdir(raw_root):
-        raise SSPError(f"{raw_root}: exists and is not a folder")
-    folder = f"Dataset{dataset_id:03d}_{name}"
-    target = os.path.join(raw_root, folder)
-    others = sorted(e for e in (os.listdir(raw_root) if os.path.isdir(raw_root) else [])
-                    if e.startswith(f"Dataset{dataset_id:03d}_") and e != folder)
-    if others:
-        raise SSPError(f"{os.path.join(raw_root, others[0])}: dataset id {dataset_id} is already used; nnU-Net needs "
-                       f"unique ids, choose another id for {folder}")
-    if os.path.lexists(target):
-        if not overwrite:
-            raise SSPError(f"{target}: already exists; pass --overwrite to replace it")
-        if not os.path.isdir(target) or os.path.islink(target):
-            raise SSPError(f"{target}: exists and is not a dataset folder; remove it first")
-    return target
-
-
-def build_into_place(target: str, build: Callable[[str], None]) -> str:
-    """Runs ``build(folder)`` on a new temporary folder next to ``target``, then moves it into place (replacing an
-    existing ``target``); on any error the temporary folder is removed and ``target`` is untouched. Returns
-    ``target``."""
-    raw_root, folder = os.path.split(target)
-    tmp = os.path.join(raw_root, f".{folder}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        os.makedirs(tmp)
-    except OSError as e:
-        raise write_error(target, e) from None
-    try:
-        build(tmp)
-        _move_into_place(tmp, target)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # no permission, disk full
-            raise write_error(target, e) from None
-        raise
-    return target
-
-
 def write_dataset(target: str, name: str, description: str, loaders: Sequence[SubjectLoader],
                   source: dict) -> str:
     """Loads and writes every subject, then the tables, with ``build_into_place``; returns ``target``."""
     def build(folder: str) -> None:
-        _write_tables(folder, name, description, _write_subjects(folder, loaders), source)
+        rows = _write_subjects(folder, loaders)
+        write_subjects(folder, rows)
+        write_dataset_json(folder, name, description + ": ED and ES volumes as separate cases, 4D cines of the "
+                           "training subjects in cineTr for unlabeled pretraining",
+                           sum(len(PHASES) for r in rows if r.split == TRAIN), source=source)
     return build_into_place(target, build)
 
 
-def _write_subjects(folder: str, loaders: Sequence[SubjectLoader]) -> List[Dict[str, str]]:
-    for sub in SUBFOLDERS:
-        os.mkdir(os.path.join(folder, sub))
+def _write_subjects(folder: str, loaders: Sequence[SubjectLoader]) -> List[SubjectRow]:
+    make_subfolders(folder)
     rows = []
     for load in loaders:
         rows.append(_write_subject(folder, load()))
         if sys.stderr.isatty():
-            print(f"{len(rows)}/{len(loaders)}: {rows[-1]['subject']}", file=sys.stderr)
+            print(f"{len(rows)}/{len(loaders)}: {rows[-1].subject}", file=sys.stderr)
     return rows
-
-
-def _move_into_place(folder: str, target: str) -> None:
-    """Renames ``folder`` to ``target``; an existing ``target`` is moved aside first and deleted after."""
-    old = f"{folder}.old" if os.path.lexists(target) else None
-    if old:
-        os.replace(target, old)
-    os.replace(folder, target)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_subject(s: Subject) -> None:
@@ -272,22 +205,19 @@ def _check_subject(s: Subject) -> None:
             raise SSPError(f"{labels.path}: voxel-to-world affine differs from the image's ({image.path})")
 
 
-def _write_subject(folder: str, s: Subject) -> Dict[str, str]:
+def _write_subject(folder: str, s: Subject) -> SubjectRow:
     """Writes the cases and cine of one subject, base first; returns its subjects.csv row."""
     _check_subject(s)
     s, reversed_ = base_first(s)
-    images, labels = ("imagesTs", "labelsTs") if s.split == TEST else ("imagesTr", "labelsTr")
     for phase, (image, label) in (s.phases or {}).items():
-        _save(image, os.path.join(folder, images, f"{s.subject}_{phase}_0000{FILE_ENDING}"))
-        _save(replace(label, affine=image.affine), os.path.join(folder, labels, f"{s.subject}_{phase}{FILE_ENDING}"))
+        image_file, label_file = case_files(s.split, f"{s.subject}_{phase}")
+        _save(image, os.path.join(folder, image_file))
+        _save(replace(label, affine=image.affine), os.path.join(folder, label_file))
     if s.split != TEST:
-        _save(s.cine, os.path.join(folder, CINE_FOLDER, f"{s.subject}_0000{FILE_ENDING}"))
-    sx, sy, sz = s.cine.spacing
+        _save(s.cine, os.path.join(folder, cine_file(s.subject)))
     x, y, z, t = s.cine.array.shape
-    return dict(subject=s.subject, split=s.split, vendor=s.vendor, pathology=s.pathology, num_frames=str(t),
-                ed_frame=str(s.ed_frame), es_frame=str(s.es_frame), num_slices=str(z),
-                spacing_x_mm=str(round(sx, 6)), spacing_y_mm=str(round(sy, 6)), spacing_z_mm=str(round(sz, 6)),
-                slice_order="reversed" if reversed_ else "base_first")
+    return SubjectRow(s.subject, s.split, s.vendor, s.pathology, t, s.ed_frame, s.es_frame, z, s.cine.spacing[:3],
+                      REVERSED if reversed_ else BASE_FIRST)
 
 
 def orthonormal_affine(affine: np.ndarray) -> np.ndarray:
@@ -312,25 +242,3 @@ def _save(volume: Volume, path: str) -> None:
         image.header.set_zooms(tuple(np.linalg.norm(affine[:3, :3], axis=0)) + (volume.frame_interval,))
     image.header.set_xyzt_units(*volume.units)
     nib.save(image, path)
-
-
-def _write_tables(folder: str, name: str, description: str, rows: List[Dict[str, str]], source: dict) -> None:
-    with open(os.path.join(folder, SUBJECTS_TABLE), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    dataset_json = {
-        "name": name,
-        "description": description + ": ED and ES volumes as separate cases, 4D cines of the training subjects "
-                                     "in cineTr for unlabeled pretraining",
-        "channel_names": dict(CHANNEL_NAMES),
-        "labels": dict(LABELS),
-        "numTraining": sum(len(PHASES) for r in rows if r["split"] == TRAIN),
-        "file_ending": FILE_ENDING,
-        "cine_folder": CINE_FOLDER,
-        "subjects_table": SUBJECTS_TABLE,
-        "source": source,
-    }
-    with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
-        json.dump(dataset_json, f, indent=2)
-        f.write("\n")

@@ -16,8 +16,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from nnunet_ssp.convert.common import (PHASES, TEST, TRAIN, UNLABELED, Subject, SubjectLoader, parse_int, read_image,
-                                       read_labels, read_table, required_file, subject_folders)
+from nnunet_ssp.convert.common import (Subject, SubjectLoader, parse_int, read_image, read_labels, read_table,
+                                       required_file, subject_folders)
+from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN, UNLABELED
 from nnunet_ssp.errors import SSPError
 
 DESCRIPTION = "M&Ms (2020) short-axis cine CMR"

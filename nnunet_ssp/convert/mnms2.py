@@ -17,8 +17,9 @@ from typing import List
 
 import numpy as np
 
-from nnunet_ssp.convert.common import (PHASES, TEST, TRAIN, Subject, SubjectLoader, Volume, parse_int, read_image,
-                                       read_phases, read_table, required_file, subject_folders)
+from nnunet_ssp.convert.common import (Subject, SubjectLoader, Volume, parse_int, read_image, read_phases, read_table,
+                                       required_file, subject_folders)
+from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN
 from nnunet_ssp.errors import SSPError
 
 DESCRIPTION = "M&Ms-2 short-axis cine CMR (pathologies NOR, HCM and LV excluded)"

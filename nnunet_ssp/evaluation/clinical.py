@@ -1,16 +1,17 @@
 """Pure metric functions: 95th-percentile Hausdorff distance, volumes, cardiac function measures and agreement.
 
-Labels and measures follow the project's convention (as the phantom's subjects.csv): 1 LV blood pool,
-2 LV myocardium, 3 RV blood pool; myocardial mass = myocardial volume x 1.05 g/ml.
+Labels follow the raw layout (``nnunet_ssp.raw_layout``): 1 LV blood pool, 2 LV myocardium, 3 RV blood pool. The
+MEASURES are also the phantom's ground-truth columns of subjects.csv; myocardial mass = myocardial volume x 1.05 g/ml.
 """
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from nnunet_ssp.phantom.anatomy import LV_BLOODPOOL, LV_MYOCARDIUM, RV_BLOODPOOL
-from nnunet_ssp.phantom.subject import MYOCARDIUM_DENSITY_G_PER_ML, VOLUME_KEYS as MEASURES
+from nnunet_ssp.raw_layout import LV_BLOODPOOL, LV_MYOCARDIUM, RV_BLOODPOOL
 
+MYOCARDIUM_DENSITY_G_PER_ML = 1.05
+MEASURES = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct", "lv_myo_mass_g")
 CLINICAL_LABELS = (LV_BLOODPOOL, LV_MYOCARDIUM, RV_BLOODPOOL)
 
 

@@ -5,7 +5,6 @@ format; HD95 per case and class, the clinical measures per subject and their agr
 ``PRED/ssp_evaluation.json``. Every case is read and checked before anything is written, so bad input leaves
 neither file behind.
 """
-import csv
 import functools
 import math
 import os
@@ -16,11 +15,12 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_ssp.checkpoint import SSP_INIT_FILE
+from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import MEASURES, agreement, clinical_measures, hd95, label_volumes_ml
 from nnunet_ssp.io import atomic_path, save_json_atomic
 from nnunet_ssp.network import preprocessed_dataset_folder
-from nnunet_ssp.phantom.dataset import SUBJECTS_TABLE
+from nnunet_ssp.raw_layout import SUBJECTS_TABLE, read_vendor_table
 from nnunet_ssp.splits import SIDECAR, subject_of_case
 
 FORMAT = "nnunet_ssp.evaluation"
@@ -92,26 +92,12 @@ def _cases(folder: str, file_ending: str) -> List[str]:
 
 
 def _raw_dataset_folder(dataset_name: str, why: str) -> str:
-    raw = os.environ.get("nnUNet_raw")
-    if not raw:
-        raise SSPError(f"nnUNet_raw is not set: it is needed for {why} (see README)")
-    return os.path.join(raw, dataset_name)
+    return os.path.join(nnunet_path("nnUNet_raw", why), dataset_name)
 
 
 def _subjects_of_vendors(table: str, vendors: Sequence[str]) -> set:
-    """Subjects of ``vendors`` in a subjects.csv (columns ``subject`` and ``vendor``)."""
-    if not os.path.isfile(table):
-        raise SSPError(f"{table}: not found; --vendors needs the dataset's subjects table")
-    with open(table, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not {"subject", "vendor"} <= set(reader.fieldnames or ()):
-            raise SSPError(f"{table}: needs the columns 'subject' and 'vendor'")
-        rows = list(reader)
-    known = sorted({row["vendor"] for row in rows})
-    unknown = [v for v in vendors if v not in known]
-    if unknown:
-        raise SSPError(f"{table}: no subjects of vendor(s) {', '.join(unknown)} (vendors: {', '.join(known)})")
-    return {row["subject"] for row in rows if row["vendor"] in vendors}
+    """Subjects of ``vendors`` in a subjects.csv."""
+    return {subject for subject, row in read_vendor_table(table, vendors).items() if row.vendor in vendors}
 
 
 def _selected_cases(reference_folder: str, prediction_folder: str, file_ending: str, dataset_name: str,

@@ -18,7 +18,9 @@ from typing import Dict, Tuple
 import numpy as np
 from scipy import ndimage
 
-BACKGROUND, LV_BLOODPOOL, LV_MYOCARDIUM, RV_BLOODPOOL = 0, 1, 2, 3
+from nnunet_ssp.raw_layout import LV_BLOODPOOL, LV_MYOCARDIUM, RV_BLOODPOOL
+
+BACKGROUND = 0
 PHENOTYPES = ("normal", "dilated", "hypertrophic")
 PHENOTYPE_PROBABILITIES = (0.5, 0.25, 0.25)
 FOV_RANGE_MM = (220.0, 280.0)   # square field of view; pixel spacing = FOV / size

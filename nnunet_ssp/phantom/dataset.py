@@ -1,35 +1,27 @@
-"""Writes a cohort of simulated subjects as an nnU-Net v2 raw dataset (atomically), plus the 4D cines of the
-training subjects for unlabeled pretraining and a per-subject table of volumes."""
-import csv
+"""Writes a cohort of simulated subjects as a raw dataset in the layout of ``nnunet_ssp.raw_layout`` (atomically):
+ED/ES cases, the 4D cines of the training subjects for unlabeled pretraining, and subjects.csv with each subject's
+ground-truth volumes."""
 import errno
 import json
 import os
-import re
-import secrets
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import write_error
 from nnunet_ssp.phantom.anatomy import MAX_SIZE, MIN_SIZE
 from nnunet_ssp.phantom.subject import DEFAULT_SIZE, VOLUME_KEYS, simulate_subject, subject_rng
+from nnunet_ssp.raw_layout import (BASE_FIRST, PHASES, SUBJECT_COLUMNS, TEST, TRAIN, SubjectRow, build_into_place,
+                                   case_files, cine_file, make_subfolders, target_folder, write_dataset_json,
+                                   write_subjects)
 
 PHANTOM_VERSION = 1
-LABELS = {"background": 0, "LV_bloodpool": 1, "LV_myocardium": 2, "RV_bloodpool": 3}
-CHANNEL_NAMES = {"0": "cineMRI"}
-FILE_ENDING = ".nii.gz"
-CINE_FOLDER = "cineTr"
-SUBJECTS_TABLE = "subjects.csv"
-CSV_COLUMNS = ("subject", "split", "vendor", "phenotype", "num_frames", "ed_frame", "es_frame", "num_slices",
-               "spacing_x_mm", "spacing_y_mm", "spacing_z_mm") + VOLUME_KEYS
+CSV_COLUMNS = SUBJECT_COLUMNS + VOLUME_KEYS
 MAX_SUBJECTS = 9999
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _COMPRESSION_LEVEL = 1
 
 
@@ -49,55 +41,26 @@ def _write_image(array: np.ndarray, spacing, path: str, dtype) -> None:
         raise OSError(errno.EIO, lines[-1] if lines else "write failed", path) from None
 
 
-def _fmt(value: float) -> str:
-    return f"{value:.3f}"
-
-
-def _fmt_spacing(value: float) -> str:
-    """Exact for the phantom's spacings (multiples of 1/64 mm): 1.484375, 9, 6.5."""
-    return f"{float(value):.6f}".rstrip("0").rstrip(".")
-
-
-def _write_subject(folder: str, index: int, seed: int, size: int, test: bool) -> Dict[str, str]:
+def _write_subject(folder: str, index: int, seed: int, size: int, test: bool) -> SubjectRow:
     """Simulates subject ``index`` (1-based) and writes its files into ``folder``; returns its table row."""
     sid = f"ph{index:03d}"
     subject = simulate_subject(subject_rng(seed, index), sid, size)
-    images, labels = ("imagesTs", "labelsTs") if test else ("imagesTr", "labelsTr")
-    for phase, frame in (("ED", subject.ed_frame), ("ES", subject.es_frame)):
-        _write_image(subject.cine[frame], subject.spacing, os.path.join(folder, images, f"{sid}_{phase}_0000.nii.gz"),
-                     np.int16)
-        _write_image(subject.labels[frame], subject.spacing, os.path.join(folder, labels, f"{sid}_{phase}.nii.gz"),
-                     np.uint8)
+    split = TEST if test else TRAIN
+    for phase, frame in zip(PHASES, (subject.ed_frame, subject.es_frame)):
+        image, labels = case_files(split, f"{sid}_{phase}")
+        _write_image(subject.cine[frame], subject.spacing, os.path.join(folder, image), np.int16)
+        _write_image(subject.labels[frame], subject.spacing, os.path.join(folder, labels), np.uint8)
     if not test:
         _write_image(subject.cine, tuple(subject.spacing) + (subject.frame_interval_ms,),
-                     os.path.join(folder, CINE_FOLDER, f"{sid}_0000.nii.gz"), np.int16)
-    sx, sy, sz = subject.spacing
-    row = dict(subject=sid, split="test" if test else "train", vendor=subject.vendor, phenotype=subject.phenotype,
-               num_frames=str(subject.num_frames), ed_frame=str(subject.ed_frame), es_frame=str(subject.es_frame),
-               num_slices=str(subject.num_slices), spacing_x_mm=_fmt_spacing(sx), spacing_y_mm=_fmt_spacing(sy),
-               spacing_z_mm=_fmt_spacing(sz))
-    row.update({k: _fmt(v) for k, v in subject.volumes.items()})
-    return row
+                     os.path.join(folder, cine_file(sid)), np.int16)
+    return SubjectRow(sid, split, subject.vendor, subject.phenotype, subject.num_frames, subject.ed_frame,
+                      subject.es_frame, subject.num_slices, tuple(subject.spacing), BASE_FIRST,
+                      {k: f"{v:.3f}" for k, v in subject.volumes.items()})
 
 
 def _phantom_record(seed, size, num_subjects, num_test_subjects) -> dict:
     return {"seed": seed, "size": size, "num_subjects": num_subjects, "num_test_subjects": num_test_subjects,
             "version": PHANTOM_VERSION}
-
-
-def _dataset_json(name: str, record: dict) -> dict:
-    return {
-        "name": name,
-        "description": "Synthetic 2D short-axis cine CMR phantom (nnunet-ssp): ED and ES volumes as separate "
-                       "cases, 4D cines of the training subjects in cineTr for unlabeled pretraining",
-        "channel_names": dict(CHANNEL_NAMES),
-        "labels": dict(LABELS),
-        "numTraining": 2 * record["num_subjects"],
-        "file_ending": FILE_ENDING,
-        "cine_folder": CINE_FOLDER,
-        "subjects_table": SUBJECTS_TABLE,
-        "phantom": record,
-    }
 
 
 def _as_int(value, what: str, where: str) -> int:
@@ -143,11 +106,6 @@ def write_phantom_dataset(raw_root: str, dataset_id: int, name: str, num_subject
     num_test_subjects = _as_int(num_test_subjects, "num_test_subjects", raw_root)
     seed = _as_int(seed, "seed", raw_root)
     size = _as_int(size, "size", raw_root)
-    if not 1 <= dataset_id <= 9999:
-        raise SSPError(f"{raw_root}: dataset id must be in 1..9999, got {dataset_id}")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise SSPError(f"{raw_root}: dataset name must be letters, digits, '_' or '-' (starting with a letter or "
-                       f"digit), got {name!r}")
     if num_subjects < 1:
         raise SSPError(f"{raw_root}: num_subjects must be at least 1, got {num_subjects}")
     if num_test_subjects < 0:
@@ -160,56 +118,21 @@ def write_phantom_dataset(raw_root: str, dataset_id: int, name: str, num_subject
         raise SSPError(f"{raw_root}: size {size} is too small; the phantom needs at least {MIN_SIZE} pixels")
     if size > MAX_SIZE:
         raise SSPError(f"{raw_root}: size {size} is too large; at most {MAX_SIZE} pixels")
-    if os.path.exists(raw_root) and not os.path.isdir(raw_root):
-        raise SSPError(f"{raw_root}: exists and is not a folder")
-
-    folder = f"Dataset{dataset_id:03d}_{name}"
-    target = os.path.join(raw_root, folder)
-    prefix = f"Dataset{dataset_id:03d}_"
-    if os.path.isdir(raw_root):
-        for entry in sorted(os.listdir(raw_root)):
-            if entry.startswith(prefix) and entry != folder and os.path.isdir(os.path.join(raw_root, entry)):
-                raise SSPError(f"{os.path.join(raw_root, entry)}: dataset id {dataset_id} is already used by this "
-                               f"dataset; nnU-Net needs unique ids, choose another id for {folder}")
+    target = target_folder(raw_root, dataset_id, name, overwrite=True)
     record = _phantom_record(seed, size, num_subjects, num_test_subjects)
-    if os.path.lexists(target):
-        if not overwrite:
-            existing = _existing_record(target)
-            if existing == record:
-                print(f"{target}: already written with these parameters, reusing it", file=sys.stderr)
-                return target
-            what = "different phantom parameters" if existing else "other content (not this phantom)"
-            raise SSPError(f"{target}: already exists with {what}; pass overwrite=True (--overwrite) to replace it")
-        if not os.path.isdir(target) or os.path.islink(target):
-            raise SSPError(f"{target}: exists and is not a dataset folder; remove it first")
-
-    tmp = os.path.join(raw_root, f".{folder}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        os.makedirs(raw_root, exist_ok=True)
-        os.mkdir(tmp)
-    except OSError as e:
-        raise write_error(target, e) from None
-    try:
-        _build(tmp, name, record, workers)
-        if os.path.lexists(target):
-            trash = os.path.join(raw_root, f".{folder}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            os.replace(target, trash)
-            os.replace(tmp, target)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(target, e) from None
-        raise
-    return target
+    if os.path.lexists(target) and not overwrite:
+        existing = _existing_record(target)
+        if existing == record:
+            print(f"{target}: already written with these parameters, reusing it", file=sys.stderr)
+            return target
+        what = "different phantom parameters" if existing else "other content (not this phantom)"
+        raise SSPError(f"{target}: already exists with {what}; pass overwrite=True (--overwrite) to replace it")
+    return build_into_place(target, lambda folder: _build(folder, name, record, workers))
 
 
 def _build(folder: str, name: str, record: dict, workers: Optional[int]) -> None:
     num_train, num_test = record["num_subjects"], record["num_test_subjects"]
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", CINE_FOLDER):
-        os.makedirs(os.path.join(folder, sub))
+    make_subfolders(folder)
     total = num_train + num_test
     jobs = [(folder, i, record["seed"], record["size"], i > num_train) for i in range(1, total + 1)]
     workers = _default_workers(total) if workers is None else max(1, int(workers))
@@ -222,10 +145,7 @@ def _build(folder: str, name: str, record: dict, workers: Optional[int]) -> None
         method = "fork" if "fork" in get_all_start_methods() else "spawn"
         with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=get_context(method)) as pool:
             rows = list(pool.map(_write_subject, *zip(*jobs)))
-    with open(os.path.join(folder, SUBJECTS_TABLE), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(folder, "dataset.json"), "w", encoding="utf-8") as f:
-        json.dump(_dataset_json(name, record), f, indent=2)
-        f.write("\n")
+    write_subjects(folder, rows)
+    write_dataset_json(folder, name, "Synthetic 2D short-axis cine CMR phantom (nnunet-ssp): ED and ES volumes as "
+                       "separate cases, 4D cines of the training subjects in cineTr for unlabeled pretraining",
+                       2 * num_train, phantom=record)

@@ -5,14 +5,12 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from nnunet_ssp.evaluation.clinical import MEASURES as VOLUME_KEYS, clinical_measures, label_volumes_ml
 from nnunet_ssp.phantom.acquisition import VENDORS, acquire, sample_acquisition
-from nnunet_ssp.phantom.anatomy import (LV_BLOODPOOL, LV_MYOCARDIUM, MAX_SIZE, MIN_SIZE, PHENOTYPE_PROBABILITIES,
-                                        PHENOTYPES, RV_BLOODPOOL, render_background, render_heart, sample_anatomy,
-                                        tissue_texture)
+from nnunet_ssp.phantom.anatomy import (MAX_SIZE, MIN_SIZE, PHENOTYPE_PROBABILITIES, PHENOTYPES, render_background,
+                                        render_heart, sample_anatomy, tissue_texture)
 
 DEFAULT_SIZE = 160
-MYOCARDIUM_DENSITY_G_PER_ML = 1.05
-VOLUME_KEYS = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct", "lv_myo_mass_g")
 
 
 @dataclass
@@ -66,16 +64,9 @@ def subject_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def measure_volumes(ed_labels: np.ndarray, es_labels: np.ndarray, spacing: Sequence[float]) -> Dict[str, float]:
-    """Volumes (ml), EFs (%) and LV myocardial mass (g) from ED and ES label volumes, unrounded."""
-    voxel_ml = float(spacing[0]) * float(spacing[1]) * float(spacing[2]) / 1000.0
-    count = lambda lab, value: int(np.count_nonzero(lab == value))  # noqa: E731
-    out = {}
-    for name, value in (("lv", LV_BLOODPOOL), ("rv", RV_BLOODPOOL)):
-        edv, esv = count(ed_labels, value) * voxel_ml, count(es_labels, value) * voxel_ml
-        out[f"{name}_edv_ml"], out[f"{name}_esv_ml"] = edv, esv
-        out[f"{name}_ef_pct"] = 100.0 * (edv - esv) / edv if edv > 0 else 0.0
-    out["lv_myo_mass_g"] = count(ed_labels, LV_MYOCARDIUM) * voxel_ml * MYOCARDIUM_DENSITY_G_PER_ML
-    return {k: out[k] for k in VOLUME_KEYS}
+    """Volumes (ml), EFs (%) and LV myocardial mass (g) from ED and ES label volumes, unrounded: the clinical
+    measures of the evaluation, so the ground truth and the predictions are measured alike."""
+    return clinical_measures(label_volumes_ml(ed_labels, spacing), label_volumes_ml(es_labels, spacing))
 
 
 def simulate_subject(rng: Union[np.random.Generator, int, Sequence[int]], subject_id: str = "ph001",

@@ -24,7 +24,6 @@ written atomically (temporary file + ``os.replace``), so an interrupted build re
 and never reads half-written files. Before a frame is cached, its file must be complete and finite (SimpleITK would
 read missing, NaN and infinite voxels as zeros) and the frame not constant.
 """
-import csv
 import fcntl
 import glob
 import hashlib
@@ -43,6 +42,7 @@ import numpy as np
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import (acquire_lock, atomic_path, check_finite, check_intensities, fault_point,
                            remove_temporaries, save_json_atomic)
+from nnunet_ssp.raw_layout import CINE_FOLDER, IMAGES_TR, SUBJECTS_TABLE, SubjectRow, read_subjects
 
 CACHE_FORMAT_VERSION = 1
 FINGERPRINT_FILE = "cache.json"
@@ -118,38 +118,15 @@ def _strip(name: str, ending: str) -> str:
     return name[:-len(ending)] if name.endswith(ending) else name
 
 
-def _read_subjects_csv(path: str) -> Dict[str, Dict[str, Optional[int]]]:
-    """subject -> {ed_frame, es_frame, num_frames} (None where absent) from an optional subjects.csv."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise SSPError(f"{path}: cannot read ({e})") from None
-    if rows and "subject" not in rows[0]:
-        raise SSPError(f"{path}: no 'subject' column")
-
-    def as_int(row, column):
-        value = row.get(column)
-        if value is None or str(value).strip() in ("", "nan", "NaN", "None"):
-            return None
-        try:
-            return int(float(value))
-        except ValueError:
-            raise SSPError(f"{path}: {column} of subject {row['subject']} is not a number: {value!r}") from None
-
-    return {r["subject"].strip(): {c: as_int(r, c) for c in ("ed_frame", "es_frame", "num_frames")} for r in rows}
-
-
-def _check_frames(subjects_csv: str, subject: str, path: str, num_frames: int, row: dict) -> None:
+def _check_frames(subjects_csv: str, path: str, num_frames: int, row: SubjectRow) -> None:
     """The table's frame count and ED/ES frame indices must fit the cine's frames."""
-    if row["num_frames"] is not None and row["num_frames"] != num_frames:
-        raise SSPError(f"{subjects_csv}: subject {subject} has num_frames {row['num_frames']}, but {path} has "
+    if row.num_frames is not None and row.num_frames != num_frames:
+        raise SSPError(f"{subjects_csv}: subject {row.subject} has num_frames {row.num_frames}, but {path} has "
                        f"{num_frames} frames")
     for column in ("ed_frame", "es_frame"):
-        if row[column] is not None and not 0 <= row[column] < num_frames:
-            raise SSPError(f"{subjects_csv}: {column} {row[column]} of subject {subject} is outside "
+        frame = getattr(row, column)
+        if frame is not None and not 0 <= frame < num_frames:
+            raise SSPError(f"{subjects_csv}: {column} {frame} of subject {row.subject} is outside "
                            f"0..{num_frames - 1} ({path} has {num_frames} frames)")
 
 
@@ -157,7 +134,7 @@ def _cine_sources(cine_dir: str, subjects_csv: str) -> List[CineSource]:
     files = _nifti_files(cine_dir)
     if not files:
         raise SSPError(f"{cine_dir}: no *{NIFTI} cine files")
-    table = _read_subjects_csv(subjects_csv)
+    table = {row.subject: row for row in read_subjects(subjects_csv)} if os.path.isfile(subjects_csv) else {}
     sources = []
     for path in files:
         dim, size = _image_header(path)
@@ -165,9 +142,9 @@ def _cine_sources(cine_dir: str, subjects_csv: str) -> List[CineSource]:
             raise SSPError(f"{path}: a cine must be 4D (X, Y, Z, T) or 3D, not {dim}D")
         num_frames = size[3] if dim == 4 else 1
         subject = _strip(_strip(os.path.basename(path), NIFTI), "_0000")
-        row = table.get(subject, {"ed_frame": None, "es_frame": None, "num_frames": None})
-        _check_frames(subjects_csv, subject, path, num_frames, row)
-        sources.append(CineSource((os.path.abspath(path),), subject, row["ed_frame"] or 0, "cineTr", dim, num_frames,
+        row = table.get(subject, SubjectRow(subject))
+        _check_frames(subjects_csv, path, num_frames, row)
+        sources.append(CineSource((os.path.abspath(path),), subject, row.ed_frame or 0, CINE_FOLDER, dim, num_frames,
                                   size[:3]))
     return sources
 
@@ -194,7 +171,7 @@ def _imagestr_sources(images_dir: str, dataset_json: dict) -> List[CineSource]:
         for p, (dim, _) in zip(paths, headers):
             if dim != 3:
                 raise SSPError(f"{p}: imagesTr volumes must be 3D, not {dim}D")
-        sources.append(CineSource(paths, case, 0, "imagesTr", 3, 1, headers[0][1]))
+        sources.append(CineSource(paths, case, 0, IMAGES_TR, 3, 1, headers[0][1]))
     return sources
 
 
@@ -224,10 +201,10 @@ def discover_sources(raw_dataset_folder: Optional[str], extra_folders: Sequence[
     if raw_dataset_folder is not None:
         if not os.path.isdir(raw_dataset_folder):
             raise SSPError(f"{raw_dataset_folder}: raw dataset folder not found")
-        cine_dir = os.path.join(raw_dataset_folder, "cineTr")
-        images_dir = os.path.join(raw_dataset_folder, "imagesTr")
+        cine_dir = os.path.join(raw_dataset_folder, CINE_FOLDER)
+        images_dir = os.path.join(raw_dataset_folder, IMAGES_TR)
         if os.path.isdir(cine_dir):
-            sources += _cine_sources(cine_dir, os.path.join(raw_dataset_folder, "subjects.csv"))
+            sources += _cine_sources(cine_dir, os.path.join(raw_dataset_folder, SUBJECTS_TABLE))
         elif os.path.isdir(images_dir):
             dataset_json_file = os.path.join(raw_dataset_folder, "dataset.json")
             dataset_json = {}
