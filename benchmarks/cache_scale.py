@@ -270,7 +270,8 @@ def _full_cache_dir(target) -> str:
 # ------------------------------------------------------------------------------------------------- child phases
 def phase_build(p: dict) -> dict:
     """A cache build from scratch: the first ``subjects`` cines, or every 3D file of ``extra``."""
-    from pretraining.data.cache import build_or_load_cache, discover_sources
+    from pretraining.data.cache import build_or_load_cache
+    from pretraining.data.sources import discover_sources
     target = _target()
     for path in (p["cache_dir"], p["cache_dir"] + ".lock"):
         if os.path.isdir(path):
@@ -297,7 +298,7 @@ def phase_frames(p: dict) -> dict:
     import numpy as np
     import SimpleITK as sitk
     from nnunet_ssp.phantom import dataset as phantom_dataset
-    from pretraining.data.cache import discover_sources
+    from pretraining.data.sources import discover_sources
     folder = p["frames_dir"]
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
@@ -349,7 +350,7 @@ def phase_nnunet(p: dict) -> dict:
 def phase_epoch(p: dict) -> dict:
     """One pretraining epoch of ``iters`` iterations over a finished cache (the real Pretrainer and loader)."""
     import torch
-    from pretraining.data.cache import SliceCache
+    from pretraining.data.slice_cache import SliceCache
     from pretraining.data.loader import SliceViewDataset
     from pretraining.loop import PretrainSettings, Pretrainer
     from pretraining.methods import METHODS
@@ -376,7 +377,7 @@ def phase_epoch(p: dict) -> dict:
 def phase_read(p: dict) -> dict:
     """Random slices through SliceCache.slice: cold-ish (files evicted from the page cache), then warm (same)."""
     import numpy as np
-    from pretraining.data.cache import SliceCache
+    from pretraining.data.slice_cache import SliceCache
     cache = SliceCache(p["cache_dir"])
     files = [os.path.join(cache.folder, str(f)) for f in cache._idx()["block_files"]]
     indices = np.random.default_rng(0).choice(len(cache), size=min(p["samples"], len(cache)), replace=False)
@@ -390,10 +391,13 @@ def phase_read(p: dict) -> dict:
     for name in ("cold", "warm"):
         cache = SliceCache(p["cache_dir"])  # files opened afresh
         if p["via"] == "mmap":  # the reader before positioned reads: a copy out of the block's memory map
-            idx = cache._idx()
+            idx, maps = cache._idx(), {}
 
             def read(i):
-                array = cache.memmap_for(i)
+                block = os.path.join(cache.folder, str(idx["block_files"][idx["block"][i]]))
+                array = maps.get(block)
+                if array is None:
+                    array = maps[block] = np.load(block, mmap_mode="r")
                 return np.array(array[int(idx["row"][i]), int(idx["z"][i])], dtype=np.float32)
         else:
             read = cache.slice

@@ -20,7 +20,8 @@ import time
 import torch
 
 from nnunet_ssp.network import PlansTarget
-from pretraining.data.cache import build_or_load_cache, discover_sources
+from pretraining.data.cache import build_or_load_cache
+from pretraining.data.sources import discover_sources
 from pretraining.data.loader import SliceViewDataset, make_loader
 from pretraining.loop import PretrainSettings, Pretrainer
 from pretraining.methods import METHODS

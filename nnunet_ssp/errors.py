@@ -20,6 +20,13 @@ class Interrupted(SSPError):
         self.exit_code = 128 + signum
 
 
+def first_line(e: Exception) -> str:
+    """The last non-empty line of an exception's message (where SimpleITK and nibabel put the useful part), or its
+    type's name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one ``error: ...`` line (exit code 2), like every other error."""
 

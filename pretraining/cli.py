@@ -235,7 +235,7 @@ def _pretrain(args) -> str:
     from nnunet_ssp.io import remove_temporaries
     from nnunet_ssp.network import PlansTarget
     from pretraining import distributed
-    from pretraining.data.cache import discover_sources, max_slices
+    from pretraining.data.sources import discover_sources, max_slices
     from pretraining.loop import LATEST_CHECKPOINT, load_state
     from pretraining.methods import get_method
 

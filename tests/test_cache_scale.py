@@ -1,6 +1,6 @@
 """Slice cache reads at scale: slices come from positioned reads, so a reading process maps no cache file and its
-resident memory does not grow with the slices it reads; values equal the blocks' memory maps. Fast: the cache
-folders are written here with the build's own index assembly, no nnU-Net preprocessing."""
+resident memory does not grow with the slices it reads; values equal the block files as numpy loads them. Fast: the
+cache folders are written here with the build's own index assembly, no nnU-Net preprocessing."""
 import json
 import multiprocessing
 import os
@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 
 from nnunet_ssp.errors import SSPError
-from pretraining.data import cache as cache_module
-from pretraining.data.cache import SliceCache
+from pretraining.data import cache as cache_module, frames as frames_module, slice_cache as format_module
+from pretraining.data.slice_cache import SliceCache
 
 
 def _write_cache(folder: str, blocks_per_subject: list, channels: int = 1, hw=(6, 5)) -> SliceCache:
     """A finished cache: subject s has the blocks ``blocks_per_subject[s]``, each ``(frames, z)`` with distinct
     random values."""
     rng = np.random.default_rng(0)
-    os.makedirs(os.path.join(folder, cache_module.SUBJECTS_DIR))
+    os.makedirs(os.path.join(folder, format_module.SUBJECTS_DIR))
     markers = []
     for s, blocks in enumerate(blocks_per_subject):
         entries, t0 = [], 0
         for k, (frames, z) in enumerate(blocks):
             shape = (frames, z, *hw) if channels == 1 else (frames, channels, z, *hw)
-            name = f"{cache_module.SUBJECTS_DIR}/s{s:06d}_b{k}.npy"
+            name = f"{format_module.SUBJECTS_DIR}/s{s:06d}_b{k}.npy"
             np.save(os.path.join(folder, name), rng.standard_normal(shape).astype(np.float32))
             entries.append({"file": name, "frames": list(range(t0, t0 + frames)), "shape": list(shape),
                             "z_offset": 0, "num_slices": z, "bytes": os.path.getsize(os.path.join(folder, name))})
@@ -33,17 +33,17 @@ def _write_cache(folder: str, blocks_per_subject: list, channels: int = 1, hw=(6
         markers.append({"index": s, "subject": f"sub{s}", "kind": "cineTr", "num_frames": t0, "ed_frame": 0,
                         "num_channels": channels, "blocks": entries})
     arrays, summary = cache_module._assemble_index(folder, markers)
-    with open(os.path.join(folder, cache_module.INDEX_FILE), "wb") as f:
+    with open(os.path.join(folder, format_module.INDEX_FILE), "wb") as f:
         np.savez(f, **arrays)
-    with open(os.path.join(folder, cache_module.FINGERPRINT_FILE), "w") as f:
-        json.dump({"format_version": cache_module.CACHE_FORMAT_VERSION, "key": "k", "summary": summary,
+    with open(os.path.join(folder, format_module.FINGERPRINT_FILE), "w") as f:
+        json.dump({"format_version": format_module.CACHE_FORMAT_VERSION, "key": "k", "summary": summary,
                    "fingerprint": {}}, f)
     return SliceCache(folder)
 
 
 def _expected(cache: SliceCache, i: int) -> np.ndarray:
     idx = cache._idx()
-    array = cache.memmap_for(i)
+    array = np.load(os.path.join(cache.folder, str(idx["block_files"][idx["block"][i]])), mmap_mode="r")
     r, z = int(idx["row"][i]), int(idx["z"][i])
     return np.array(array[r, z] if cache.num_channels == 1 else array[r, :, z])
 
@@ -54,7 +54,7 @@ def _mapped_cache_files(folder: str) -> list:
 
 
 @pytest.mark.parametrize("channels", [1, 2])
-def test_slices_equal_the_memory_maps(tmp_path, channels):
+def test_slices_equal_the_block_files(tmp_path, channels):
     cache = _write_cache(str(tmp_path / "c"), [[(3, 4)], [(2, 3), (1, 2)]], channels=channels)
     assert len(cache) == 3 * 4 + 2 * 3 + 1 * 2
     for i in range(len(cache)):
@@ -74,12 +74,13 @@ def test_reading_every_slice_maps_no_cache_file(tmp_path):
     for i in range(len(cache)):
         cache.slice(i)
     assert _mapped_cache_files(folder) == []  # nothing of the cache counts in this process's RSS
-    cache.memmap_for(0)  # the memory-map API is still there
+    mapped = np.load(os.path.join(folder, str(cache._idx()["block_files"][0])), mmap_mode="r")  # the control
     assert _mapped_cache_files(folder)
+    del mapped
 
 
 def test_open_files_are_bounded_and_closed(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "MAX_OPEN_FILES", 2)
+    monkeypatch.setattr(format_module, "MAX_OPEN_FILES", 2)
     cache = _write_cache(str(tmp_path / "c"), [[(2, 2)]] * 5)
     before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     for i in range(len(cache)):
@@ -114,29 +115,30 @@ def test_a_forked_child_reads_with_its_own_files(tmp_path):
 def test_a_truncated_block_file_is_an_error_naming_it(tmp_path):
     folder = str(tmp_path / "c")
     cache = _write_cache(folder, [[(2, 3)]])
-    path = os.path.join(folder, cache_module.SUBJECTS_DIR, "s000000_b0.npy")
+    path = os.path.join(folder, format_module.SUBJECTS_DIR, "s000000_b0.npy")
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) - 8)
-    assert cache.missing_files() == [f"{cache_module.SUBJECTS_DIR}/s000000_b0.npy"]
+    assert cache.missing_files() == [f"{format_module.SUBJECTS_DIR}/s000000_b0.npy"]
     with pytest.raises(SSPError, match="s000000_b0.npy"):
         cache.slice(len(cache) - 1)
 
 
 # ------------------------------------------------------------------------------ one decompression per 4D cine
 def _frames(path: str, monkeypatch, one_read: bool) -> list:
-    """_read_frames of a 4D cine, by the one-read path (nibabel's voxels) or forced through SimpleITK's read."""
+    """read_frames of a 4D cine, by the one-read path (nibabel's voxels) or forced through SimpleITK's read."""
     import types
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from pretraining.data.cache import CineSource, _read_frames
+    from pretraining.data.frames import read_frames
+    from pretraining.data.sources import CineSource
     if not one_read:
-        monkeypatch.setattr(cache_module, "_same_as_simpleitk", lambda image, voxels: False)
+        monkeypatch.setattr(frames_module, "_same_as_simpleitk", lambda image, voxels: False)
     import SimpleITK as sitk
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.ReadImageInformation()
     size = reader.GetSize()
     source = CineSource((path,), "s", 0, "cineTr", 4, size[3], size[:3])
-    frames = list(_read_frames(source, types.SimpleNamespace(image_reader_writer_class=SimpleITKIO)))
+    frames = list(read_frames(source, types.SimpleNamespace(image_reader_writer_class=SimpleITKIO)))
     monkeypatch.undo()
     return frames
 
@@ -155,8 +157,8 @@ def test_a_cine_read_once_equals_simpleitks_read(tmp_path, monkeypatch, dtype):
     path = str(tmp_path / "cine.nii.gz")
     sitk.WriteImage(image, path, True)
     calls = []
-    original = cache_module._same_as_simpleitk
-    monkeypatch.setattr(cache_module, "_same_as_simpleitk", lambda *a: calls.append(original(*a)) or calls[-1])
+    original = frames_module._same_as_simpleitk
+    monkeypatch.setattr(frames_module, "_same_as_simpleitk", lambda *a: calls.append(original(*a)) or calls[-1])
     once = _frames(path, monkeypatch, one_read=True)
     assert calls == [True]  # the one-read path was taken
     full = _frames(path, monkeypatch, one_read=False)
@@ -175,6 +177,6 @@ def test_a_scaled_cine_is_read_by_simpleitk(tmp_path, monkeypatch):
     image.header.set_slope_inter(2.0, 10.0)
     path = str(tmp_path / "scaled.nii.gz")
     nib.save(image, path)
-    assert not cache_module._same_as_simpleitk(nib.load(path), np.asanyarray(nib.load(path).dataobj))
+    assert not frames_module._same_as_simpleitk(nib.load(path), np.asanyarray(nib.load(path).dataobj))
     frames = _frames(path, monkeypatch, one_read=True)
     np.testing.assert_array_equal(frames[1][0][0], (array[..., 1].T * 2.0 + 10.0).astype(np.float32))

@@ -1,6 +1,5 @@
 """The SSP checkpoint contract: contents, weights-only loading, verification against plans, refusals."""
 import os
-import pickle
 
 import pytest
 import torch

@@ -18,7 +18,8 @@ from nnunet_ssp.checkpoint import load_checkpoint
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.network import PlansTarget
 from pretraining import distributed
-from pretraining.data.cache import build_or_load_cache, discover_sources
+from pretraining.data.cache import build_or_load_cache
+from pretraining.data.sources import discover_sources
 from pretraining.data.loader import EpochSampler, SliceViewDataset, make_loader
 from pretraining.loop import LATEST_CHECKPOINT, PretrainSettings, Pretrainer, load_state
 from pretraining.methods import METHODS

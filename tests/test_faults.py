@@ -19,7 +19,7 @@ import torch
 
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import FAULT_ENV, fault_point, torch_save_atomic
-from pretraining.data.cache import SliceCache
+from pretraining.data.slice_cache import SliceCache
 from pretraining.loop import LATEST_CHECKPOINT, load_state
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))

@@ -8,9 +8,6 @@ import torch
 from pretraining.losses.masked_mse import masked_mse
 from pretraining.methods.mim import MIM, random_patch_mask
 
-from conftest import DATASET_JSON, make_plans
-from nnunet_ssp.network import PlansTarget
-
 
 @pytest.mark.parametrize("height, width, patch", [(256, 256, 32), (64, 64, 32), (80, 48, 32), (70, 45, 16)])
 def test_mask_has_exactly_round_ratio_of_whole_or_cut_patches(height, width, patch, seeded):

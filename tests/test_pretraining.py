@@ -8,7 +8,8 @@ import torch
 from nnunet_ssp.checkpoint import load_checkpoint
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.network import PlansTarget
-from pretraining.data.cache import build_or_load_cache, discover_sources
+from pretraining.data.cache import build_or_load_cache
+from pretraining.data.sources import discover_sources
 from pretraining.data.loader import SliceViewDataset
 from pretraining.loop import LATEST_CHECKPOINT, PretrainSettings, Pretrainer
 from pretraining.methods import METHODS

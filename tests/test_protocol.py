@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import subprocess
 
 import pytest
 import SimpleITK as sitk
@@ -170,7 +169,7 @@ def test_demo_and_mini_paper_plans_with_their_defaults(tmp_path, script, finetun
     assert "ssp_pretrain -d 5" in result.stdout and "--method mim -c 2d -p nnUNetPlans --device cpu --epochs 3 " \
            "--iters-per-epoch 100 --batch-size 32 --num-workers 1 --probe-slices 256 --lr 0.02 --mask-patch-size 16" \
            in result.stdout
-    assert f"this plan runs --schedule paper (epochs from nnUNet_ssp_num_epochs)" in result.stdout
+    assert "this plan runs --schedule paper (epochs from nnUNet_ssp_num_epochs)" in result.stdout
 
 
 def test_shards_split_the_runs_without_overlap(toy_env):

@@ -14,7 +14,8 @@ import SimpleITK as sitk
 
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.phantom.anatomy import MAX_SIZE, MIN_SIZE
-from nnunet_ssp.phantom.subject import DEFAULT_SIZE, VOLUME_KEYS, simulate_subject, subject_rng
+from nnunet_ssp.evaluation.clinical import MEASURES as VOLUME_KEYS
+from nnunet_ssp.phantom.subject import DEFAULT_SIZE, simulate_subject, subject_rng
 from nnunet_ssp.raw_layout import (BASE_FIRST, PHASES, SUBJECT_COLUMNS, TEST, TRAIN, SubjectRow, build_into_place,
                                    case_files, cine_file, make_subfolders, target_folder, write_dataset_json,
                                    write_subjects)

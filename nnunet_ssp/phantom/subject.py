@@ -5,7 +5,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from nnunet_ssp.evaluation.clinical import MEASURES as VOLUME_KEYS, clinical_measures, label_volumes_ml
+from nnunet_ssp.evaluation.clinical import clinical_measures, label_volumes_ml
 from nnunet_ssp.phantom.acquisition import VENDORS, acquire, sample_acquisition
 from nnunet_ssp.phantom.anatomy import (MAX_SIZE, MIN_SIZE, PHENOTYPE_PROBABILITIES, PHENOTYPES, render_background,
                                         render_heart, sample_anatomy, tissue_texture)
@@ -19,7 +19,7 @@ class Subject:
 
     ``cine``: float32 (T, Z, Y, X) scanner values (integers in the int16 range, as stored); ``labels``: uint8
     (T, Z, Y, X), 0 background, 1 LV blood pool, 2 LV myocardium, 3 RV blood pool, at every frame; slice 0 is
-    the base. ``spacing`` is (sx, sy, sz) in mm; ``volumes`` holds the VOLUME_KEYS measured from the ED and ES
+    the base. ``spacing`` is (sx, sy, sz) in mm; ``volumes`` holds the clinical MEASURES taken from the ED and ES
     label maps."""
     subject_id: str
     cine: np.ndarray
