@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 
-from workspace import use_workspace  # benchmarks/workspace.py, next to this script
+from nnunet_ssp.workspace import workspace_env
 
 DATASET_ID = 993
 DATASET_NAME = "CacheScale"
@@ -544,7 +544,7 @@ def main(argv=None) -> dict:
 
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="ssp_cache_scale_"))
     os.makedirs(workdir, exist_ok=True)
-    use_workspace(workdir)
+    os.environ.update(workspace_env(workdir))
 
     def log(message):
         print(message, flush=True)

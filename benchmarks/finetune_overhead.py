@@ -49,7 +49,7 @@ import time
 import numpy as np
 import torch
 
-from workspace import phantom_workspace  # benchmarks/workspace.py, next to this script
+from nnunet_ssp.workspace import phantom_workspace, workspace_env
 
 STOCK, MIM, CONTROL = "nnUNetTrainer", "nnUNetTrainerMIM", "nnUNetTrainer (control)"
 # nnU-Net hooks that run every epoch or every iteration: an override of any of them can cost time after start-up.
@@ -290,7 +290,8 @@ def main(argv=None) -> dict:
         dataset = args.dataset
         real_results = os.environ.get("nnUNet_results")
     else:
-        dataset = phantom_workspace(workdir, 992, "Overhead", subjects=args.subjects, size=args.size)
+        os.environ.update(workspace_env(workdir))
+        dataset = phantom_workspace(os.environ, 992, "Overhead", subjects=args.subjects, size=args.size, processes=2)
     os.environ["nnUNet_results"] = os.path.join(workdir, "nnUNet_results")  # trainers write only here
     os.makedirs(os.environ["nnUNet_results"], exist_ok=True)
     from nnunet_ssp.network import PlansTarget

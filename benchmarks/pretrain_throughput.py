@@ -20,13 +20,13 @@ import time
 import torch
 
 from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.workspace import phantom_workspace, workspace_env
 from pretraining.data.cache import build_or_load_cache
-from pretraining.data.sources import discover_sources
 from pretraining.data.loader import SliceViewDataset, make_loader
+from pretraining.data.sources import discover_sources
 from pretraining.loop import PretrainSettings, Pretrainer
 from pretraining.methods import METHODS
 from pretraining.methods.base import Step
-from workspace import phantom_workspace  # benchmarks/workspace.py, next to this script
 
 
 #: precision / memory-format variants of the step (CUDA only; CPU always runs fp32, contiguous)
@@ -112,7 +112,9 @@ def main(argv=None) -> dict:
 
     workdir = tempfile.mkdtemp(prefix="ssp_bench_")
     size = args.size or (256 if args.plan_like == "cardiac" else 128)
-    dataset = args.dataset or phantom_workspace(workdir, 990, "Bench", subjects=4, size=size)
+    if not args.dataset:
+        os.environ.update(workspace_env(workdir))
+    dataset = args.dataset or phantom_workspace(os.environ, 990, "Bench", subjects=4, size=size, processes=2)
     plans = write_cardiac_like_plans(dataset) if args.plan_like == "cardiac" else "nnUNetPlans"
     target = PlansTarget.from_preprocessed(dataset, plans)
     variants = args.variants or (["bf16", "fp32", "bf16+cl"] if args.device.startswith("cuda") else ["fp32"])

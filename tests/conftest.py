@@ -69,6 +69,7 @@ def nnunet_env(tmp_path, monkeypatch):
 
 PHANTOM_ID = 991
 PHANTOM_DATASET = f"Dataset{PHANTOM_ID}_E2E"
+PHANTOM_PARAMETERS = dict(subjects=4, test_subjects=1, size=64, seed=3)
 
 
 def run_cli(args, env, check=True):
@@ -85,17 +86,11 @@ def run_cli(args, env, check=True):
 def phantom_workspace(tmp_path_factory):
     """A tiny phantom (4 training subjects, 64 px) planned and preprocessed by the stock CLIs, with the env that
     points nnU-Net at it and runs tiny schedules. Tests that train use their own folds or output folders."""
-    from trainers import EXT_TRAINER_DIR
+    from nnunet_ssp import workspace
     root = tmp_path_factory.mktemp("workspace")
-    env = dict(os.environ, nnUNet_extTrainer=EXT_TRAINER_DIR, nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
-               nnUNet_compile="false", nnUNet_ssp_num_epochs="1", nnUNet_ssp_iters_per_epoch="2")
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[name] = str(root / name)
-    env.pop("nnUNet_ssp_checkpoint", None)
-    run_cli(["nnunet_ssp", "phantom", "-d", str(PHANTOM_ID), "-n", "E2E", "--subjects", "4", "--test-subjects", "1",
-             "--size", "64", "--seed", "3"], env)
-    run_cli(["nnUNetv2_plan_and_preprocess", "-d", str(PHANTOM_ID), "-c", "2d", "-np", "1", "-npfp", "1",
-             "--verify_dataset_integrity"], env)
+    env = workspace.workspace_env(str(root), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", nnUNet_ssp_num_epochs="1",
+                                  nnUNet_ssp_iters_per_epoch="2")
+    workspace.phantom_workspace(env, PHANTOM_ID, "E2E", **PHANTOM_PARAMETERS)
     return root, env
 
 

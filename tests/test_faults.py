@@ -1,4 +1,4 @@
-"""Fault injection through the real command line: every bad input of benchmarks/fault_matrix.py, 20 SIGKILLs at
+"""Fault injection through the real command line: every bad input of tests/fault_matrix.py, 20 SIGKILLs at
 random points of a run with a bitwise-equal result after --continue, SIGTERM/SIGINT mid-epoch saves, two runs on one
 output folder or one slice cache, and the NNUNET_SSP_FAULT hook itself.
 
@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -22,9 +21,8 @@ from nnunet_ssp.io import FAULT_ENV, fault_point, torch_save_atomic
 from pretraining.data.slice_cache import SliceCache
 from pretraining.loop import LATEST_CHECKPOINT, load_state
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import fault_matrix  # noqa: E402
-from fault_matrix import BIN, CASES, DATASET, Scratch, Workspace, pretrain_command, run_case  # noqa: E402
+import fault_matrix
+from fault_matrix import BIN, CASES, DATASET, Scratch, Workspace, pretrain_command, run_case
 
 EPOCHS, ITERS, SUBJECTS = 4, 3, 4
 RUN = pretrain_command("--iters-per-epoch", str(ITERS), "--seed", "7", epochs=EPOCHS)
@@ -40,8 +38,7 @@ def workspace(phantom_workspace, tmp_path_factory) -> Workspace:
     mine = tmp_path_factory.mktemp("fault_workspace")
     env = fault_matrix.base_env(str(mine))
     for name in ("nnUNet_raw", "nnUNet_preprocessed"):
-        shutil.copytree(os.path.join(root, name), env[name])
-    os.makedirs(env["nnUNet_results"])
+        shutil.copytree(os.path.join(root, name), env[name], dirs_exist_ok=True)
     return Workspace(str(mine), env)
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from nnunet_ssp.convert.orientation import base_first
-from nnunet_ssp.errors import SSPError
+from nnunet_ssp.errors import SSPError, first_line
 from nnunet_ssp.io import check_intensities
 from nnunet_ssp.raw_layout import (BASE_FIRST, LABELS, PHASES, REVERSED, TEST, TRAIN, SubjectRow,
                                    build_into_place, case_files, cine_file, make_subfolders, write_dataset_json,
@@ -62,11 +62,6 @@ class Subject:
 SubjectLoader = Callable[[], Subject]
 
 
-def _first_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__
-
-
 def read_image(path: str, ndim: int) -> Volume:
     """A ``ndim``-dimensional image (trailing axes of length 1 dropped); integer data keeps its type, scaled or
     floating-point data becomes float32."""
@@ -77,7 +72,7 @@ def read_image(path: str, ndim: int) -> Volume:
         zooms = image.header.get_zooms()
         units = image.header.get_xyzt_units()
     except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, zlib errors ...
-        raise SSPError(f"{path}: cannot read image ({_first_line(e)})") from None
+        raise SSPError(f"{path}: cannot read image ({first_line(e)})") from None
     while array.ndim > ndim and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != ndim:

@@ -12,7 +12,7 @@ from typing import List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_ssp.errors import SSPError
+from nnunet_ssp.errors import SSPError, first_line
 from nnunet_ssp.phantom.anatomy import MAX_SIZE, MIN_SIZE
 from nnunet_ssp.evaluation.clinical import MEASURES as VOLUME_KEYS
 from nnunet_ssp.phantom.subject import DEFAULT_SIZE, simulate_subject, subject_rng
@@ -38,8 +38,7 @@ def _write_image(array: np.ndarray, spacing, path: str, dtype) -> None:
     try:
         sitk.WriteImage(img, path, useCompression=True, compressionLevel=_COMPRESSION_LEVEL)
     except RuntimeError as e:  # how SimpleITK reports a failed write (disk full, no permission)
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise OSError(errno.EIO, lines[-1] if lines else "write failed", path) from None
+        raise OSError(errno.EIO, first_line(e), path) from None
 
 
 def _write_subject(folder: str, index: int, seed: int, size: int, test: bool) -> SubjectRow:

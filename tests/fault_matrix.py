@@ -1,6 +1,6 @@
 """The fault matrix: every bad input of the reliability issue, through the real command line.
 
-    python benchmarks/fault_matrix.py [--workdir DIR] [-k SUBSTRING]
+    python tests/fault_matrix.py [--workdir DIR] [-k SUBSTRING]
 
 Builds a tiny phantom workspace (``nnunet_ssp phantom`` + ``nnUNetv2_plan_and_preprocess``) in --workdir (default: a
 temporary folder), runs every case in its own scratch copy of the nnU-Net folders and prints one row per case: the bad
@@ -36,16 +36,13 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from test_convert import make_source, write_acdc, write_image  # noqa: E402  (the converter tests' ACDC layout)
-
-from nnunet_ssp.io import FAULT_ENV  # noqa: E402
+from nnunet_ssp.workspace import phantom_workspace, workspace_env
+from conftest import PHANTOM_DATASET, PHANTOM_ID, PHANTOM_PARAMETERS
+from test_convert import make_source, write_acdc, write_image  # the converter tests' ACDC layout
 
 BIN = os.path.dirname(sys.executable)
-DATASET_ID = 991
-DATASET = f"Dataset{DATASET_ID}_E2E"
-PHANTOM_ARGS = ["--subjects", "4", "--test-subjects", "1", "--size", "64", "--seed", "3"]
+DATASET_ID, DATASET = PHANTOM_ID, PHANTOM_DATASET  # the test suite's phantom
+PHANTOM_ARGS = [a for k, v in PHANTOM_PARAMETERS.items() for a in (f"--{k.replace('_', '-')}", str(v))]
 LAST_CINE = "ph004_0000.nii.gz"  # the last subject: the cache builds the others first and must discard them
 # run as root, a command gets no permission override, so that a read-only folder is read-only for it too
 UNPRIVILEGED = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
@@ -65,25 +62,15 @@ class Workspace:
 
 
 def base_env(root: str) -> Dict[str, str]:
-    from trainers import EXT_TRAINER_DIR
-    env = dict(os.environ, nnUNet_extTrainer=EXT_TRAINER_DIR, nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
-               nnUNet_compile="false", nnUNet_ssp_num_epochs="1", nnUNet_ssp_iters_per_epoch="1")
-    for name in ("nnUNet_ssp_checkpoint", FAULT_ENV):
-        env.pop(name, None)
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        env[name] = os.path.join(root, name)
-    return env
+    """The nnU-Net folders in ``root``, one process everywhere, and one-iteration runs."""
+    return workspace_env(root, nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1", nnUNet_ssp_num_epochs="1",
+                         nnUNet_ssp_iters_per_epoch="1")
 
 
 def make_workspace(root: str) -> Workspace:
     """The same tiny phantom as the test suite's (4 subjects, 64 px), planned for 2d; reused when already there."""
     env = base_env(root)
-    if not os.path.isfile(os.path.join(env["nnUNet_preprocessed"], DATASET, "nnUNetPlans.json")):
-        for command in (["nnunet_ssp", "phantom", "-d", str(DATASET_ID), "-n", "E2E", *PHANTOM_ARGS],
-                        ["nnUNetv2_plan_and_preprocess", "-d", str(DATASET_ID), "-c", "2d", "-np", "1", "-npfp", "1",
-                         "--verify_dataset_integrity"]):
-            subprocess.run([os.path.join(BIN, command[0]), *command[1:]], env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    phantom_workspace(env, DATASET_ID, "E2E", **PHANTOM_PARAMETERS)
     return Workspace(root, env)
 
 
