@@ -74,7 +74,7 @@ def mim_checkpoint(args, target, workdir: str, real_results: str) -> tuple:
     if args.api_checkpoint:
         torch.manual_seed(args.seed)
         path = os.path.join(out, FINAL_CHECKPOINT)
-        save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, "mim",
+        save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, "mim", ("encoder", "decoder"),
                         pretraining={"note": "random weights written by benchmarks/finetune_overhead.py"})
         return path, "written through nnunet_ssp.checkpoint.save_checkpoint (random weights)"
     bin_dir = os.path.dirname(sys.executable)

@@ -20,12 +20,12 @@ import pickle
 import re
 from datetime import datetime, timezone
 from importlib import metadata
+from typing import Sequence
 
 import torch
 
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import torch_save_atomic
-from nnunet_ssp.methods import METHOD_PARTS, parts_of_method
 from nnunet_ssp.network import PARTS, NetworkSpec, PlansTarget, check_fit, extract_parts
 
 FORMAT_NAME = "nnunet_ssp.checkpoint"
@@ -53,10 +53,11 @@ def default_checkpoint_folder(results_root: str, dataset_name: str, method: str,
     return os.path.join(results_root, dataset_name, "ssp", f"{method}__{plans_name}__{configuration}")
 
 
-def build_checkpoint(network: torch.nn.Module, target: PlansTarget, method: str, pretraining: dict = None,
-                     data: dict = None) -> dict:
-    """The contract dict for ``network`` (the method's parts only), verified against a fresh network from the plans."""
-    parts = parts_of_method(method)
+def build_checkpoint(network: torch.nn.Module, target: PlansTarget, method: str, parts: Sequence[str],
+                     pretraining: dict = None, data: dict = None) -> dict:
+    """The contract dict for ``network`` (its ``parts`` only, those the ``method`` pretrained), verified against a
+    fresh network from the plans."""
+    _check_method_and_parts(method, parts, f"{method} network")
     spec = target.network_spec
     weights = extract_parts(network, parts)
     check_fit(weights, spec.build(num_output_channels=target.num_segmentation_heads), parts,
@@ -76,12 +77,19 @@ def build_checkpoint(network: torch.nn.Module, target: PlansTarget, method: str,
     }
 
 
-def save_checkpoint(path: str, network: torch.nn.Module, target: PlansTarget, method: str,
+def save_checkpoint(path: str, network: torch.nn.Module, target: PlansTarget, method: str, parts: Sequence[str],
                     pretraining: dict = None, data: dict = None) -> dict:
     """Writes a contract checkpoint atomically and returns it."""
-    checkpoint = build_checkpoint(network, target, method, pretraining, data)
+    checkpoint = build_checkpoint(network, target, method, parts, pretraining, data)
     torch_save_atomic(checkpoint, path)
     return checkpoint
+
+
+def _check_method_and_parts(method, parts, source: str) -> None:
+    """A method key and a non-empty list of distinct network parts (``nnunet_ssp.network.PARTS``), else SSPError."""
+    if not isinstance(method, str) or not method.isidentifier() or not isinstance(parts, (list, tuple)) or \
+            not parts or len(set(parts)) != len(parts) or not set(parts) <= set(PARTS):
+        raise SSPError(f"{source}: invalid method {method!r} or parts {parts!r} (parts: some of {', '.join(PARTS)})")
 
 
 def load_weights_only(path: str):
@@ -116,8 +124,7 @@ def load_checkpoint(path: str) -> dict:
     missing = [k for k in ("method", "parts", "network_weights", "network", "plans") if k not in checkpoint]
     if missing:
         raise SSPError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if checkpoint["method"] not in METHOD_PARTS or not set(checkpoint["parts"]) <= set(PARTS):
-        raise SSPError(f"{path}: unknown method '{checkpoint['method']}' or parts {checkpoint['parts']}")
+    _check_method_and_parts(checkpoint["method"], checkpoint["parts"], path)
     weights = checkpoint["network_weights"]
     if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
         raise SSPError(f"{path}: network_weights is not a dict of named tensors")

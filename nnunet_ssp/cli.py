@@ -42,7 +42,6 @@ def _doctor(args):
 
 def _checkpoint(args):
     from nnunet_ssp.checkpoint import load_checkpoint, verify_checkpoint
-    from nnunet_ssp.methods import parts_of_method
     from nnunet_ssp.network import PlansTarget
     ckpt = load_checkpoint(args.path)
     tensors = ckpt["network_weights"]
@@ -54,7 +53,7 @@ def _checkpoint(args):
     print(f"  versions: {ckpt.get('versions')}, created {ckpt.get('created')}")
     if args.dataset:
         target = PlansTarget.from_preprocessed(args.dataset, args.plans, args.configuration)
-        for warning in verify_checkpoint(ckpt, target, parts_of_method(ckpt["method"]), args.path):
+        for warning in verify_checkpoint(ckpt, target, ckpt["parts"], args.path):
             print(f"  warning: {warning}")
         print(f"  fits {target.plans_name} {target.configuration} of {target.dataset_name}")
 

@@ -30,15 +30,12 @@ from typing import Callable, List, Sequence, Tuple
 
 from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError, run_command
-from nnunet_ssp.methods import pretrains_decoder
 from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
                                  SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV)
 
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
 PAPER_BATCH_SIZE = 32
-TRAINER_OF_METHOD = {"simclr": "nnUNetTrainerSimCLR", "pcl": "nnUNetTrainerPCL", "dino": "nnUNetTrainerDINO",
-                     "mim": "nnUNetTrainerMIM"}
 #: Environment of runs that share the machine (--jobs > 1), unless the user's environment sets it. nnU-Net gives every
 #: CPU run one torch (OpenMP) thread per core (``torch.set_num_threads(cpu_count())`` for ``-device cpu``); OpenMP
 #: threads that spin while idle then take the cores the other runs need. Measured on 2 cores, two parallel
@@ -91,7 +88,8 @@ class Protocol:
         self.results_root = nnunet_path("nnUNet_results")
         self.dataset_id, self.dataset_name = self._target_dataset()
         self.output = args.output or os.path.join(self.results_root, self.dataset_name, "ssp_protocol")
-        self.methods = list(args.methods)
+        from trainers.ssp_trainers import TRAINER_OF_METHOD, loads_decoder
+        self.methods = list(args.methods or TRAINER_OF_METHOD)
         unknown = [m for m in self.methods if m not in TRAINER_OF_METHOD]
         if unknown:
             raise SSPError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(TRAINER_OF_METHOD)}")
@@ -113,10 +111,11 @@ class Protocol:
             if baseline not in self.trainers:
                 self.trainers.append(baseline)
             for method in self.methods:
-                if recipe in DECODER_METHOD_RECIPES and not pretrains_decoder(method):
+                if recipe in DECODER_METHOD_RECIPES and not loads_decoder(TRAINER_OF_METHOD[method]):
                     continue  # the encoder methods load the encoder alone anyway
-                self.method_of_trainer[TRAINER_OF_METHOD[method] + name + schedule] = method
-                self.trainers.append(TRAINER_OF_METHOD[method] + name + schedule)
+                trainer = TRAINER_OF_METHOD[method].__name__ + name + schedule
+                self.method_of_trainer[trainer] = method
+                self.trainers.append(trainer)
 
     # ------------------------------------------------------------------ dataset and folds
     def _target_dataset(self):
@@ -406,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, help="validation subjects (default: 20%%)")
     p.add_argument("--splits-yaml", nargs="+", metavar="FILE",
                    help="the paper's split YAML files instead of sampled budgets")
-    p.add_argument("--methods", nargs="+", default=list(TRAINER_OF_METHOD), help="SSP methods (default: all four)")
+    p.add_argument("--methods", nargs="+", help="SSP methods (default: every method with a trainer, the paper's four)")
     p.add_argument("--recipes", nargs="+", default=[PAPER_RECIPE], choices=RECIPES, metavar="RECIPE",
                    help="fine-tuning recipes, each with its own trainers and report rows: paper (default; lr 1e-2 "
                         "from scratch, 5e-3 pretrained), warmup (the _warmup trainers), baselineLR (pretrained at "

@@ -15,8 +15,7 @@ from typing import List
 
 from nnunet_ssp.env import NNUNET_PATH_ENVS, nnunet_path
 from nnunet_ssp.errors import OneLineArgumentParser, SSPError, run_command
-from nnunet_ssp.methods import METHOD_PARTS
-from pretraining.methods import all_options
+from pretraining.methods import METHODS, all_options
 
 LOCK_FILE = ".ssp_pretrain.lock"
 
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineArgumentParser(prog="ssp_pretrain", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id, as for nnUNetv2_train")
-    p.add_argument("--method", required=True, choices=sorted(METHOD_PARTS), help="SSP method")
+    p.add_argument("--method", required=True, choices=sorted(METHODS), help="SSP method")
     p.add_argument("-c", "--configuration", default="2d", help="nnU-Net configuration (default 2d)")
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--data", nargs="+", default=[], metavar="DIR",

@@ -435,7 +435,7 @@ class Pretrainer:
         final = os.path.join(self.output_folder, FINAL_CHECKPOINT)
         if self.main:
             save_checkpoint(final, self.method.export_network(self.model).cpu(), self.target, s.method,
-                            pretraining=asdict(s), data=self.data_summary)
+                            self.method.parts, pretraining=asdict(s), data=self.data_summary)
             self.log(f"wrote {final}")
         distributed.barrier()
         return final

@@ -343,6 +343,7 @@ def _contract_checkpoint(s: Scratch, path: str, method: str = "mim", edit_plans=
     ``channels`` input channels."""
     import torch
     from nnunet_ssp.checkpoint import save_checkpoint
+    from pretraining.methods import METHODS
     from nnunet_ssp.network import PlansTarget
     plans = json.load(open(s.workspace.path("nnUNet_preprocessed", DATASET, "nnUNetPlans.json")))
     dataset_json = json.load(open(s.workspace.path("nnUNet_preprocessed", DATASET, "dataset.json")))
@@ -351,7 +352,7 @@ def _contract_checkpoint(s: Scratch, path: str, method: str = "mim", edit_plans=
         edit_plans(plans["configurations"]["2d"]["architecture"])
     target = PlansTarget(plans, "2d", dataset_json)
     torch.manual_seed(0)
-    save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, method)
+    save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, method, METHODS[method].parts)
     return path
 
 

@@ -7,6 +7,7 @@ import torch
 from nnunet_ssp.checkpoint import FORMAT_NAME, FORMAT_VERSION, load_checkpoint, save_checkpoint, verify_checkpoint
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.network import PlansTarget
+from pretraining.methods import METHODS
 
 from conftest import DATASET_JSON, make_plans
 
@@ -18,7 +19,7 @@ def _mim_network(target):
 def test_roundtrip_holds_the_contract_fields_and_equal_tensors(tmp_path, target, seeded):
     net = _mim_network(target)
     path = str(tmp_path / "ckpt.pth")
-    save_checkpoint(path, net, target, "mim", pretraining={"epochs": 3, "lr": 0.01}, data={"slices": 120})
+    save_checkpoint(path, net, target, "mim", METHODS["mim"].parts, pretraining={"epochs": 3, "lr": 0.01}, data={"slices": 120})
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # loads without unpickling any code
     assert ckpt["format"] == FORMAT_NAME and ckpt["format_version"] == FORMAT_VERSION
     assert ckpt["method"] == "mim" and ckpt["parts"] == ["encoder", "decoder"]
@@ -43,28 +44,30 @@ def test_roundtrip_holds_the_contract_fields_and_equal_tensors(tmp_path, target,
 
 def test_encoder_methods_store_the_encoder_only(tmp_path, target, seeded):
     path = str(tmp_path / "dino.pth")
-    save_checkpoint(path, target.network_spec.build(4), target, "dino")
+    save_checkpoint(path, target.network_spec.build(4), target, "dino", METHODS["dino"].parts)
     ckpt = load_checkpoint(path)
     assert ckpt["parts"] == ["encoder"]
     assert ckpt["network_weights"] and all(k.startswith("encoder.") for k in ckpt["network_weights"])
 
 
-def test_unknown_method_is_refused(tmp_path, target):
-    with pytest.raises(SSPError, match="unknown SSP method 'byol'"):
-        save_checkpoint(str(tmp_path / "x.pth"), target.network_spec.build(4), target, "byol")
+@pytest.mark.parametrize("method, parts", [("mim", ("encoder", "head")), ("mim", ()), ("mim", ("encoder", "encoder")),
+                                           ("", ("encoder",)), (None, ("encoder",))])
+def test_invalid_method_or_parts_are_refused(tmp_path, target, method, parts):
+    with pytest.raises(SSPError, match="invalid method .* or parts"):
+        save_checkpoint(str(tmp_path / "x.pth"), target.network_spec.build(4), target, method, parts)
     assert not os.listdir(tmp_path)
 
 
 def test_saving_a_network_that_does_not_match_the_plans_fails_and_writes_nothing(tmp_path, target):
     other = PlansTarget(make_plans(features=(8, 16, 32)), "2d", DATASET_JSON)
     with pytest.raises(SSPError, match="do not fit"):
-        save_checkpoint(str(tmp_path / "x.pth"), other.network_spec.build(4), target, "mim")
+        save_checkpoint(str(tmp_path / "x.pth"), other.network_spec.build(4), target, "mim", METHODS["mim"].parts)
     assert not os.listdir(tmp_path)
 
 
 def test_verify_accepts_matching_plans_and_warns_about_spacing(tmp_path, target):
     path = str(tmp_path / "ckpt.pth")
-    save_checkpoint(path, _mim_network(target), target, "mim")
+    save_checkpoint(path, _mim_network(target), target, "mim", METHODS["mim"].parts)
     assert verify_checkpoint(load_checkpoint(path), target, ["encoder", "decoder"], path) == []
     plans = make_plans()
     plans["configurations"]["2d"]["spacing"] = [1.25, 1.25]
@@ -79,7 +82,7 @@ def test_verify_accepts_matching_plans_and_warns_about_spacing(tmp_path, target)
 ])
 def test_checkpoint_for_other_plans_is_refused_with_the_differences(tmp_path, target, plans, expected):
     path = str(tmp_path / "ckpt.pth")
-    save_checkpoint(path, _mim_network(target), target, "mim")
+    save_checkpoint(path, _mim_network(target), target, "mim", METHODS["mim"].parts)
     with pytest.raises(SSPError) as e:
         verify_checkpoint(load_checkpoint(path), PlansTarget(plans, "2d", DATASET_JSON), ["encoder"], path)
     assert path in str(e.value) and expected in str(e.value) and "other plans" in str(e.value)
@@ -87,7 +90,7 @@ def test_checkpoint_for_other_plans_is_refused_with_the_differences(tmp_path, ta
 
 def test_other_input_channel_count_is_refused(tmp_path, target):
     path = str(tmp_path / "ckpt.pth")
-    save_checkpoint(path, _mim_network(target), target, "mim")
+    save_checkpoint(path, _mim_network(target), target, "mim", METHODS["mim"].parts)
     two_channels = dict(DATASET_JSON, channel_names={"0": "cine", "1": "t1"})
     with pytest.raises(SSPError, match="num_input_channels 1 vs 2"):
         verify_checkpoint(load_checkpoint(path), PlansTarget(make_plans(), "2d", two_channels), ["encoder"], path)
@@ -95,7 +98,7 @@ def test_other_input_channel_count_is_refused(tmp_path, target):
 
 def test_missing_part_is_refused(tmp_path, target):
     path = str(tmp_path / "simclr.pth")
-    save_checkpoint(path, target.network_spec.build(4), target, "simclr")
+    save_checkpoint(path, target.network_spec.build(4), target, "simclr", METHODS["simclr"].parts)
     with pytest.raises(SSPError, match="holds encoder but decoder is needed"):
         verify_checkpoint(load_checkpoint(path), target, ["encoder", "decoder"], path)
 
@@ -115,7 +118,7 @@ def test_files_that_are_not_contract_checkpoints_are_refused(tmp_path, target):
 
 def test_contract_checkpoints_with_malformed_contents_are_refused(tmp_path, target):
     path = str(tmp_path / "ckpt.pth")
-    save_checkpoint(path, _mim_network(target), target, "mim")
+    save_checkpoint(path, _mim_network(target), target, "mim", METHODS["mim"].parts)
     checkpoint = load_checkpoint(path)
     torch.save({**checkpoint, "network_weights": {"encoder.x": [1.0]}}, path)
     with pytest.raises(SSPError, match="network_weights is not a dict of named tensors"):

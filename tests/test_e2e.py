@@ -73,7 +73,7 @@ def test_exported_checkpoint_is_refused_by_another_methods_trainer_and_loaded_by
     torch.manual_seed(7)
     path = str(root / "api_checkpoint" / "mim.pth")
     checkpoint = save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, "mim",
-                                 pretraining={"note": "random weights written by the e2e test"})
+                                 ("encoder", "decoder"), pretraining={"note": "random weights written by the e2e test"})
     exported = dict(env, nnUNet_ssp_checkpoint=path)
     refused = run(["nnUNetv2_train", str(DATASET_ID), "2d", "1", "-tr", "nnUNetTrainerSimCLR", "-device", "cpu"],
                   exported, check=False)
@@ -149,7 +149,7 @@ def test_checkpoint_for_other_plans_is_refused_by_nnunetv2_train(phantom_env):
     kwargs["features_per_stage"] = [f // 2 for f in kwargs["features_per_stage"]]
     other = PlansTarget(dict(plans, plans_name="otherPlans"), "2d", target.dataset_json)
     bad = str(root / "other_plans.pth")
-    save_checkpoint(bad, other.network_spec.build(1), other, "simclr")
+    save_checkpoint(bad, other.network_spec.build(1), other, "simclr", ("encoder",))
     result = run(["nnUNetv2_train", str(DATASET_ID), "2d", "4", "-tr", "nnUNetTrainerSimCLR", "-device", "cpu"],
                  dict(env, nnUNet_ssp_checkpoint=bad), check=False)
     assert result.returncode != 0

@@ -8,6 +8,7 @@ import torch
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, save_checkpoint
 from nnunet_ssp.network import PlansTarget, tensor_digests
+from pretraining.methods import METHODS
 from trainers import ssp_trainers
 from trainers.base import WarmupMixin
 from trainers.schedules import WarmupPolyLRScheduler
@@ -34,7 +35,7 @@ def _write_checkpoint(nnunet_env, method, plans=None, path=None):
     net = target.network_spec.build(1 if method == "mim" else 4)
     path = path or os.path.join(default_checkpoint_folder(nnunet_env["nnUNet_results"], "Dataset990_Unit", method,
                                                           "nnUNetPlans", "2d"), "checkpoint_final.pth")
-    save_checkpoint(path, net, target, method)
+    save_checkpoint(path, net, target, method, METHODS[method].parts)
     return path, net
 
 
@@ -195,3 +196,11 @@ def test_missing_checkpoint_fails_at_train_start_and_continue_never_needs_it(nnu
     _write_checkpoint(nnunet_env, "mim", plans=make_plans(features=(8, 16, 32, 48)))
     resumed = _trainer(nnUNetTrainerMIM, continue_training=True)  # --c: nnU-Net's own checkpoint has the weights
     assert resumed._ssp_pending is None
+
+
+def test_every_pretraining_method_has_a_trainer_that_loads_its_parts():
+    """The method registry (pretraining/methods) and the trainers (one line per method) agree."""
+    assert sorted(ssp_trainers.TRAINER_OF_METHOD) == sorted(METHODS)
+    for name, trainer in ssp_trainers.TRAINER_OF_METHOD.items():
+        assert trainer.ssp_parts == METHODS[name].parts
+        assert ssp_trainers.loads_decoder(trainer) == ("decoder" in METHODS[name].parts)

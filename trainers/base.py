@@ -11,7 +11,7 @@
 """
 import math
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from nnunetv2.paths import nnUNet_results
@@ -21,7 +21,6 @@ from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, SSP_INIT_FI
                                    load_checkpoint, sha256_of_file, verify_checkpoint)
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import save_json_atomic
-from nnunet_ssp.methods import parts_of_method
 from nnunet_ssp.network import PlansTarget, load_parts, tensor_digests
 from nnunet_ssp.schedule import (ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, SKIP_FINAL_VALIDATION_ENV,
                                  paper_iterations_per_epoch, positive_int_from_env)
@@ -105,6 +104,8 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
     must be given by ``nnUNet_ssp_checkpoint`` and the parts it holds are loaded. What was loaded goes to the training log and to ``fold_X/ssp_init.json``.
     """
     ssp_method: Optional[str] = None
+    #: the network parts a method's checkpoints hold (``nnunet_ssp.network.PARTS``), which this trainer loads
+    ssp_parts: Tuple[str, ...] = ()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -151,7 +152,7 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
 
     def parts_to_load(self, checkpoint: dict) -> tuple:
         """The network parts this trainer loads: its method's; without a method, every part the checkpoint holds."""
-        return parts_of_method(self.ssp_method) if self.ssp_method else tuple(checkpoint["parts"])
+        return self.ssp_parts if self.ssp_method else tuple(checkpoint["parts"])
 
     def on_train_start(self):
         if not self.was_initialized:

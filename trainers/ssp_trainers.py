@@ -17,31 +17,36 @@ paper's) names its row in the report.
 """
 from itertools import product
 
-from nnunet_ssp.methods import pretrains_decoder
+from nnunet_ssp.network import PARTS
 from nnunet_ssp.schedule import (BASELINE_LR, DECODER_METHOD_RECIPES, ENCODER_ONLY, PRETRAINED_ONLY_RECIPES,
                                  SCHEDULE_SUFFIX, WARMUP)
 from trainers.base import (BaselineLRMixin, EncoderOnlyMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline,
                            nnUNetTrainerSSP)
 
 
-class nnUNetTrainerMIM(nnUNetTrainerSSP):
-    ssp_method = "mim"
+ENCODER, ENCODER_AND_DECODER = PARTS[:1], PARTS
 
 
+# an SSP method's trainer: its --method key and the network parts its checkpoints hold
 class nnUNetTrainerSimCLR(nnUNetTrainerSSP):
-    ssp_method = "simclr"
+    ssp_method, ssp_parts = "simclr", ENCODER
 
 
 class nnUNetTrainerPCL(nnUNetTrainerSSP):
-    ssp_method = "pcl"
+    ssp_method, ssp_parts = "pcl", ENCODER
 
 
 class nnUNetTrainerDINO(nnUNetTrainerSSP):
-    ssp_method = "dino"
+    ssp_method, ssp_parts = "dino", ENCODER
 
 
-BASE_TRAINERS = (nnUNetTrainerBaseline, nnUNetTrainerSSP, nnUNetTrainerMIM, nnUNetTrainerSimCLR, nnUNetTrainerPCL,
-                 nnUNetTrainerDINO)
+class nnUNetTrainerMIM(nnUNetTrainerSSP):
+    ssp_method, ssp_parts = "mim", ENCODER_AND_DECODER
+
+
+#: --method key -> its fine-tuning trainer: every subclass of nnUNetTrainerSSP above, in order
+TRAINER_OF_METHOD = {cls.ssp_method: cls for cls in nnUNetTrainerSSP.__subclasses__() if cls.ssp_method}
+BASE_TRAINERS = (nnUNetTrainerBaseline, nnUNetTrainerSSP, *TRAINER_OF_METHOD.values())
 #: recipe -> its mixins; "" is the paper's recipe
 RECIPES = {"": (), WARMUP: (WarmupMixin,), BASELINE_LR: (BaselineLRMixin,),
            ENCODER_ONLY: (BaselineLRMixin, EncoderOnlyMixin)}
@@ -55,7 +60,7 @@ def variant_name(base: str, recipe: str = "", schedule_suffix: str = "") -> str:
 
 def loads_decoder(base: type) -> bool:
     """Whether the trainer may load a pretrained decoder: the generic SSP trainer, and those of decoder methods."""
-    return issubclass(base, nnUNetTrainerSSP) and (base.ssp_method is None or pretrains_decoder(base.ssp_method))
+    return issubclass(base, nnUNetTrainerSSP) and (base.ssp_method is None or "decoder" in base.ssp_parts)
 
 
 def _applies(base: type, recipe: str) -> bool:

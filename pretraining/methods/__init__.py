@@ -1,14 +1,21 @@
-"""SSP methods, one file each; :func:`get_method` maps a ``--method`` key to its class."""
-from nnunet_ssp.errors import SSPError
-from nnunet_ssp.methods import METHOD_PARTS
-from pretraining.methods.base import SSPMethod
-from pretraining.methods.dino import DINO
-from pretraining.methods.mim import MIM
-from pretraining.methods.pcl import PCL
-from pretraining.methods.simclr import SimCLR
+"""SSP methods, one file each in this package: every :class:`SSPMethod` subclass with a ``name`` defined here is a
+``--method`` of ``ssp_pretrain`` (:data:`METHODS`, the one registry); :func:`get_method` maps a key to its class."""
+import importlib
+import pkgutil
 
-METHODS = {cls.name: cls for cls in (SimCLR, PCL, DINO, MIM)}
-assert set(METHODS) == set(METHOD_PARTS), "every method of nnunet_ssp.methods needs its file here"
+from nnunet_ssp.errors import SSPError
+from pretraining.methods.base import SSPMethod
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _named_methods(cls: type) -> list:
+    return [m for sub in cls.__subclasses__() for m in ([sub] if sub.name else []) + _named_methods(sub)]
+
+
+#: --method key -> its class, by key
+METHODS = {cls.name: cls for cls in sorted(_named_methods(SSPMethod), key=lambda cls: cls.name)}
 
 
 def get_method(name: str) -> type:

@@ -1,8 +1,8 @@
 """The interface every SSP method implements; the training loop knows nothing beyond it.
 
-A method declares which nnU-Net network parts it trains (:data:`nnunet_ssp.methods.METHOD_PARTS`), its options,
-builds its model (the plans' network plus its head), its views (one augmentation per view) and its loss, and hands
-back the nnU-Net network whose parts go into the checkpoint.
+A method declares which nnU-Net network parts it trains (``parts``, of :data:`nnunet_ssp.network.PARTS`), its
+options, builds its model (the plans' network plus its head), its views (one augmentation per view) and its loss,
+and hands back the nnU-Net network whose parts go into the checkpoint.
 """
 import math
 from dataclasses import dataclass
@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from nnunet_ssp.methods import parts_of_method
 from nnunet_ssp.network import NetworkSpec
 
 
@@ -58,6 +57,8 @@ POOL_GRID_OPTION = Option(2, "SimCLR/PCL/DINO: average-pool the deepest encoder 
 class SSPMethod:
     name: str = ""
     defaults: Hyperparameters
+    #: the network parts it pretrains, which go into its checkpoint (its trainer in trainers/ssp_trainers.py loads them)
+    parts: Tuple[str, ...] = ("encoder",)
     #: option name -> Option; values become attributes of the method instance
     options: Dict[str, Option] = {}
 
@@ -70,10 +71,6 @@ class SSPMethod:
         for key, option in self.options.items():
             value = options.get(key)
             setattr(self, key, option.default if value is None else type(option.default)(value))
-
-    @property
-    def parts(self) -> Tuple[str, ...]:
-        return parts_of_method(self.name)
 
     def option_values(self) -> Dict[str, Any]:
         return {key: getattr(self, key) for key in self.options}

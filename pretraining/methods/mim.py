@@ -66,6 +66,7 @@ class ReconstructionModel(torch.nn.Module):
 
 class MIM(SSPMethod):
     name = "mim"
+    parts = ("encoder", "decoder")
     defaults = Hyperparameters(batch_size=128, lr=0.01, momentum=0.99, weight_decay=3e-5, nesterov=True)
     options = {"mask_patch_size": Option(32, "MIM: side of the masked square patches in px (default 32)"),
                "mask_ratio": Option(0.75, "MIM: fraction of the patches masked per image (default 0.75)"),
