@@ -351,21 +351,17 @@ def phase_epoch(p: dict) -> dict:
     """One pretraining epoch of ``iters`` iterations over a finished cache (the real Pretrainer and loader)."""
     import torch
     from pretraining.data.slice_cache import SliceCache
-    from pretraining.data.loader import SliceViewDataset
-    from pretraining.loop import PretrainSettings, Pretrainer
+    from pretraining.run import PretrainSettings, make_pretrainer
     from pretraining.methods import METHODS
     torch.set_num_threads(max(1, p["num_processes"]))
     target = _target()
     cache = SliceCache(p["cache_dir"])
     method = METHODS[p["method"]](target.network_spec, target.configuration_manager.patch_size)
-    d = method.defaults
-    settings = PretrainSettings(p["method"], epochs=1, iters_per_epoch=p["iters"], batch_size=p["batch_size"],
-                                lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay, nesterov=d.nesterov,
-                                device="cpu", num_workers=p["num_processes"], seed=0)
+    settings = PretrainSettings.of_method(method, epochs=1, iters_per_epoch=p["iters"], batch_size=p["batch_size"],
+                                          num_workers=p["num_processes"])
     output = p["output"]
     shutil.rmtree(output, ignore_errors=True)
-    trainer = Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
-                         cache.summary())
+    trainer = make_pretrainer(method, target, cache, settings, output)
     start = time.perf_counter()
     trainer.train_epoch(0)
     seconds = time.perf_counter() - start

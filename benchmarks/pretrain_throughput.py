@@ -24,7 +24,8 @@ from nnunet_ssp.workspace import phantom_workspace, workspace_env
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.loader import SliceViewDataset, make_loader
 from pretraining.data.sources import discover_sources
-from pretraining.loop import PretrainSettings, Pretrainer
+from pretraining.loop import Pretrainer
+from pretraining.run import PretrainSettings, make_pretrainer
 from pretraining.methods import METHODS
 from pretraining.methods.base import Step
 
@@ -129,12 +130,10 @@ def main(argv=None) -> dict:
         batch_size = args.batch_size or (d.batch_size if args.device.startswith("cuda") else 8)
         data = data_only_rate(views, batch_size, iters, args.num_workers)
         for variant in variants:
-            settings = PretrainSettings(name, epochs=2, iters_per_epoch=iters, batch_size=batch_size,
-                                        lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
-                                        nesterov=d.nesterov, device=args.device, num_workers=args.num_workers,
-                                        seed=0, **VARIANTS[variant])
-            trainer = Pretrainer(method, views, target, settings, os.path.join(workdir, f"{name}_{variant}"),
-                                 cache.summary())
+            settings = PretrainSettings.of_method(method, epochs=2, iters_per_epoch=iters, batch_size=batch_size,
+                                                  device=args.device, num_workers=args.num_workers,
+                                                  **VARIANTS[variant])
+            trainer = make_pretrainer(method, target, cache, settings, os.path.join(workdir, f"{name}_{variant}"))
             trainer.train_epoch(0)  # warm-up epoch: worker start-up, allocator, oneDNN / cuDNN autotuning
             trainer.train_epoch(1)  # the same loader and workers go on (as in ssp_pretrain): steady state
             end_to_end = trainer.history["slices_per_s"][-1]

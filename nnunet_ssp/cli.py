@@ -107,10 +107,7 @@ def _report(args):
     print("\n".join(paths))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(prog="nnunet_ssp", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_phantom_parser(sub) -> None:
 
     p = sub.add_parser("phantom", help="write a synthetic cine CMR dataset to $nnUNet_raw/DatasetID_NAME")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (e.g. 501)")
@@ -122,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(run=_phantom)
 
+
+def _add_convert_parser(sub) -> None:
     from nnunet_ssp.convert import DATASETS
-    p = sub.add_parser("convert", help="convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (phantom layout)",
+    p = sub.add_parser("convert", help="convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (raw layout)",
                        description="Converts a public cardiac cine dataset, as distributed, to an nnU-Net raw dataset "
-                                   "in the phantom's layout; see nnunet_ssp/convert/__init__.py for SRC and splits.")
+                                   "in the layout of nnunet_ssp/raw_layout.py; see nnunet_ssp/convert/__init__.py for SRC and splits.")
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("source", metavar="SRC",
                    help="the dataset's folder (mnms: OpenDataset with Training/, Validation/, Testing/ and the CSV; "
@@ -138,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "release's own test set; every other labelled subject becomes a training case")
     p.set_defaults(run=_convert)
 
+
+def _add_splits_parser(sub) -> None:
     p = sub.add_parser("splits", help="write label-budget, split-file or vendor folds into splits_final.json",
                        description="Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and "
                                    "describes them in splits_ssp.json; see nnunet_ssp/splits.py.")
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: 20%%)")
     p.set_defaults(run=_splits)
 
+
+def _add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions",
                        description="Evaluates a folder written by nnUNetv2_predict: nnU-Net's Dice into "
                                    "PRED/summary.json; HD95, ventricular volumes, EF and myocardial mass into "
@@ -173,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for nnU-Net's Dice (default: nnU-Net's default)")
     p.set_defaults(run=_evaluate)
 
+
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="predict an image folder with many trained runs in one process (as "
                                         "nnUNetv2_predict does for one), optionally evaluating each",
                        description="Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's "
@@ -200,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for --evaluate's nnU-Net Dice (default: nnU-Net's default)")
     p.set_defaults(run=_predict)
 
+
+def _add_report_parser(sub) -> None:
     p = sub.add_parser("report", help="paper-style tables, tests and figures from evaluated prediction folders",
                        description="Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and "
                                    "writes report.md, CSV files and figures to OUT.")
@@ -207,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
     p.set_defaults(run=_report)
 
+
+def _add_merge_parser(sub) -> None:
     p = sub.add_parser("merge", help="combine raw datasets (e.g. M&Ms and M&Ms-2) into $nnUNet_raw/DatasetID_NAME",
                        description="Hard-links (or copies) the images, labels and cines of the source datasets into "
                                    "one raw dataset; subjects.csv gets a source_dataset column.")
@@ -217,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(run=_merge)
 
+
+def _add_environment_parser(sub) -> None:
     p = sub.add_parser("env", help="print the export line that lets nnUNetv2_* find the plugin's trainers")
     p.set_defaults(run=_env)
     p = sub.add_parser("install-hooks", help="install the torchvision guard into this Python environment")
@@ -224,12 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check nnU-Net, paths, trainer discovery and torchvision")
     p.set_defaults(run=_doctor)
 
+
+def _add_checkpoint_parser(sub) -> None:
     p = sub.add_parser("checkpoint", help="show an SSP checkpoint and optionally check it against plans")
     p.add_argument("path")
     p.add_argument("-d", "--dataset", help="check that it fits this dataset's plans")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-c", "--configuration", default="2d")
     p.set_defaults(run=_checkpoint)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(prog="nnunet_ssp", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_phantom_parser, _add_convert_parser, _add_splits_parser, _add_evaluate_parser,
+                _add_predict_parser, _add_report_parser, _add_merge_parser, _add_environment_parser,
+                _add_checkpoint_parser):
+        add(sub)
     return parser
 
 

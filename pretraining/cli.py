@@ -81,7 +81,7 @@ def _check_environment(args) -> None:
 def _refuse_to_overwrite(output: str, continue_training: bool) -> None:
     """A new run never replaces a finished or interrupted one; --continue never starts over on a finished one."""
     from nnunet_ssp.checkpoint import FINAL_CHECKPOINT
-    from pretraining.loop import LATEST_CHECKPOINT
+    from pretraining.state import LATEST_CHECKPOINT
     final, latest = os.path.join(output, FINAL_CHECKPOINT), os.path.join(output, LATEST_CHECKPOINT)
     if continue_training:
         if os.path.isfile(final) and not os.path.isfile(latest):
@@ -135,67 +135,26 @@ def output_lock(output: str):
         os.close(fd)
 
 
-def _batch_size(args, method, target, device: str) -> int:
-    """The global batch: --batch-size, or the method's default halved until each process's share fits in its
-    device's memory (on every device of a distributed run). Refused unless it splits evenly over the processes."""
-    from pretraining import distributed
-    from pretraining.memory import affordable_batch_size
-    world = distributed.world_size()
-    requested = args.batch_size or method.defaults.batch_size
-    if requested % world:
-        given = "--batch-size" if args.batch_size is not None else f"the {args.method} default batch size"
-        raise SSPError(f"{given} {requested} is the global batch and must split evenly over the {world} processes "
-                       f"(set --batch-size to a multiple of {world})")
-    if args.batch_size is not None:
-        return requested
-    own_device = distributed.device(device)
-    sizing_model = method.build_model().to(own_device)
-    fitted = affordable_batch_size(method, sizing_model, target.network_spec.num_input_channels,
-                                   requested // world, own_device)
-    fitted = distributed.min_int(fitted, own_device) * world
-    if fitted < requested and distributed.is_main():
-        print(f"warning: batch size {requested} would not fit in {device} memory; using {fitted} "
-              f"(set --batch-size to choose)", file=sys.stderr)
-    return fitted
-
-
-def _too_few_slices(where: str, slices: str, batch_size: int) -> SSPError:
-    return SSPError(f"{where}: {slices} slices, fewer than one batch of {batch_size}; lower --batch-size or add data")
-
-
 def _pretrainer(args, target, method, sources, batch_size: int, device: str, output: str):
     """The slice cache (built or reused) and a Pretrainer on it with the run's settings."""
     from pretraining import distributed
-    from pretraining.data.cache import build_or_load_cache
-    from pretraining.data.loader import SliceViewDataset, default_iters_per_epoch
-    from pretraining.loop import PretrainSettings, Pretrainer
-    from pretraining.probe import make_probe
-    cache_dir = os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name,
-                             f"ssp_cache__{target.configuration_manager.data_identifier}")
-    main = distributed.is_main()
-    if main:  # rank 0 builds the cache; the others wait for it, then read it
-        cache = build_or_load_cache(target, sources, cache_dir, num_processes=max(1, args.num_workers))
-    distributed.barrier()
-    if not main:
-        cache = build_or_load_cache(target, sources, cache_dir, num_processes=1, progress=False)
+    from pretraining.data.loader import default_iters_per_epoch
+    from pretraining.run import PretrainSettings, cache_folder, make_pretrainer, open_cache, scaled_lr, too_few_slices
+    cache = open_cache(target, sources, args.num_workers)
     if len(cache) < batch_size:
-        raise _too_few_slices(cache_dir, str(len(cache)), batch_size)
+        raise too_few_slices(cache_folder(target), str(len(cache)), batch_size)
     defaults = method.defaults
-    lr = args.lr or defaults.lr * batch_size / defaults.batch_size
-    if args.lr is None and batch_size != defaults.batch_size and main:
+    lr = args.lr or scaled_lr(defaults, batch_size)
+    if args.lr is None and batch_size != defaults.batch_size and distributed.is_main():
         print(f"note: learning rate {lr:.4g} = {defaults.lr:g} x {batch_size}/{defaults.batch_size} (the paper's lr "
               f"scaled linearly to batch size {batch_size}; set --lr to choose)", file=sys.stderr)
-    settings = PretrainSettings(
-        method=args.method, epochs=args.epochs or defaults.epochs,
+    settings = PretrainSettings.of_method(
+        method, epochs=args.epochs or defaults.epochs,
         iters_per_epoch=args.iters_per_epoch or default_iters_per_epoch(len(cache), batch_size),
-        batch_size=batch_size, lr=lr, momentum=defaults.momentum,
-        weight_decay=defaults.weight_decay, nesterov=defaults.nesterov, device=device,
-        num_workers=args.num_workers, seed=args.seed, options=method.option_values(),
+        batch_size=batch_size, lr=lr, device=device, num_workers=args.num_workers, seed=args.seed,
         skip_nonfinite=args.skip_nonfinite, precision=args.precision, channels_last=args.channels_last,
         world_size=distributed.world_size())
-    probe = make_probe(cache, method.patch_size, args.probe_slices, args.seed) if main else None
-    return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
-                      data_summary=cache.summary(), probe=probe)
+    return make_pretrainer(method, target, cache, settings, output, args.probe_slices)
 
 
 def _launch_or_join(args, device: str) -> None:
@@ -235,8 +194,9 @@ def _pretrain(args) -> str:
     from nnunet_ssp.network import PlansTarget
     from pretraining import distributed
     from pretraining.data.sources import discover_sources, max_slices
-    from pretraining.loop import LATEST_CHECKPOINT, load_state
     from pretraining.methods import get_method
+    from pretraining.run import global_batch_size, too_few_slices
+    from pretraining.state import LATEST_CHECKPOINT, load_state
 
     # every check that needs no writing comes first; what fails later removes what it wrote (output, cache)
     method_class = get_method(args.method)
@@ -261,10 +221,10 @@ def _pretrain(args) -> str:
     _launch_or_join(args, device)
     raw_folder = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)
     sources = discover_sources(raw_folder, args.data)
-    batch_size = _batch_size(args, method, target, device)
+    batch_size = global_batch_size(method, target, device, args.batch_size)
     most = max_slices(sources, target.plans_manager.transpose_forward)
     if most < batch_size:
-        raise _too_few_slices(raw_folder, f"at most {most}", batch_size)
+        raise too_few_slices(raw_folder, f"at most {most}", batch_size)
 
     main = distributed.is_main()
     with output_lock(output) if main else nullcontext():  # rank 0 holds the folder for a distributed run

@@ -20,122 +20,27 @@ import itertools
 import math
 import os
 import signal
-import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, replace
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
-from nnunet_ssp.checkpoint import FINAL_CHECKPOINT, load_weights_only, save_checkpoint
+from nnunet_ssp.checkpoint import FINAL_CHECKPOINT, save_checkpoint
 from nnunet_ssp.errors import Interrupted, SSPError
-from nnunet_ssp.io import atomic_path, fault_point, torch_save_atomic, write_error
+from nnunet_ssp.io import fault_point, torch_save_atomic, write_error
 from nnunet_ssp.network import PlansTarget
 from pretraining import distributed
 from pretraining.data.loader import make_loader
 from pretraining.methods.base import SSPMethod, Step
 from pretraining.probe import PositionPhaseProbe
+from pretraining.progress_log import ProgressLog
+from pretraining.state import (LATEST_CHECKPOINT, RESUMABLE_CHANGES, STATE_FORMAT, EpochProgress, StopRequest,
+                               epoch_seed, load_state, rng_state, set_rng_state)
 
-LATEST_CHECKPOINT = "checkpoint_latest.pth"
-STATE_FORMAT = "nnunet_ssp.pretrain_state"
-#: settings that may differ between an interrupted run and its continuation
-RESUMABLE_CHANGES = ("device", "num_workers", "skip_nonfinite", "precision", "channels_last", "world_size")
-
-
-@dataclass
-class PretrainSettings:
-    method: str
-    epochs: int
-    iters_per_epoch: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    nesterov: bool
-    device: str
-    num_workers: int
-    seed: int
-    options: dict = field(default_factory=dict)  # method-specific options, e.g. MIM's mask patch size
-    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient that may be skipped before the run stops
-    precision: str = "bf16"  # autocast dtype on CUDA ("bf16") or full "fp32"; CPU always runs fp32
-    channels_last: bool = False  # NHWC model and batches on CUDA (slower for nnU-Net's InstanceNorm U-Nets on H100)
-    world_size: int = 1  # processes of a distributed run; batch_size is the global batch, batch_size / world_size each
-
-    @property
-    def batch_per_process(self) -> int:
-        return self.batch_size // self.world_size
-
-
-@dataclass
-class EpochProgress:
-    """Where an epoch stands: the next iteration, the losses and extra figures of the steps done, their seconds, and
-    the torch RNG states after them (mid-epoch only)."""
-    epoch: int
-    iteration: int = 0
-    losses: List[float] = field(default_factory=list)
-    figures: Dict[str, List[float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    rng: Optional[dict] = None
-
-
-def load_state(path: str) -> Optional[dict]:
-    """The training state in ``path``, None if there is no such file. Loaded weights-only: a file that would run code
-    is refused before any of it runs."""
-    if not os.path.isfile(path):
-        return None
-    state = load_weights_only(path)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise SSPError(f"{path}: not an ssp_pretrain state file")
-    return state
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2 ** 31)
-
-
-class StopRequest:
-    """Within ``with``: SIGINT and SIGTERM ask the loop to stop after the current step (``signum``); a second SIGINT
-    interrupts at once. Only the main thread can install signal handlers; elsewhere this does nothing."""
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def agreed(self, device: torch.device) -> Optional[int]:
-        """The request all ranks of a distributed run act on (any rank's signal stops them all at the same step);
-        ``signum`` in one process. Every rank must call it at the same point."""
-        return distributed.agreed_signal(self.signum, device)
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.random.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.random.set_rng_state(state["cpu"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
+if TYPE_CHECKING:
+    from pretraining.run import PretrainSettings
 
 class _MethodLoss(torch.nn.Module):
     """The method's loss as a module's forward: DistributedDataParallel arms its gradient hooks in forward, and the
@@ -154,7 +59,7 @@ class Pretrainer:
     measures the encoder's embeddings after every epoch. In a distributed run (a process group is initialised) it
     trains under DDP, and only rank 0 writes or probes."""
 
-    def __init__(self, method: SSPMethod, dataset, target: PlansTarget, settings: PretrainSettings,
+    def __init__(self, method: SSPMethod, dataset, target: PlansTarget, settings: "PretrainSettings",
                  output_folder: str, data_summary: dict, probe: Optional[PositionPhaseProbe] = None):
         if settings.world_size != distributed.world_size():
             raise ValueError(f"settings.world_size {settings.world_size}, but {distributed.world_size()} processes run")
@@ -169,7 +74,8 @@ class Pretrainer:
                 os.makedirs(output_folder, exist_ok=True)
             except OSError as e:
                 raise write_error(output_folder, e) from None
-        self.log_file = os.path.join(output_folder, "training_log.txt")
+        self.progress_log = ProgressLog(output_folder, f"ssp_pretrain {settings.method}: {target.dataset_name}",
+                                        f"{settings.method} loss", enabled=self.main)
         self.latest = os.path.join(output_folder, LATEST_CHECKPOINT)
         self.history = {"epoch": [], "loss": [], "lr": [], "slices_per_s": [], "epoch_time_s": []}
         torch.manual_seed(settings.seed)
@@ -189,46 +95,9 @@ class Pretrainer:
         self.skipped = 0  # non-finite steps skipped so far
         self._stream, self._stream_position = None, None  # see _batch_stream
 
-    # ---------------------------------------------------------------- logging
     def log(self, message: str) -> None:
         """Prints and appends to training_log.txt (rank 0 only)."""
-        if not self.main:
-            return
-        line = f"{datetime.now():%Y-%m-%d %H:%M:%S}: {message}"
-        tqdm.write(line)
-        try:
-            with open(self.log_file, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-        except OSError as e:
-            raise write_error(self.log_file, e) from None
-
-    def plot_progress(self) -> None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        probe_keys = [k for k in self.history if k.startswith("probe_")]
-        fig, axes = plt.subplots(2 if probe_keys else 1, 1, figsize=(8, 8 if probe_keys else 4.5), squeeze=False)
-        loss_axis = axes[0, 0]
-        loss_axis.plot(self.history["epoch"], self.history["loss"], "b-o", markersize=3, label="loss")
-        loss_axis.set_xlabel("epoch")
-        loss_axis.set_ylabel(f"{self.settings.method} loss")
-        lr_axis = loss_axis.twinx()
-        lr_axis.plot(self.history["epoch"], self.history["lr"], "g--", label="learning rate")
-        lr_axis.set_ylabel("learning rate")
-        loss_axis.legend(loc="upper right")
-        if probe_keys:
-            probe_axis = axes[1, 0]
-            for key in probe_keys:
-                probe_axis.plot(self.history["epoch"], self.history[key], "--" if key.endswith("chance") else "-o",
-                                markersize=3, label=key[len("probe_"):])
-            probe_axis.set_xlabel("epoch")
-            probe_axis.set_ylabel("k-NN probe error (held-out subjects)")
-            probe_axis.legend(loc="upper right")
-        fig.suptitle(f"ssp_pretrain {self.settings.method}: {self.target.dataset_name}")
-        fig.tight_layout()
-        with atomic_path(os.path.join(self.output_folder, "progress.png")) as tmp:
-            fig.savefig(tmp, format="png", dpi=90)
-        plt.close(fig)
+        self.progress_log.log(message)
 
     # ---------------------------------------------------------------- checkpoints
     def _save_latest(self, progress: EpochProgress) -> None:
@@ -330,7 +199,7 @@ class Pretrainer:
         s, epoch = self.settings, progress.epoch
         torch.manual_seed(epoch_seed(s.seed, epoch))
         if progress.rng is not None:
-            _set_rng_state(progress.rng, self.device)
+            set_rng_state(progress.rng, self.device)
         start, batch = time.perf_counter() - progress.seconds, None
         batches = itertools.islice(self._batch_stream(epoch, progress.iteration),
                                    s.iters_per_epoch - progress.iteration)
@@ -348,7 +217,7 @@ class Pretrainer:
             fault_point(f"iteration:{epoch}:{iteration}")
             signum = stop.agreed(self.device)
             if signum is not None and progress.iteration < s.iters_per_epoch:
-                progress.rng = _rng_state(self.device)
+                progress.rng = rng_state(self.device)
                 if self.main:
                     self._save_latest(progress)
                 distributed.barrier()  # no rank ends (and makes torchrun stop the others) before the state is saved
@@ -421,8 +290,7 @@ class Pretrainer:
                     if self.main:
                         self._save_latest(self.progress)
                     self.start_epoch = epoch + 1
-                    if self.main:
-                        self.plot_progress()
+                    self.progress_log.plot(self.history)
                     signum = stop.agreed(self.device)
                     if signum is not None and epoch + 1 < s.epochs:
                         distributed.barrier()

@@ -21,7 +21,9 @@ from pretraining import distributed
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.sources import discover_sources
 from pretraining.data.loader import EpochSampler, SliceViewDataset, make_loader
-from pretraining.loop import LATEST_CHECKPOINT, PretrainSettings, Pretrainer, load_state
+from pretraining.loop import Pretrainer
+from pretraining.run import PretrainSettings
+from pretraining.state import LATEST_CHECKPOINT, load_state
 from pretraining.methods import METHODS
 from pretraining.methods.base import Step
 
@@ -61,10 +63,8 @@ def _train_two_steps(name: str, output: str, rank: int, world: int) -> dict:
     a process group is up) fed this rank's rows of two global batches."""
     target = PlansTarget(make_plans(), "2d", DATASET_JSON)
     method = METHODS[name](target.network_spec, (64, 64), **OPTIONS[name])
-    d = method.defaults
-    settings = PretrainSettings(name, epochs=3, iters_per_epoch=2, batch_size=GLOBAL_BATCH, lr=d.lr,
-                                momentum=d.momentum, weight_decay=d.weight_decay, nesterov=d.nesterov, device="cpu",
-                                num_workers=0, seed=3, options=method.option_values(), world_size=world)
+    settings = PretrainSettings.of_method(method, epochs=3, iters_per_epoch=2, batch_size=GLOBAL_BATCH, seed=3,
+                                          world_size=world)
     trainer = Pretrainer(method, None, target, settings, output, data_summary={})
     trainer.model.train()
     torch.manual_seed(11)  # what the loop does at an epoch start: MIM's masks come from here
@@ -99,9 +99,8 @@ def _worker(rank: int, port: int, folder: str) -> None:
 def _skip_then_step(output: str, rank: int) -> list:
     target = PlansTarget(make_plans(), "2d", DATASET_JSON)
     method = METHODS["mim"](target.network_spec, (64, 64), mask_patch_size=16)
-    settings = PretrainSettings("mim", epochs=3, iters_per_epoch=2, batch_size=GLOBAL_BATCH, lr=0.01, momentum=0.99,
-                                weight_decay=3e-5, nesterov=True, device="cpu", num_workers=0, seed=3,
-                                skip_nonfinite=1, world_size=WORLD)
+    settings = PretrainSettings.of_method(method, epochs=3, iters_per_epoch=2, batch_size=GLOBAL_BATCH, seed=3,
+                                          skip_nonfinite=1, world_size=WORLD)
     trainer = Pretrainer(method, None, target, settings, output, data_summary={})
     loss = method.loss
 

@@ -19,7 +19,7 @@ import torch
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import FAULT_ENV, fault_point, torch_save_atomic
 from pretraining.data.slice_cache import SliceCache
-from pretraining.loop import LATEST_CHECKPOINT, load_state
+from pretraining.state import LATEST_CHECKPOINT, load_state
 
 import fault_matrix
 from fault_matrix import BIN, CASES, DATASET, Scratch, Workspace, pretrain_command, run_case

@@ -10,10 +10,9 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.network import PlansTarget
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.sources import discover_sources
-from pretraining.data.loader import SliceViewDataset
-from pretraining.loop import LATEST_CHECKPOINT, PretrainSettings, Pretrainer
+from pretraining.run import PretrainSettings, make_pretrainer
+from pretraining.state import LATEST_CHECKPOINT
 from pretraining.methods import METHODS
-from pretraining.probe import make_probe
 
 from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
@@ -29,14 +28,9 @@ def pretrainer(phantom_env, tmp_path):
     def make(name, output, num_workers=0, epochs=3, iters=2, batch_size=4, lr=None, probe_slices=0,
              skip_nonfinite=0, **options):
         method = METHODS[name](target.network_spec, target.configuration_manager.patch_size, **options)
-        d = method.defaults
-        settings = PretrainSettings(name, epochs=epochs, iters_per_epoch=iters, batch_size=batch_size,
-                                    lr=lr or d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
-                                    nesterov=d.nesterov, device="cpu", num_workers=num_workers, seed=5,
-                                    options=method.option_values(), skip_nonfinite=skip_nonfinite)
-        return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings,
-                          str(tmp_path / output), cache.summary(),
-                          probe=make_probe(cache, method.patch_size, probe_slices, seed=0))
+        settings = PretrainSettings.of_method(method, epochs=epochs, iters_per_epoch=iters, batch_size=batch_size,
+                                              lr=lr, num_workers=num_workers, seed=5, skip_nonfinite=skip_nonfinite)
+        return make_pretrainer(method, target, cache, settings, str(tmp_path / output), probe_slices)
     return make
 
 
@@ -147,7 +141,7 @@ def test_skip_nonfinite_skips_up_to_n_steps_without_an_update_and_logs_each(mim_
     with pytest.raises(SSPError, match=r"non-finite loss \(nan\) at epoch 2, iteration 1: run stopped"):
         trainer.run()
     assert len(updates) == 3 and trainer.skipped == 2  # (0, 0), (1, 1), (2, 0)
-    log = open(trainer.log_file).read()
+    log = open(trainer.progress_log.log_file).read()
     assert log.count("step skipped without an update") == 2 and "epoch 1, iteration 0: step skipped" in log
     resumed = mim_setup("skip", skip_nonfinite=3)  # --continue --skip-nonfinite 3
     updates = _nan_at(resumed, monkeypatch, bad_steps)

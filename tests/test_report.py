@@ -271,7 +271,7 @@ def test_a_failed_report_leaves_the_previous_one_untouched(results, tmp_path, mo
 
 
 def test_rows_are_methods_with_their_recipe_in_the_papers_order():
-    from nnunet_ssp.evaluation.report import method_sort_key, row_label
+    from nnunet_ssp.evaluation.runs import method_sort_key, row_label
     assert [row_label("mim", r) for r in ("", None, "warmup")] == ["mim", "mim", "mim_warmup"]
     labels = ["mim_warmup", "custom", "baseline_warmup", "mim", "baseline", "dino", "mim_baselineLR", "a_b"]
     assert sorted(labels, key=method_sort_key) == ["baseline", "baseline_warmup", "dino", "mim", "mim_baselineLR",

@@ -225,6 +225,21 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def _prediction_records(prediction_folder: str):
+    """(dataset.json, PlansManager) of a folder nnUNetv2_predict wrote, which must hold predictions."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    if not os.path.isdir(prediction_folder):
+        raise SSPError(f"{prediction_folder}: prediction folder not found")
+    for name in ("dataset.json", "plans.json"):
+        if not os.path.isfile(os.path.join(prediction_folder, name)):
+            raise SSPError(f"{os.path.join(prediction_folder, name)}: not found; PRED must be a folder written by "
+                           f"nnUNetv2_predict")
+    dataset_json = load_json(os.path.join(prediction_folder, "dataset.json"))
+    if not _cases(prediction_folder, dataset_json["file_ending"]):
+        raise SSPError(f"{prediction_folder}: no predictions (*{dataset_json['file_ending']})")
+    return dataset_json, PlansManager(os.path.join(prediction_folder, "plans.json"))
+
+
 def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder: Optional[str] = None,
                          trainer: Optional[str] = None, fold=None, vendors: Optional[Sequence[str]] = None,
                          num_processes: Optional[int] = None, configuration: str = "2d",
@@ -240,21 +255,10 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
     augmentation (recorded as given).
     """
     from nnunetv2.configuration import default_num_processes
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     prediction_folder = os.path.abspath(prediction_folder)
-    if not os.path.isdir(prediction_folder):
-        raise SSPError(f"{prediction_folder}: prediction folder not found")
-    for name in ("dataset.json", "plans.json"):
-        if not os.path.isfile(os.path.join(prediction_folder, name)):
-            raise SSPError(f"{os.path.join(prediction_folder, name)}: not found; PRED must be a folder written by "
-                           f"nnUNetv2_predict")
-    dataset_json = load_json(os.path.join(prediction_folder, "dataset.json"))
-    plans_manager = PlansManager(os.path.join(prediction_folder, "plans.json"))
+    dataset_json, plans_manager = _prediction_records(prediction_folder)
     file_ending = dataset_json["file_ending"]
-    if not _cases(prediction_folder, file_ending):
-        raise SSPError(f"{prediction_folder}: no predictions (*{file_ending})")
-
     preprocessed_folder = preprocessed_dataset_folder(dataset)
     dataset_name = os.path.basename(preprocessed_folder)
     reference_folder = os.path.abspath(reference_folder or os.path.join(

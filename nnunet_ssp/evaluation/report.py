@@ -6,12 +6,10 @@ by (method, budget, seed). Table cells are the mean over seeds, ``± std`` (ddof
 and ``(n=k)`` seeds; a single seed shows its value without the ``±`` part.
 """
 import csv
-import json
 import math
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,157 +17,8 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import MEASURES
 from nnunet_ssp.io import atomic_path, build_files_into
 
-EVALUATION_FILE = "ssp_evaluation.json"
-METHOD_ORDER = ("baseline", "simclr", "pcl", "dino", "mim")
-BASELINE = "baseline"
-MEAN = "mean"  # the class key of nnU-Net's foreground mean
-EF_MEASURES = ("lv_ef_pct", "rv_ef_pct")
-Budget = Union[int, str, None]
-NAN = float("nan")
-
-
-@dataclass
-class Run:
-    """One evaluated prediction folder. Missing values are NaN."""
-    folder: str
-    method: str                                 # the row: the method, with its recipe unless the paper's
-    budget: Budget
-    seed: Optional[int]
-    num_train_subjects: Optional[int]
-    labels: Dict[str, str]                      # label key -> class name
-    dice: Dict[str, float]                      # MEAN and label key -> nnU-Net's 3D Dice
-    case_dice: Dict[str, float]                 # reference file name -> mean Dice over foreground classes
-    hd95: Dict[str, float]                      # label key -> mean HD95 (mm)
-    clinical: Dict[str, Dict[str, float]]       # measure -> n, mae, bias, sd, loa_low, loa_high
-    subjects: Dict[str, Dict[str, Dict[str, float]]]  # subject -> reference/prediction -> measure -> value
-    schedule: Optional[dict] = None             # the fine-tuning schedule the run recorded (name, epochs, ...)
-    tta: Optional[bool] = None                  # whether its predictions used test-time augmentation
-
-
-def _num(value) -> float:
-    return NAN if value is None else float(value)
-
-
-def _budget(value) -> Budget:
-    """Budgets as ints where numeric ("10" -> 10); "all" and other strings as given."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if value is None or isinstance(value, (int, str)) and not isinstance(value, bool):
-        return value
-    raise ValueError(f"budget {value!r} is neither a number nor a string")
-
-
-def budget_sort_key(budget: Budget) -> Tuple:
-    """Numbers ascending, then "all", then other strings alphabetically, then no budget."""
-    if isinstance(budget, int):
-        return (0, budget, "")
-    if budget is None:
-        return (3, 0, "")
-    return (1, 0, "") if budget == "all" else (2, 0, budget)
-
-
-def row_label(method: str, recipe: Optional[str]) -> str:
-    """A report row: the method, ``<method>_<recipe>`` for a recipe other than the paper's."""
-    return f"{method}_{recipe}" if recipe else str(method)
-
-
-def method_sort_key(label: str) -> Tuple:
-    """The paper's methods in its order, then the others alphabetically; each method's paper recipe first."""
-    method, _, recipe = label.partition("_")
-    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return (order, method if order == len(METHOD_ORDER) else "", recipe)
-
-
-def label_sort_key(label: str) -> Tuple:
-    return (0, int(label), "") if label.isdigit() else (1, 0, label)
-
-
-def seed_sort_key(seed: Optional[int]) -> Tuple:
-    return (seed is None, seed or 0)
-
-
-def _text(value) -> str:
-    """Budgets, seeds and subject counts in tables: "n/a" for None."""
-    return "n/a" if value is None else str(value)
-
-
-def _load_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise SSPError(f"{path}: cannot read JSON ({e})") from None
-
-
-def load_run(folder: str) -> Run:
-    """Reads one evaluated folder; a missing, unreadable or malformed file is an SSPError naming it."""
-    path = os.path.join(folder, EVALUATION_FILE)
-    ev = _load_json(path)
-    try:
-        if ev["format"] != "nnunet_ssp.evaluation" or ev["format_version"] != 1:
-            raise ValueError(f"format {ev['format']!r} version {ev['format_version']!r}, expected "
-                             "'nnunet_ssp.evaluation' version 1")
-        run = ev["run"]
-        labels = {str(k): str(v) for k, v in ev["labels"].items()}
-        fields = dict(
-            folder=folder, method=row_label(run["method"], run.get("recipe")), budget=_budget(run["budget"]),
-            seed=None if run["seed"] is None else int(run["seed"]),
-            num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
-            labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
-            schedule=run.get("schedule"), tta=run.get("tta"),
-            clinical={m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
-                      for m, a in ev["clinical_agreement"].items()},
-            subjects={s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}
-                      for s, d in ev["clinical_per_subject"].items()})
-        summary_path = os.path.join(folder, ev["dice_summary"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SSPError(f"{path}: malformed evaluation file ({type(e).__name__}: {e})") from None
-    summary = _load_json(summary_path)
-    try:
-        dice = {MEAN: _num(summary["foreground_mean"]["Dice"])}
-        dice.update({k: _num(summary["mean"][k]["Dice"]) for k in labels})
-        case_dice = {}
-        for case in summary["metric_per_case"]:
-            values = [_num(m["Dice"]) for m in case["metrics"].values()]
-            finite = [v for v in values if math.isfinite(v)]
-            case_dice[os.path.basename(case["reference_file"])] = float(np.mean(finite)) if finite else NAN
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise SSPError(f"{summary_path}: malformed nnU-Net summary ({type(e).__name__}: {e})") from None
-    return Run(dice=dice, case_dice=case_dice, **fields)
-
-
-def find_runs(results: Sequence[str]) -> List[Run]:
-    """Every evaluated folder under the given folders (recursively), sorted by method, budget and seed."""
-    folders, seen_paths = [], set()
-    for root in results:
-        if not os.path.isdir(root):
-            raise SSPError(f"{root}: not a folder")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            if EVALUATION_FILE in filenames and os.path.realpath(dirpath) not in seen_paths:
-                seen_paths.add(os.path.realpath(dirpath))
-                folders.append(dirpath)
-    if not folders:
-        raise SSPError(f"no evaluated prediction folder ({EVALUATION_FILE}) under {', '.join(results)}; "
-                       "run nnunet_ssp evaluate first")
-    runs, seen = [], {}
-    for folder in folders:
-        run = load_run(folder)
-        key = (run.method, run.budget, run.seed)
-        if key in seen:
-            raise SSPError(f"two evaluations of method {run.method}, budget {_text(run.budget)}, seed "
-                           f"{run.seed}: {seen[key]} and {folder}")
-        seen[key] = folder
-        runs.append(run)
-    return sorted(runs, key=lambda r: (method_sort_key(r.method), budget_sort_key(r.budget), seed_sort_key(r.seed)))
-
-
-def group_runs(runs: Sequence[Run]) -> Dict[Tuple[str, Budget], List[Run]]:
-    """(method, budget) -> its runs (one per seed), in report order."""
-    groups = defaultdict(list)
-    for run in runs:
-        groups[(run.method, run.budget)].append(run)
-    return dict(groups)
+from nnunet_ssp.evaluation.runs import (BASELINE, EF_MEASURES, MEAN, NAN, Run, budget_sort_key, cell_text, find_runs,
+                                        group_runs, label_sort_key, method_sort_key, seed_sort_key)
 
 
 def seed_stats(values: Sequence[float]) -> Tuple[int, float, float]:
@@ -198,7 +47,7 @@ def grid_table(groups, methods, budgets, value, digits: int) -> str:
     """Methods x budgets, each cell the seeds' ``value(run)`` as mean ± std (n); "–" where no run exists."""
     rows = [[m] + [_cell([value(r) for r in groups[(m, b)]], digits) if (m, b) in groups else "–" for b in budgets]
             for m in methods]
-    return markdown_table(["method"] + [_text(b) for b in budgets], rows)
+    return markdown_table(["method"] + [cell_text(b) for b in budgets], rows)
 
 
 def class_tables(groups, methods, budgets, labels, value, digits: int) -> List[str]:
@@ -269,7 +118,7 @@ def clinical_table(groups, measures) -> str:
             mae, bias, low, high = (_seed_mean(runs, m, s) for s in ("mae", "bias", "loa_low", "loa_high"))
             cells.append("n/a" if not math.isfinite(mae) else
                          f"{mae:.2f} / {_fmt(bias, '+.2f')} [{_fmt(low, '.2f')}, {_fmt(high, '.2f')}]")
-        rows.append([method, _text(budget), str(len(runs))] + cells)
+        rows.append([method, cell_text(budget), str(len(runs))] + cells)
     return markdown_table(["method", "budget", "seeds"] + list(measures), rows)
 
 
@@ -369,6 +218,63 @@ def tta_summary(runs: Sequence[Run]) -> str:
     return ", ".join(f"{text} ({n} runs)" for text, n in sorted(counts.items()))
 
 
+def _report_markdown(runs: Sequence[Run], groups, methods, budgets, labels, measures, main: str, wilcoxon,
+                     skipped) -> str:
+    """report.md: the main table, the per-class Dice and HD95 tables, clinical errors, the Wilcoxon tests, the
+    figures and the list of runs."""
+    md = ["# nnunet_ssp report", "",
+          f"{len(runs)} runs: methods {', '.join(methods)}; budgets {', '.join(map(cell_text, budgets))}.",
+          f"Fine-tuning schedule: {schedule_summary(runs)}. Test-time augmentation: {tta_summary(runs)}.",
+          "Cells are the mean over seeds, ± the standard deviation over seeds (ddof=1) when there are two or more, "
+          "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run.", "",
+          "## 3D Dice, mean over the foreground classes", "",
+          "A run's value is nnU-Net's `foreground_mean` Dice (the mean over classes of the per-class mean).", "",
+          main, "", "## 3D Dice per class"]
+    md += class_tables(groups, methods, budgets, labels, lambda r, k: r.dice.get(k, NAN), 3)
+    md += ["", "## HD95 (mm) per class", "", "A run's value is its mean HD95 over the cases where it is defined."]
+    md += class_tables(groups, methods, budgets, labels, lambda r, k: r.hd95.get(k, NAN), 2)
+    md += ["", "## Clinical measures: prediction − reference", "",
+           "Cells: MAE / bias [limits of agreement low, high] (bias ± 1.96 sd), each the mean of the per-run values "
+           "over seeds.", "", clinical_table(groups, measures), "",
+           "## Wilcoxon signed-rank test against the baseline", "",
+           "Paired two-sided test over the test cases (matched by reference file name); a case's value is its mean "
+           "Dice over the foreground classes, averaged over the seeds both methods have. Difference = method − "
+           "baseline.", "",
+           markdown_table(["method", "budget", "seeds", "n pairs", "median difference", "p", "note"],
+                          [[w["method"], cell_text(w["budget"]), " ".join(map(cell_text, w["seeds"])) or "–",
+                            str(w["n_pairs"]), _fmt(w["median_difference"], "+.4f"), _fmt(w["p_value"], ".4g"),
+                            w["note"]] for w in wilcoxon]), "",
+           "## Figures", "", "![label efficiency](label_efficiency.png)", "",
+           "![Bland-Altman EF](bland_altman_ef.png)"]
+    if skipped:
+        md += ["", "Not in label_efficiency.png (no number of training subjects): "
+               + ", ".join(f"{m} budget {cell_text(b)}" for m, b in skipped) + "."]
+    md += ["", "## Runs", "", markdown_table(
+        ["method", "budget", "seed", "training subjects", "schedule", "TTA", "folder"],
+        [[r.method, cell_text(r.budget), cell_text(r.seed), cell_text(r.num_train_subjects),
+          _schedule_text(r.schedule), _tta_text(r.tta), r.folder] for r in runs])]
+    return "\n".join(md) + "\n"
+
+
+def _write_tables(folder: str, runs: Sequence[Run], groups, classes, measures, wilcoxon) -> List[str]:
+    """dice.csv, summary.csv, clinical.csv and wilcoxon.csv in ``folder``; returns their paths."""
+    stats = ("n", "mae", "bias", "sd", "loa_low", "loa_high")
+    return [
+        write_csv(os.path.join(folder, "dice.csv"), ["method", "budget", "seed", "num_train_subjects", "class", "dice"],
+                  [[r.method, r.budget, r.seed, r.num_train_subjects, k, r.dice.get(k, NAN)]
+                   for r in runs for k in classes]),
+        write_csv(os.path.join(folder, "summary.csv"), ["method", "budget", "class", "n_seeds", "mean", "std"],
+                  [[m, b, k, *seed_stats([r.dice.get(k, NAN) for r in rs])]
+                   for (m, b), rs in groups.items() for k in classes]),
+        write_csv(os.path.join(folder, "clinical.csv"), ["method", "budget", "seed", "measure", *stats],
+                  [[r.method, r.budget, r.seed, m, *(r.clinical[m].get(s, NAN) for s in stats)]
+                   for r in runs for m in measures if m in r.clinical]),
+        write_csv(os.path.join(folder, "wilcoxon.csv"), ["method", "budget", "seeds", "n_pairs", "median_difference",
+                                                         "p_value", "note"],
+                  [[w["method"], w["budget"], " ".join(map(cell_text, w["seeds"])), w["n_pairs"],
+                    w["median_difference"], w["p_value"], w["note"]] for w in wilcoxon])]
+
+
 def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
     """Writes report.md, dice.csv, summary.csv, clinical.csv, wilcoxon.csv, label_efficiency.png and
     bland_altman_ef.png into ``out``; returns the main table (Markdown) and the paths written. The files are made in
@@ -384,68 +290,21 @@ def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
         for k, name in run.labels.items():
             labels.setdefault(k, name)
     labels = {k: labels[k] for k in sorted(labels, key=label_sort_key)}
-    classes = [MEAN, *labels]
     measures = [m for m in MEASURES if any(m in r.clinical for r in runs)]
     measures += sorted({m for r in runs for m in r.clinical} - set(measures))
     if os.path.exists(out) and not os.path.isdir(out):
         raise SSPError(f"{out}: exists and is not a folder")
 
     def build(folder: str) -> Tuple[str, List[str]]:
-        def path(name):
-            return os.path.join(folder, name)
-
         main = grid_table(groups, methods, budgets, lambda r: r.dice[MEAN], 3)
         wilcoxon = wilcoxon_rows(groups, methods, budgets)
         series, skipped = label_efficiency_series(groups, methods, budgets)
-        md = ["# nnunet_ssp report", "",
-              f"{len(runs)} runs: methods {', '.join(methods)}; budgets {', '.join(map(_text, budgets))}.",
-              f"Fine-tuning schedule: {schedule_summary(runs)}. Test-time augmentation: {tta_summary(runs)}.",
-              "Cells are the mean over seeds, ± the standard deviation over seeds (ddof=1) when there are two or more, "
-              "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run.", "",
-              "## 3D Dice, mean over the foreground classes", "",
-              "A run's value is nnU-Net's `foreground_mean` Dice (the mean over classes of the per-class mean).", "",
-              main, "", "## 3D Dice per class"]
-        md += class_tables(groups, methods, budgets, labels, lambda r, k: r.dice.get(k, NAN), 3)
-        md += ["", "## HD95 (mm) per class", "", "A run's value is its mean HD95 over the cases where it is defined."]
-        md += class_tables(groups, methods, budgets, labels, lambda r, k: r.hd95.get(k, NAN), 2)
-        md += ["", "## Clinical measures: prediction − reference", "",
-               "Cells: MAE / bias [limits of agreement low, high] (bias ± 1.96 sd), each the mean of the per-run values "
-               "over seeds.", "", clinical_table(groups, measures), "",
-               "## Wilcoxon signed-rank test against the baseline", "",
-               "Paired two-sided test over the test cases (matched by reference file name); a case's value is its mean "
-               "Dice over the foreground classes, averaged over the seeds both methods have. Difference = method − "
-               "baseline.", "",
-               markdown_table(["method", "budget", "seeds", "n pairs", "median difference", "p", "note"],
-                              [[w["method"], _text(w["budget"]), " ".join(map(_text, w["seeds"])) or "–",
-                                str(w["n_pairs"]), _fmt(w["median_difference"], "+.4f"), _fmt(w["p_value"], ".4g"),
-                                w["note"]] for w in wilcoxon]), "",
-               "## Figures", "", "![label efficiency](label_efficiency.png)", "",
-               "![Bland-Altman EF](bland_altman_ef.png)"]
-        if skipped:
-            md += ["", "Not in label_efficiency.png (no number of training subjects): "
-                   + ", ".join(f"{m} budget {_text(b)}" for m, b in skipped) + "."]
-        md += ["", "## Runs", "", markdown_table(
-            ["method", "budget", "seed", "training subjects", "schedule", "TTA", "folder"],
-            [[r.method, _text(r.budget), _text(r.seed), _text(r.num_train_subjects), _schedule_text(r.schedule),
-              _tta_text(r.tta), r.folder] for r in runs])]
-
-        written = [_write_text(path("report.md"), "\n".join(md) + "\n")]
-        written.append(write_csv(path("dice.csv"), ["method", "budget", "seed", "num_train_subjects", "class", "dice"],
-                                 [[r.method, r.budget, r.seed, r.num_train_subjects, k, r.dice.get(k, NAN)]
-                                  for r in runs for k in classes]))
-        written.append(write_csv(path("summary.csv"), ["method", "budget", "class", "n_seeds", "mean", "std"],
-                                 [[m, b, k, *seed_stats([r.dice.get(k, NAN) for r in rs])]
-                                  for (m, b), rs in groups.items() for k in classes]))
-        stats = ("n", "mae", "bias", "sd", "loa_low", "loa_high")
-        written.append(write_csv(path("clinical.csv"), ["method", "budget", "seed", "measure", *stats],
-                                 [[r.method, r.budget, r.seed, m, *(r.clinical[m].get(s, NAN) for s in stats)]
-                                  for r in runs for m in measures if m in r.clinical]))
-        written.append(write_csv(path("wilcoxon.csv"), ["method", "budget", "seeds", "n_pairs", "median_difference",
-                                                        "p_value", "note"],
-                                 [[w["method"], w["budget"], " ".join(map(_text, w["seeds"])), w["n_pairs"],
-                                   w["median_difference"], w["p_value"], w["note"]] for w in wilcoxon]))
-        written.append(plot_label_efficiency(series, path("label_efficiency.png")))
-        written.append(plot_bland_altman(bland_altman_panels(groups, methods, budgets), path("bland_altman_ef.png")))
+        markdown = _report_markdown(runs, groups, methods, budgets, labels, measures, main, wilcoxon, skipped)
+        written = [_write_text(os.path.join(folder, "report.md"), markdown)]
+        written += _write_tables(folder, runs, groups, [MEAN, *labels], measures, wilcoxon)
+        written.append(plot_label_efficiency(series, os.path.join(folder, "label_efficiency.png")))
+        written.append(plot_bland_altman(bland_altman_panels(groups, methods, budgets),
+                                         os.path.join(folder, "bland_altman_ef.png")))
         return main, written
 
     return build_files_into(out, build)

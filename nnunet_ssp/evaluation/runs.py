@@ -1,0 +1,165 @@
+"""The runs a report is made of: every folder evaluated by ``nnunet_ssp evaluate`` (``ssp_evaluation.json`` next to
+nnU-Net's ``summary.json``), read into a :class:`Run` identified by (method row, budget, seed), and the report's
+orders of methods, budgets, labels and seeds."""
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from nnunet_ssp.errors import SSPError
+
+EVALUATION_FILE = "ssp_evaluation.json"
+METHOD_ORDER = ("baseline", "simclr", "pcl", "dino", "mim")
+BASELINE = "baseline"
+MEAN = "mean"  # the class key of nnU-Net's foreground mean
+EF_MEASURES = ("lv_ef_pct", "rv_ef_pct")
+Budget = Union[int, str, None]
+NAN = float("nan")
+
+
+@dataclass
+class Run:
+    """One evaluated prediction folder. Missing values are NaN."""
+    folder: str
+    method: str                                 # the row: the method, with its recipe unless the paper's
+    budget: Budget
+    seed: Optional[int]
+    num_train_subjects: Optional[int]
+    labels: Dict[str, str]                      # label key -> class name
+    dice: Dict[str, float]                      # MEAN and label key -> nnU-Net's 3D Dice
+    case_dice: Dict[str, float]                 # reference file name -> mean Dice over foreground classes
+    hd95: Dict[str, float]                      # label key -> mean HD95 (mm)
+    clinical: Dict[str, Dict[str, float]]       # measure -> n, mae, bias, sd, loa_low, loa_high
+    subjects: Dict[str, Dict[str, Dict[str, float]]]  # subject -> reference/prediction -> measure -> value
+    schedule: Optional[dict] = None             # the fine-tuning schedule the run recorded (name, epochs, ...)
+    tta: Optional[bool] = None                  # whether its predictions used test-time augmentation
+
+
+def _num(value) -> float:
+    return NAN if value is None else float(value)
+
+
+def _budget(value) -> Budget:
+    """Budgets as ints where numeric ("10" -> 10); "all" and other strings as given."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if value is None or isinstance(value, (int, str)) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"budget {value!r} is neither a number nor a string")
+
+
+def budget_sort_key(budget: Budget) -> Tuple:
+    """Numbers ascending, then "all", then other strings alphabetically, then no budget."""
+    if isinstance(budget, int):
+        return (0, budget, "")
+    if budget is None:
+        return (3, 0, "")
+    return (1, 0, "") if budget == "all" else (2, 0, budget)
+
+
+def row_label(method: str, recipe: Optional[str]) -> str:
+    """A report row: the method, ``<method>_<recipe>`` for a recipe other than the paper's."""
+    return f"{method}_{recipe}" if recipe else str(method)
+
+
+def method_sort_key(label: str) -> Tuple:
+    """The paper's methods in its order, then the others alphabetically; each method's paper recipe first."""
+    method, _, recipe = label.partition("_")
+    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (order, method if order == len(METHOD_ORDER) else "", recipe)
+
+
+def label_sort_key(label: str) -> Tuple:
+    return (0, int(label), "") if label.isdigit() else (1, 0, label)
+
+
+def seed_sort_key(seed: Optional[int]) -> Tuple:
+    return (seed is None, seed or 0)
+
+
+def cell_text(value) -> str:
+    """Budgets, seeds and subject counts in tables: "n/a" for None."""
+    return "n/a" if value is None else str(value)
+
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SSPError(f"{path}: cannot read JSON ({e})") from None
+
+
+def load_run(folder: str) -> Run:
+    """Reads one evaluated folder; a missing, unreadable or malformed file is an SSPError naming it."""
+    path = os.path.join(folder, EVALUATION_FILE)
+    ev = _load_json(path)
+    try:
+        if ev["format"] != "nnunet_ssp.evaluation" or ev["format_version"] != 1:
+            raise ValueError(f"format {ev['format']!r} version {ev['format_version']!r}, expected "
+                             "'nnunet_ssp.evaluation' version 1")
+        run = ev["run"]
+        labels = {str(k): str(v) for k, v in ev["labels"].items()}
+        fields = dict(
+            folder=folder, method=row_label(run["method"], run.get("recipe")), budget=_budget(run["budget"]),
+            seed=None if run["seed"] is None else int(run["seed"]),
+            num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
+            labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
+            schedule=run.get("schedule"), tta=run.get("tta"),
+            clinical={m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
+                      for m, a in ev["clinical_agreement"].items()},
+            subjects={s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}
+                      for s, d in ev["clinical_per_subject"].items()})
+        summary_path = os.path.join(folder, ev["dice_summary"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SSPError(f"{path}: malformed evaluation file ({type(e).__name__}: {e})") from None
+    summary = _load_json(summary_path)
+    try:
+        dice = {MEAN: _num(summary["foreground_mean"]["Dice"])}
+        dice.update({k: _num(summary["mean"][k]["Dice"]) for k in labels})
+        case_dice = {}
+        for case in summary["metric_per_case"]:
+            values = [_num(m["Dice"]) for m in case["metrics"].values()]
+            finite = [v for v in values if math.isfinite(v)]
+            case_dice[os.path.basename(case["reference_file"])] = float(np.mean(finite)) if finite else NAN
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise SSPError(f"{summary_path}: malformed nnU-Net summary ({type(e).__name__}: {e})") from None
+    return Run(dice=dice, case_dice=case_dice, **fields)
+
+
+def find_runs(results: Sequence[str]) -> List[Run]:
+    """Every evaluated folder under the given folders (recursively), sorted by method, budget and seed."""
+    folders, seen_paths = [], set()
+    for root in results:
+        if not os.path.isdir(root):
+            raise SSPError(f"{root}: not a folder")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            if EVALUATION_FILE in filenames and os.path.realpath(dirpath) not in seen_paths:
+                seen_paths.add(os.path.realpath(dirpath))
+                folders.append(dirpath)
+    if not folders:
+        raise SSPError(f"no evaluated prediction folder ({EVALUATION_FILE}) under {', '.join(results)}; "
+                       "run nnunet_ssp evaluate first")
+    runs, seen = [], {}
+    for folder in folders:
+        run = load_run(folder)
+        key = (run.method, run.budget, run.seed)
+        if key in seen:
+            raise SSPError(f"two evaluations of method {run.method}, budget {cell_text(run.budget)}, seed "
+                           f"{run.seed}: {seen[key]} and {folder}")
+        seen[key] = folder
+        runs.append(run)
+    return sorted(runs, key=lambda r: (method_sort_key(r.method), budget_sort_key(r.budget), seed_sort_key(r.seed)))
+
+
+def group_runs(runs: Sequence[Run]) -> Dict[Tuple[str, Budget], List[Run]]:
+    """(method, budget) -> its runs (one per seed), in report order."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[(run.method, run.budget)].append(run)
+    return dict(groups)

@@ -1,0 +1,111 @@
+"""Run assembly: what a pretraining run is made of before it trains, for ``ssp_pretrain``, the benchmarks and the
+tests alike: its settings (the method's recipe with the run's overrides), the global batch sized to memory, the
+learning rate scaled to it, the slice cache's place, and the Pretrainer on the cache."""
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from nnunet_ssp.errors import SSPError
+from nnunet_ssp.network import PlansTarget
+from pretraining import distributed
+from pretraining.methods.base import Hyperparameters, SSPMethod
+
+
+@dataclass
+class PretrainSettings:
+    method: str
+    epochs: int
+    iters_per_epoch: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    device: str
+    num_workers: int
+    seed: int
+    options: dict = field(default_factory=dict)  # method-specific options, e.g. MIM's mask patch size
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient that may be skipped before the run stops
+    precision: str = "bf16"  # autocast dtype on CUDA ("bf16") or full "fp32"; CPU always runs fp32
+    channels_last: bool = False  # NHWC model and batches on CUDA (slower for nnU-Net's InstanceNorm U-Nets on H100)
+    world_size: int = 1  # processes of a distributed run; batch_size is the global batch, batch_size / world_size each
+
+    @property
+    def batch_per_process(self) -> int:
+        return self.batch_size // self.world_size
+
+    @classmethod
+    def of_method(cls, method: SSPMethod, *, epochs: int, iters_per_epoch: int, batch_size: int,
+                  lr: Optional[float] = None, device: str = "cpu", num_workers: int = 0, seed: int = 0,
+                  **runtime) -> "PretrainSettings":
+        """The settings of a run of ``method``: its recipe (lr unless given, momentum, weight decay, Nesterov) and
+        options, the run's length and batch, and ``runtime`` (skip_nonfinite, precision, channels_last,
+        world_size)."""
+        d = method.defaults
+        return cls(method.name, epochs, iters_per_epoch, batch_size, d.lr if lr is None else lr, d.momentum,
+                   d.weight_decay, d.nesterov, device, num_workers, seed, options=method.option_values(), **runtime)
+
+
+def scaled_lr(defaults: Hyperparameters, batch_size: int) -> float:
+    """The method's learning rate scaled linearly from its batch size to ``batch_size`` (the linear scaling rule)."""
+    return defaults.lr * batch_size / defaults.batch_size
+
+
+def cache_folder(target: PlansTarget) -> str:
+    """Where the slice cache of ``target``'s plans and configuration lives: next to nnU-Net's preprocessed data."""
+    return os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name,
+                        f"ssp_cache__{target.configuration_manager.data_identifier}")
+
+
+def global_batch_size(method: SSPMethod, target: PlansTarget, device: str, batch_size: Optional[int]) -> int:
+    """The global batch: ``batch_size`` (--batch-size), or the method's default halved until each process's share
+    fits in its device's memory (on every device of a distributed run). Refused unless it splits evenly over the
+    processes."""
+    from pretraining.memory import affordable_batch_size
+    world = distributed.world_size()
+    requested = batch_size or method.defaults.batch_size
+    if requested % world:
+        given = "--batch-size" if batch_size is not None else f"the {method.name} default batch size"
+        raise SSPError(f"{given} {requested} is the global batch and must split evenly over the {world} processes "
+                       f"(set --batch-size to a multiple of {world})")
+    if batch_size is not None:
+        return requested
+    own_device = distributed.device(device)
+    sizing_model = method.build_model().to(own_device)
+    fitted = affordable_batch_size(method, sizing_model, target.network_spec.num_input_channels,
+                                   requested // world, own_device)
+    fitted = distributed.min_int(fitted, own_device) * world
+    if fitted < requested and distributed.is_main():
+        print(f"warning: batch size {requested} would not fit in {device} memory; using {fitted} "
+              f"(set --batch-size to choose)", file=sys.stderr)
+    return fitted
+
+
+def too_few_slices(where: str, slices: str, batch_size: int) -> SSPError:
+    return SSPError(f"{where}: {slices} slices, fewer than one batch of {batch_size}; lower --batch-size or add data")
+
+
+def open_cache(target: PlansTarget, sources, num_processes: int):
+    """The slice cache of ``sources`` (built or reused in :func:`cache_folder`); in a distributed run rank 0 builds
+    it while the others wait, then read it."""
+    from pretraining.data.cache import build_or_load_cache
+    folder = cache_folder(target)
+    if distributed.is_main():
+        cache = build_or_load_cache(target, sources, folder, num_processes=max(1, num_processes))
+    distributed.barrier()
+    if not distributed.is_main():
+        cache = build_or_load_cache(target, sources, folder, num_processes=1, progress=False)
+    return cache
+
+
+def make_pretrainer(method: SSPMethod, target: PlansTarget, cache, settings: PretrainSettings, output: str,
+                    probe_slices: int = 0):
+    """A Pretrainer of ``method`` on ``cache`` (its views, the cache's summary) writing to ``output``, with a k-NN
+    probe of ``probe_slices`` slices on rank 0 (0: none)."""
+    from pretraining.data.loader import SliceViewDataset
+    from pretraining.loop import Pretrainer
+    from pretraining.probe import make_probe
+    probe = make_probe(cache, method.patch_size, probe_slices, settings.seed) if distributed.is_main() else None
+    return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
+                      data_summary=cache.summary(), probe=probe)
