@@ -257,8 +257,8 @@ def _raw_folder() -> str:
 
 
 def _target():
-    from nnunet_ssp.network import PlansTarget
-    return PlansTarget.from_preprocessed(str(DATASET_ID))
+    from nnunet_ssp.network import PlannedConfiguration
+    return PlannedConfiguration.from_preprocessed(str(DATASET_ID))
 
 
 def _full_cache_dir(target) -> str:

@@ -294,8 +294,8 @@ def main(argv=None) -> dict:
         dataset = phantom_workspace(os.environ, 992, "Overhead", subjects=args.subjects, size=args.size, processes=2)
     os.environ["nnUNet_results"] = os.path.join(workdir, "nnUNet_results")  # trainers write only here
     os.makedirs(os.environ["nnUNet_results"], exist_ok=True)
-    from nnunet_ssp.network import PlansTarget
-    target = PlansTarget.from_preprocessed(dataset, args.plans, args.configuration)
+    from nnunet_ssp.network import PlannedConfiguration
+    target = PlannedConfiguration.from_preprocessed(dataset, args.plans, args.configuration)
     checkpoint, checkpoint_origin = mim_checkpoint(args, target, workdir, real_results)
     os.environ["nnUNet_ssp_checkpoint"] = checkpoint
     setup_s = time.perf_counter() - wall

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 from nnunet_ssp.workspace import phantom_workspace, workspace_env
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.loader import SliceViewDataset, make_loader
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
         os.environ.update(workspace_env(workdir))
     dataset = args.dataset or phantom_workspace(os.environ, 990, "Bench", subjects=4, size=size, processes=2)
     plans = write_cardiac_like_plans(dataset) if args.plan_like == "cardiac" else "nnUNetPlans"
-    target = PlansTarget.from_preprocessed(dataset, plans)
+    target = PlannedConfiguration.from_preprocessed(dataset, plans)
     variants = args.variants or (["bf16", "fp32", "bf16+cl"] if args.device.startswith("cuda") else ["fp32"])
     iters = args.iters or (max(40, 3 * args.num_workers) if args.device.startswith("cuda") else 15)
     raw = os.path.join(os.environ["nnUNet_raw"], target.dataset_name)

@@ -26,7 +26,7 @@ import torch
 
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import torch_save_atomic
-from nnunet_ssp.network import PARTS, NetworkSpec, PlansTarget, check_fit, extract_parts
+from nnunet_ssp.network import PARTS, NetworkSpec, PlannedConfiguration, check_fit, extract_parts
 
 FORMAT_NAME = "nnunet_ssp.checkpoint"
 FORMAT_VERSION = 1
@@ -53,7 +53,7 @@ def default_checkpoint_folder(results_root: str, dataset_name: str, method: str,
     return os.path.join(results_root, dataset_name, "ssp", f"{method}__{plans_name}__{configuration}")
 
 
-def build_checkpoint(network: torch.nn.Module, target: PlansTarget, method: str, parts: Sequence[str],
+def build_checkpoint(network: torch.nn.Module, target: PlannedConfiguration, method: str, parts: Sequence[str],
                      pretraining: dict = None, data: dict = None) -> dict:
     """The contract dict for ``network`` (its ``parts`` only, those the ``method`` pretrained), verified against a
     fresh network from the plans."""
@@ -77,8 +77,8 @@ def build_checkpoint(network: torch.nn.Module, target: PlansTarget, method: str,
     }
 
 
-def save_checkpoint(path: str, network: torch.nn.Module, target: PlansTarget, method: str, parts: Sequence[str],
-                    pretraining: dict = None, data: dict = None) -> dict:
+def save_checkpoint(path: str, network: torch.nn.Module, target: PlannedConfiguration, method: str,
+                    parts: Sequence[str], pretraining: dict = None, data: dict = None) -> dict:
     """Writes a contract checkpoint atomically and returns it."""
     checkpoint = build_checkpoint(network, target, method, parts, pretraining, data)
     torch_save_atomic(checkpoint, path)
@@ -131,7 +131,7 @@ def load_checkpoint(path: str) -> dict:
     return checkpoint
 
 
-def verify_checkpoint(checkpoint: dict, target: PlansTarget, parts, source: str) -> list:
+def verify_checkpoint(checkpoint: dict, target: PlannedConfiguration, parts, source: str) -> list:
     """Raises SSPError unless ``parts`` of the checkpoint fit the network of ``target``.
 
     Returns warnings for differences that leave the weights loadable (patch size, spacing, normalization).

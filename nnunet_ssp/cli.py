@@ -9,8 +9,8 @@ from nnunet_ssp.errors import OneLineArgumentParser, SSPError, run_command
 def _phantom(args):
     from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.phantom import write_phantom_dataset
-    path = write_phantom_dataset(nnunet_path("nnUNet_raw"), args.dataset_id, args.name, args.subjects, args.test_subjects,
-                                 seed=args.seed, size=args.size, overwrite=args.overwrite)
+    path = write_phantom_dataset(nnunet_path("nnUNet_raw"), args.dataset_id, args.name, args.subjects,
+                                 args.test_subjects, seed=args.seed, size=args.size, overwrite=args.overwrite)
     print(path)
 
 
@@ -42,7 +42,7 @@ def _doctor(args):
 
 def _checkpoint(args):
     from nnunet_ssp.checkpoint import load_checkpoint, verify_checkpoint
-    from nnunet_ssp.network import PlansTarget
+    from nnunet_ssp.network import PlannedConfiguration
     ckpt = load_checkpoint(args.path)
     tensors = ckpt["network_weights"]
     print(f"{args.path}: method {ckpt['method']}, parts {'+'.join(ckpt['parts'])}, {len(tensors)} tensors, "
@@ -52,7 +52,7 @@ def _checkpoint(args):
     print(f"  data: {ckpt.get('data')}")
     print(f"  versions: {ckpt.get('versions')}, created {ckpt.get('created')}")
     if args.dataset:
-        target = PlansTarget.from_preprocessed(args.dataset, args.plans, args.configuration)
+        target = PlannedConfiguration.from_preprocessed(args.dataset, args.plans, args.configuration)
         for warning in verify_checkpoint(ckpt, target, ckpt["parts"], args.path):
             print(f"  warning: {warning}")
         print(f"  fits {target.plans_name} {target.configuration} of {target.dataset_name}")
@@ -124,7 +124,8 @@ def _add_convert_parser(sub) -> None:
     from nnunet_ssp.convert import DATASETS
     p = sub.add_parser("convert", help="convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (raw layout)",
                        description="Converts a public cardiac cine dataset, as distributed, to an nnU-Net raw dataset "
-                                   "in the layout of nnunet_ssp/raw_layout.py; see nnunet_ssp/convert/__init__.py for SRC and splits.")
+                                   "in the layout of nnunet_ssp/raw_layout.py; see nnunet_ssp/convert/__init__.py "
+                                   "for SRC and splits.")
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("source", metavar="SRC",
                    help="the dataset's folder (mnms: OpenDataset with Training/, Validation/, Testing/ and the CSV; "

@@ -153,7 +153,7 @@ def preprocessed_dataset_folder(dataset: str) -> str:
     return os.path.join(preprocessed, dataset_name)
 
 
-class PlansTarget:
+class PlannedConfiguration:
     """One nnU-Net plans + configuration + dataset.json: the network SSP pretrains and fine-tuning uses."""
 
     def __init__(self, plans, configuration: str, dataset_json: dict):
@@ -168,7 +168,7 @@ class PlansTarget:
 
     @classmethod
     def from_preprocessed(cls, dataset: str, plans_identifier: str = "nnUNetPlans",
-                          configuration: str = "2d") -> "PlansTarget":
+                          configuration: str = "2d") -> "PlannedConfiguration":
         """Reads ``$nnUNet_preprocessed/<Dataset>/<plans>.json`` and its dataset.json."""
         folder = preprocessed_dataset_folder(dataset)
         plans_file = os.path.join(folder, f"{plans_identifier}.json")

@@ -20,54 +20,19 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError, run_command
+from nnunet_ssp.runner import Command, Run, execute, file_exists, print_plan
 from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
                                  SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV)
 
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
 PAPER_BATCH_SIZE = 32
-#: Environment of runs that share the machine (--jobs > 1), unless the user's environment sets it. nnU-Net gives every
-#: CPU run one torch (OpenMP) thread per core (``torch.set_num_threads(cpu_count())`` for ``-device cpu``); OpenMP
-#: threads that spin while idle then take the cores the other runs need. Measured on 2 cores, two parallel
-#: fine-tunes: epoch 25 s with spinning threads, 13.5 s with passive ones (one alone: 7.7 s).
-PARALLEL_RUN_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-@dataclass
-class Step:
-    """One stock command and how to tell that its result already exists."""
-    command: List[str]
-    done: Callable[[], bool]
-    resume: Callable[[], List[str]] = field(default=lambda: [])  # extra arguments when partly done
-    env: dict = field(default_factory=dict)  # environment overrides for this command
-
-
-@dataclass
-class Run:
-    """A named unit of work: its steps run in order, each skipped when done."""
-    phase: str
-    name: str
-    steps: List[Step]
-
-    def is_done(self) -> bool:
-        return all(step.done() for step in self.steps)
-
-
-def _exists(*parts: str) -> Callable[[], bool]:
-    path = os.path.join(*parts)
-    return lambda: os.path.isfile(path)
-
-
 def parse_shard(text: str):
     try:
         index, count = (int(x) for x in text.split("/"))
@@ -145,13 +110,13 @@ class Protocol:
     def prepare_runs(self) -> List[Run]:
         a, runs = self.args, []
         if len(a.datasets) > 1:
-            runs.append(Run("prepare", f"merge {' '.join(a.datasets)} -> {self.dataset_name}", [Step(
+            runs.append(Run("prepare", f"merge {' '.join(a.datasets)} -> {self.dataset_name}", [Command(
                 ["nnunet_ssp", "merge", "-d", self.dataset_id, "-n", a.merged_name, "--from", *a.datasets],
-                _exists(self.raw_root, self.dataset_name, "dataset.json"))]))
-        runs.append(Run("prepare", "plan and preprocess", [Step(
+                file_exists(self.raw_root, self.dataset_name, "dataset.json"))]))
+        runs.append(Run("prepare", "plan and preprocess", [Command(
             ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, "-c", a.configuration, "-np", str(a.num_processes),
              "-npfp", str(a.num_processes), "--verify_dataset_integrity"],
-            _exists(self.preprocessed, f"{a.plans}.json"),
+            file_exists(self.preprocessed, f"{a.plans}.json"),
             # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (no DA workers)
             env={"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {})]))
         splits = ["nnunet_ssp", "splits", "-d", self.dataset_id]
@@ -159,7 +124,7 @@ class Protocol:
             splits += ["--from-yaml", *a.splits_yaml]
         else:
             splits += ["--budgets", *a.budgets, "--seeds", *map(str, a.seeds)] + (["--val", str(a.val)] if a.val else [])
-        runs.append(Run("prepare", "label-budget folds", [Step(splits, self._splits_written)]))
+        runs.append(Run("prepare", "label-budget folds", [Command(splits, self._splits_written)]))
         return runs
 
     def _splits_written(self) -> bool:
@@ -177,8 +142,8 @@ class Protocol:
             folder = self.ssp_folder(method)
             command = ["ssp_pretrain", "-d", self.dataset_id, "--method", method, "-c", a.configuration, "-p", a.plans,
                        "--device", a.device, *shlex.split(a.pretrain_args), *self.pretrain_args_of.get(method, [])]
-            runs.append(Run("pretrain", f"ssp_pretrain {method}", [Step(
-                command, _exists(folder, "checkpoint_final.pth"),
+            runs.append(Run("pretrain", f"ssp_pretrain {method}", [Command(
+                command, file_exists(folder, "checkpoint_final.pth"),
                 resume=lambda f=folder: ["--continue"] if os.path.isfile(os.path.join(f, "checkpoint_latest.pth"))
                 else [])]))
         return runs
@@ -208,8 +173,8 @@ class Protocol:
         a, index = self.args, str(fold["fold"])
         results = os.path.join(self.results_root, self.dataset_name, f"{trainer}__{a.plans}__{a.configuration}",
                                f"fold_{index}")
-        train = Step(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
-                      "-device", a.device], _exists(results, "checkpoint_final.pth"),
+        train = Command(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
+                      "-device", a.device], file_exists(results, "checkpoint_final.pth"),
                      resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
                      env=self.training_env(trainer))
         return Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']})", [train])
@@ -236,7 +201,7 @@ class Protocol:
                                                and os.path.isfile(os.path.join(f, OUTPUT_FILE)) for f in folders)
             runs.append(Run("finetune", f"predict and evaluate {len(mine)} runs"
                             + (f" (process {worker + 1}/{workers})" if workers > 1 else ""),
-                            [Step(command + a.predict_args, done)]))
+                            [Command(command + a.predict_args, done)]))
         return runs
 
     def iteration_budget(self) -> List[str]:
@@ -276,7 +241,7 @@ class Protocol:
 
     def report_runs(self) -> List[Run]:
         report = os.path.join(self.output, "report")
-        return [Run("report", "report", [Step(["nnunet_ssp", "report", os.path.join(self.output, "predictions"),
+        return [Run("report", "report", [Command(["nnunet_ssp", "report", os.path.join(self.output, "predictions"),
                                                "-o", report], lambda: False)])]
 
     def phase_runs(self, phase: str, shard=(0, 1)) -> List[List[Run]]:
@@ -319,77 +284,6 @@ def _slices(image_path: str) -> int:
     header = nib.load(image_path).header
     zooms, shape = header.get_zooms()[:3], header.get_data_shape()[:3]
     return int(shape[max(range(3), key=lambda axis: zooms[axis])])
-
-
-def _describe(command: List[str]) -> str:
-    return " ".join(shlex.quote(c) for c in command)
-
-
-def _numbered(stages: Sequence[Sequence[Run]]):
-    """(number of the run in its phase, total, run) for the runs of each stage, stage by stage."""
-    total = sum(len(stage) for stage in stages)
-    numbers = iter(range(1, total + 1))
-    return [[(next(numbers), total, run) for run in stage] for stage in stages]
-
-
-def print_plan(stages: Sequence[Sequence[Run]]) -> None:
-    """The dry run: every run with its commands, those already done marked."""
-    for stage in _numbered(stages):
-        for number, total, run in stage:
-            print(f"[{run.phase} {number}/{total}] {run.name}{' [done]' if run.is_done() else ''}")
-            for step in run.steps:
-                print(f"    {'(done) ' if step.done() else ''}{_describe(step.command)}")
-
-
-def _say(line: str, stream=None) -> None:
-    """One whole line in one write: ``print`` writes the text and its newline separately, so the lines of runs
-    executing in parallel threads could run into each other."""
-    stream = stream or sys.stdout
-    stream.write(line + "\n")
-    stream.flush()
-
-
-def _execute_run(run: Run, label: str, log_folder: str, base_env: dict) -> None:
-    """Runs the steps of ``run`` that are not done, in order, with ``base_env`` under the environment; each command's
-    output goes to its log file."""
-    _say(f"[{label}] {run.name}{' [done]' if run.is_done() else ''}")
-    for step in run.steps:
-        if step.done():
-            continue
-        command = step.command + step.resume()
-        log = os.path.join(log_folder, f"{run.phase}_{_slug(run.name)}_{os.path.basename(command[0])}.log")
-        os.makedirs(log_folder, exist_ok=True)
-        _say(f"[{label}] $ {_describe(command)}")
-        start = time.time()
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(f"\n$ {_describe(command)}\n")
-            f.flush()
-            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT,
-                                   env={**base_env, **os.environ, **step.env})
-        if code != 0:
-            tail = open(log, encoding="utf-8", errors="replace").read().strip().splitlines()[-15:]
-            _say("\n".join(f"[{label}] | {line}" for line in tail), sys.stderr)
-            raise SSPError(f"{command[0]} failed (exit {code}) in '{run.name}'; full output in {log}; "
-                           f"re-run the same command to resume")
-        _say(f"[{label}] {os.path.basename(command[0])} finished in {time.time() - start:.0f} s")
-
-
-def execute(stages: Sequence[Sequence[Run]], log_folder: str, jobs: int = 1) -> None:
-    """Runs the stages in order, the runs of each with up to ``jobs`` at a time; after the first failure no new run
-    starts, and its error is raised once the runs under way have ended."""
-    base_env = PARALLEL_RUN_ENV if jobs > 1 else {}
-    for stage in _numbered(stages):
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_execute_run, run, f"{run.phase} {number}/{total}", log_folder, base_env)
-                       for number, total, run in stage]
-            for future in as_completed(futures):
-                if future.exception() is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise future.exception()
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text).strip("_")[:80]
 
 
 def build_parser() -> argparse.ArgumentParser:

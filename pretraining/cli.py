@@ -191,7 +191,7 @@ def _pretrain(args) -> str:
     from contextlib import nullcontext
     from nnunet_ssp.checkpoint import default_checkpoint_folder
     from nnunet_ssp.io import remove_temporaries
-    from nnunet_ssp.network import PlansTarget
+    from nnunet_ssp.network import PlannedConfiguration
     from pretraining import distributed
     from pretraining.data.sources import discover_sources, max_slices
     from pretraining.methods import get_method
@@ -206,7 +206,7 @@ def _pretrain(args) -> str:
     if foreign:
         raise SSPError(f"{', '.join(foreign)} do(es) not apply to --method {args.method}")
     _check_environment(args)
-    target = PlansTarget.from_preprocessed(args.dataset, args.plans, args.configuration)
+    target = PlannedConfiguration.from_preprocessed(args.dataset, args.plans, args.configuration)
     try:
         method = method_class(target.network_spec, target.configuration_manager.patch_size,
                               **{name: getattr(args, name) for name in method_class.options})

@@ -179,7 +179,7 @@ def all_reduce_mean_many(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
 
 
 def mean_of_values(values: Sequence[float], device: torch.device) -> List[float]:
-    """Means over the ranks of python floats (e.g. the logged loss and figures), in one collective."""
+    """Means over the ranks of python floats (e.g. the logged loss and metrics), in one collective."""
     if not is_distributed():
         return list(values)
     packed = torch.tensor(list(values), dtype=torch.float64, device=device)

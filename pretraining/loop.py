@@ -4,7 +4,7 @@ Everything random in an epoch is a pure function of (seed, epoch): the loader's 
 the main process's torch RNG (e.g. MIM's masks) are re-seeded at every epoch start, and batch k of an epoch is a pure
 function of (seed, epoch, k). ``checkpoint_latest.pth`` is written atomically after every epoch, and in the middle
 of one when SIGINT or SIGTERM stops the run: model and optimizer, the next (epoch, iteration), the epoch's losses
-and figures so far, and the torch RNG states. ``--continue`` therefore resumes exactly where the run stopped (bit for
+and metrics so far, and the torch RNG states. ``--continue`` therefore resumes exactly where the run stopped (bit for
 bit on CPU), and a run killed outright (SIGKILL, power loss) resumes from its last complete epoch.
 
 A non-finite loss or gradient stops the run with one message and keeps the last good state, unless
@@ -12,7 +12,7 @@ A non-finite loss or gradient stops the run with one message and keeps the last 
 
 Distributed runs (torchrun, see :mod:`pretraining.distributed`): the model runs under DistributedDataParallel, each
 rank on its block of every global batch of ``batch_size``; its BatchNorm layers (if any) normalise over the global
-batch. The logged losses and figures are the ranks' means, the decisions (skip, stop) are taken on values all ranks
+batch. The logged losses and metrics are the ranks' means, the decisions (skip, stop) are taken on values all ranks
 agree on, a stop request is agreed at every step, and only rank 0 writes logs, plots, previews and checkpoints and
 runs the probe. Every rank resumes from the same state.
 """
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from nnunet_ssp.checkpoint import FINAL_CHECKPOINT, save_checkpoint
 from nnunet_ssp.errors import Interrupted, SSPError
 from nnunet_ssp.io import fault_point, torch_save_atomic, write_error
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 from pretraining import distributed
 from pretraining.data.loader import make_loader
 from pretraining.methods.base import SSPMethod, Step
@@ -59,7 +59,7 @@ class Pretrainer:
     measures the encoder's embeddings after every epoch. In a distributed run (a process group is initialised) it
     trains under DDP, and only rank 0 writes or probes."""
 
-    def __init__(self, method: SSPMethod, dataset, target: PlansTarget, settings: "PretrainSettings",
+    def __init__(self, method: SSPMethod, dataset, target: PlannedConfiguration, settings: "PretrainSettings",
                  output_folder: str, data_summary: dict, probe: Optional[PositionPhaseProbe] = None):
         if settings.world_size != distributed.world_size():
             raise ValueError(f"settings.world_size {settings.world_size}, but {distributed.world_size()} processes run")
@@ -124,7 +124,7 @@ class Pretrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
         self.skipped = state.get("skipped", 0)
-        self.progress = EpochProgress(**state["progress"]) if "progress" in state else EpochProgress(state["epoch"])
+        self.progress = EpochProgress.from_state(state)
         self.start_epoch = self.progress.epoch
         self.log(f"continuing from {self.latest} at epoch {self.start_epoch}, iteration {self.progress.iteration}")
         return True
@@ -163,7 +163,7 @@ class Pretrainer:
                  f"{self.settings.skip_nonfinite} allowed)")
 
     def train_step(self, batch: dict, step: Step) -> Optional[Tuple[float, Dict[str, float]]]:
-        """One optimisation step on a loader batch: the loss and the method's extra figures, or None when the step
+        """One optimisation step on a loader batch: the loss and the method's extra metrics, or None when the step
         was skipped for a non-finite loss or gradient."""
         self._set_lr(step)
         batch = self._to_device(batch)
@@ -174,8 +174,8 @@ class Pretrainer:
                 loss, extra = self.ddp(batch, step)
         value = loss.item()
         if self.ddp is not None:  # the global loss on every rank already; the mean makes the agreement explicit
-            value, *figures = distributed.mean_of_values([value, *extra.values()], self.device)
-            extra = dict(zip(extra, figures))
+            value, *metrics = distributed.mean_of_values([value, *extra.values()], self.device)
+            extra = dict(zip(extra, metrics))
         self.optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(value):
             self._skip_or_stop(f"non-finite loss ({value})", step)
@@ -210,8 +210,8 @@ class Pretrainer:
             result = self.train_step(batch, self._step(epoch, iteration))
             if result is not None:
                 progress.losses.append(result[0])
-                for key, figure in result[1].items():
-                    progress.figures.setdefault(key, []).append(figure)
+                for key, metric in result[1].items():
+                    progress.metrics.setdefault(key, []).append(metric)
                 bar.set_postfix(loss=f"{result[0]:.4f}", refresh=False)
             progress.iteration, progress.seconds = iteration + 1, time.perf_counter() - start
             fault_point(f"iteration:{epoch}:{iteration}")
@@ -247,15 +247,15 @@ class Pretrainer:
         self.history["lr"].append(self._set_lr(self._step(epoch, 0)))
         self.history["slices_per_s"].append(s.iters_per_epoch * s.batch_size / progress.seconds)
         self.history["epoch_time_s"].append(progress.seconds)
-        figures = {key: sum(values) / len(values) for key, values in progress.figures.items()}
+        metrics = {key: sum(values) / len(values) for key, values in progress.metrics.items()}
         if self.probe is not None and self.main:
-            figures.update(self.probe.evaluate(self.method.export_network(self.model)))
-        for key, figure in figures.items():
-            self.history.setdefault(key, []).append(figure)
-        described = "".join(f", {key} {figure:.4g}" for key, figure in figures.items())
+            metrics.update(self.probe.evaluate(self.method.export_network(self.model)))
+        for key, metric in metrics.items():
+            self.history.setdefault(key, []).append(metric)
+        described = "".join(f", {key} {metric:.4g}" for key, metric in metrics.items())
         self.log(f"epoch {epoch}: loss {self.history['loss'][-1]:.5f}, lr {self.history['lr'][-1]:.3g}, "
                  f"{self.history['slices_per_s'][-1]:.1f} slices/s, {progress.seconds:.1f} s{described}")
-        warning = self.method.epoch_warning(figures)
+        warning = self.method.epoch_warning(metrics)
         if warning:
             self.log(f"warning: {warning}")
         self.model.eval()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 from pretraining import distributed
 from pretraining.methods.base import Hyperparameters, SSPMethod
 
@@ -52,13 +52,13 @@ def scaled_lr(defaults: Hyperparameters, batch_size: int) -> float:
     return defaults.lr * batch_size / defaults.batch_size
 
 
-def cache_folder(target: PlansTarget) -> str:
+def cache_folder(target: PlannedConfiguration) -> str:
     """Where the slice cache of ``target``'s plans and configuration lives: next to nnU-Net's preprocessed data."""
     return os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name,
                         f"ssp_cache__{target.configuration_manager.data_identifier}")
 
 
-def global_batch_size(method: SSPMethod, target: PlansTarget, device: str, batch_size: Optional[int]) -> int:
+def global_batch_size(method: SSPMethod, target: PlannedConfiguration, device: str, batch_size: Optional[int]) -> int:
     """The global batch: ``batch_size`` (--batch-size), or the method's default halved until each process's share
     fits in its device's memory (on every device of a distributed run). Refused unless it splits evenly over the
     processes."""
@@ -86,7 +86,7 @@ def too_few_slices(where: str, slices: str, batch_size: int) -> SSPError:
     return SSPError(f"{where}: {slices} slices, fewer than one batch of {batch_size}; lower --batch-size or add data")
 
 
-def open_cache(target: PlansTarget, sources, num_processes: int):
+def open_cache(target: PlannedConfiguration, sources, num_processes: int):
     """The slice cache of ``sources`` (built or reused in :func:`cache_folder`); in a distributed run rank 0 builds
     it while the others wait, then read it."""
     from pretraining.data.cache import build_or_load_cache
@@ -99,7 +99,7 @@ def open_cache(target: PlansTarget, sources, num_processes: int):
     return cache
 
 
-def make_pretrainer(method: SSPMethod, target: PlansTarget, cache, settings: PretrainSettings, output: str,
+def make_pretrainer(method: SSPMethod, target: PlannedConfiguration, cache, settings: PretrainSettings, output: str,
                     probe_slices: int = 0):
     """A Pretrainer of ``method`` on ``cache`` (its views, the cache's summary) writing to ``output``, with a k-NN
     probe of ``probe_slices`` slices on rank 0 (0: none)."""

@@ -20,14 +20,24 @@ RESUMABLE_CHANGES = ("device", "num_workers", "skip_nonfinite", "precision", "ch
 
 @dataclass
 class EpochProgress:
-    """Where an epoch stands: the next iteration, the losses and extra figures of the steps done, their seconds, and
+    """Where an epoch stands: the next iteration, the losses and extra metrics of the steps done, their seconds, and
     the torch RNG states after them (mid-epoch only)."""
     epoch: int
     iteration: int = 0
     losses: List[float] = field(default_factory=list)
-    figures: Dict[str, List[float]] = field(default_factory=dict)
+    metrics: Dict[str, List[float]] = field(default_factory=dict)
     seconds: float = 0.0
     rng: Optional[dict] = None
+
+    @classmethod
+    def from_state(cls, state: dict) -> "EpochProgress":
+        """The progress a saved state records (states written before the per-step values were named ``metrics``
+        called them ``figures``)."""
+        if "progress" not in state:
+            return cls(state["epoch"])
+        progress = dict(state["progress"])
+        progress.setdefault("metrics", progress.pop("figures", {}))
+        return cls(**progress)
 
 
 def load_state(path: str) -> Optional[dict]:

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 
 # The console scripts (nnunet_ssp, ssp_pretrain, nnUNetv2_*) live next to this interpreter, venv activated or not.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
@@ -47,8 +47,8 @@ def make_plans(features=(8, 16, 32, 64), patch=(64, 64), dataset_name="Dataset99
 
 
 @pytest.fixture
-def target() -> PlansTarget:
-    return PlansTarget(make_plans(), "2d", DATASET_JSON)
+def target() -> PlannedConfiguration:
+    return PlannedConfiguration(make_plans(), "2d", DATASET_JSON)
 
 
 @pytest.fixture

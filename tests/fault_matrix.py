@@ -344,13 +344,13 @@ def _contract_checkpoint(s: Scratch, path: str, method: str = "mim", edit_plans=
     import torch
     from nnunet_ssp.checkpoint import save_checkpoint
     from pretraining.methods import METHODS
-    from nnunet_ssp.network import PlansTarget
+    from nnunet_ssp.network import PlannedConfiguration
     plans = json.load(open(s.workspace.path("nnUNet_preprocessed", DATASET, "nnUNetPlans.json")))
     dataset_json = json.load(open(s.workspace.path("nnUNet_preprocessed", DATASET, "dataset.json")))
     dataset_json["channel_names"] = {str(c): "cineMRI" for c in range(channels)}
     if edit_plans:
         edit_plans(plans["configurations"]["2d"]["architecture"])
-    target = PlansTarget(plans, "2d", dataset_json)
+    target = PlannedConfiguration(plans, "2d", dataset_json)
     torch.manual_seed(0)
     save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, method, METHODS[method].parts)
     return path

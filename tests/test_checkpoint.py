@@ -6,7 +6,7 @@ import torch
 
 from nnunet_ssp.checkpoint import FORMAT_NAME, FORMAT_VERSION, load_checkpoint, save_checkpoint, verify_checkpoint
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 from pretraining.methods import METHODS
 
 from conftest import DATASET_JSON, make_plans
@@ -59,7 +59,7 @@ def test_invalid_method_or_parts_are_refused(tmp_path, target, method, parts):
 
 
 def test_saving_a_network_that_does_not_match_the_plans_fails_and_writes_nothing(tmp_path, target):
-    other = PlansTarget(make_plans(features=(8, 16, 32)), "2d", DATASET_JSON)
+    other = PlannedConfiguration(make_plans(features=(8, 16, 32)), "2d", DATASET_JSON)
     with pytest.raises(SSPError, match="do not fit"):
         save_checkpoint(str(tmp_path / "x.pth"), other.network_spec.build(4), target, "mim", METHODS["mim"].parts)
     assert not os.listdir(tmp_path)
@@ -71,7 +71,7 @@ def test_verify_accepts_matching_plans_and_warns_about_spacing(tmp_path, target)
     assert verify_checkpoint(load_checkpoint(path), target, ["encoder", "decoder"], path) == []
     plans = make_plans()
     plans["configurations"]["2d"]["spacing"] = [1.25, 1.25]
-    warnings = verify_checkpoint(load_checkpoint(path), PlansTarget(plans, "2d", DATASET_JSON), ["encoder"], path)
+    warnings = verify_checkpoint(load_checkpoint(path), PlannedConfiguration(plans, "2d", DATASET_JSON), ["encoder"], path)
     assert len(warnings) == 1 and "spacing [1.5, 1.5]" in warnings[0] and "[1.25, 1.25]" in warnings[0]
 
 
@@ -84,7 +84,7 @@ def test_checkpoint_for_other_plans_is_refused_with_the_differences(tmp_path, ta
     path = str(tmp_path / "ckpt.pth")
     save_checkpoint(path, _mim_network(target), target, "mim", METHODS["mim"].parts)
     with pytest.raises(SSPError) as e:
-        verify_checkpoint(load_checkpoint(path), PlansTarget(plans, "2d", DATASET_JSON), ["encoder"], path)
+        verify_checkpoint(load_checkpoint(path), PlannedConfiguration(plans, "2d", DATASET_JSON), ["encoder"], path)
     assert path in str(e.value) and expected in str(e.value) and "other plans" in str(e.value)
 
 
@@ -93,7 +93,7 @@ def test_other_input_channel_count_is_refused(tmp_path, target):
     save_checkpoint(path, _mim_network(target), target, "mim", METHODS["mim"].parts)
     two_channels = dict(DATASET_JSON, channel_names={"0": "cine", "1": "t1"})
     with pytest.raises(SSPError, match="num_input_channels 1 vs 2"):
-        verify_checkpoint(load_checkpoint(path), PlansTarget(make_plans(), "2d", two_channels), ["encoder"], path)
+        verify_checkpoint(load_checkpoint(path), PlannedConfiguration(make_plans(), "2d", two_channels), ["encoder"], path)
 
 
 def test_missing_part_is_refused(tmp_path, target):

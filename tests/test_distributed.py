@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from nnunet_ssp.checkpoint import load_checkpoint
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 from pretraining import distributed
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.sources import discover_sources
@@ -59,9 +59,9 @@ def _rows(batch: dict, rank: int, world: int) -> dict:
 
 
 def _train_two_steps(name: str, output: str, rank: int, world: int) -> dict:
-    """Loss, figures and gradients of step 1, and the model's state after step 2, of a Pretrainer (under DDP when
+    """Loss, metrics and gradients of step 1, and the model's state after step 2, of a Pretrainer (under DDP when
     a process group is up) fed this rank's rows of two global batches."""
-    target = PlansTarget(make_plans(), "2d", DATASET_JSON)
+    target = PlannedConfiguration(make_plans(), "2d", DATASET_JSON)
     method = METHODS[name](target.network_spec, (64, 64), **OPTIONS[name])
     settings = PretrainSettings.of_method(method, epochs=3, iters_per_epoch=2, batch_size=GLOBAL_BATCH, seed=3,
                                           world_size=world)
@@ -70,9 +70,9 @@ def _train_two_steps(name: str, output: str, rank: int, world: int) -> dict:
     torch.manual_seed(11)  # what the loop does at an epoch start: MIM's masks come from here
     results = {}
     for step in STEPS:
-        loss, figures = trainer.train_step(_rows(_global_batch(method, step), rank, world), step)
+        loss, metrics = trainer.train_step(_rows(_global_batch(method, step), rank, world), step)
         if step.iteration == 0:
-            results.update(loss=loss, figures=figures,
+            results.update(loss=loss, metrics=metrics,
                            grads={k: None if p.grad is None else p.grad.clone()
                                   for k, p in trainer.model.named_parameters()})
     results["state"] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -97,7 +97,7 @@ def _worker(rank: int, port: int, folder: str) -> None:
 
 
 def _skip_then_step(output: str, rank: int) -> list:
-    target = PlansTarget(make_plans(), "2d", DATASET_JSON)
+    target = PlannedConfiguration(make_plans(), "2d", DATASET_JSON)
     method = METHODS["mim"](target.network_spec, (64, 64), mask_patch_size=16)
     settings = PretrainSettings.of_method(method, epochs=3, iters_per_epoch=2, batch_size=GLOBAL_BATCH, seed=3,
                                           skip_nonfinite=1, world_size=WORLD)
@@ -105,8 +105,8 @@ def _skip_then_step(output: str, rank: int) -> list:
     loss = method.loss
 
     def nan_on_rank_1(model, batch, step):
-        value, figures = loss(model, batch, step)
-        return (value * float("nan") if rank == 1 else value), figures
+        value, metrics = loss(model, batch, step)
+        return (value * float("nan") if rank == 1 else value), metrics
 
     method.loss = nan_on_rank_1
     skipped = trainer.train_step(_rows(_global_batch(method, STEPS[0]), rank, WORLD), STEPS[0])
@@ -162,8 +162,8 @@ def test_two_processes_train_exactly_as_one_on_the_global_batch(two_process_resu
     assert not reference["ddp"] and all(r[name]["ddp"] for r in ranks)
     for rank, result in enumerate(ranks):
         assert result[name]["loss"] == pytest.approx(reference["loss"], rel=RTOL, abs=ATOL)
-        for key, figure in reference["figures"].items():
-            assert result[name]["figures"][key] == pytest.approx(figure, rel=1e-3, abs=1e-5), key
+        for key, metric in reference["metrics"].items():
+            assert result[name]["metrics"][key] == pytest.approx(metric, rel=1e-3, abs=1e-5), key
         _assert_close(result[name]["grads"], reference["grads"], f"rank {rank} gradient")
         _assert_close(result[name]["state"], reference["state"], f"rank {rank} after 2 steps")
     print(f"{name}: |loss difference| {abs(ranks[0][name]['loss'] - reference['loss']):.3g}, "
@@ -249,7 +249,7 @@ def test_ssp_pretrain_on_two_processes_writes_from_rank_0_only_stops_together_an
     assert not [f for f in os.listdir(output) if ".tmp" in f]
     # one process, uninterrupted, with the run's settings on the same slice cache: the same weights (to the
     # float rounding that thread counts alone cause: 1 thread per process under torchrun)
-    target = PlansTarget.from_preprocessed(str(PHANTOM_ID))
+    target = PlannedConfiguration.from_preprocessed(str(PHANTOM_ID))
     cache = build_or_load_cache(target, discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
                                 os.path.join(env["nnUNet_preprocessed"], PHANTOM_DATASET,
                                              f"ssp_cache__{target.configuration_manager.data_identifier}"),

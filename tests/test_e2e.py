@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, load_checkpoint, save_checkpoint
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 
 from conftest import PHANTOM_DATASET as DATASET, PHANTOM_ID as DATASET_ID, run_cli as run
 
@@ -69,7 +69,7 @@ def test_exported_checkpoint_is_refused_by_another_methods_trainer_and_loaded_by
     """nnUNet_ssp_checkpoint exported to a MIM checkpoint (written through the public save API): the SimCLR trainer
     stops with one line and writes no fold folder; nnUNetTrainerSSP fine-tunes from it, then predicts without it."""
     root, env = phantom_env
-    target = PlansTarget.from_preprocessed(str(DATASET_ID))
+    target = PlannedConfiguration.from_preprocessed(str(DATASET_ID))
     torch.manual_seed(7)
     path = str(root / "api_checkpoint" / "mim.pth")
     checkpoint = save_checkpoint(path, target.network_spec.build(num_output_channels=1), target, "mim",
@@ -143,11 +143,11 @@ def test_ssp_pretrain_encoder_methods_then_finetune_loads_the_encoder_only(phant
 
 def test_checkpoint_for_other_plans_is_refused_by_nnunetv2_train(phantom_env):
     root, env = phantom_env
-    target = PlansTarget.from_preprocessed(str(DATASET_ID))
+    target = PlannedConfiguration.from_preprocessed(str(DATASET_ID))
     plans = json.loads(json.dumps(target.plans_manager.plans))
     kwargs = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
     kwargs["features_per_stage"] = [f // 2 for f in kwargs["features_per_stage"]]
-    other = PlansTarget(dict(plans, plans_name="otherPlans"), "2d", target.dataset_json)
+    other = PlannedConfiguration(dict(plans, plans_name="otherPlans"), "2d", target.dataset_json)
     bad = str(root / "other_plans.pth")
     save_checkpoint(bad, other.network_spec.build(1), other, "simclr", ("encoder",))
     result = run(["nnUNetv2_train", str(DATASET_ID), "2d", "4", "-tr", "nnUNetTrainerSimCLR", "-device", "cpu"],

@@ -6,7 +6,7 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.network import extract_parts, load_parts, part_of_key
 
 from conftest import DATASET_JSON, make_plans
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 
 
 @pytest.mark.parametrize("key, part", [
@@ -23,7 +23,7 @@ def test_part_of_key(key, part):
 
 @pytest.mark.parametrize("network", ["PlainConvUNet", "ResidualEncoderUNet"])
 def test_parts_cover_every_unique_tensor_but_the_heads(network, seeded):
-    net = PlansTarget(make_plans(network=network), "2d", DATASET_JSON).network_spec.build(4)
+    net = PlannedConfiguration(make_plans(network=network), "2d", DATASET_JSON).network_spec.build(4)
     encoder = extract_parts(net, ["encoder"])
     both = extract_parts(net, ["encoder", "decoder"])
     assert set(encoder) == {k for k in net.state_dict() if k.startswith("encoder.")}
@@ -52,7 +52,7 @@ def test_load_parts_copies_in_place_and_keeps_aliases_in_sync(target, seeded):
 
 
 def test_load_parts_refuses_wrong_shapes_and_names_them(target, seeded):
-    other = PlansTarget(make_plans(features=(8, 16, 32, 48)), "2d", DATASET_JSON).network_spec.build(4)
+    other = PlannedConfiguration(make_plans(features=(8, 16, 32, 48)), "2d", DATASET_JSON).network_spec.build(4)
     dest = target.network_spec.build(4)
     before = {k: v.clone() for k, v in dest.state_dict().items()}
     with pytest.raises(SSPError) as e:

@@ -7,7 +7,7 @@ import torch
 
 from nnunet_ssp.checkpoint import load_checkpoint
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.sources import discover_sources
 from pretraining.run import PretrainSettings, make_pretrainer
@@ -21,7 +21,7 @@ from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 def pretrainer(phantom_env, tmp_path):
     """make(method, output, ...) -> a Pretrainer on the phantom's slice cache with the method's own recipe."""
     root, env = phantom_env
-    target = PlansTarget.from_preprocessed(str(PHANTOM_ID))
+    target = PlannedConfiguration.from_preprocessed(str(PHANTOM_ID))
     cache = build_or_load_cache(target, discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
                                 str(root / "pretraining_cache"), num_processes=1, progress=False)
 

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.network import PlansTarget
+from nnunet_ssp.network import PlannedConfiguration
 from pretraining.data import cache as cache_module
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.slice_cache import SliceCache
@@ -99,8 +99,8 @@ def planned(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def real_target(planned) -> PlansTarget:
-    return PlansTarget(planned["plans_file"], "2d", planned["dataset_json"])
+def real_target(planned) -> PlannedConfiguration:
+    return PlannedConfiguration(planned["plans_file"], "2d", planned["dataset_json"])
 
 
 @pytest.fixture(scope="session")
@@ -205,7 +205,7 @@ def test_multichannel_imagestr(planned, real_target, tmp_path):
     config["normalization_schemes"], config["use_mask_for_norm"] = ["ZScoreNormalization"] * 2, [False] * 2
     intensities = plans["foreground_intensity_properties_per_channel"]
     intensities["1"] = intensities["0"]
-    target = PlansTarget(plans, "2d", dataset_json)
+    target = PlannedConfiguration(plans, "2d", dataset_json)
     sources = discover_sources(str(raw))
     assert [len(s.paths) for s in sources] == [2, 2]
     cache = build_or_load_cache(target, sources, str(tmp_path / "c"), num_processes=1, progress=False)
@@ -299,7 +299,7 @@ def test_reuse_rebuild_and_resume(planned, real_target, built, tmp_path, monkeyp
     built_subjects.clear()
     plans = json.loads(json.dumps(real_target.plans_manager.plans))
     plans["configurations"]["2d"]["spacing"] = [3.0, 3.0]
-    coarse = build_or_load_cache(PlansTarget(plans, "2d", real_target.dataset_json), discover_sources(str(raw)),
+    coarse = build_or_load_cache(PlannedConfiguration(plans, "2d", real_target.dataset_json), discover_sources(str(raw)),
                                  folder, num_processes=1, progress=False)
     assert built_subjects == [0, 1, 2] and coarse.key != changed.key
     assert coarse.slice(0).shape == (23, 20)

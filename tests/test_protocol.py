@@ -263,10 +263,10 @@ def test_miniature_protocol_through_report(tmp_path):
 
 @pytest.mark.parametrize("jobs, expected", [(1, "unset"), (2, "PASSIVE")])
 def test_parallel_runs_get_passive_openmp_threads_unless_the_user_sets_them(tmp_path, monkeypatch, jobs, expected):
-    from nnunet_ssp.protocol import Run, Step, execute
+    from nnunet_ssp.runner import Command, Run, execute
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     show = ["python", "-c", "import os; print('policy', os.environ.get('OMP_WAIT_POLICY', 'unset'))"]
-    runs = [Run("finetune", f"run {i}", [Step(show, done=lambda: False)]) for i in range(2)]
+    runs = [Run("finetune", f"run {i}", [Command(show, done=lambda: False)]) for i in range(2)]
     execute([runs], str(tmp_path), jobs=jobs)
     logs = [open(tmp_path / f, encoding="utf-8").read() for f in sorted(os.listdir(tmp_path))]
     assert len(logs) == 2 and all(f"policy {expected}" in log for log in logs)

@@ -125,14 +125,14 @@ def test_dino_gradients_reach_the_student_only_and_the_last_layer_is_frozen_in_e
                        torch.randn(3, 1, 32, 32)]}
     for epoch, frozen in ((0, True), (1, False)):
         model.zero_grad(set_to_none=True)
-        loss, figures = dino.loss(model, batch, Step(epoch, 0, 1, 10))
+        loss, metrics = dino.loss(model, batch, Step(epoch, 0, 1, 10))
         loss.backward()
         dino.before_optimizer_step(model, Step(epoch, 0, 1, 10))
         assert all(p.grad is None for p in model.teacher.parameters())
         assert all(p.grad is not None and p.grad.abs().sum() > 0
                    for k, p in model.student.named_parameters() if k.startswith("network.encoder.") and p.ndim > 1)
         assert (model.student.head.last_layer.weight.grad is None) == frozen
-        assert set(figures) == {"teacher_entropy", "teacher_kl_to_uniform", "student_teacher_kl"}
+        assert set(metrics) == {"teacher_entropy", "teacher_kl_to_uniform", "student_teacher_kl"}
 
 
 def test_dino_parameter_groups_decay_weights_but_not_biases_or_norms(dino, seeded):

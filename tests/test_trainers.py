@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, save_checkpoint
-from nnunet_ssp.network import PlansTarget, tensor_digests
+from nnunet_ssp.network import PlannedConfiguration, tensor_digests
 from pretraining.methods import METHODS
 from trainers import ssp_trainers
 from trainers.base import WarmupMixin
@@ -30,7 +30,7 @@ def _fold_folder(nnunet_env, cls):
 
 
 def _write_checkpoint(nnunet_env, method, plans=None, path=None):
-    target = PlansTarget(plans or make_plans(), "2d", DATASET_JSON)
+    target = PlannedConfiguration(plans or make_plans(), "2d", DATASET_JSON)
     torch.manual_seed(123)
     net = target.network_spec.build(1 if method == "mim" else 4)
     path = path or os.path.join(default_checkpoint_folder(nnunet_env["nnUNet_results"], "Dataset990_Unit", method,

@@ -21,7 +21,7 @@ from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, SSP_INIT_FI
                                    load_checkpoint, sha256_of_file, verify_checkpoint)
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import save_json_atomic
-from nnunet_ssp.network import PlansTarget, load_parts, tensor_digests
+from nnunet_ssp.network import PlannedConfiguration, load_parts, tensor_digests
 from nnunet_ssp.schedule import (ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, SKIP_FINAL_VALIDATION_ENV,
                                  paper_iterations_per_epoch, positive_int_from_env)
 from trainers.schedules import WarmupPolyLRScheduler
@@ -114,12 +114,12 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
         self._ssp_pending = None
         self._ssp_warnings = []
         if not plans["continue_training"]:
-            self._ssp_pending = self._find_and_verify(PlansTarget(dict(plans), configuration, dataset_json),
+            self._ssp_pending = self._find_and_verify(PlannedConfiguration(dict(plans), configuration, dataset_json),
                                                       required=False)
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = SSP_INITIAL_LR
 
-    def _checkpoint_path(self, target: PlansTarget) -> str:
+    def _checkpoint_path(self, target: PlannedConfiguration) -> str:
         from_env = os.environ.get(CHECKPOINT_ENV)
         if from_env:
             return from_env
@@ -130,7 +130,7 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
         return os.path.join(default_checkpoint_folder(nnUNet_results.get(), target.dataset_name, self.ssp_method,
                                                       target.plans_name, target.configuration), FINAL_CHECKPOINT)
 
-    def _find_and_verify(self, target: PlansTarget, required: bool):
+    def _find_and_verify(self, target: PlannedConfiguration, required: bool):
         """(path, checkpoint, parts) of a verified checkpoint; None if absent and not ``required``."""
         try:
             path = self._checkpoint_path(target)
@@ -165,7 +165,7 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
         super().on_train_start()
 
     def _load_ssp_weights(self):
-        target = PlansTarget(self.plans_manager, self.configuration_name, self.dataset_json)
+        target = PlannedConfiguration(self.plans_manager, self.configuration_name, self.dataset_json)
         path, checkpoint, parts = self._ssp_pending or self._find_and_verify(target, required=True)
         for warning in self._ssp_warnings:
             self.print_to_log_file(f"WARNING: {warning}")

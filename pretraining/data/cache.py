@@ -84,10 +84,10 @@ _WORKER_TARGETS: Dict[str, object] = {}
 
 
 def _worker_target(key: str, plans: dict, configuration: str, dataset_json: dict):
-    from nnunet_ssp.network import PlansTarget
+    from nnunet_ssp.network import PlannedConfiguration
     if key not in _WORKER_TARGETS:
         _WORKER_TARGETS.clear()
-        _WORKER_TARGETS[key] = PlansTarget(plans, configuration, dataset_json)
+        _WORKER_TARGETS[key] = PlannedConfiguration(plans, configuration, dataset_json)
     return _WORKER_TARGETS[key]
 
 
@@ -305,9 +305,9 @@ def _build_locked(cache_dir: str, key: str, fp: dict, target, sources: Sequence[
 
 def build_or_load_cache(target, sources: Sequence[CineSource], cache_dir: str, num_processes: int = 2,
                         progress: bool = True) -> "SliceCache":
-    """The slice cache of ``sources`` for ``target`` (a PlansTarget) in ``cache_dir``: reused when its fingerprint
-    (inputs, plans, versions) matches, completed when files are missing or a build was interrupted, rebuilt into
-    ``<cache_dir>.rebuild`` and swapped in when inputs or plans changed. Subjects are preprocessed by up to
+    """The slice cache of ``sources`` for ``target`` (a PlannedConfiguration) in ``cache_dir``: reused when its
+    fingerprint (inputs, plans, versions) matches, completed when files are missing or a build was interrupted,
+    rebuilt into ``<cache_dir>.rebuild`` and swapped in when inputs or plans changed. Subjects are preprocessed by up to
     ``num_processes`` spawned processes (at most one per MIN_SUBJECTS_PER_PROCESS subjects left to build), with a
     tqdm bar over subjects when ``progress``.
 

@@ -98,7 +98,7 @@ class SSPMethod:
                 "frame_from_ed": zeros, "subject": zeros}
 
     def loss(self, model: torch.nn.Module, batch: dict, step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
-        """The scalar loss of one batch and extra figures to log (averaged per epoch)."""
+        """The scalar loss of one batch and extra metrics to log (averaged per epoch)."""
         raise NotImplementedError
 
     def parameter_groups(self, model: torch.nn.Module, weight_decay: float) -> List[dict]:
@@ -115,8 +115,8 @@ class SSPMethod:
     def after_step(self, model: torch.nn.Module, step: Step) -> None:
         """Called after each optimizer step (e.g. teacher updates)."""
 
-    def epoch_warning(self, figures: Dict[str, float]) -> Optional[str]:
-        """A warning about the epoch's averaged extra figures (e.g. a collapse), or None."""
+    def epoch_warning(self, metrics: Dict[str, float]) -> Optional[str]:
+        """A warning about the epoch's averaged extra metrics (e.g. a collapse), or None."""
         return None
 
     def export_network(self, model: torch.nn.Module) -> torch.nn.Module:

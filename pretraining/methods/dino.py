@@ -120,11 +120,11 @@ class DINO(SSPMethod):
         if len(views) > 2:
             student_out += model.student(torch.cat(views[2:])).float().chunk(len(views) - 2)
         loss = model.criterion(student_out, teacher_out, self.teacher_temperature_at(step))
-        figures = dict(model.criterion.last_statistics)
+        metrics = dict(model.criterion.last_statistics)
         # the loss is H(teacher) + KL(teacher || student); early on the centring raises H(teacher), so the loss can
         # rise while the student learns: the KL is the part the student controls
-        figures["student_teacher_kl"] = loss.item() - figures["teacher_entropy"]
-        return loss, figures
+        metrics["student_teacher_kl"] = loss.item() - metrics["teacher_entropy"]
+        return loss, metrics
 
     def before_optimizer_step(self, model: StudentTeacher, step: Step) -> None:
         if step.epoch < self.dino_freeze_last_layer_epochs:
@@ -134,7 +134,7 @@ class DINO(SSPMethod):
         momentum = teacher_momentum(step.global_step, step.total_steps, self.dino_teacher_momentum)
         ema_update(model.teacher, model.student, momentum)
 
-    def epoch_warning(self, figures: Dict[str, float]) -> Optional[str]:
-        if "teacher_entropy" not in figures:
+    def epoch_warning(self, metrics: Dict[str, float]) -> Optional[str]:
+        if "teacher_entropy" not in metrics:
             return None
-        return collapse_warning(figures["teacher_entropy"], figures["teacher_kl_to_uniform"], self.dino_out_dim)
+        return collapse_warning(metrics["teacher_entropy"], metrics["teacher_kl_to_uniform"], self.dino_out_dim)

@@ -25,8 +25,8 @@ class PCL(SimCLR):
                                                  "positives (default 0.1)")}
 
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
-        z_a, z_b, figures = self.embed_views(model, batch)
+        z_a, z_b, metrics = self.embed_views(model, batch)
         positions = distributed.gather_cat(torch.as_tensor(batch["slice_position"], device=z_a.device,
                                                            dtype=torch.float32))
         return positional_contrastive(z_a, z_b, positions, threshold=self.position_threshold,
-                                      temperature=self.temperature), figures
+                                      temperature=self.temperature), metrics

@@ -57,11 +57,11 @@ class SimCLR(SSPMethod):
         return z_a, z_b, {"projection_spread": spread}
 
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
-        z_a, z_b, figures = self.embed_views(model, batch)
-        return nt_xent(z_a, z_b, temperature=self.temperature), figures
+        z_a, z_b, metrics = self.embed_views(model, batch)
+        return nt_xent(z_a, z_b, temperature=self.temperature), metrics
 
-    def epoch_warning(self, figures: Dict[str, float]) -> Optional[str]:
-        spread = figures.get("projection_spread", 1.0)
+    def epoch_warning(self, metrics: Dict[str, float]) -> Optional[str]:
+        spread = metrics.get("projection_spread", 1.0)
         if spread < COLLAPSED_SPREAD:
             return (f"{self.name} projections have collapsed (spread {spread:.3g}, healthy ~1): the loss sits at its "
                     f"chance value; try a lower --lr (scaled to the batch) or a larger batch")
