@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from pretraining.losses.dino import DINOLoss, collapse_warning, ema_update, teacher_momentum, teacher_temperature
+from pretraining.losses.dino import DINOLoss
+from pretraining.methods.dino import collapse_warning, ema_update, teacher_momentum, teacher_temperature
 from pretraining.losses.ntxent import nt_xent
 from pretraining.losses.positional_contrastive import positional_contrastive, positive_mask, supervised_contrastive
 

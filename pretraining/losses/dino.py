@@ -1,4 +1,4 @@
-"""DINO self-distillation loss, its schedules and collapse monitor.
+"""DINO self-distillation loss (its schedules, teacher update and collapse monitor: ``pretraining.methods.dino``).
 
 Caron et al., "Emerging Properties in Self-Supervised Vision Transformers" (ICCV 2021). With the teacher's
 centred, sharpened distribution P_i = softmax((t_i − c) / τ_t) of global view i and the student's
@@ -6,14 +6,13 @@ log Q_v = log_softmax(s_v / τ_s) of view v, averaged over the batch and over al
 
     L = mean over (i, v), v ≠ i, of −Σ_k P_i,k · log Q_v,k
 
-The centre follows the teacher outputs: c ← m·c + (1 − m)·mean(t). The teacher's weights are an EMA of the
-student's: θ_t ← λ·θ_t + (1 − λ)·θ_s.
+The centre follows the teacher outputs: c ← m·c + (1 − m)·mean(t).
 
 Distributed runs: the loss is a mean over samples, so each rank takes it over its own rows and the ranks' losses
 are averaged (with gradients); the centre and the collapse statistics use the global batch's means (all-reduced).
 """
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,44 +58,3 @@ class DINOLoss(nn.Module):
                 "teacher_kl_to_uniform": (math.log(teacher.shape[1]) + torch.xlogy(mean_p, mean_p).sum()).item()}
             self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
         return distributed.all_reduce_mean(torch.stack(pair_losses).mean())
-
-
-def teacher_temperature(epoch: int, warmup_epochs: int, start: float = 0.02, end: float = 0.04) -> float:
-    """Teacher temperature of an epoch: np.linspace(start, end, warmup_epochs), then ``end``.
-
-    That is start + (end − start)·epoch / (warmup_epochs − 1) for epoch < warmup_epochs (so ``end`` from epoch
-    warmup_epochs − 1 on), and ``end`` for every epoch when warmup_epochs <= 1.
-    """
-    if warmup_epochs <= 1 or epoch >= warmup_epochs:
-        return end
-    return start + (end - start) * epoch / (warmup_epochs - 1)
-
-
-def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
-    """EMA momentum on a cosine: final − (final − base)·(cos(π·step/total_steps) + 1)/2, ``final`` if no steps."""
-    progress = step / total_steps if total_steps > 0 else 1.0
-    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher ← momentum·teacher + (1 − momentum)·student for the matching parameters; buffers stay as they are
-    (as in DINO, the teacher's normalisation statistics come from its own forward passes)."""
-    for teacher_parameter, student_parameter in zip(teacher.parameters(), student.parameters()):
-        teacher_parameter.mul_(momentum).add_(student_parameter.detach(), alpha=1 - momentum)
-
-
-def collapse_warning(entropy: float, kl_to_uniform: float, output_dim: int) -> Optional[str]:
-    """A one-line warning when the teacher outputs have collapsed, else None.
-
-    Uniform collapse: mean entropy > 0.95·log K (every output almost uniform). One-dimension collapse: mean
-    entropy < 0.05·log K and KL(mean distribution ‖ uniform) > 0.5·log K (every output peaks on the same prototype).
-    """
-    log_k = math.log(output_dim)
-    advice = "try a lower teacher temperature, a larger batch or a lower learning rate (DINO issue #43)"
-    if entropy > 0.95 * log_k:
-        return f"DINO teacher outputs collapsed to uniform (entropy {entropy:.3f} of max {log_k:.3f}); {advice}"
-    if entropy < 0.05 * log_k and kl_to_uniform > 0.5 * log_k:
-        return (f"DINO teacher outputs collapsed to one dimension (entropy {entropy:.3f}, KL to uniform "
-                f"{kl_to_uniform:.3f} of max {log_k:.3f}); {advice}")
-    return None

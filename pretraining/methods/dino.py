@@ -25,13 +25,54 @@ from torch import nn
 
 from pretraining.data.views import augmentation
 from pretraining.heads import DINOHead, EncoderWithHead, encoder_width
-from pretraining.losses.dino import DINOLoss, collapse_warning, ema_update, teacher_momentum, teacher_temperature
+from pretraining.losses.dino import DINOLoss
 from pretraining.methods.base import POOL_GRID_OPTION, Hyperparameters, Option, SSPMethod, Step
 
 GLOBAL_SCALE = (0.524, 1.4)  # 1.4·sqrt(area) for DINO's global crop areas (0.14, 1)
 LOCAL_SCALE = (0.313, 0.524)  # ... and local crop areas (0.05, 0.14), at half the patch size
 LOCAL_TRANSLATION = 0.5  # the paper's ±160 output px at scale ~0.42, as a fraction of the local patch
 MIN_LR = 1e-6
+
+
+def teacher_temperature(epoch: int, warmup_epochs: int, start: float = 0.02, end: float = 0.04) -> float:
+    """Teacher temperature of an epoch: np.linspace(start, end, warmup_epochs), then ``end``.
+
+    That is start + (end − start)·epoch / (warmup_epochs − 1) for epoch < warmup_epochs (so ``end`` from epoch
+    warmup_epochs − 1 on), and ``end`` for every epoch when warmup_epochs <= 1.
+    """
+    if warmup_epochs <= 1 or epoch >= warmup_epochs:
+        return end
+    return start + (end - start) * epoch / (warmup_epochs - 1)
+
+
+def teacher_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
+    """EMA momentum on a cosine: final − (final − base)·(cos(π·step/total_steps) + 1)/2, ``final`` if no steps."""
+    progress = step / total_steps if total_steps > 0 else 1.0
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher ← momentum·teacher + (1 − momentum)·student for the matching parameters; buffers stay as they are
+    (as in DINO, the teacher's normalisation statistics come from its own forward passes)."""
+    for teacher_parameter, student_parameter in zip(teacher.parameters(), student.parameters()):
+        teacher_parameter.mul_(momentum).add_(student_parameter.detach(), alpha=1 - momentum)
+
+
+def collapse_warning(entropy: float, kl_to_uniform: float, output_dim: int) -> Optional[str]:
+    """A one-line warning when the teacher outputs have collapsed, else None.
+
+    Uniform collapse: mean entropy > 0.95·log K (every output almost uniform). One-dimension collapse: mean
+    entropy < 0.05·log K and KL(mean distribution ‖ uniform) > 0.5·log K (every output peaks on the same prototype).
+    """
+    log_k = math.log(output_dim)
+    advice = "try a lower teacher temperature, a larger batch or a lower learning rate (DINO issue #43)"
+    if entropy > 0.95 * log_k:
+        return f"DINO teacher outputs collapsed to uniform (entropy {entropy:.3f} of max {log_k:.3f}); {advice}"
+    if entropy < 0.05 * log_k and kl_to_uniform > 0.5 * log_k:
+        return (f"DINO teacher outputs collapsed to one dimension (entropy {entropy:.3f}, KL to uniform "
+                f"{kl_to_uniform:.3f} of max {log_k:.3f}); {advice}")
+    return None
 
 
 class StudentTeacher(nn.Module):
