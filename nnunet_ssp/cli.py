@@ -107,16 +107,20 @@ def _report(args):
     print("\n".join(paths))
 
 
-def _add_phantom_parser(sub) -> None:
+def _add_new_dataset_arguments(p, example_id: int, example_name: str) -> None:
+    """-d, -n and --overwrite of a command that writes $nnUNet_raw/DatasetID_NAME."""
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help=f"nnU-Net dataset id (e.g. {example_id})")
+    p.add_argument("-n", "--name", required=True, help=f"dataset name (e.g. {example_name})")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
 
+
+def _add_phantom_parser(sub) -> None:
     p = sub.add_parser("phantom", help="write a synthetic cine CMR dataset to $nnUNet_raw/DatasetID_NAME")
-    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (e.g. 501)")
-    p.add_argument("-n", "--name", required=True, help="dataset name (e.g. CinePhantom)")
+    _add_new_dataset_arguments(p, 501, "CinePhantom")
     p.add_argument("--subjects", type=int, default=40, help="training subjects (default 40)")
     p.add_argument("--test-subjects", type=int, default=10, help="held-out test subjects (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="in-plane matrix size in pixels (default: phantom's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(run=_phantom)
 
 
@@ -130,9 +134,7 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("source", metavar="SRC",
                    help="the dataset's folder (mnms: OpenDataset with Training/, Validation/, Testing/ and the CSV; "
                         "mnms2: with dataset/ and dataset_information.csv; acdc: with training/ and testing/)")
-    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net dataset id (e.g. 511)")
-    p.add_argument("-n", "--name", required=True, help="dataset name (e.g. MnMs)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    _add_new_dataset_arguments(p, 511, "MnMs")
     p.add_argument("--test-split", metavar="YAML",
                    help="take the test subjects from a split file (the paper's: its test list) instead of the "
                         "release's own test set; every other labelled subject becomes a training case")
@@ -220,11 +222,9 @@ def _add_merge_parser(sub) -> None:
     p = sub.add_parser("merge", help="combine raw datasets (e.g. M&Ms and M&Ms-2) into $nnUNet_raw/DatasetID_NAME",
                        description="Hard-links (or copies) the images, labels and cines of the source datasets into "
                                    "one raw dataset; subjects.csv gets a source_dataset column.")
-    p.add_argument("-d", "--dataset-id", type=int, required=True, help="nnU-Net id of the merged dataset")
-    p.add_argument("-n", "--name", required=True, help="name of the merged dataset (e.g. MnMsBoth)")
+    _add_new_dataset_arguments(p, 600, "MnMsBoth")
     p.add_argument("--from", dest="sources", nargs="+", required=True, metavar="ID",
                    help="source datasets in $nnUNet_raw, by id or folder name")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.set_defaults(run=_merge)
 
 
