@@ -51,137 +51,26 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
+from cache_scale_phases import DATASET_ID, DATASET_NAME, disk_bytes, planned_configuration  # benchmarks/
+from process_memory import TreeSampler
 from nnunet_ssp.workspace import workspace_env
+from pretraining.run import cache_folder
 
-DATASET_ID = 993
-DATASET_NAME = "CacheScale"
 GB = 1024 ** 3
 MB = 1024 ** 2
 RSS_GOAL_BYTES = 3 * 1000 ** 3  # 3 GB
 FLAT_TOLERANCE = 1.15  # peak RSS at the full cohort / at the small one
 
 
-# ------------------------------------------------------------------------------------------ process-tree memory
-def _ppids() -> dict:
-    """pid -> parent pid, for every process visible in /proc."""
-    out = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(b")") + 2:].split()  # the command name may hold spaces and parentheses
-        out[int(name)] = int(rest[1])
-    return out
-
-
-def _tree(root: int) -> list:
-    children = {}
-    for pid, ppid in _ppids().items():
-        children.setdefault(ppid, []).append(pid)
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def _memory(pid: int) -> dict:
-    """VmRSS, RssAnon, RssFile and Pss of ``pid`` in bytes, CPU seconds (utime+stime); {} if it is gone."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                    out[key] = int(value.split()[0]) * 1024
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    out["Pss"] = int(line.split()[1]) * 1024
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rfind(b")") + 2:].split()
-        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return {}
-    return out
-
-
-class TreeSampler:
-    """Samples the memory of a process and all its descendants from /proc in a background thread."""
-
-    def __init__(self, root: int, interval: float):
-        self.root, self.interval = root, interval
-        self.peak = {"rss": 0, "pss": 0, "anon": 0, "file": 0, "root_rss": 0, "one_process_rss": 0, "children_rss": 0}
-        self.max_processes = 0
-        self.cpu = {}  # pid -> last CPU seconds seen
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def sample(self):
-        totals = {"rss": 0, "pss": 0, "anon": 0, "file": 0}
-        tree = _tree(self.root)
-        alive, children = 0, 0
-        for pid in tree:
-            m = _memory(pid)
-            if not m:
-                continue
-            alive += 1
-            totals["rss"] += m.get("VmRSS", 0)
-            totals["pss"] += m.get("Pss", 0)
-            totals["anon"] += m.get("RssAnon", 0)
-            totals["file"] += m.get("RssFile", 0) + m.get("RssShmem", 0)
-            self.peak["one_process_rss"] = max(self.peak["one_process_rss"], m.get("VmRSS", 0))
-            if pid == self.root:
-                self.peak["root_rss"] = max(self.peak["root_rss"], m.get("VmRSS", 0))
-            else:
-                children += m.get("VmRSS", 0)
-            self.cpu[pid] = m["cpu_s"]
-        for k, v in totals.items():
-            self.peak[k] = max(self.peak[k], v)
-        self.peak["children_rss"] = max(self.peak["children_rss"], children)
-        self.max_processes = max(self.max_processes, alive)
-        self.samples += 1
-
-    def summary(self, busy_cpu_s: float = 1.0) -> dict:
-        workers = [pid for pid, s in self.cpu.items() if pid != self.root and s >= busy_cpu_s]
-        return {"peak_tree_rss_bytes": self.peak["rss"], "peak_tree_pss_bytes": self.peak["pss"],
-                "peak_tree_anon_bytes": self.peak["anon"], "peak_tree_file_bytes": self.peak["file"],
-                "peak_main_rss_bytes": self.peak["root_rss"], "peak_children_rss_bytes": self.peak["children_rss"],
-                "peak_one_process_rss_bytes": self.peak["one_process_rss"],
-                "max_processes": self.max_processes, "busy_child_processes": len(workers),
-                "child_cpu_s": round(sum(self.cpu[p] for p in workers), 1), "rss_samples": self.samples}
-
-
 def run_phase(phase: str, params: dict, workdir: str, interval: float, log) -> dict:
-    """Runs ``--phase PHASE`` of this script in a child process, sampling its process tree's memory."""
+    """Runs ``phase`` (cache_scale_phases.py) in a child process, sampling its process tree's memory."""
     out = os.path.join(workdir, f"phase_{phase}.json")
     if os.path.exists(out):
         os.remove(out)
-    cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, "--phase-params", json.dumps(params),
-           "--phase-out", out]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cache_scale_phases.py"), phase,
+           json.dumps(params), out]
     start = time.perf_counter()
     with open(os.path.join(workdir, f"phase_{phase}.log"), "a") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
@@ -226,7 +115,7 @@ def prepare_workspace(workdir: str, subjects: int, size: int, num_processes: int
     log(f"  plans: {plan_s:.0f} s")
     raw = os.path.join(os.environ["nnUNet_raw"], f"Dataset{DATASET_ID:03d}_{DATASET_NAME}")
     record = {**want, "phantom_s": round(phantom_s, 1), "plan_s": round(plan_s, 1),
-              "raw_bytes": _disk_bytes(raw), "cine_bytes": _disk_bytes(os.path.join(raw, "cineTr"))}
+              "raw_bytes": disk_bytes(raw), "cine_bytes": disk_bytes(os.path.join(raw, "cineTr"))}
     with open(record_file, "w") as f:
         json.dump(record, f, indent=2)
     return {**record, "reused": False}
@@ -238,181 +127,6 @@ def _quiet(cmd: list, env: dict) -> None:
     if done.returncode != 0:
         print(done.stdout[-4000:], file=sys.stderr)
         raise SystemExit(f"{os.path.basename(cmd[0])} failed (exit {done.returncode})")
-
-
-def _disk_bytes(folder: str) -> int:
-    """Bytes allocated on disk for the files under ``folder``."""
-    total = 0
-    for root, _, files in os.walk(folder):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
-
-
-def _raw_folder() -> str:
-    return os.path.join(os.environ["nnUNet_raw"], f"Dataset{DATASET_ID:03d}_{DATASET_NAME}")
-
-
-def _target():
-    from nnunet_ssp.network import PlannedConfiguration
-    return PlannedConfiguration.from_preprocessed(str(DATASET_ID))
-
-
-def _full_cache_dir(target) -> str:
-    """Where ssp_pretrain looks for this dataset's cache."""
-    return os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name,
-                        f"ssp_cache__{target.configuration_manager.data_identifier}")
-
-
-# ------------------------------------------------------------------------------------------------- child phases
-def phase_build(p: dict) -> dict:
-    """A cache build from scratch: the first ``subjects`` cines, or every 3D file of ``extra``."""
-    from pretraining.data.cache import build_or_load_cache
-    from pretraining.data.sources import discover_sources
-    target = _target()
-    for path in (p["cache_dir"], p["cache_dir"] + ".lock"):
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
-    os.makedirs(os.path.dirname(p["cache_dir"]), exist_ok=True)
-    start = time.perf_counter()
-    if p.get("extra"):
-        sources = discover_sources(None, [p["extra"]])
-    else:
-        sources = discover_sources(_raw_folder())[:p["subjects"]]
-    cache = build_or_load_cache(target, sources, p["cache_dir"], num_processes=p["num_processes"], progress=False)
-    seconds = time.perf_counter() - start
-    frames = sum(s.num_frames for s in sources)
-    return {"subjects": len(sources), "frames": frames, "slices": len(cache), "seconds": round(seconds, 2),
-            "slices_per_s": len(cache) / seconds, "frames_per_s": frames / seconds,
-            "disk_bytes": _disk_bytes(p["cache_dir"]), "num_processes": p["num_processes"],
-            "slice_shape": list(cache.slice(0).shape)}
-
-
-def phase_frames(p: dict) -> dict:
-    """Untimed setup of the comparison: every frame of the first ``subjects`` cines as a 3D NIfTI case."""
-    import numpy as np
-    import SimpleITK as sitk
-    from nnunet_ssp.phantom import dataset as phantom_dataset
-    from pretraining.data.sources import discover_sources
-    folder = p["frames_dir"]
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
-    cases = 0
-    for source in discover_sources(_raw_folder())[:p["subjects"]]:
-        image = sitk.ReadImage(source.paths[0])
-        array = sitk.GetArrayFromImage(image)  # (T, Z, Y, X) int16
-        spacing = image.GetSpacing()[:3]
-        for t in range(array.shape[0]):
-            frame = sitk.GetImageFromArray(np.ascontiguousarray(array[t]))
-            frame.SetSpacing(spacing)
-            frame.SetOrigin([0.0] * 3)  # the phantom's geometry: origin 0, identity direction
-            sitk.WriteImage(frame, os.path.join(folder, f"{source.subject}_f{t:02d}_0000.nii.gz"),
-                            useCompression=True, compressionLevel=phantom_dataset._COMPRESSION_LEVEL)
-            cases += 1
-    return {"cases": cases, "disk_bytes": _disk_bytes(folder)}
-
-
-def phase_nnunet(p: dict) -> dict:
-    """nnU-Net's own preprocessing of the 3D frame cases, as DefaultPreprocessor.run does it (spawn Pool,
-    starmap_async(run_case_save) per case), without labels."""
-    import glob
-    import multiprocessing
-    target = _target()
-    pm, cm = target.plans_manager, target.configuration_manager
-    out_dir = p["out_dir"]
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir)
-    files = sorted(glob.glob(os.path.join(p["frames_dir"], "*_0000.nii.gz")))
-    preprocessor = cm.preprocessor_class(verbose=False)
-    start = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(p["num_processes"]) as pool:
-        results = [pool.starmap_async(preprocessor.run_case_save,
-                                      ((os.path.join(out_dir, os.path.basename(f)[:-len("_0000.nii.gz")]), [f], None,
-                                        pm, cm, target.dataset_json),)) for f in files]
-        for r in results:
-            r.get()
-    seconds = time.perf_counter() - start
-    slices = 0
-    import blosc2
-    for f in glob.glob(os.path.join(out_dir, "*.b2nd")):
-        if not f.endswith("_seg.b2nd"):
-            slices += blosc2.open(f, mode="r").shape[1]  # (C, Z, Y, X): Z slices per case
-    return {"cases": len(files), "slices": slices, "seconds": round(seconds, 2), "slices_per_s": slices / seconds,
-            "frames_per_s": len(files) / seconds, "disk_bytes": _disk_bytes(out_dir),
-            "num_processes": p["num_processes"], "preprocessor": type(preprocessor).__name__}
-
-
-def phase_epoch(p: dict) -> dict:
-    """One pretraining epoch of ``iters`` iterations over a finished cache (the real Pretrainer and loader)."""
-    import torch
-    from pretraining.data.slice_cache import SliceCache
-    from pretraining.run import PretrainSettings, make_pretrainer
-    from pretraining.methods import METHODS
-    torch.set_num_threads(max(1, p["num_processes"]))
-    target = _target()
-    cache = SliceCache(p["cache_dir"])
-    method = METHODS[p["method"]](target.network_spec, target.configuration_manager.patch_size)
-    settings = PretrainSettings.of_method(method, epochs=1, iters_per_epoch=p["iters"], batch_size=p["batch_size"],
-                                          num_workers=p["num_processes"])
-    output = p["output"]
-    shutil.rmtree(output, ignore_errors=True)
-    trainer = make_pretrainer(method, target, cache, settings, output)
-    start = time.perf_counter()
-    trainer.train_epoch(0)
-    seconds = time.perf_counter() - start
-    return {"slices_in_cache": len(cache), "iters": p["iters"], "batch_size": p["batch_size"],
-            "method": p["method"], "seconds": round(seconds, 2),
-            "slices_per_s": trainer.history["slices_per_s"][-1], "num_workers": p["num_processes"]}
-
-
-def phase_read(p: dict) -> dict:
-    """Random slices through SliceCache.slice: cold-ish (files evicted from the page cache), then warm (same)."""
-    import numpy as np
-    from pretraining.data.slice_cache import SliceCache
-    cache = SliceCache(p["cache_dir"])
-    files = [os.path.join(cache.folder, str(f)) for f in cache._idx()["block_files"]]
-    indices = np.random.default_rng(0).choice(len(cache), size=min(p["samples"], len(cache)), replace=False)
-    for path in files:  # cold-ish: drop this cache's pages from the page cache (needs no privileges)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    rates = {}
-    for name in ("cold", "warm"):
-        cache = SliceCache(p["cache_dir"])  # files opened afresh
-        if p["via"] == "mmap":  # the reader before positioned reads: a copy out of the block's memory map
-            idx, maps = cache._idx(), {}
-
-            def read(i):
-                block = os.path.join(cache.folder, str(idx["block_files"][idx["block"][i]]))
-                array = maps.get(block)
-                if array is None:
-                    array = maps[block] = np.load(block, mmap_mode="r")
-                return np.array(array[int(idx["row"][i]), int(idx["z"][i])], dtype=np.float32)
-        else:
-            read = cache.slice
-        start = time.perf_counter()
-        checksum = 0.0
-        for i in indices:
-            checksum += float(read(i)[0, 0])
-        rates[name] = len(indices) / (time.perf_counter() - start)
-        own = _memory(os.getpid())  # before the next pass drops this one's files or maps
-        rates[f"{name}_rss"], rates[f"{name}_file"] = own.get("VmRSS", 0), own.get("RssFile", 0)
-    return {"via": p["via"], "rss_after_reads_bytes": max(rates["cold_rss"], rates["warm_rss"]),
-            "file_pages_after_reads_bytes": max(rates["cold_file"], rates["warm_file"]),
-            "samples": int(len(indices)), "cold_slices_per_s": rates["cold"],
-            "warm_slices_per_s": rates["warm"], "slice_bytes": int(cache.slice(0).nbytes),
-            "slices_in_cache": len(cache)}
-
-
-PHASES = {"build": phase_build, "frames": phase_frames, "nnunet": phase_nnunet, "epoch": phase_epoch,
-          "read": phase_read}
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -503,7 +217,7 @@ def evaluate_goals(result: dict) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------- main
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, default=300, help="phantom cohort (default 300, ~72k slices)")
     parser.add_argument("--size", type=int, default=256, help="in-plane size in pixels (default 256)")
@@ -527,24 +241,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--workdir", help="workspace to create or reuse (default: a new folder in /tmp)")
     parser.add_argument("--keep-caches", action="store_true", help="keep the built caches (default: removed)")
     parser.add_argument("--json", default="cache_scale.json")
-    parser.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
-    parser.add_argument("--phase-params", help=argparse.SUPPRESS)
-    parser.add_argument("--phase-out", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.phase:  # a child: one measured step
-        result = PHASES[args.phase](json.loads(args.phase_params))
-        with open(args.phase_out, "w") as f:
-            json.dump(result, f)
-        return result
 
-    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="ssp_cache_scale_"))
-    os.makedirs(workdir, exist_ok=True)
-    os.environ.update(workspace_env(workdir))
-
-    def log(message):
-        print(message, flush=True)
-
+def _cohort_sizes(args, parser, workdir: str, log):
+    """(cohort sizes to build, subjects of the nnU-Net comparison), after checking the disk space they need."""
     sizes = sorted(set(args.sizes or [min(30, args.subjects), args.subjects]))
     if sizes[-1] > args.subjects:
         parser.error(f"--sizes {sizes[-1]} is more than --subjects {args.subjects}")
@@ -559,54 +260,48 @@ def main(argv=None) -> dict:
     log(f"workdir {workdir}: {free / GB:.0f} GiB free; the largest cache needs about {est / GB:.0f} GiB")
     if est > 0.9 * free:
         raise SystemExit(f"not enough disk space in {workdir}")
+    return sizes, compare_n
 
-    workspace = prepare_workspace(workdir, args.subjects, args.size, args.num_processes, log)
-    full_cache = _full_cache_dir(_target())
-    result = {"subjects": args.subjects, "size": args.size, "num_processes": args.num_processes, "sizes": sizes,
-              "workspace": workspace, "workdir": workdir, "rows": [], "reads": [], "cpu_count": os.cpu_count()}
-    phase = lambda name, params: run_phase(name, params, workdir, args.sample_interval, log)  # noqa: E731
-    cache_dirs = {}
-    for n in sizes:
-        cache_dirs[n] = full_cache if n == args.subjects else os.path.join(workdir, "caches", f"subjects_{n}")
-        log(f"cache build, {n} subjects ...")
-        row = phase("build", {"subjects": n, "cache_dir": cache_dirs[n], "num_processes": args.num_processes})
-        result["rows"].append({"step": f"cache build, {n} subjects", **row})
 
-    if not args.skip_nnunet:
-        frames_dir = os.path.join(workdir, "frames3d", f"subjects_{compare_n}")
-        log(f"writing the frames of {compare_n} subjects as 3D cases (untimed) ...")
-        frames = phase("frames", {"subjects": compare_n, "frames_dir": frames_dir})
-        # the two timings alternate, and each keeps its best: a machine shared with other jobs slows both alike
-        cache_runs, nnunet_runs = [], []
-        for rep in range(args.compare_repeats):
-            log(f"comparison {rep + 1}/{args.compare_repeats}: cache build of {compare_n} cines ...")
-            cache_runs.append(phase("build", {"subjects": compare_n, "num_processes": args.num_processes,
-                                              "cache_dir": os.path.join(workdir, "caches", "compare")}))
-            log(f"comparison {rep + 1}/{args.compare_repeats}: nnU-Net preprocessing of their frames ...")
-            nnunet_runs.append(phase("nnunet", {"frames_dir": frames_dir, "num_processes": args.num_processes,
-                                                "out_dir": os.path.join(workdir, "nnunet_preprocessed_frames")}))
-        best = lambda runs: max(runs, key=lambda r: r["slices_per_s"])  # noqa: E731
-        cache_row, nn = best(cache_runs), best(nnunet_runs)
-        result["rows"].append({"step": f"cache build, {compare_n} cines, best", **cache_row})
-        result["rows"].append({"step": "nnU-Net preprocess, 3D frames, best", "subjects": compare_n, **nn})
-        log("cache build from the same 3D frame files (information) ...")
-        same = phase("build", {"extra": frames_dir, "cache_dir": os.path.join(workdir, "caches", "frames3d"),
-                               "num_processes": args.num_processes})
-        result["rows"].append({"step": "cache build, 3D frame files", **same, "subjects": compare_n})
-        if nn["slices"] != cache_row["slices"] or nn["cases"] != frames["cases"]:
-            log(f"warning: nnU-Net made {nn['slices']} slices of {nn['cases']} cases, the cache "
-                f"{cache_row['slices']} of {frames['cases']} frames")
-        result["compare"] = {"subjects": compare_n, "frames": frames["cases"], "repeats": args.compare_repeats,
-                             "cache_slices_per_s": [r["slices_per_s"] for r in cache_runs],
-                             "nnunet_slices_per_s": [r["slices_per_s"] for r in nnunet_runs],
-                             "ratio": cache_row["slices_per_s"] / nn["slices_per_s"],
-                             "ratio_same_files": same["slices_per_s"] / nn["slices_per_s"]}
-        for folder in ("nnunet_preprocessed_frames", os.path.join("caches", "frames3d"),
-                       os.path.join("caches", "compare")):
-            shutil.rmtree(os.path.join(workdir, folder), ignore_errors=True)
-            if os.path.exists(os.path.join(workdir, folder + ".lock")):
-                os.remove(os.path.join(workdir, folder + ".lock"))
+def _compare_with_nnunet(args, workdir: str, compare_n: int, phase, log, result: dict) -> None:
+    """The cache build against nnU-Net's preprocessing of the same frames (as 3D cases), alternating, best of each."""
+    frames_dir = os.path.join(workdir, "frames3d", f"subjects_{compare_n}")
+    log(f"writing the frames of {compare_n} subjects as 3D cases (untimed) ...")
+    frames = phase("frames", {"subjects": compare_n, "frames_dir": frames_dir})
+    # the two timings alternate, and each keeps its best: a machine shared with other jobs slows both alike
+    cache_runs, nnunet_runs = [], []
+    for rep in range(args.compare_repeats):
+        log(f"comparison {rep + 1}/{args.compare_repeats}: cache build of {compare_n} cines ...")
+        cache_runs.append(phase("build", {"subjects": compare_n, "num_processes": args.num_processes,
+                                          "cache_dir": os.path.join(workdir, "caches", "compare")}))
+        log(f"comparison {rep + 1}/{args.compare_repeats}: nnU-Net preprocessing of their frames ...")
+        nnunet_runs.append(phase("nnunet", {"frames_dir": frames_dir, "num_processes": args.num_processes,
+                                            "out_dir": os.path.join(workdir, "nnunet_preprocessed_frames")}))
+    best = lambda runs: max(runs, key=lambda r: r["slices_per_s"])  # noqa: E731
+    cache_row, nn = best(cache_runs), best(nnunet_runs)
+    result["rows"].append({"step": f"cache build, {compare_n} cines, best", **cache_row})
+    result["rows"].append({"step": "nnU-Net preprocess, 3D frames, best", "subjects": compare_n, **nn})
+    log("cache build from the same 3D frame files (information) ...")
+    same = phase("build", {"extra": frames_dir, "cache_dir": os.path.join(workdir, "caches", "frames3d"),
+                           "num_processes": args.num_processes})
+    result["rows"].append({"step": "cache build, 3D frame files", **same, "subjects": compare_n})
+    if nn["slices"] != cache_row["slices"] or nn["cases"] != frames["cases"]:
+        log(f"warning: nnU-Net made {nn['slices']} slices of {nn['cases']} cases, the cache "
+            f"{cache_row['slices']} of {frames['cases']} frames")
+    result["compare"] = {"subjects": compare_n, "frames": frames["cases"], "repeats": args.compare_repeats,
+                         "cache_slices_per_s": [r["slices_per_s"] for r in cache_runs],
+                         "nnunet_slices_per_s": [r["slices_per_s"] for r in nnunet_runs],
+                         "ratio": cache_row["slices_per_s"] / nn["slices_per_s"],
+                         "ratio_same_files": same["slices_per_s"] / nn["slices_per_s"]}
+    for folder in ("nnunet_preprocessed_frames", os.path.join("caches", "frames3d"),
+                   os.path.join("caches", "compare")):
+        shutil.rmtree(os.path.join(workdir, folder), ignore_errors=True)
+        if os.path.exists(os.path.join(workdir, folder + ".lock")):
+            os.remove(os.path.join(workdir, folder + ".lock"))
 
+
+def _epochs_and_reads(args, workdir: str, sizes, cache_dirs, phase, log, result: dict) -> None:
+    """A pretraining epoch and random slice reads on the smallest and the largest cache."""
     for n in (sizes[0], sizes[-1]) if len(sizes) > 1 else sizes:
         log(f"pretraining epoch ({args.epoch_iters} iterations), {n} subjects ...")
         row = phase("epoch", {"cache_dir": cache_dirs[n], "method": args.method, "iters": args.epoch_iters,
@@ -618,17 +313,47 @@ def main(argv=None) -> dict:
             reads = phase("read", {"cache_dir": cache_dirs[n], "samples": args.read_samples, "via": via})
             result["reads"].append({"subjects": n, **reads})
 
+
+def _remove_caches(workdir: str, cache_dirs: dict) -> None:
+    shutil.rmtree(os.path.join(workdir, "frames3d"), ignore_errors=True)
+    for d in cache_dirs.values():
+        shutil.rmtree(d, ignore_errors=True)
+        if os.path.exists(d + ".lock"):
+            os.remove(d + ".lock")
+
+
+def main(argv=None) -> dict:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="ssp_cache_scale_"))
+    os.makedirs(workdir, exist_ok=True)
+    os.environ.update(workspace_env(workdir))
+
+    def log(message):
+        print(message, flush=True)
+
+    sizes, compare_n = _cohort_sizes(args, parser, workdir, log)
+    workspace = prepare_workspace(workdir, args.subjects, args.size, args.num_processes, log)
+    full_cache = cache_folder(planned_configuration())
+    result = {"subjects": args.subjects, "size": args.size, "num_processes": args.num_processes, "sizes": sizes,
+              "workspace": workspace, "workdir": workdir, "rows": [], "reads": [], "cpu_count": os.cpu_count()}
+    phase = lambda name, params: run_phase(name, params, workdir, args.sample_interval, log)  # noqa: E731
+    cache_dirs = {}
+    for n in sizes:
+        cache_dirs[n] = full_cache if n == args.subjects else os.path.join(workdir, "caches", f"subjects_{n}")
+        log(f"cache build, {n} subjects ...")
+        row = phase("build", {"subjects": n, "cache_dir": cache_dirs[n], "num_processes": args.num_processes})
+        result["rows"].append({"step": f"cache build, {n} subjects", **row})
+    if not args.skip_nnunet:
+        _compare_with_nnunet(args, workdir, compare_n, phase, log, result)
+    _epochs_and_reads(args, workdir, sizes, cache_dirs, phase, log, result)
     result["goals"] = evaluate_goals(result)
     print_report(result)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.json}")
     if not args.keep_caches:
-        shutil.rmtree(os.path.join(workdir, "frames3d"), ignore_errors=True)
-        for n, d in cache_dirs.items():
-            shutil.rmtree(d, ignore_errors=True)
-            if os.path.exists(d + ".lock"):
-                os.remove(d + ".lock")
+        _remove_caches(workdir, cache_dirs)
     return result
 
 

@@ -35,21 +35,18 @@ ssp_pretrain wrote to the real nnUNet_results, else a new one.) nnUNet_compile d
 switched on, applies to both trainers alike.
 """
 import argparse
-import contextlib
-import io
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from nnunet_ssp.workspace import phantom_workspace, workspace_env
+from trainer_timing import Run, median, network_facts, overridden_hooks, step_duel  # benchmarks/, next to this file
 
 STOCK, MIM, CONTROL = "nnUNetTrainer", "nnUNetTrainerMIM", "nnUNetTrainer (control)"
 # nnU-Net hooks that run every epoch or every iteration: an override of any of them can cost time after start-up.
@@ -86,154 +83,7 @@ def mim_checkpoint(args, target, workdir: str, real_results: str) -> tuple:
     return os.path.join(out, FINAL_CHECKPOINT), "ssp_pretrain --method mim --epochs 1 --iters-per-epoch 2"
 
 
-def seed_all(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def quiet(enabled: bool):
-    """nnU-Net prints every log line to the console too; keep the benchmark's output readable."""
-    if not enabled:
-        yield
-        return
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def overridden_hooks(cls) -> dict:
-    """{method: [classes defining it]} for every method the trainer class defines above nnU-Net's nnUNetTrainer."""
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    found = {}
-    for klass in cls.__mro__:
-        if klass is nnUNetTrainer:
-            break
-        for name, value in vars(klass).items():
-            if callable(value) or isinstance(value, (property, staticmethod, classmethod)):
-                if not (name.startswith("__") and name != "__init__"):
-                    found.setdefault(name, []).append(klass.__name__)
-    return found
-
-
-def network_facts(trainer) -> dict:
-    from nnunet_ssp.network import unwrap
-    net = unwrap(trainer.network)
-    params = list(net.named_parameters())
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                + len(getattr(m, "_backward_pre_hooks", {})) for m in net.modules())
-    hooks += sum(len(getattr(p, "_backward_hooks", None) or {}) for _, p in params)
-    tiny = torch.finfo(torch.float32).tiny
-    subnormal = sum(int(((p.detach().abs() < tiny) & (p.detach() != 0)).sum()) for _, p in params
-                    if p.dtype == torch.float32)
-    return {
-        "parameters": sum(p.numel() for _, p in params),
-        "layout": [(k, tuple(p.shape), tuple(p.stride()), str(p.dtype), p.requires_grad) for k, p in params],
-        "frozen_parameters": sum(p.numel() for _, p in params if not p.requires_grad),
-        "hooks": hooks, "subnormal_weights": subnormal,
-        "optimizer": type(trainer.optimizer).__name__, "param_groups": len(trainer.optimizer.param_groups),
-        "optimizer_params": sum(len(g["params"]) for g in trainer.optimizer.param_groups),
-        "lr_scheduler": type(trainer.lr_scheduler).__name__, "compiled": hasattr(trainer.network, "_orig_mod"),
-        "deep_supervision": bool(trainer.enable_deep_supervision),
-        "dataloader_train": type(trainer.dataloader_train).__name__,
-    }
-
-
-class Run:
-    """One trainer made and started as nnUNetv2_train does, then driven one epoch at a time."""
-
-    def __init__(self, label, trainer_name, args, dataset, num_epochs):
-        from nnunetv2.run.run_training import get_trainer_from_args
-        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-        self.label = label
-        seed_all(args.seed)
-        start = time.perf_counter()
-        with quiet(not args.verbose):
-            self.trainer = get_trainer_from_args(dataset, args.configuration, args.fold, trainer_name, args.plans,
-                                                 False, torch.device(args.device))
-            t = self.trainer
-            if type(t).run_training is not nnUNetTrainer.run_training:
-                raise SystemExit(f"{trainer_name} overrides run_training: this benchmark's epoch loop would not be "
-                                 f"its loop; time it through nnUNetv2_train instead")
-            t.num_iterations_per_epoch = args.iters
-            t.num_val_iterations_per_epoch = args.val_iters
-            t.num_epochs = num_epochs
-            t.disable_checkpointing = not args.checkpointing
-            t.on_train_start()
-        self.init_s = time.perf_counter() - start
-        self.epochs = []
-        self.quiet = not args.verbose
-
-    def epoch(self, seed: int) -> dict:
-        """nnUNetTrainer.run_training's loop body for one epoch, with timers around its parts."""
-        t = self.trainer
-        seed_all(seed)
-        if t.device.type == "cuda":
-            torch.cuda.synchronize()
-        with quiet(self.quiet):
-            start = time.perf_counter()
-            t.on_epoch_start()
-            t.on_train_epoch_start()
-            outputs, steps, waits = [], [], []
-            for _ in range(t.num_iterations_per_epoch):
-                a = time.perf_counter()
-                batch = next(t.dataloader_train)
-                b = time.perf_counter()
-                outputs.append(t.train_step(batch))  # returns loss.cpu(): synchronises on cuda
-                steps.append(time.perf_counter() - b)
-                waits.append(b - a)
-            t.on_train_epoch_end(outputs)
-            train_end = time.perf_counter()
-            with torch.no_grad():
-                t.on_validation_epoch_start()
-                val_outputs = [t.validation_step(next(t.dataloader_val)) for _ in range(t.num_val_iterations_per_epoch)]
-                t.on_validation_epoch_end(val_outputs)
-            epoch = t.current_epoch
-            t.on_epoch_end()
-            end = time.perf_counter()
-        log = t.logger.get_value
-        record = {"epoch": epoch, "seed": seed,
-                  "epoch_s": log("epoch_end_timestamps", epoch) - log("epoch_start_timestamps", epoch),
-                  "train_s": train_end - start, "train_step_s": sum(steps), "data_s": sum(waits),
-                  "full_s": end - start, "train_loss": float(log("train_losses", epoch)),
-                  "step_times_s": steps, "data_times_s": waits}
-        self.epochs.append(record)
-        return record
-
-    def finish(self):
-        with quiet(self.quiet):
-            self.trainer.on_train_end()
-
-
-def clone_batch(batch):
-    return {k: ([x.clone() for x in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
-
-
-def step_duel(runs, steps: int, seed: int) -> dict:
-    """train_step alone, interleaved per iteration (S M S M ...) on identical copies of the same batch: noise slower
-    than one step cancels in each pair. Returns {label: [seconds per step]}."""
-    seed_all(seed)
-    times = {r.label: [] for r in runs}
-    for r in runs:
-        r.trainer.network.train()
-    for _ in range(steps):
-        batch = next(runs[0].trainer.dataloader_train)
-        for r in runs:
-            copy = clone_batch(batch)
-            if r.trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            r.trainer.train_step(copy)  # returns loss.cpu(): synchronises on cuda
-            times[r.label].append(time.perf_counter() - start)
-    return times
-
-
-def median(runs_epochs, key):
-    return statistics.median(e[key] for e in runs_epochs)
-
-
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="preprocessed dataset id/name (default: a fresh phantom workspace)")
     parser.add_argument("-c", "--configuration", default="2d")
@@ -265,8 +115,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--goal", type=float, default=1.02)
     parser.add_argument("--verbose", action="store_true", help="show nnU-Net's console output")
     parser.add_argument("--json", default="finetune_overhead.json")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _prepare_environment(args) -> None:
+    """The nnU-Net environment both trainers run in, and torch's threads."""
     from trainers import EXT_TRAINER_DIR
     os.environ["nnUNet_n_proc_DA"] = str(args.n_proc_da)
     os.environ["nnUNet_compile"] = os.environ.get("nnUNet_compile", "false")
@@ -279,12 +132,14 @@ def main(argv=None) -> dict:
     if args.device == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
 
-    wall = time.perf_counter()
+
+def _prepare_workspace(args, workdir: str):
+    """(dataset, target, checkpoint path, its origin, load average before): the phantom workspace (or --dataset), a
+    results folder of its own, and the MIM checkpoint the SSP trainer loads."""
     load_before = os.getloadavg()[0]
     if load_before > (os.cpu_count() or 1) and args.device == "cpu":
         print(f"note: load average {load_before:.1f} on {os.cpu_count()} cores: timings are contended "
               f"(with more torch threads than free cores CPU steps can slow down many times; --threads 1 is steadier)")
-    workdir = tempfile.mkdtemp(prefix="ssp_overhead_")
     real_results = None
     if args.dataset:
         dataset = args.dataset
@@ -298,19 +153,11 @@ def main(argv=None) -> dict:
     target = PlannedConfiguration.from_preprocessed(dataset, args.plans, args.configuration)
     checkpoint, checkpoint_origin = mim_checkpoint(args, target, workdir, real_results)
     os.environ["nnUNet_ssp_checkpoint"] = checkpoint
-    setup_s = time.perf_counter() - wall
+    return dataset, target, checkpoint, checkpoint_origin, load_before
 
-    num_epochs = args.warmup + args.rounds
-    labels = [(STOCK, "nnUNetTrainer"), (MIM, "nnUNetTrainerMIM")]
-    if args.control:
-        labels.append((CONTROL, "nnUNetTrainer"))
-    runs = [Run(label, name, args, dataset, num_epochs) for label, name in labels]
-    mim = runs[1]
-    ssp_init = json.load(open(os.path.join(mim.trainer.output_folder, "ssp_init.json")))
-    facts = {r.label: network_facts(r.trainer) for r in runs}
-    hooks = overridden_hooks(type(mim.trainer))
-    per_epoch_overrides = {k: v for k, v in hooks.items() if k in PER_EPOCH_HOOKS}
 
+def _time_epochs(args, runs) -> None:
+    """Warm-up epochs, then the timed rounds, interleaved A B A B."""
     for w in range(args.warmup):
         for r in runs:
             r.epoch(seed=10_000 + w)
@@ -321,10 +168,10 @@ def main(argv=None) -> dict:
             r.epoch(seed=args.seed * 1000 + i)
         print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{r.label} {r.epochs[-1]['epoch_s']:.2f}s" for r in runs),
               flush=True)
-    duel = step_duel(runs, args.duel_steps, seed=args.seed * 1000 + 999) if args.duel_steps else None
-    for r in runs:
-        r.finish()
 
+
+def _summary_rows(runs, duel) -> list:
+    """One row per trainer: median times, their ratios to the stock trainer's (paired per round too), the duel."""
     keys = ("epoch_s", "train_s", "train_step_s", "data_s", "full_s")
     stock = runs[0]
     stock_it = statistics.median(x for e in stock.epochs for x in e["step_times_s"])
@@ -347,6 +194,12 @@ def main(argv=None) -> dict:
         row["epochs"] = r.epochs
         rows.append(row)
 
+    return rows
+
+
+def _print_summary(args, rows, duel, facts, hooks, per_epoch_overrides, target, ssp_init, checkpoint,
+                   checkpoint_origin, mim, stock, load_before, wall) -> bool:
+    """The table and the facts behind it; returns whether the goal is met."""
     print()
     print(f"{'trainer':24s} {'ratio':>6s} {'paired':>6s} {'it ratio':>8s} {'duel':>6s} {'epoch s':>8s} "
           f"{'train s':>8s} {'steps s':>8s} {'step ms/it':>10s} {'data s':>7s} {'full s':>7s} {'init s':>7s}")
@@ -385,6 +238,35 @@ def main(argv=None) -> dict:
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; "
           f"total {time.perf_counter() - wall:.0f}s")
 
+    return verdict
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    _prepare_environment(args)
+    wall = time.perf_counter()
+    workdir = tempfile.mkdtemp(prefix="ssp_overhead_")
+    dataset, target, checkpoint, checkpoint_origin, load_before = _prepare_workspace(args, workdir)
+    setup_s = time.perf_counter() - wall
+
+    num_epochs = args.warmup + args.rounds
+    labels = [(STOCK, "nnUNetTrainer"), (MIM, "nnUNetTrainerMIM")]
+    if args.control:
+        labels.append((CONTROL, "nnUNetTrainer"))
+    runs = [Run(label, name, args, dataset, num_epochs) for label, name in labels]
+    mim, stock = runs[1], runs[0]
+    ssp_init = json.load(open(os.path.join(mim.trainer.output_folder, "ssp_init.json")))
+    facts = {r.label: network_facts(r.trainer) for r in runs}
+    hooks = overridden_hooks(type(mim.trainer))
+    per_epoch_overrides = {k: v for k, v in hooks.items() if k in PER_EPOCH_HOOKS}
+    _time_epochs(args, runs)
+    duel = step_duel(runs, args.duel_steps, seed=args.seed * 1000 + 999) if args.duel_steps else None
+    for r in runs:
+        r.finish()
+    rows = _summary_rows(runs, duel)
+    verdict = _print_summary(args, rows, duel, facts, hooks, per_epoch_overrides, target, ssp_init, checkpoint,
+                             checkpoint_origin, mim, stock, load_before, wall)
+    cm = target.configuration_manager
     result = {"goal": args.goal, "goal_met": verdict, "rows": rows,
               "settings": {k: v for k, v in vars(args).items()},
               "plans": {"dataset": target.dataset_name, "plans": target.plans_name,
@@ -393,7 +275,7 @@ def main(argv=None) -> dict:
               "checkpoint": {"path": checkpoint, "origin": checkpoint_origin, "ssp_init": ssp_init["loaded"]},
               "overrides": hooks, "per_epoch_overrides": per_epoch_overrides,
               "network_facts": {k: {kk: vv for kk, vv in v.items() if kk != "layout"} for k, v in facts.items()},
-              "same_parameter_layout": same_layout, "setup_s": setup_s, "total_s": time.perf_counter() - wall,
+              "same_parameter_layout": facts[MIM]["layout"] == facts[STOCK]["layout"], "setup_s": setup_s, "total_s": time.perf_counter() - wall,
               "torch": torch.__version__, "cpu_count": os.cpu_count(),
               "device_name": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}

@@ -93,7 +93,7 @@ def data_only_rate(dataset, batch_size: int, iters: int, num_workers: int) -> fl
     return iters * batch_size / (time.perf_counter() - start)
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", help="preprocessed dataset id/name (default: a fresh phantom workspace)")
     parser.add_argument("--methods", nargs="+", default=sorted(METHODS))
@@ -109,7 +109,22 @@ def main(argv=None) -> dict:
                         help="precision/memory-format variants (default: bf16 fp32 bf16+cl on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="pretrain_throughput.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _print_rows(rows: list, plans: str, num_workers: int, device: str, cached_slices: int) -> None:
+    print(f"{'method':8s} {'variant':8s} {'ratio a/b':>9s} {'(a) e2e/s':>10s} {'(b) bare/s':>10s} {'data/s':>9s} "
+          f"{'peak RSS':>9s}")
+    for r in rows:
+        print(f"{r['method']:8s} {r['variant']:8s} {r['ratio']:9.2f} {r['end_to_end_slices_per_s']:10.1f} "
+              f"{r['bare_step_slices_per_s']:10.1f} {r['data_only_slices_per_s']:9.1f} {r['peak_rss_mb']:7.0f}MB")
+    device = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    print(f"plans {plans}, batches {sorted({r['batch_size'] for r in rows})}, patch {rows[0]['patch_size']}, "
+          f"{num_workers} workers, {device}, {cached_slices} cached slices")
+
+
+def main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
 
     workdir = tempfile.mkdtemp(prefix="ssp_bench_")
     size = args.size or (256 if args.plan_like == "cardiac" else 128)
@@ -147,14 +162,7 @@ def main(argv=None) -> dict:
             del trainer
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    print(f"{'method':8s} {'variant':8s} {'ratio a/b':>9s} {'(a) e2e/s':>10s} {'(b) bare/s':>10s} {'data/s':>9s} "
-          f"{'peak RSS':>9s}")
-    for r in rows:
-        print(f"{r['method']:8s} {r['variant']:8s} {r['ratio']:9.2f} {r['end_to_end_slices_per_s']:10.1f} "
-              f"{r['bare_step_slices_per_s']:10.1f} {r['data_only_slices_per_s']:9.1f} {r['peak_rss_mb']:7.0f}MB")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
-    print(f"plans {plans}, batches {sorted({r['batch_size'] for r in rows})}, patch {rows[0]['patch_size']}, {args.num_workers} workers, "
-          f"{device}, {len(cache)} cached slices")
+    _print_rows(rows, plans, args.num_workers, args.device, len(cache))
     with open(args.json, "w") as f:
         json.dump(rows, f, indent=2)
     return {"rows": rows}
