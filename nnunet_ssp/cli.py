@@ -107,6 +107,13 @@ def _report(args):
     print("\n".join(paths))
 
 
+def _command(sub, name: str, run, **parser_options):
+    """The subparser of command ``name``, which ``run(args)`` carries out."""
+    p = sub.add_parser(name, **parser_options)
+    p.set_defaults(run=run)
+    return p
+
+
 def _add_new_dataset_arguments(p, example_id: int, example_name: str) -> None:
     """-d, -n and --overwrite of a command that writes $nnUNet_raw/DatasetID_NAME."""
     p.add_argument("-d", "--dataset-id", type=int, required=True, help=f"nnU-Net dataset id (e.g. {example_id})")
@@ -115,21 +122,22 @@ def _add_new_dataset_arguments(p, example_id: int, example_name: str) -> None:
 
 
 def _add_phantom_parser(sub) -> None:
-    p = sub.add_parser("phantom", help="write a synthetic cine CMR dataset to $nnUNet_raw/DatasetID_NAME")
+    p = _command(sub, "phantom", _phantom,
+                 help="write a synthetic cine CMR dataset to $nnUNet_raw/DatasetID_NAME")
     _add_new_dataset_arguments(p, 501, "CinePhantom")
     p.add_argument("--subjects", type=int, default=40, help="training subjects (default 40)")
     p.add_argument("--test-subjects", type=int, default=10, help="held-out test subjects (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=None, help="in-plane matrix size in pixels (default: phantom's)")
-    p.set_defaults(run=_phantom)
 
 
 def _add_convert_parser(sub) -> None:
     from nnunet_ssp.convert import DATASETS
-    p = sub.add_parser("convert", help="convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (raw layout)",
-                       description="Converts a public cardiac cine dataset, as distributed, to an nnU-Net raw dataset "
-                                   "in the layout of nnunet_ssp/raw_layout.py; see nnunet_ssp/convert/__init__.py "
-                                   "for SRC and splits.")
+    p = _command(sub, "convert", _convert,
+                 help="convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (raw layout)",
+                 description="Converts a public cardiac cine dataset, as distributed, to an nnU-Net raw dataset in "
+                             "the layout of nnunet_ssp/raw_layout.py; see nnunet_ssp/convert/__init__.py for SRC and "
+                             "splits.")
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("source", metavar="SRC",
                    help="the dataset's folder (mnms: OpenDataset with Training/, Validation/, Testing/ and the CSV; "
@@ -138,13 +146,13 @@ def _add_convert_parser(sub) -> None:
     p.add_argument("--test-split", metavar="YAML",
                    help="take the test subjects from a split file (the paper's: its test list) instead of the "
                         "release's own test set; every other labelled subject becomes a training case")
-    p.set_defaults(run=_convert)
 
 
 def _add_splits_parser(sub) -> None:
-    p = sub.add_parser("splits", help="write label-budget, split-file or vendor folds into splits_final.json",
-                       description="Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and "
-                                   "describes them in splits_ssp.json; see nnunet_ssp/splits.py.")
+    p = _command(sub, "splits", _splits,
+                 help="write label-budget, split-file or vendor folds into splits_final.json",
+                 description="Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and "
+                             "describes them in splits_ssp.json; see nnunet_ssp/splits.py.")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budgets", nargs="+", help="labeled subjects per fold, or 'all' (nested per seed)")
@@ -155,14 +163,13 @@ def _add_splits_parser(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of --budgets/--vendors (default: 0)")
     p.add_argument("--val", type=int, default=None, help="validation subjects of --budgets/--vendors "
                                                          "(default: 20%%)")
-    p.set_defaults(run=_splits)
 
 
 def _add_evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions",
-                       description="Evaluates a folder written by nnUNetv2_predict: nnU-Net's Dice into "
-                                   "PRED/summary.json; HD95, ventricular volumes, EF and myocardial mass into "
-                                   "PRED/ssp_evaluation.json.")
+    p = _command(sub, "evaluate", _evaluate,
+                 help="3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions",
+                 description="Evaluates a folder written by nnUNetv2_predict: nnU-Net's Dice into PRED/summary.json; "
+                             "HD95, ventricular volumes, EF and myocardial mass into PRED/ssp_evaluation.json.")
     p.add_argument("prediction_folder", metavar="PRED", help="folder written by nnUNetv2_predict")
     p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     p.add_argument("--reference", metavar="DIR", help="reference label maps (default: $nnUNet_raw/<Dataset>/labelsTs)")
@@ -177,15 +184,15 @@ def _add_evaluate_parser(sub) -> None:
     p.add_argument("--vendors", nargs="+", metavar="V", help="evaluate only subjects of these vendors (subjects.csv)")
     p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                    help="processes for nnU-Net's Dice (default: nnU-Net's default)")
-    p.set_defaults(run=_evaluate)
 
 
 def _add_predict_parser(sub) -> None:
-    p = sub.add_parser("predict", help="predict an image folder with many trained runs in one process (as "
-                                        "nnUNetv2_predict does for one), optionally evaluating each",
-                       description="Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's "
-                                   "own predictor (as nnUNetv2_predict -npp 0 -nps 0: no worker pools; the same "
-                                   "files). An output folder is complete once it holds plans.json, written last.")
+    p = _command(sub, "predict", _predict,
+                 help="predict an image folder with many trained runs in one process (as nnUNetv2_predict does for "
+                      "one), optionally evaluating each",
+                 description="Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's own "
+                             "predictor (as nnUNetv2_predict -npp 0 -nps 0: no worker pools; the same files). An "
+                             "output folder is complete once it holds plans.json, written last.")
     p.add_argument("-i", required=True, metavar="IMAGES", help="input folder (CASE_0000.nii.gz, ...)")
     p.add_argument("--run", dest="runs", nargs=3, action="append", required=True, metavar=("TRAINER", "FOLD", "OUT"),
                    help="a trained run and the folder for its predictions (repeat for more runs)")
@@ -206,44 +213,43 @@ def _add_predict_parser(sub) -> None:
                                                       "$nnUNet_raw/<Dataset>/labelsTs)")
     p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                    help="processes for --evaluate's nnU-Net Dice (default: nnU-Net's default)")
-    p.set_defaults(run=_predict)
 
 
 def _add_report_parser(sub) -> None:
-    p = sub.add_parser("report", help="paper-style tables, tests and figures from evaluated prediction folders",
-                       description="Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and "
-                                   "writes report.md, CSV files and figures to OUT.")
+    p = _command(sub, "report", _report,
+                 help="paper-style tables, tests and figures from evaluated prediction folders",
+                 description="Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and writes "
+                             "report.md, CSV files and figures to OUT.")
     p.add_argument("results", nargs="+", metavar="RESULTS", help="folders searched recursively")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
-    p.set_defaults(run=_report)
 
 
 def _add_merge_parser(sub) -> None:
-    p = sub.add_parser("merge", help="combine raw datasets (e.g. M&Ms and M&Ms-2) into $nnUNet_raw/DatasetID_NAME",
-                       description="Hard-links (or copies) the images, labels and cines of the source datasets into "
-                                   "one raw dataset; subjects.csv gets a source_dataset column.")
+    p = _command(sub, "merge", _merge,
+                 help="combine raw datasets (e.g. M&Ms and M&Ms-2) into $nnUNet_raw/DatasetID_NAME",
+                 description="Hard-links (or copies) the images, labels and cines of the source datasets into one raw "
+                             "dataset; subjects.csv gets a source_dataset column.")
     _add_new_dataset_arguments(p, 600, "MnMsBoth")
     p.add_argument("--from", dest="sources", nargs="+", required=True, metavar="ID",
                    help="source datasets in $nnUNet_raw, by id or folder name")
-    p.set_defaults(run=_merge)
 
 
 def _add_environment_parser(sub) -> None:
-    p = sub.add_parser("env", help="print the export line that lets nnUNetv2_* find the plugin's trainers")
-    p.set_defaults(run=_env)
-    p = sub.add_parser("install-hooks", help="install the torchvision guard into this Python environment")
-    p.set_defaults(run=_install_hooks)
-    p = sub.add_parser("doctor", help="check nnU-Net, paths, trainer discovery and torchvision")
-    p.set_defaults(run=_doctor)
+    _command(sub, "env", _env,
+                 help="print the export line that lets nnUNetv2_* find the plugin's trainers")
+    _command(sub, "install-hooks", _install_hooks,
+                 help="install the torchvision guard into this Python environment")
+    _command(sub, "doctor", _doctor,
+                 help="check nnU-Net, paths, trainer discovery and torchvision")
 
 
 def _add_checkpoint_parser(sub) -> None:
-    p = sub.add_parser("checkpoint", help="show an SSP checkpoint and optionally check it against plans")
+    p = _command(sub, "checkpoint", _checkpoint,
+                 help="show an SSP checkpoint and optionally check it against plans")
     p.add_argument("path")
     p.add_argument("-d", "--dataset", help="check that it fits this dataset's plans")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-c", "--configuration", default="2d")
-    p.set_defaults(run=_checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

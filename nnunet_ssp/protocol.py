@@ -171,12 +171,12 @@ class Protocol:
 
     def training_run(self, fold: dict, trainer: str) -> Run:
         a, index = self.args, str(fold["fold"])
-        results = os.path.join(self.results_root, self.dataset_name, f"{trainer}__{a.plans}__{a.configuration}",
-                               f"fold_{index}")
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+        results = get_output_folder(self.dataset_name, trainer, a.plans, a.configuration, index)
         train = Command(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
-                      "-device", a.device], file_exists(results, "checkpoint_final.pth"),
-                     resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
-                     env=self.training_env(trainer))
+                         "-device", a.device], file_exists(results, "checkpoint_final.pth"),
+                        resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
+                        env=self.training_env(trainer))
         return Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']})", [train])
 
     def prediction_runs(self, pairs: Sequence[Tuple[dict, str]]) -> List[Run]:

@@ -58,9 +58,8 @@ def seeded_rngs(seed: int):
 
 class SliceViewDataset(Dataset):
     """Item ``i`` (or ``(i, sample_seed)``, as ``make_loader``'s sampler yields): ``{"views": [tensor (C, *patch)
-    per view transform], "index": i, "slice_position": float32 slice_index / num_slices, "frame_from_ed": int,
-    "subject": int}``. Picklable and cheap to send to workers: the cache pickles as its folder and is memory-mapped
-    lazily in each process."""
+    per view transform], "index": i, "slice_position": float32 slice_index / num_slices}``. Picklable and cheap to
+    send to workers: the cache pickles as its folder and opens its files lazily in each process."""
 
     def __init__(self, cache, view_transforms: Sequence[Callable]):
         self.cache = cache
@@ -90,9 +89,7 @@ class SliceViewDataset(Dataset):
         else:
             index = int(item)
             views = self.views(index)
-        meta = self.cache.meta
-        return {"views": views, "index": index, "slice_position": np.float32(self.cache.slice_position(index)),
-                "frame_from_ed": int(meta["frame_from_ed"][index]), "subject": int(meta["subject"][index])}
+        return {"views": views, "index": index, "slice_position": np.float32(self.cache.slice_position(index))}
 
 
 class EpochSampler(Sampler):

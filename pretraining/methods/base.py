@@ -88,14 +88,12 @@ class SSPMethod:
         return [self.patch_size] * len(self.view_transforms())
 
     def example_batch(self, batch_size: int, num_channels: int, device) -> dict:
-        """A batch with the loader's keys and shapes (random views, every slice at position 0 and ED), for measuring
+        """A batch with the loader's keys and shapes (random views, every slice at position 0), for measuring
         what a step costs without data."""
         generator = torch.Generator().manual_seed(0)
         views = [torch.randn(batch_size, num_channels, *size, generator=generator).to(device)
                  for size in self.view_patch_sizes()]
-        zeros = torch.zeros(batch_size, dtype=torch.int64)
-        return {"views": views, "index": torch.arange(batch_size), "slice_position": zeros.float(),
-                "frame_from_ed": zeros, "subject": zeros}
+        return {"views": views, "index": torch.arange(batch_size), "slice_position": torch.zeros(batch_size)}
 
     def loss(self, model: torch.nn.Module, batch: dict, step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
         """The scalar loss of one batch and extra metrics to log (averaged per epoch)."""
