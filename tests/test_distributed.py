@@ -192,14 +192,14 @@ def test_each_rank_takes_its_block_of_every_global_batch():
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(monkeypatch):
-    from pretraining.cli import _batch_size
+    from pretraining.run import global_batch_size
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
-    method = SimpleNamespace(defaults=SimpleNamespace(batch_size=64))
+    method = SimpleNamespace(name="simclr", defaults=SimpleNamespace(batch_size=64))
     with pytest.raises(SSPError, match=r"^--batch-size 8 is the global batch and must split evenly over the 3 "):
-        _batch_size(SimpleNamespace(batch_size=8, method="simclr"), method, None, "cpu")
+        global_batch_size(method, None, "cpu", 8)
     with pytest.raises(SSPError, match="the simclr default batch size 64 is the global batch"):
-        _batch_size(SimpleNamespace(batch_size=None, method="simclr"), method, None, "cpu")
-    assert _batch_size(SimpleNamespace(batch_size=9, method="simclr"), method, None, "cpu") == 9
+        global_batch_size(method, None, "cpu", None)
+    assert global_batch_size(method, None, "cpu", 9) == 9
 
 
 # ------------------------------------------------------------------------------------------ end to end

@@ -8,17 +8,19 @@ log Q_v = log_softmax(s_v / τ_s) of view v, averaged over the batch and over al
 
 The centre follows the teacher outputs: c ← m·c + (1 − m)·mean(t).
 
-Distributed runs: the loss is a mean over samples, so each rank takes it over its own rows and the ranks' losses
-are averaged (with gradients); the centre and the collapse statistics use the global batch's means (all-reduced).
+Like every loss here it knows nothing of processes: it takes the rows it is given. ``batch_mean`` averages the
+centre's and the statistics' per-batch means over the global batch (the method passes the distributed average).
 """
 import math
-from typing import Sequence
+from typing import Callable, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretraining import distributed
+
+def _same(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    return tensors
 
 
 class DINOLoss(nn.Module):
@@ -36,9 +38,11 @@ class DINOLoss(nn.Module):
         self.last_statistics = {}
 
     def forward(self, student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor],
-                teacher_temperature: float) -> torch.Tensor:
+                teacher_temperature: float, batch_mean: Callable[..., Tuple[torch.Tensor, ...]] = _same
+                ) -> torch.Tensor:
         """Loss of the student views ((B, K) each, the global ones first, in the teachers' order) against the
-        teacher views ((B, K) each, global views only); the teacher side gets no gradient. Updates the centre."""
+        teacher views ((B, K) each, global views only), the mean over these rows; the teacher side gets no gradient.
+        Updates the centre with the batch's teacher mean (``batch_mean`` of the rows' means)."""
         if len(student_outputs) < len(teacher_outputs) or len(student_outputs) < 2:
             raise ValueError(f"need at least 2 student views, the first {len(teacher_outputs)} global, got "
                              f"{len(student_outputs)}")
@@ -50,11 +54,11 @@ class DINOLoss(nn.Module):
                        for i, p in enumerate(teacher_p.chunk(len(teacher_outputs)))
                        for v, log_q in enumerate(student_log_q) if v != i]
         with torch.no_grad():
-            entropy, mean_p, batch_center = distributed.all_reduce_mean_many(
+            entropy, mean_p, batch_center = batch_mean(
                 -(teacher_p * teacher_log_p).sum(dim=1).mean(), teacher_p.mean(dim=0),
                 teacher.mean(dim=0, keepdim=True))
             self.last_statistics = {
                 "teacher_entropy": entropy.item(),
                 "teacher_kl_to_uniform": (math.log(teacher.shape[1]) + torch.xlogy(mean_p, mean_p).sum()).item()}
             self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
-        return distributed.all_reduce_mean(torch.stack(pair_losses).mean())
+        return torch.stack(pair_losses).mean()

@@ -3,6 +3,12 @@
 A method declares which nnU-Net network parts it trains (``parts``, of :data:`nnunet_ssp.network.PARTS`), its
 options, builds its model (the plans' network plus its head), its views (one augmentation per view) and its loss,
 and hands back the nnU-Net network whose parts go into the checkpoint.
+
+Distributed runs, one policy: a loss function (``pretraining.losses``) takes the rows it is given and knows nothing
+of processes; a method's ``loss`` returns the global batch's loss, the same value on every rank, through the
+collectives of ``pretraining.distributed`` that carry gradients. What pairs samples is gathered first (SimCLR, PCL:
+every rank's projections); a summed loss is divided by the global count (MIM: masked pixels); a mean over samples is
+the mean of the ranks' means (DINO: equal rows per rank).
 """
 import math
 from dataclasses import dataclass

@@ -10,7 +10,7 @@ except on biases and norms, lr 0.0075 (= 0.03 × 64 / 256) after a 10-epoch line
 last layer is frozen during epoch 0. The student's encoder is exported.
 
 Distributed runs: each rank's loss over its own rows is averaged over the ranks, the centre and the collapse
-statistics use the global batch (see ``pretraining.losses.dino``), and the loop makes the heads' BatchNorm layers
+statistics use the global batch's means, and the loop makes the heads' BatchNorm layers
 normalise over the global batch (``pretraining.distributed.GlobalBatchNorm``).
 
 Deviation: the teacher starts as a copy of the student (canonical DINO); the paper initialises it separately at
@@ -23,6 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from pretraining import distributed
 from pretraining.data.views import augmentation
 from pretraining.heads import DINOHead, EncoderWithHead, encoder_width
 from pretraining.losses.dino import DINOLoss
@@ -160,7 +161,10 @@ class DINO(SSPMethod):
         student_out = list(model.student(global_views).float().chunk(2))
         if len(views) > 2:
             student_out += model.student(torch.cat(views[2:])).float().chunk(len(views) - 2)
-        loss = model.criterion(student_out, teacher_out, self.teacher_temperature_at(step))
+        # the global batch's loss: the mean of the ranks' means (equal rows per rank); the centre and the statistics
+        # from the global batch's means
+        loss = distributed.all_reduce_mean(model.criterion(student_out, teacher_out, self.teacher_temperature_at(step),
+                                                           distributed.all_reduce_mean_many))
         metrics = dict(model.criterion.last_statistics)
         # the loss is H(teacher) + KL(teacher || student); early on the centring raises H(teacher), so the loss can
         # rise while the student learns: the KL is the part the student controls
