@@ -107,10 +107,12 @@ def _report(args):
     print("\n".join(paths))
 
 
-def _command(sub, name: str, run, **parser_options):
-    """The subparser of command ``name``, which ``run(args)`` carries out."""
+def _command(sub, name: str, run, dataset: bool = False, **parser_options):
+    """The subparser of command ``name``, which ``run(args)`` carries out; ``dataset``: it takes -d DATASET."""
     p = sub.add_parser(name, **parser_options)
     p.set_defaults(run=run)
+    if dataset:
+        p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     return p
 
 
@@ -149,11 +151,10 @@ def _add_convert_parser(sub) -> None:
 
 
 def _add_splits_parser(sub) -> None:
-    p = _command(sub, "splits", _splits,
+    p = _command(sub, "splits", _splits, dataset=True,
                  help="write label-budget, split-file or vendor folds into splits_final.json",
                  description="Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and "
                              "describes them in splits_ssp.json; see nnunet_ssp/splits.py.")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budgets", nargs="+", help="labeled subjects per fold, or 'all' (nested per seed)")
     mode.add_argument("--from-yaml", nargs="+", metavar="FILE",
@@ -166,12 +167,11 @@ def _add_splits_parser(sub) -> None:
 
 
 def _add_evaluate_parser(sub) -> None:
-    p = _command(sub, "evaluate", _evaluate,
+    p = _command(sub, "evaluate", _evaluate, dataset=True,
                  help="3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions",
                  description="Evaluates a folder written by nnUNetv2_predict: nnU-Net's Dice into PRED/summary.json; "
                              "HD95, ventricular volumes, EF and myocardial mass into PRED/ssp_evaluation.json.")
     p.add_argument("prediction_folder", metavar="PRED", help="folder written by nnUNetv2_predict")
-    p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
     p.add_argument("--reference", metavar="DIR", help="reference label maps (default: $nnUNet_raw/<Dataset>/labelsTs)")
     p.add_argument("-tr", "--trainer", help="trainer that made the predictions (recorded; the method is what its run "
                                                    "recorded, see -c)")

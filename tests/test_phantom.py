@@ -175,7 +175,7 @@ def test_subject_depends_only_on_seed_and_index(raw, table):
     assert (subject.ed_frame, subject.es_frame) == (int(row["ed_frame"]), int(row["es_frame"]))
     cine = read(os.path.join(raw, "cineTr", "ph002_0000.nii.gz"))[1]
     assert np.array_equal(subject.cine, cine.astype(np.float32))
-    assert np.array_equal(subject.es_labels, read(case_files(raw, row)["ES"][1])[1])
+    assert np.array_equal(subject.phase("ES")[1], read(case_files(raw, row)["ES"][1])[1])
     assert subject.cine.dtype == np.float32 and subject.labels.dtype == np.uint8
     assert subject.labels.shape == subject.cine.shape
 
@@ -350,5 +350,6 @@ def test_tissue_contrast_is_ssfp_like(raw, table):
             assert np.percentile(image, 10) < myo
     subject = simulate_subject(subject_rng(SEED, 1), "ph001", SIZE)
     # the image is more than the heart: much of the field of view outside the heart carries tissue signal
-    outside = subject.ed_image[subject.ed_labels == 0]
-    assert (outside > 0.2 * subject.ed_image[subject.ed_labels == 1].mean()).mean() > 0.3
+    image, labels = subject.phase("ED")
+    outside = image[labels == 0]
+    assert (outside > 0.2 * image[labels == 1].mean()).mean() > 0.3

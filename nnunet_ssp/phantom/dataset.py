@@ -46,10 +46,11 @@ def _write_subject(folder: str, index: int, seed: int, size: int, test: bool) ->
     sid = f"ph{index:03d}"
     subject = simulate_subject(subject_rng(seed, index), sid, size)
     split = TEST if test else TRAIN
-    for phase, frame in zip(PHASES, (subject.ed_frame, subject.es_frame)):
-        image, labels = case_files(split, f"{sid}_{phase}")
-        _write_image(subject.cine[frame], subject.spacing, os.path.join(folder, image), np.int16)
-        _write_image(subject.labels[frame], subject.spacing, os.path.join(folder, labels), np.uint8)
+    for phase in PHASES:
+        image_file, labels_file = case_files(split, f"{sid}_{phase}")
+        image, labels = subject.phase(phase)
+        _write_image(image, subject.spacing, os.path.join(folder, image_file), np.int16)
+        _write_image(labels, subject.spacing, os.path.join(folder, labels_file), np.uint8)
     if not test:
         _write_image(subject.cine, tuple(subject.spacing) + (subject.frame_interval_ms,),
                      os.path.join(folder, cine_file(sid)), np.int16)

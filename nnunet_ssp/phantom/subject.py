@@ -41,21 +41,10 @@ class Subject:
     def num_slices(self) -> int:
         return int(self.cine.shape[1])
 
-    @property
-    def ed_image(self) -> np.ndarray:
-        return self.cine[self.ed_frame]
-
-    @property
-    def es_image(self) -> np.ndarray:
-        return self.cine[self.es_frame]
-
-    @property
-    def ed_labels(self) -> np.ndarray:
-        return self.labels[self.ed_frame]
-
-    @property
-    def es_labels(self) -> np.ndarray:
-        return self.labels[self.es_frame]
+    def phase(self, name: str) -> Tuple[np.ndarray, np.ndarray]:
+        """(image, labels) (Z, Y, X) of phase ``name``, "ED" or "ES"."""
+        frame = {"ED": self.ed_frame, "ES": self.es_frame}[name]
+        return self.cine[frame], self.labels[frame]
 
 
 def subject_rng(seed: int, index: int) -> np.random.Generator:
