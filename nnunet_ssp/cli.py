@@ -7,6 +7,7 @@ from nnunet_ssp.errors import OneLineArgumentParser, SSPError, run_command
 
 
 def _phantom(args):
+    """write a synthetic cine CMR dataset to $nnUNet_raw/DatasetID_NAME"""
     from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.phantom import write_phantom_dataset
     path = write_phantom_dataset(nnunet_path("nnUNet_raw"), args.dataset_id, args.name, args.subjects,
@@ -15,22 +16,29 @@ def _phantom(args):
 
 
 def _convert(args):
+    """convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (raw layout)
+
+    Converts a public cardiac cine dataset, as distributed, to an nnU-Net raw dataset in the layout of
+    nnunet_ssp/raw_layout.py; see nnunet_ssp/convert/__init__.py for SRC and splits."""
     from nnunet_ssp.convert import convert_dataset
     print(convert_dataset(args.dataset, args.source, args.dataset_id, args.name, overwrite=args.overwrite,
                           test_split_file=args.test_split))
 
 
 def _env(args):
+    """print the export line that lets nnUNetv2_* find the plugin's trainers"""
     from nnunet_ssp.env import env_lines
     print("\n".join(env_lines()))
 
 
 def _install_hooks(args):
+    """install the torchvision guard into this Python environment"""
     from nnunet_ssp.env import install_hooks
     print(f"installed {install_hooks()}")
 
 
 def _doctor(args):
+    """check nnU-Net, paths, trainer discovery and torchvision"""
     from nnunet_ssp.env import doctor
     checks = doctor()
     for ok, message in checks:
@@ -41,6 +49,7 @@ def _doctor(args):
 
 
 def _checkpoint(args):
+    """show an SSP checkpoint and optionally check it against plans"""
     from nnunet_ssp.checkpoint import load_checkpoint, verify_checkpoint
     from nnunet_ssp.network import PlannedConfiguration
     ckpt = load_checkpoint(args.path)
@@ -59,6 +68,10 @@ def _checkpoint(args):
 
 
 def _splits(args):
+    """write label-budget, split-file or vendor folds into splits_final.json
+
+    Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and describes them in splits_ssp.json;
+    see nnunet_ssp/splits.py."""
     from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.network import preprocessed_dataset_folder
     from nnunet_ssp.splits import write_splits
@@ -77,12 +90,20 @@ def _splits(args):
 
 
 def _merge(args):
+    """combine raw datasets (e.g. M&Ms and M&Ms-2) into $nnUNet_raw/DatasetID_NAME
+
+    Hard-links (or copies) the images, labels and cines of the source datasets into one raw dataset; subjects.csv gets a
+    source_dataset column."""
     from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.merge import merge_datasets
     print(merge_datasets(nnunet_path("nnUNet_raw"), args.dataset_id, args.name, args.sources, overwrite=args.overwrite))
 
 
 def _evaluate(args):
+    """3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions
+
+    Evaluates a folder written by nnUNetv2_predict: nnU-Net's Dice into PRED/summary.json; HD95, ventricular volumes, EF
+    and myocardial mass into PRED/ssp_evaluation.json."""
     from nnunet_ssp.evaluation.evaluate import evaluate_predictions, summary_lines
     evaluation, dice = evaluate_predictions(args.prediction_folder, args.dataset, args.reference, args.trainer,
                                             args.fold, args.vendors, args.num_processes, args.configuration,
@@ -91,6 +112,11 @@ def _evaluate(args):
 
 
 def _predict(args):
+    """predict an image folder with many trained runs in one process (as nnUNetv2_predict does for one), optionally
+    evaluating each
+
+    Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's own predictor (as nnUNetv2_predict -npp
+    0 -nps 0: no worker pools; the same files). An output folder is complete once it holds plans.json, written last."""
     from nnunet_ssp.predict import PredictionRun, predict_runs, use_nnunet_threads
     use_nnunet_threads(args.device)
     predict_runs([PredictionRun(*run) for run in args.runs], args.i, args.d, configuration=args.c, plans=args.p,
@@ -101,15 +127,21 @@ def _predict(args):
 
 
 def _report(args):
+    """paper-style tables, tests and figures from evaluated prediction folders
+
+    Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and writes report.md, CSV files and figures
+    to OUT."""
     from nnunet_ssp.evaluation.report import write_report
     table, paths = write_report(args.results, args.output)
     print(table)
     print("\n".join(paths))
 
 
-def _command(sub, name: str, run, dataset: bool = False, **parser_options):
-    """The subparser of command ``name``, which ``run(args)`` carries out; ``dataset``: it takes -d DATASET."""
-    p = sub.add_parser(name, **parser_options)
+def _command(sub, name: str, run, dataset: bool = False):
+    """The subparser of command ``name``, which ``run(args)`` carries out: the first paragraph of its docstring is the
+    command's help, the rest its description; ``dataset``: it takes -d DATASET."""
+    summary, _, details = run.__doc__.partition("\n\n")
+    p = sub.add_parser(name, help=" ".join(summary.split()), description=" ".join(details.split()) or None)
     p.set_defaults(run=run)
     if dataset:
         p.add_argument("-d", "--dataset", required=True, help="dataset name or id")
@@ -124,8 +156,7 @@ def _add_new_dataset_arguments(p, example_id: int, example_name: str) -> None:
 
 
 def _add_phantom_parser(sub) -> None:
-    p = _command(sub, "phantom", _phantom,
-                 help="write a synthetic cine CMR dataset to $nnUNet_raw/DatasetID_NAME")
+    p = _command(sub, "phantom", _phantom)
     _add_new_dataset_arguments(p, 501, "CinePhantom")
     p.add_argument("--subjects", type=int, default=40, help="training subjects (default 40)")
     p.add_argument("--test-subjects", type=int, default=10, help="held-out test subjects (default 10)")
@@ -135,11 +166,7 @@ def _add_phantom_parser(sub) -> None:
 
 def _add_convert_parser(sub) -> None:
     from nnunet_ssp.convert import DATASETS
-    p = _command(sub, "convert", _convert,
-                 help="convert M&Ms, M&Ms-2 or ACDC to $nnUNet_raw/DatasetID_NAME (raw layout)",
-                 description="Converts a public cardiac cine dataset, as distributed, to an nnU-Net raw dataset in "
-                             "the layout of nnunet_ssp/raw_layout.py; see nnunet_ssp/convert/__init__.py for SRC and "
-                             "splits.")
+    p = _command(sub, "convert", _convert)
     p.add_argument("dataset", choices=DATASETS)
     p.add_argument("source", metavar="SRC",
                    help="the dataset's folder (mnms: OpenDataset with Training/, Validation/, Testing/ and the CSV; "
@@ -151,10 +178,7 @@ def _add_convert_parser(sub) -> None:
 
 
 def _add_splits_parser(sub) -> None:
-    p = _command(sub, "splits", _splits, dataset=True,
-                 help="write label-budget, split-file or vendor folds into splits_final.json",
-                 description="Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and "
-                             "describes them in splits_ssp.json; see nnunet_ssp/splits.py.")
+    p = _command(sub, "splits", _splits, dataset=True)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--budgets", nargs="+", help="labeled subjects per fold, or 'all' (nested per seed)")
     mode.add_argument("--from-yaml", nargs="+", metavar="FILE",
@@ -167,10 +191,7 @@ def _add_splits_parser(sub) -> None:
 
 
 def _add_evaluate_parser(sub) -> None:
-    p = _command(sub, "evaluate", _evaluate, dataset=True,
-                 help="3D Dice (nnU-Net's evaluation), HD95 and clinical measures of predictions",
-                 description="Evaluates a folder written by nnUNetv2_predict: nnU-Net's Dice into PRED/summary.json; "
-                             "HD95, ventricular volumes, EF and myocardial mass into PRED/ssp_evaluation.json.")
+    p = _command(sub, "evaluate", _evaluate, dataset=True)
     p.add_argument("prediction_folder", metavar="PRED", help="folder written by nnUNetv2_predict")
     p.add_argument("--reference", metavar="DIR", help="reference label maps (default: $nnUNet_raw/<Dataset>/labelsTs)")
     p.add_argument("-tr", "--trainer", help="trainer that made the predictions (recorded; the method is what its run "
@@ -187,12 +208,7 @@ def _add_evaluate_parser(sub) -> None:
 
 
 def _add_predict_parser(sub) -> None:
-    p = _command(sub, "predict", _predict,
-                 help="predict an image folder with many trained runs in one process (as nnUNetv2_predict does for "
-                      "one), optionally evaluating each",
-                 description="Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's own "
-                             "predictor (as nnUNetv2_predict -npp 0 -nps 0: no worker pools; the same files). An "
-                             "output folder is complete once it holds plans.json, written last.")
+    p = _command(sub, "predict", _predict)
     p.add_argument("-i", required=True, metavar="IMAGES", help="input folder (CASE_0000.nii.gz, ...)")
     p.add_argument("--run", dest="runs", nargs=3, action="append", required=True, metavar=("TRAINER", "FOLD", "OUT"),
                    help="a trained run and the folder for its predictions (repeat for more runs)")
@@ -216,36 +232,26 @@ def _add_predict_parser(sub) -> None:
 
 
 def _add_report_parser(sub) -> None:
-    p = _command(sub, "report", _report,
-                 help="paper-style tables, tests and figures from evaluated prediction folders",
-                 description="Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and writes "
-                             "report.md, CSV files and figures to OUT.")
+    p = _command(sub, "report", _report)
     p.add_argument("results", nargs="+", metavar="RESULTS", help="folders searched recursively")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
 
 
 def _add_merge_parser(sub) -> None:
-    p = _command(sub, "merge", _merge,
-                 help="combine raw datasets (e.g. M&Ms and M&Ms-2) into $nnUNet_raw/DatasetID_NAME",
-                 description="Hard-links (or copies) the images, labels and cines of the source datasets into one raw "
-                             "dataset; subjects.csv gets a source_dataset column.")
+    p = _command(sub, "merge", _merge)
     _add_new_dataset_arguments(p, 600, "MnMsBoth")
     p.add_argument("--from", dest="sources", nargs="+", required=True, metavar="ID",
                    help="source datasets in $nnUNet_raw, by id or folder name")
 
 
 def _add_environment_parser(sub) -> None:
-    _command(sub, "env", _env,
-                 help="print the export line that lets nnUNetv2_* find the plugin's trainers")
-    _command(sub, "install-hooks", _install_hooks,
-                 help="install the torchvision guard into this Python environment")
-    _command(sub, "doctor", _doctor,
-                 help="check nnU-Net, paths, trainer discovery and torchvision")
+    _command(sub, "env", _env)
+    _command(sub, "install-hooks", _install_hooks)
+    _command(sub, "doctor", _doctor)
 
 
 def _add_checkpoint_parser(sub) -> None:
-    p = _command(sub, "checkpoint", _checkpoint,
-                 help="show an SSP checkpoint and optionally check it against plans")
+    p = _command(sub, "checkpoint", _checkpoint)
     p.add_argument("path")
     p.add_argument("-d", "--dataset", help="check that it fits this dataset's plans")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
