@@ -134,7 +134,8 @@ def load_checkpoint(path: str) -> dict:
 def verify_checkpoint(checkpoint: dict, target: PlannedConfiguration, parts, source: str) -> list:
     """Raises SSPError unless ``parts`` of the checkpoint fit the network of ``target``.
 
-    Returns warnings for differences that leave the weights loadable (patch size, spacing, normalization).
+    Returns warnings for differences that leave the weights loadable: another dataset or plans (a checkpoint of a
+    pooled corpus, plans moved between datasets), patch size, spacing, normalization.
     """
     absent = [p for p in parts if p not in checkpoint["parts"]]
     if absent:
@@ -154,7 +155,8 @@ def verify_checkpoint(checkpoint: dict, target: PlannedConfiguration, parts, sou
               parts, source)
     ours, theirs = target.summary(), checkpoint["plans"]
     return [f"{source}: pretrained with {key} {theirs.get(key)}, fine-tuning uses {ours[key]}"
-            for key in ("spacing", "normalization_schemes", "patch_size") if theirs.get(key) != ours[key]]
+            for key in ("dataset_name", "plans_name", "spacing", "normalization_schemes", "patch_size")
+            if theirs.get(key) != ours[key]]
 
 
 def sha256_of_file(path: str) -> str:

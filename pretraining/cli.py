@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--data", nargs="+", default=[], metavar="DIR",
                    help="extra folders of unlabeled 3D/4D NIfTI images to pretrain on as well")
+    p.add_argument("--subjects-fraction", type=float, default=1.0, metavar="F",
+                   help="pretrain on this fraction of the subjects (default 1: all), drawn by --seed: nested across "
+                        "fractions of one seed; the subjects are recorded in the checkpoint")
     p.add_argument("--epochs", type=int, help="epochs (default: the method's, 100 in the paper)")
     p.add_argument("--iters-per-epoch", type=int,
                    help="iterations per epoch (default: one pass over all slices, as the paper)")
@@ -70,6 +73,8 @@ def _check_numbers(args) -> None:
             raise SSPError(f"--{name.replace('_', '-')} must be at least {minimum} (got {value})")
     if args.lr is not None and not 0 < args.lr < float("inf"):
         raise SSPError(f"--lr must be a positive number (got {args.lr})")
+    if not 0 < args.subjects_fraction <= 1:
+        raise SSPError(f"--subjects-fraction must be in (0, 1] (got {args.subjects_fraction:g})")
 
 
 def _check_environment(args) -> None:
@@ -141,6 +146,8 @@ def _pretrainer(args, target, method, sources, batch_size: int, device: str, out
     from pretraining.data.loader import default_iters_per_epoch
     from pretraining.run import PretrainSettings, cache_folder, make_pretrainer, open_cache, scaled_lr, too_few_slices
     cache = open_cache(target, sources, args.num_workers)
+    if args.subjects_fraction != 1:
+        cache = cache.with_subjects_fraction(args.subjects_fraction, args.seed)
     if len(cache) < batch_size:
         raise too_few_slices(cache_folder(target), str(len(cache)), batch_size)
     defaults = method.defaults
@@ -152,8 +159,8 @@ def _pretrainer(args, target, method, sources, batch_size: int, device: str, out
         method, epochs=args.epochs or defaults.epochs,
         iters_per_epoch=args.iters_per_epoch or default_iters_per_epoch(len(cache), batch_size),
         batch_size=batch_size, lr=lr, device=device, num_workers=args.num_workers, seed=args.seed,
-        skip_nonfinite=args.skip_nonfinite, precision=args.precision, channels_last=args.channels_last,
-        world_size=distributed.world_size())
+        subjects_fraction=args.subjects_fraction, skip_nonfinite=args.skip_nonfinite, precision=args.precision,
+        channels_last=args.channels_last, world_size=distributed.world_size())
     return make_pretrainer(method, target, cache, settings, output, args.probe_slices)
 
 

@@ -26,6 +26,7 @@ class PretrainSettings:
     num_workers: int
     seed: int
     options: dict = field(default_factory=dict)  # method-specific options, e.g. MIM's mask patch size
+    subjects_fraction: float = 1.0  # the fraction of the cache's subjects pretrained on (drawn by seed)
     skip_nonfinite: int = 0  # steps with a non-finite loss or gradient that may be skipped before the run stops
     precision: str = "bf16"  # autocast dtype on CUDA ("bf16") or full "fp32"; CPU always runs fp32
     channels_last: bool = False  # NHWC model and batches on CUDA (slower for nnU-Net's InstanceNorm U-Nets on H100)
@@ -40,8 +41,8 @@ class PretrainSettings:
                   lr: Optional[float] = None, device: str = "cpu", num_workers: int = 0, seed: int = 0,
                   **runtime) -> "PretrainSettings":
         """The settings of a run of ``method``: its recipe (lr unless given, momentum, weight decay, Nesterov) and
-        options, the run's length and batch, and ``runtime`` (skip_nonfinite, precision, channels_last,
-        world_size)."""
+        options, the run's length and batch, and ``runtime`` (subjects_fraction, skip_nonfinite, precision,
+        channels_last, world_size)."""
         d = method.defaults
         return cls(method.name, epochs, iters_per_epoch, batch_size, d.lr if lr is None else lr, d.momentum,
                    d.weight_decay, d.nesterov, device, num_workers, seed, options=method.option_values(), **runtime)

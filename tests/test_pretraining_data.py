@@ -176,6 +176,30 @@ def test_cache_is_cheap_to_pickle(built):
     np.testing.assert_array_equal(clone.slice(5), built.slice(5))
 
 
+def test_subjects_fraction_selects_seeded_nested_subjects_and_their_slices(built):
+    meta = built.meta
+    half = built.with_subjects_fraction(0.5, seed=3)  # round(1.5) = 2 of the 3 subjects
+    third = built.with_subjects_fraction(0.2, seed=3)  # at least one subject
+    chosen = [built.subjects.index(s) for s in half.selected_subjects]
+    rows = np.flatnonzero(np.isin(meta["subject"], chosen))
+    assert len(half.selected_subjects) == 2 and len(third.selected_subjects) == 1
+    assert set(third.selected_subjects) < set(half.selected_subjects)  # nested within a seed
+    assert half.with_subjects_fraction(1, seed=3).selected_subjects == sorted(built.subjects)
+    assert len(half) == len(rows) and sorted(set(half.meta["subject"])) == sorted(chosen)
+    for local in (0, len(half) - 1):
+        np.testing.assert_array_equal(half.slice(local), built.slice(rows[local]))
+        assert half.slice_position(local) == built.slice_position(rows[local])
+    with pytest.raises(IndexError):
+        half.slice(len(half))
+    summary = half.summary()
+    frames = sum(SUBJECTS[built.subjects[s]][0] for s in chosen)
+    assert (summary["num_subjects"], summary["num_slices"], summary["num_frames_total"]) == (2, len(rows), frames)
+    assert summary["num_subjects_available"] == 3 and summary["subjects"] == half.selected_subjects
+    clone = pickle.loads(pickle.dumps(half))  # DataLoader workers get the selection, not the whole cache
+    assert len(clone) == len(half)
+    np.testing.assert_array_equal(clone.slice(1), half.slice(1))
+
+
 def test_imagestr_fallback(planned, real_target, tmp_path):
     raw = tmp_path / DATASET_NAME
     shutil.copytree(os.path.join(planned["raw"], "imagesTr"), raw / "imagesTr")

@@ -17,7 +17,7 @@ kernel's page cache, which the kernel reclaims at will).
 import json
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,10 +41,11 @@ def load_json(path: str) -> Optional[dict]:
 
 
 class SliceCache:
-    """Read access to a finished cache. Block files are opened on first use, per process; pickling sends only the
-    folder (DataLoader workers reopen it lazily)."""
+    """Read access to a finished cache, or to the slices of some of its subjects (``subjects``: their ids; see
+    :meth:`with_subjects_fraction`). Block files are opened on first use, per process; pickling sends only the folder
+    and the subject selection (DataLoader workers reopen it lazily)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, subjects: Optional[Sequence[str]] = None):
         self.folder = os.path.abspath(folder)
         info = load_json(os.path.join(self.folder, FINGERPRINT_FILE))
         if info is None:
@@ -58,6 +59,16 @@ class SliceCache:
         self._files: "OrderedDict[int, Tuple[int, int, Tuple[int, ...]]]" = OrderedDict()  # block -> fd, offset, shape
         self._pid = os.getpid()
         self.lock_fd: Optional[int] = None  # the shared lock that build_or_load_cache took for this process
+        self.selected_subjects = None if subjects is None else sorted(subjects)
+        self._rows: Optional[np.ndarray] = None  # the selected subjects' rows of the index, when there is a selection
+        if subjects is not None:
+            ids = self.subjects
+            unknown = sorted(set(subjects) - set(ids))
+            if unknown or not subjects:
+                raise SSPError(f"{self.folder}: no subject(s) {', '.join(unknown[:3]) or '(none given)'} in this "
+                               f"slice cache")
+            chosen = [ids.index(s) for s in self.selected_subjects]
+            self._rows = np.flatnonzero(np.isin(self._idx()["subject"], chosen))
 
     def close(self) -> None:
         """Closes the files this process opened (they reopen on the next read)."""
@@ -77,10 +88,10 @@ class SliceCache:
 
     # pickling: only the folder and key; block files are reopened lazily in the receiving process
     def __getstate__(self):
-        return {"folder": self.folder, "key": self.key}
+        return {"folder": self.folder, "key": self.key, "subjects": self.selected_subjects}
 
     def __setstate__(self, state):
-        self.__init__(state["folder"])
+        self.__init__(state["folder"], state.get("subjects"))
         if self.key != state["key"]:
             raise SSPError(f"{self.folder}: the slice cache changed while in use (rebuilt by another run?)")
 
@@ -91,14 +102,14 @@ class SliceCache:
         return self._index
 
     def __len__(self) -> int:
-        return int(self._info["summary"]["num_slices"])
+        return int(self._info["summary"]["num_slices"]) if self._rows is None else len(self._rows)
 
     @property
     def meta(self) -> Dict[str, np.ndarray]:
         """Per-slice int32 arrays: subject (index into ``subjects``), frame, frame_from_ed ((t - ED) mod T),
         slice_index (0 = first slice of the stack, e.g. base), num_slices, num_frames."""
         idx = self._idx()
-        return {k: idx[k] for k in META_KEYS}
+        return {k: idx[k] if self._rows is None else idx[k][self._rows] for k in META_KEYS}
 
     @property
     def subjects(self) -> List[str]:
@@ -109,8 +120,27 @@ class SliceCache:
         return int(self._info["summary"]["num_channels"])
 
     def summary(self) -> dict:
-        """Facts for a checkpoint: num_subjects, num_slices, num_frames_total, source_kind, num_channels, key."""
-        return {**self._info["summary"], "cache_key": self.key}
+        """Facts for a checkpoint: num_subjects, num_slices, num_frames_total, source_kind, num_channels, key; of a
+        selection also the cache's num_subjects_available and the selected subjects."""
+        summary = {**self._info["summary"], "cache_key": self.key}
+        if self._rows is not None:
+            meta = self.meta
+            summary.update(num_subjects_available=summary["num_subjects"], num_subjects=len(self.selected_subjects),
+                           num_slices=len(self), subjects=self.selected_subjects,
+                           num_frames_total=len({(s, f) for s, f in zip(meta["subject"], meta["frame"])}))
+        return summary
+
+    def with_subjects_fraction(self, fraction: float, seed: int) -> "SliceCache":
+        """The slices of round(fraction x subjects) of this cache's subjects (at least 1), drawn by ``seed``: the
+        subjects in a seeded random order, the first ones taken, so the selections of one seed are nested
+        (0.25 within 0.5 within 1)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction {fraction:g}: must be in (0, 1]")
+        ids = sorted(self.subjects)
+        order = np.random.default_rng(seed).permutation(len(ids))
+        view = SliceCache(self.folder, [ids[i] for i in order[:max(1, round(fraction * len(ids)))]])
+        view.lock_fd = self.lock_fd  # the selection reads under the lock its cache holds
+        return view
 
     def missing_files(self) -> List[str]:
         """Array files (or the index) that are absent or have the wrong size."""
@@ -123,10 +153,11 @@ class SliceCache:
                 or os.path.getsize(os.path.join(self.folder, f)) != n]
 
     def _check(self, i) -> int:
+        """The index row of slice ``i`` (of the selection, when there is one)."""
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"slice {i} out of range (cache has {len(self)})")
-        return i
+        return i if self._rows is None else int(self._rows[i])
 
     def _forked(self) -> None:
         """Drops the file descriptors the parent process opened: a child opens its own."""
