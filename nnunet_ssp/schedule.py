@@ -25,10 +25,13 @@ SCHEDULE_SUFFIX = {"paper": "_paperSchedule", "nnunet": ""}
 #: fine-tuning recipes besides the paper's (lr 1e-2 from scratch, 5e-3 from a checkpoint, no warm-up); a recipe's
 #: trainers are named ``<trainer>_<recipe>`` (trainers/ssp_trainers.py) and it names their rows in the report
 WARMUP, BASELINE_LR, ENCODER_ONLY = "warmup", "baselineLR", "baselineLR_encoderOnly"
+#: how the parts loaded from the SSP checkpoint train (trainers/strategies.py): frozen for the first 50 epochs (of
+#: nnU-Net's 1000; 5% of a shortened run), frozen throughout, or at a tenth of the trainer's lr
+FREEZE_50_EPOCHS, FROZEN, PRETRAINED_TENTH_LR = "freeze50epochs", "frozen", "pretrainedTenthLR"
 PAPER_RECIPE = "paper"
-RECIPES = (PAPER_RECIPE, WARMUP, BASELINE_LR, ENCODER_ONLY)
-#: recipes that change nothing for the from-scratch baseline (it fine-tunes at 1e-2 already)
-PRETRAINED_ONLY_RECIPES = (BASELINE_LR, ENCODER_ONLY)
+RECIPES = (PAPER_RECIPE, WARMUP, BASELINE_LR, ENCODER_ONLY, FREEZE_50_EPOCHS, FROZEN, PRETRAINED_TENTH_LR)
+#: recipes that change nothing for the from-scratch baseline (it fine-tunes at 1e-2 already and loads nothing)
+PRETRAINED_ONLY_RECIPES = (BASELINE_LR, ENCODER_ONLY, FREEZE_50_EPOCHS, FROZEN, PRETRAINED_TENTH_LR)
 #: recipes that change only the trainers of methods that pretrain the decoder as well (MIM): loading the encoder
 #: alone is what the encoder methods do already
 DECODER_METHOD_RECIPES = (ENCODER_ONLY,)
@@ -47,6 +50,12 @@ def positive_int_from_env(name: str) -> Optional[int]:
 def paper_iterations_per_epoch(slices: int, batch_size: int) -> int:
     """One pass over ``slices`` at ``batch_size``: ceil(slices / batch_size), at least 1."""
     return max(1, math.ceil(slices / batch_size))
+
+
+def shortened_epochs(nnunet_epochs: int, num_epochs: int) -> int:
+    """A phase of ``nnunet_epochs`` of nnU-Net's 1000 epochs in a run of ``num_epochs``: the same share, rounded, at
+    least 1 and at most ``nnunet_epochs`` (50: 50 of 1000 or more, 5 of 100, 1 of 20)."""
+    return min(nnunet_epochs, max(1, round(nnunet_epochs / NNUNET_EPOCHS * num_epochs)))
 
 
 def num_epochs() -> int:

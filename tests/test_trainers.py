@@ -204,3 +204,100 @@ def test_every_pretraining_method_has_a_trainer_that_loads_its_parts():
     for name, trainer in ssp_trainers.TRAINER_OF_METHOD.items():
         assert trainer.ssp_parts == METHODS[name].parts
         assert ssp_trainers.loads_decoder(trainer) == ("decoder" in METHODS[name].parts)
+
+
+# ------------------------------------------------------------------ fine-tuning strategies (trainers/strategies.py)
+STRATEGY_RECIPES = ("freeze50epochs", "frozen", "pretrainedTenthLR")
+
+
+def _poly(epoch, num_epochs, lr=5e-3):
+    """nnU-Net's PolyLRScheduler formula, written out: lr (1 - e / N) ** 0.9."""
+    return lr * (1 - epoch / num_epochs) ** 0.9
+
+
+def _pretrained_names(network, parts):
+    """Parameter names of the loaded parts, by the key layout alone: encoder.*, and decoder.* but its heads."""
+    names = set()
+    for name, _ in network.named_parameters():
+        decoder = name.startswith("decoder.") and not name.startswith("decoder.seg_layers.")
+        if ("encoder" in parts and name.startswith("encoder.")) or ("decoder" in parts and decoder):
+            names.add(name)
+    return names
+
+
+@pytest.mark.parametrize("cls, method, parts", [
+    (ssp_trainers.nnUNetTrainerMIM_pretrainedTenthLR, "mim", ("encoder", "decoder")),
+    (ssp_trainers.nnUNetTrainerDINO_pretrainedTenthLR_paperSchedule, "dino", ("encoder",))])
+def test_tenth_lr_groups_partition_the_network_and_follow_the_poly_lr(nnunet_env, monkeypatch, cls, method, parts):
+    _write_checkpoint(nnunet_env, method)
+    monkeypatch.setenv("nnUNet_ssp_num_epochs", "20")
+    trainer = _trainer(cls)
+    trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4)
+    optimizer, scheduler = trainer.configure_optimizers()
+    new, pretrained = optimizer.param_groups
+    assert (new["name"], pretrained["name"]) == ("new", "pretrained")
+    name_of = {id(p): n for n, p in trainer.network.named_parameters()}
+    assert {name_of[id(p)] for p in pretrained["params"]} == _pretrained_names(trainer.network, parts)
+    assert {name_of[id(p)] for p in new["params"]} == set(name_of.values()) - _pretrained_names(trainer.network, parts)
+    assert len(new["params"]) + len(pretrained["params"]) == len(name_of)  # each parameter once
+    for epoch in (None, 1, 7, 19):  # None: as constructed (epoch 0)
+        if epoch is not None:
+            scheduler.step(epoch)
+        expected = _poly(epoch or 0, 20)
+        assert math.isclose(new["lr"], expected, rel_tol=1e-12)
+        assert math.isclose(pretrained["lr"], expected / 10, rel_tol=1e-12)
+    assert optimizer.defaults == torch.optim.SGD([torch.zeros(1)], 5e-3, momentum=0.99, nesterov=True,
+                                                 weight_decay=3e-5).defaults  # nnU-Net's SGD settings
+
+
+@pytest.mark.parametrize("num_epochs, frozen", [(1000, 50), (2000, 50), (100, 5), (20, 1), (2, 1)])
+def test_freeze_recipes_freeze_the_pretrained_parts_for_50_epochs_or_all(nnunet_env, monkeypatch, num_epochs, frozen):
+    """freeze50epochs: the pretrained group at lr 0 for 50 of nnU-Net's 1000 epochs (5% of a shorter run, at least
+    1; the warm-up's rule), then at the trainer's poly lr; frozen: at lr 0 in every epoch."""
+    _write_checkpoint(nnunet_env, "mim")
+    monkeypatch.setenv("nnUNet_ssp_num_epochs", str(num_epochs))
+    assert _trainer(nnUNetTrainerMIM_warmup).warmup_epochs == frozen
+    for cls, last_frozen in ((ssp_trainers.nnUNetTrainerMIM_freeze50epochs, frozen - 1),
+                             (ssp_trainers.nnUNetTrainerMIM_frozen_paperSchedule, num_epochs - 1)):
+        trainer = _trainer(cls)
+        trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4)
+        optimizer, scheduler = trainer.configure_optimizers()
+        for epoch in sorted({0, last_frozen, min(last_frozen + 1, num_epochs - 1), num_epochs - 1}):
+            scheduler.step(epoch)
+            pretrained = 0.0 if epoch <= last_frozen else _poly(epoch, num_epochs)
+            assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([_poly(epoch, num_epochs), pretrained],
+                                                                              rel=1e-12, abs=0)
+
+
+def _loaded_digests(record):
+    return {k: v for k, v in record["network_tensor_sha256_after_load"].items()
+            if k.split(".")[0] in record["loaded"]["parts"]}
+
+
+def test_every_strategy_variant_loads_the_same_parts_as_its_parent(nnunet_env, monkeypatch):
+    """The strategies change how the loaded parts train, not what is loaded: each variant's ssp_init.json records
+    the parent's parts and the same tensors after loading, and its strategy."""
+    for method in ("mim", "dino"):
+        _write_checkpoint(nnunet_env, method)
+    monkeypatch.setenv("nnUNet_ssp_num_epochs", "40")
+    for parent in (nnUNetTrainerMIM, nnUNetTrainerDINO, ssp_trainers.nnUNetTrainerSimCLR, ssp_trainers.nnUNetTrainerPCL,
+                   nnUNetTrainerSSP):
+        if parent.ssp_method in ("simclr", "pcl"):
+            _write_checkpoint(nnunet_env, parent.ssp_method)
+        if parent is nnUNetTrainerSSP:  # the generic trainer loads what the exported file holds
+            monkeypatch.setenv("nnUNet_ssp_checkpoint", _write_checkpoint(nnunet_env, "mim")[0])
+        _load_like_on_train_start(_trainer(parent))
+        expected = json.load(open(os.path.join(_fold_folder(nnunet_env, parent), "ssp_init.json")))
+        assert expected["fine_tuning"] == {"recipe": "paper"}
+        for recipe in STRATEGY_RECIPES:
+            cls = getattr(ssp_trainers, f"{parent.__name__}_{recipe}")
+            assert cls.recipe == recipe and getattr(ssp_trainers, f"{cls.__name__}_paperSchedule").recipe == recipe
+            _load_like_on_train_start(_trainer(cls))
+            record = json.load(open(os.path.join(_fold_folder(nnunet_env, cls), "ssp_init.json")))
+            for key in ("loaded", "method", "initial_lr"):
+                assert record[key] == expected[key], (cls.__name__, key)
+            assert _loaded_digests(record) == _loaded_digests(expected)  # the other parts keep their random init
+            assert record["fine_tuning"] == {"recipe": recipe, "pretrained_lr_factor": 0.1 if "Tenth" in recipe else 1.0,
+                                             "frozen_epochs": {"freeze50epochs": 2, "frozen": 40}.get(recipe, 0)}
+    for recipe in STRATEGY_RECIPES:  # nothing is pretrained in the from-scratch baseline
+        assert not hasattr(ssp_trainers, f"nnUNetTrainerBaseline_{recipe}")

@@ -7,7 +7,8 @@
   and loads an SSP contract checkpoint into the network parts its method declares, and fine-tunes at lr 5e-3.
 - :class:`PaperScheduleMixin`: the paper's fine-tuning length (see :mod:`nnunet_ssp.schedule`), for any of them.
 - :class:`WarmupMixin`: a linear learning-rate warm-up in front of the poly schedule, for any of them.
-- :class:`BaselineLRMixin`, :class:`EncoderOnlyMixin`: the scratch lr, the encoder alone, for the SSP trainers.
+- :class:`BaselineLRMixin`, :class:`EncoderOnlyMixin`: the scratch lr, the encoder alone, for the SSP trainers
+  (how the loaded parts train, frozen or at their own lr: :mod:`trainers.strategies`).
 """
 import math
 import os
@@ -20,10 +21,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, SSP_INIT_FILE, default_checkpoint_folder,
                                    load_checkpoint, sha256_of_file, verify_checkpoint)
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import save_json_atomic
+from nnunet_ssp.io import load_json_file, save_json_atomic
 from nnunet_ssp.network import PlannedConfiguration, load_parts, tensor_digests
-from nnunet_ssp.schedule import (ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, SKIP_FINAL_VALIDATION_ENV,
-                                 paper_iterations_per_epoch, positive_int_from_env)
+from nnunet_ssp.schedule import (ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, PAPER_RECIPE, SKIP_FINAL_VALIDATION_ENV,
+                                 paper_iterations_per_epoch, positive_int_from_env, shortened_epochs)
 from trainers.schedules import WarmupPolyLRScheduler
 
 SSP_INITIAL_LR = 5e-3  # the paper's fine-tuning recommendation (its baseline: 1e-2)
@@ -44,6 +45,18 @@ def _positive_int_from_env(name: str) -> Optional[int]:
         return positive_int_from_env(name)
     except SSPError as e:
         raise _exit_with(e) from None
+
+
+def _recorded_parts(record: str) -> tuple:
+    """The parts a run's ``ssp_init.json`` says it loaded."""
+    try:
+        loaded = load_json_file(record, dict).get("loaded")
+    except SSPError as e:
+        raise _exit_with(e) from None
+    parts = loaded.get("parts") if isinstance(loaded, dict) else None
+    if not isinstance(parts, list) or not parts:
+        raise _exit_with(SSPError(f"{record}: no loaded parts recorded; restore the file or train afresh without --c"))
+    return tuple(parts)
 
 
 class nnUNetTrainerBaseline(nnUNetTrainer):
@@ -154,6 +167,21 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
         """The network parts this trainer loads: its method's; without a method, every part the checkpoint holds."""
         return self.ssp_parts if self.ssp_method else tuple(checkpoint["parts"])
 
+    def pretrained_parts(self) -> tuple:
+        """The parts this run loads (a fresh run: from the verified checkpoint) or loaded (``--c``, ``--val``: as its
+        ``ssp_init.json`` recorded them), for what must know them before the weights arrive (the optimizer)."""
+        if self._ssp_pending is None:
+            record = os.path.join(self.output_folder, SSP_INIT_FILE)
+            if os.path.isfile(record):
+                return _recorded_parts(record)
+            target = PlannedConfiguration(self.plans_manager, self.configuration_name, self.dataset_json)
+            self._ssp_pending = self._find_and_verify(target, required=True)
+        return self._ssp_pending[2]
+
+    def fine_tuning_strategy(self) -> dict:
+        """How the loaded parts are fine-tuned, recorded in ``ssp_init.json``; the recipe's mixins add to it."""
+        return {"recipe": self.recipe or PAPER_RECIPE}
+
     def on_train_start(self):
         if not self.was_initialized:
             self.initialize()
@@ -176,6 +204,7 @@ class nnUNetTrainerSSP(nnUNetTrainerBaseline):
                 "trainer": type(self).__name__, "checkpoint": os.path.abspath(path),
                 "sha256": sha256_of_file(path), "method": checkpoint["method"], "loaded": report.as_dict(),
                 "initial_lr": self.initial_lr, "num_epochs": self.num_epochs, "warnings": self._ssp_warnings,
+                "fine_tuning": self.fine_tuning_strategy(),
                 **{k: checkpoint.get(k) for k in ("network", "plans", "pretraining", "data", "versions", "created")},
                 "network_tensor_sha256_after_load": tensor_digests(self.network, ("encoder", "decoder")),
             }, os.path.join(self.output_folder, SSP_INIT_FILE))
@@ -234,7 +263,7 @@ class WarmupMixin:
 
     @property
     def warmup_epochs(self) -> int:
-        return min(50, max(1, round(0.05 * self.num_epochs)))
+        return shortened_epochs(50, self.num_epochs)
 
     def configure_optimizers(self):
         optimizer, _ = super().configure_optimizers()

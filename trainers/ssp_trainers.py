@@ -9,19 +9,23 @@ method's checkpoint). Each comes in variants whose name says what changes, as nn
   (:class:`trainers.base.BaselineLRMixin`);
 - recipe ``_baselineLR_encoderOnly`` (trainers that load a decoder: MIM and the generic one): lr 1e-2 and the
   encoder alone (:class:`trainers.base.EncoderOnlyMixin`);
+- recipes ``_freeze50epochs``, ``_frozen``, ``_pretrainedTenthLR`` (pretrained trainers only): the parts loaded from
+  the checkpoint frozen for the first 50 epochs (5% of a shortened run), frozen throughout, or at a tenth of the
+  lr (:mod:`trainers.strategies`);
 - schedule ``_paperSchedule``: the paper's fine-tuning length, an epoch = one pass over the fold's labelled slices
   (:class:`trainers.base.PaperScheduleMixin`).
 
-e.g. ``nnUNetTrainerMIM_baselineLR_paperSchedule``. A variant's ``recipe`` (``warmup``, ``baselineLR``; "" for the
-paper's) names its row in the report.
+e.g. ``nnUNetTrainerMIM_baselineLR_paperSchedule``, ``nnUNetTrainerPCL_frozen_paperSchedule``. A variant's
+``recipe`` (``warmup``, ``frozen``; "" for the paper's) names its row in the report.
 """
 from itertools import product
 
 from nnunet_ssp.network import PARTS
-from nnunet_ssp.schedule import (BASELINE_LR, DECODER_METHOD_RECIPES, ENCODER_ONLY, PRETRAINED_ONLY_RECIPES,
-                                 SCHEDULE_SUFFIX, WARMUP)
+from nnunet_ssp.schedule import (BASELINE_LR, DECODER_METHOD_RECIPES, ENCODER_ONLY, FREEZE_50_EPOCHS, FROZEN,
+                                 PRETRAINED_ONLY_RECIPES, PRETRAINED_TENTH_LR, SCHEDULE_SUFFIX, WARMUP)
 from trainers.base import (BaselineLRMixin, EncoderOnlyMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline,
                            nnUNetTrainerSSP)
+from trainers.strategies import FreezePretrained50EpochsMixin, FrozenPretrainedMixin, PretrainedTenthLRMixin
 
 
 ENCODER, ENCODER_AND_DECODER = PARTS[:1], PARTS
@@ -49,7 +53,8 @@ TRAINER_OF_METHOD = {cls.ssp_method: cls for cls in nnUNetTrainerSSP.__subclasse
 BASE_TRAINERS = (nnUNetTrainerBaseline, nnUNetTrainerSSP, *TRAINER_OF_METHOD.values())
 #: recipe -> its mixins; "" is the paper's recipe
 RECIPES = {"": (), WARMUP: (WarmupMixin,), BASELINE_LR: (BaselineLRMixin,),
-           ENCODER_ONLY: (BaselineLRMixin, EncoderOnlyMixin)}
+           ENCODER_ONLY: (BaselineLRMixin, EncoderOnlyMixin), FREEZE_50_EPOCHS: (FreezePretrained50EpochsMixin,),
+           FROZEN: (FrozenPretrainedMixin,), PRETRAINED_TENTH_LR: (PretrainedTenthLRMixin,)}
 #: schedule name-suffix -> its mixins
 SCHEDULES = {SCHEDULE_SUFFIX["nnunet"]: (), SCHEDULE_SUFFIX["paper"]: (PaperScheduleMixin,)}
 
