@@ -70,8 +70,9 @@ def _checkpoint(args):
 def _splits(args):
     """write label-budget, split-file or vendor folds into splits_final.json
 
-    Appends folds to splits_final.json (replacing those nnunet_ssp wrote before) and describes them in splits_ssp.json;
-    see nnunet_ssp/splits.py."""
+    Writes folds into splits_final.json and describes them in splits_ssp.json: folds of the same options (seeds and
+    budgets aside) replace those written before, others keep theirs; --phases keeps those cardiac phases' cases of the
+    same subjects. See nnunet_ssp/splits.py."""
     from nnunet_ssp.env import nnunet_path
     from nnunet_ssp.network import preprocessed_dataset_folder
     from nnunet_ssp.splits import write_splits
@@ -81,11 +82,12 @@ def _splits(args):
         os.environ.get("nnUNet_raw")
     folder = preprocessed_dataset_folder(args.dataset)
     options = {"budgets": args.budgets, "from_yaml": args.from_yaml, "vendors": args.vendors, "seeds": args.seeds,
-               "num_val": args.val}
+               "num_val": args.val, "phases": args.phases}
     folds = write_splits(folder, raw and os.path.join(raw, os.path.basename(folder)), options)
     for index, d in folds.items():
         source = f" ({os.path.basename(d['source'])})" if "source" in d else ""
-        print(f"fold {index}: budget {d['budget']}, seed {d['seed']}: {len(d['subjects'])} subjects{source}")
+        phases = f", {'+'.join(d['phases'])} only" if d.get("phases") else ""
+        print(f"fold {index}: budget {d['budget']}, seed {d['seed']}: {len(d['subjects'])} subjects{phases}{source}")
     print(os.path.join(folder, "splits_final.json"))
 
 
@@ -107,7 +109,7 @@ def _evaluate(args):
     from nnunet_ssp.evaluation.evaluate import evaluate_predictions, summary_lines
     evaluation, dice = evaluate_predictions(args.prediction_folder, args.dataset, args.reference, args.trainer,
                                             args.fold, args.vendors, args.num_processes, args.configuration,
-                                            None if args.tta is None else args.tta == "on")
+                                            None if args.tta is None else args.tta == "on", args.phases)
     print("\n".join(summary_lines(evaluation, dice)))
 
 
@@ -118,12 +120,15 @@ def _predict(args):
     Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's own predictor (as nnUNetv2_predict -npp
     0 -nps 0: no worker pools; the same files). An output folder is complete once it holds plans.json, written last."""
     from nnunet_ssp.predict import PredictionRun, predict_runs, use_nnunet_threads
+    if (args.vendors or args.phases) and not args.evaluate:
+        raise SSPError(f"{'--vendors' if args.vendors else '--phases'}: only with --evaluate (it chooses the "
+                       f"evaluated cases; every image is predicted)")
     use_nnunet_threads(args.device)
     predict_runs([PredictionRun(*run) for run in args.runs], args.i, args.d, configuration=args.c, plans=args.p,
                  device=args.device, tta=not args.disable_tta, checkpoint=args.chk, step_size=args.step_size,
                  on_device=not args.not_on_device, save_probabilities=args.save_probabilities,
                  skip_complete=args.resume, evaluate=args.evaluate, reference=args.reference,
-                 num_processes=args.num_processes)
+                 num_processes=args.num_processes, vendors=args.vendors, phases=args.phases)
 
 
 def _report(args):
@@ -188,6 +193,18 @@ def _add_splits_parser(sub) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="seeds of --budgets/--vendors (default: 0)")
     p.add_argument("--val", type=int, default=None, help="validation subjects of --budgets/--vendors "
                                                          "(default: 20%%)")
+    _add_phases_argument(p, "train and validate on these phases' cases only (<subject>_ED/_ES), of the same "
+                            "subjects")
+
+
+def _add_phases_argument(p, help_text: str) -> None:
+    p.add_argument("--phases", nargs="+", choices=("ED", "ES"), metavar="PHASE", help=f"ED and/or ES: {help_text}")
+
+
+def _add_test_filter_arguments(p, scope: str) -> None:
+    """--vendors and --phases: which reference cases are evaluated."""
+    p.add_argument("--vendors", nargs="+", metavar="V", help=f"{scope} subjects of these vendors (subjects.csv)")
+    _add_phases_argument(p, f"{scope} the cases of these phases (<subject>_ED/_ES)")
 
 
 def _add_evaluate_parser(sub) -> None:
@@ -202,7 +219,7 @@ def _add_evaluate_parser(sub) -> None:
                         "(method, schedule)")
     p.add_argument("--tta", choices=("on", "off"),
                    help="whether nnUNetv2_predict used test-time mirroring (recorded; default: not recorded)")
-    p.add_argument("--vendors", nargs="+", metavar="V", help="evaluate only subjects of these vendors (subjects.csv)")
+    _add_test_filter_arguments(p, "evaluate only")
     p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                    help="processes for nnU-Net's Dice (default: nnU-Net's default)")
 
@@ -227,6 +244,7 @@ def _add_predict_parser(sub) -> None:
                    help="evaluate each folder as 'nnunet_ssp evaluate OUT -d D -tr TRAINER -f FOLD -c C --tta ...'")
     p.add_argument("--reference", metavar="DIR", help="--evaluate's reference label maps (default: "
                                                       "$nnUNet_raw/<Dataset>/labelsTs)")
+    _add_test_filter_arguments(p, "--evaluate only")
     p.add_argument("-np", "--num-processes", type=int, default=None, metavar="N",
                    help="processes for --evaluate's nnU-Net Dice (default: nnU-Net's default)")
 

@@ -133,12 +133,14 @@ def predict_runs(runs: Sequence[PredictionRun], images: str, dataset: str, confi
                  plans: str = "nnUNetPlans", device: str = "cuda", tta: bool = True,
                  checkpoint: str = "checkpoint_final.pth", step_size: float = 0.5, on_device: bool = True,
                  save_probabilities: bool = False, skip_complete: bool = False, evaluate: bool = False,
-                 reference: Optional[str] = None, num_processes: Optional[int] = None) -> None:
+                 reference: Optional[str] = None, num_processes: Optional[int] = None,
+                 vendors: Optional[Sequence[str]] = None, phases: Optional[Sequence[str]] = None) -> None:
     """Predicts ``images`` with each run in turn (the arguments are ``nnUNetv2_predict``'s); with ``evaluate``, each
-    output folder is then evaluated as ``nnunet_ssp evaluate`` does (``tta`` recorded). ``skip_complete``: a run
-    whose folder is complete is not predicted again, and not evaluated again if it has its evaluation."""
+    output folder is then evaluated as ``nnunet_ssp evaluate`` does (``tta`` recorded; the reference cases of
+    ``vendors`` and ``phases`` only, if given). ``skip_complete``: a run whose folder is complete is not predicted
+    again, and not evaluated again if it has its evaluation of the same cases."""
     import time
-    from nnunet_ssp.evaluation.evaluate import OUTPUT_FILE, evaluate_predictions, summary_lines
+    from nnunet_ssp.evaluation.evaluate import evaluate_predictions, evaluated_with, summary_lines
     images = os.path.abspath(images)
     models = [_model_folder(dataset, run.trainer, plans, configuration) for run in runs]
     _check(runs, models, images, checkpoint)
@@ -153,7 +155,7 @@ def predict_runs(runs: Sequence[PredictionRun], images: str, dataset: str, confi
             start = time.time()
             cases = predict_run(predictor, model, run, images, checkpoint, save_probabilities)
             print(f"{label}: {cases} cases predicted in {time.time() - start:.1f} s -> {run.output}", flush=True)
-        if evaluate and not (complete and os.path.isfile(os.path.join(run.output, OUTPUT_FILE))):
-            evaluation, dice = evaluate_predictions(run.output, dataset, reference, run.trainer, run.fold,
-                                                    num_processes=num_processes, configuration=configuration, tta=tta)
+        if evaluate and not (complete and evaluated_with(run.output, vendors, phases)):
+            evaluation, dice = evaluate_predictions(run.output, dataset, reference, run.trainer, run.fold, vendors,
+                                                    num_processes, configuration, tta, phases)
             print("\n".join(summary_lines(evaluation, dice)), flush=True)

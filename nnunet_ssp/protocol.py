@@ -9,6 +9,10 @@ finetune  for each (budget, seed) fold and each trainer (the baseline and one pe
           processes share the runs, since on a small test set a process per run starts up for as long as it predicts
 report    ``nnunet_ssp report`` over every evaluated prediction folder
 
+``--experiment`` (``nnunet_ssp/experiments.py``) chooses the folds the fine-tuning runs train on and the test cases
+they are evaluated on: the paper's, an unseen cardiac phase or unseen vendors. Each experiment has its own folds,
+output folder and report; pretraining is shared by all of them (the same ``ssp_pretrain`` runs and checkpoints).
+
 A run whose result exists is skipped (an interrupted training continues with ``--c``/``--continue``, ``nnunet_ssp
 predict --continue`` skips complete prediction folders), so re-running the same command resumes. ``--shard i/n``
 takes every n-th pretraining and fine-tuning run starting at i, so n machines split the work (each predicts the
@@ -26,6 +30,8 @@ from typing import List, Sequence, Tuple
 
 from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError, run_command
+from nnunet_ssp.experiments import PaperExperiment, add_experiment_arguments, experiment_from_args, splits_arguments
+from nnunet_ssp.raw_layout import SUBJECTS_TABLE
 from nnunet_ssp.runner import Command, Run, execute, file_exists, print_plan
 from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
                                  SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV)
@@ -33,6 +39,9 @@ from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINE
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
 PAPER_BATCH_SIZE = 32
+PAPER_BUDGETS = ["10", "15", "25", "50", "all"]
+
+
 def parse_shard(text: str):
     try:
         index, count = (int(x) for x in text.split("/"))
@@ -51,8 +60,10 @@ class Protocol:
         self.raw_root = nnunet_path("nnUNet_raw")
         self.preprocessed_root = nnunet_path("nnUNet_preprocessed")
         self.results_root = nnunet_path("nnUNet_results")
+        self.experiment = experiment_from_args(args)
         self.dataset_id, self.dataset_name = self._target_dataset()
-        self.output = args.output or os.path.join(self.results_root, self.dataset_name, "ssp_protocol")
+        self.experiment.test_filter(self.raw)  # refuses unknown vendors now, when the raw dataset can tell
+        self.output = args.output or os.path.join(self.results_root, self.dataset_name, self.experiment.folder_name)
         from trainers.ssp_trainers import TRAINER_OF_METHOD, loads_decoder
         self.methods = list(args.methods or TRAINER_OF_METHOD)
         unknown = [m for m in self.methods if m not in TRAINER_OF_METHOD]
@@ -95,16 +106,22 @@ class Protocol:
     def preprocessed(self) -> str:
         return os.path.join(self.preprocessed_root, self.dataset_name)
 
+    @property
+    def raw(self) -> str:
+        return os.path.join(self.raw_root, self.dataset_name)
+
     def folds(self) -> List[dict]:
         """[{fold, budget, seed}] of the protocol's folds, as ``nnunet_ssp splits`` writes (or would write) them."""
         from nnunet_ssp.splits import planned_folds
-        return planned_folds(self.preprocessed, os.path.join(self.raw_root, self.dataset_name), self.splits_options())
+        return planned_folds(self.preprocessed, self.raw, self.splits_options())
 
     def splits_options(self) -> dict:
+        """The ``nnunet_ssp.splits`` options of the experiment's folds."""
         a = self.args
         if a.splits_yaml:
             return {"from_yaml": a.splits_yaml}
-        return {"budgets": a.budgets, "seeds": a.seeds, "num_val": a.val}
+        return self.experiment.splits_options({"budgets": a.budgets or PAPER_BUDGETS, "seeds": a.seeds,
+                                               "num_val": a.val})
 
     # ------------------------------------------------------------------ runs
     def prepare_runs(self) -> List[Run]:
@@ -119,17 +136,13 @@ class Protocol:
             file_exists(self.preprocessed, f"{a.plans}.json"),
             # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (no DA workers)
             env={"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {})]))
-        splits = ["nnunet_ssp", "splits", "-d", self.dataset_id]
-        if a.splits_yaml:
-            splits += ["--from-yaml", *a.splits_yaml]
-        else:
-            splits += ["--budgets", *a.budgets, "--seeds", *map(str, a.seeds)] + (["--val", str(a.val)] if a.val else [])
+        splits = ["nnunet_ssp", "splits", "-d", self.dataset_id, *splits_arguments(self.splits_options())]
         runs.append(Run("prepare", "label-budget folds", [Command(splits, self._splits_written)]))
         return runs
 
     def _splits_written(self) -> bool:
         from nnunet_ssp.splits import splits_match
-        return splits_match(self.preprocessed, os.path.join(self.raw_root, self.dataset_name), self.splits_options())
+        return splits_match(self.preprocessed, self.raw, self.splits_options())
 
     def ssp_folder(self, method: str) -> str:
         from nnunet_ssp.checkpoint import default_checkpoint_folder
@@ -185,8 +198,8 @@ class Protocol:
         from nnunet_ssp.evaluation.evaluate import OUTPUT_FILE
         from nnunet_ssp.predict import prediction_complete
         a = self.args
-        test_images = os.path.join(self.raw_root, self.dataset_name, "imagesTs")
-        test_cases = _cases_in(test_images)
+        test_images = os.path.join(self.raw, "imagesTs")
+        test_cases, test_filter = _cases_in(test_images), self.test_filter()
         workers = min(a.jobs, len(pairs))
         runs = []
         for worker in range(workers):
@@ -194,7 +207,7 @@ class Protocol:
             folders = [self.prediction_folder(trainer, fold["fold"]) for fold, trainer in mine]
             command = ["nnunet_ssp", "predict", "-i", test_images, "-d", self.dataset_id, "-c", a.configuration,
                        "-p", a.plans, "-device", a.device, *([] if a.tta else ["--disable_tta"]), "--continue",
-                       "--evaluate", "-np", str(a.num_processes)]
+                       "--evaluate", *test_filter, "-np", str(a.num_processes)]
             for (fold, trainer), folder in zip(mine, folders):
                 command += ["--run", trainer, str(fold["fold"]), folder]
             done = lambda folders=folders: all(prediction_complete(f, test_cases, ".nii.gz")
@@ -204,12 +217,24 @@ class Protocol:
                             [Command(command + a.predict_args, done)]))
         return runs
 
+    def test_filter(self) -> List[str]:
+        """The experiment's ``nnunet_ssp predict --evaluate`` arguments that choose the evaluated test cases; a dry run
+        before the raw dataset can tell them names them by what they will be."""
+        arguments = self.experiment.test_filter(self.raw)
+        if arguments is not None:
+            return arguments
+        if not self.args.dry_run:
+            raise SSPError(f"{self.raw}: no {SUBJECTS_TABLE}, which gives the test subjects' vendors; run --phase "
+                           f"prepare first")
+        return ["--vendors", f"<the other vendors of the test subjects, from {os.path.join(self.raw, SUBJECTS_TABLE)} "
+                             f"once --phase prepare has written it>"]
+
     def iteration_budget(self) -> List[str]:
         """Lines for the dry run: each fold's labelled training slices and the fine-tuning iterations of one run under
         each schedule, and the totals over every fine-tuning run, so GPU time can be budgeted before starting."""
         from nnunet_ssp.schedule import NNUNET_EPOCHS, iterations_per_epoch, num_epochs
         from nnunet_ssp.splits import make_folds
-        raw = os.path.join(self.raw_root, self.dataset_name)
+        raw = self.raw
         cases = _cases_in(os.path.join(raw, "imagesTr"))
         if not cases:
             return [f"fine-tuning iterations: known once {raw}/imagesTr exists (--phase prepare)"]
@@ -293,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="converted dataset id(s) or name(s); several are merged into --merged-id first")
     p.add_argument("--merged-id", type=int, default=600, help="id of the merged dataset (default 600)")
     p.add_argument("--merged-name", default="CineSSP", help="name of the merged dataset (default CineSSP)")
-    p.add_argument("--budgets", nargs="+", default=["10", "15", "25", "50", "all"],
-                   help="labelled subjects per fold (default: the paper's 10 15 25 50 all)")
+    add_experiment_arguments(p)
+    p.add_argument("--budgets", nargs="+",
+                   help="labelled subjects per fold (default: the paper's 10 15 25 50 all; not for unseen-vendor)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="subset seeds (default 0 1 2)")
     p.add_argument("--val", type=int, help="validation subjects (default: 20%%)")
     p.add_argument("--splits-yaml", nargs="+", metavar="FILE",
@@ -303,7 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", nargs="+", default=[PAPER_RECIPE], choices=RECIPES, metavar="RECIPE",
                    help="fine-tuning recipes, each with its own trainers and report rows: paper (default; lr 1e-2 "
                         "from scratch, 5e-3 pretrained), warmup (the _warmup trainers), baselineLR (pretrained at "
-                        "1e-2 too), baselineLR_encoderOnly (MIM: 1e-2 and the encoder alone)")
+                        "1e-2 too), baselineLR_encoderOnly (MIM: 1e-2 and the encoder alone), freeze50epochs "
+                        "(pretrained parts frozen for 50 epochs, 5%% of a shortened run), frozen (pretrained parts "
+                        "frozen throughout), pretrainedTenthLR (pretrained parts at 0.1 x the lr); the "
+                        "pretrained-only recipes are compared with the paper's baseline")
     p.add_argument("--schedule", default="paper", choices=sorted(SCHEDULE_SUFFIX),
                    help="fine-tuning length: paper (default; an epoch is one pass over the fold's labelled slices, "
                         "the _paperSchedule trainers) or nnunet (1000 x 250 iterations at every budget)")
@@ -324,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--save_probabilities, --not_on_device, e.g. '-chk checkpoint_best.pth'")
     p.add_argument("--num-processes", type=int, default=2, help="processes for preprocessing and nnU-Net's Dice "
                                                                   "(default 2)")
-    p.add_argument("-o", "--output", help="predictions, logs and report (default "
-                                          "$nnUNet_results/<Dataset>/ssp_protocol)")
+    p.add_argument("-o", "--output", help="predictions, logs and report (default $nnUNet_results/<Dataset>/"
+                                          "ssp_protocol, ssp_protocol_unseen-phase_ED, "
+                                          "ssp_protocol_unseen-vendor_A+B, ... by experiment)")
     p.add_argument("--phase", default="all", choices=("all",) + PHASES)
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th pretraining and fine-tuning run from i")
     p.add_argument("--jobs", type=int, default=1,
@@ -350,6 +380,8 @@ def main(argv=None) -> int:
             phases = tuple(p for p in phases if p != "report")  # the report needs every shard: --phase report
         print(f"{protocol.dataset_name}: phases {', '.join(phases)}, shard {args.shard}; outputs in {protocol.output}"
               + (" (dry run: nothing is written)" if args.dry_run else ""))
+        if protocol.experiment.name != PaperExperiment.name:
+            print(f"experiment {protocol.experiment.title}; pretraining is the paper experiment's")
         for phase in phases:  # built phase by phase: fine-tuning runs need the folds that prepare writes
             stages = protocol.phase_runs(phase, shard)
             if args.dry_run:

@@ -1,14 +1,12 @@
-"""Folds for nnU-Net: label budgets, the paper's split files and vendor subsets.
+"""Folds for nnU-Net: label budgets, the paper's split files and vendor subsets, optionally of one cardiac phase.
 
-Folds go into ``$nnUNet_preprocessed/<Dataset>/splits_final.json`` (nnU-Net reads fold k from entry k) after any
-folds that were there, and a sidecar ``splits_ssp.json`` describes each fold nnunet_ssp wrote
-(``{"folds": {index: description}, ...}``); writing again replaces those folds, so re-running with the same options
-changes nothing. Subjects, not cases, are assigned, so the ED and ES cases (``<subject>_ED``, ``<subject>_ES``) of a
-subject stay together. One mode per call (``options`` holds exactly one of these keys):
+Folds go into ``$nnUNet_preprocessed/<Dataset>/splits_final.json`` (nnU-Net reads fold k from entry k). Subjects, not
+cases, are assigned, so the ED and ES cases (``<subject>_ED``, ``<subject>_ES``) of a subject stay together. One mode
+per call (``options`` holds exactly one of these keys):
 
 - ``budgets`` (+ ``seeds``, ``num_val``): one fold per (seed, budget), budgets nested within a seed
-  (10 ⊂ 15 ⊂ 25 ⊂ 50 ⊂ all), one fixed validation set. Description ``{budget, seed, subjects}``; the sidecar also
-  holds ``val_subjects``.
+  (10 ⊂ 15 ⊂ 25 ⊂ 50 ⊂ all), one fixed validation set. Description ``{budget, seed, subjects}``; the group's
+  entries hold ``val_subjects``.
 - ``from_yaml``: one fold per split file of the paper (``data/subject_splits/*.yaml`` of ssp-cmr-cine-segmentation:
   top-level ``test``, ``train``, ``valid``, each mapping a dataset key such as ``mm1`` or ``mm2`` to subject IDs).
   ``train`` and ``valid`` are used as they are; a file without them splits the development set (every training
@@ -22,22 +20,35 @@ subject stay together. One mode per call (``options`` holds exactly one of these
   a file without train/valid, else the number of train subjects; seed null unless named).
 - ``vendors`` (+ ``seeds``, ``num_val``): the domain-shift folds: per seed, every training subject of those vendors
   (``$nnUNet_raw/<Dataset>/subjects.csv``) minus one fixed validation set of them. Description
-  ``{budget: "vendors:A+B", seed, vendors, subjects}``; the sidecar also holds ``val_subjects`` and
+  ``{budget: "vendors:A+B", seed, vendors, subjects}``; the group's entries hold ``val_subjects`` and
   ``test_cases_by_vendor`` (the imagesTs cases of each vendor's test subjects).
+
+``phases`` (ED and/or ES, with any mode: the paper's ``special_mode: ed_only | es_only``) keeps only the
+``<subject>_<phase>`` cases of those phases in train and val; the subjects are those the mode chooses without it, so
+budgets stay nested and an ED fold has its unfiltered fold's subjects. Its descriptions add ``phases``.
+
+Every description names its **group**, the options without seeds and budgets: ``budgets``, ``budgets phases=ED``,
+``vendors A+B``, ``vendors A+B phases=ED``, ``yaml`` (:func:`fold_group`). Groups coexist in one splits_final.json:
+writing replaces only the folds of its own group, and folds of other groups and nnU-Net's own folds keep their
+indices, so re-running with the same options changes nothing. The sidecar ``splits_ssp.json`` holds the descriptions
+by fold index and each group's entries (``val_subjects``, ``test_cases_by_vendor``)::
+
+    {"folds": {"<index>": {..., "group": "budgets"}}, "groups": {"budgets": {"val_subjects": [...]}}}
+
+``nnunet_ssp/fold_files.py`` owns both files: where a group's folds go, older sidecars, trained folds.
 """
-import glob
-import json
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import load_json_file, save_json_atomic
+from nnunet_ssp.fold_files import files_match, planned_indices, write_folds
+from nnunet_ssp.io import load_json_file
+from nnunet_ssp.raw_layout import PHASES
 
-SIDECAR = "splits_ssp.json"
 VALIDATION_SEED = 12345
 YAML_VALIDATION_SEED = 0  # qcardia-data's valid_split_seed
 YAML_VALIDATION_FRACTION = 0.2  # qcardia-data's valid_partition
@@ -53,6 +64,20 @@ _NAME_FULL = re.compile(r"(^|-)(default|full)(-|$)")
 def subject_of_case(case: str) -> str:
     """``ph001_ED`` -> ``ph001``; a case without an ED/ES suffix is its own subject."""
     return _PHASE_SUFFIX.sub("", case)
+
+
+def phase_of_case(case: str) -> Optional[str]:
+    """``ph001_ED`` -> ``ED``; None for a case without an ED/ES suffix."""
+    match = _PHASE_SUFFIX.search(case)
+    return match.group(1) if match else None
+
+
+def normalized_phases(phases: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """Phases in ED, ES order without repeats; None for none. An unknown phase is an SSPError."""
+    unknown = [p for p in phases or () if p not in PHASES]
+    if unknown:
+        raise SSPError(f"--phases {unknown[0]}: not a cardiac phase (expected {' or '.join(PHASES)})")
+    return [p for p in PHASES if p in (phases or ())] or None
 
 
 def cases_by_subject(cases: Sequence[str]) -> "OrderedDict[str, List[str]]":
@@ -219,12 +244,19 @@ def vendor_folds(cases: Sequence[str], raw_folder: str, file_ending: str, vendor
     return folds, descriptions, {"val_subjects": val_subjects, "test_cases_by_vendor": by_vendor}
 
 
-# ------------------------------------------------------------------------------------------- modes and writing
+# -------------------------------------------------------------------------------------------- modes and groups
 def _mode(options: dict) -> str:
     modes = [m for m in MODES if options.get(m)]
     if len(modes) != 1:
         raise SSPError(f"give exactly one of budgets, from_yaml, vendors (got {', '.join(modes) or 'none'})")
     return modes[0]
+
+
+def fold_group(options: dict) -> str:
+    """The group of the folds ``options`` give: the options without seeds and budgets (see the module docstring)."""
+    mode, phases = _mode(options), normalized_phases(options.get("phases"))
+    name = {"budgets": "budgets", "from_yaml": "yaml"}.get(mode) or "vendors " + "+".join(options["vendors"])
+    return name + (f" phases={'+'.join(phases)}" if phases else "")
 
 
 def fold_identities(options: dict) -> List[dict]:
@@ -237,9 +269,24 @@ def fold_identities(options: dict) -> List[dict]:
     return _budget_identities(options["budgets"], seeds)
 
 
-def make_folds(cases: Sequence[str], options: dict, raw_folder: str = None, file_ending: str = ".nii.gz"):
-    """(folds, descriptions, sidecar entries) for the training ``cases`` of a dataset; ``raw_folder`` (its raw
-    dataset) is needed for vendors."""
+def phase_folds(folds: Sequence[dict], cases: Sequence[str], phases: Sequence[str]) -> List[dict]:
+    """``folds`` with only the ``<subject>_<phase>`` cases of ``phases`` of their subjects; SSPError naming the
+    subjects that lack one."""
+    available, filtered = set(cases), []
+    for fold in folds:
+        kept = {part: [f"{s}_{p}" for s in dict.fromkeys(map(subject_of_case, fold[part])) for p in phases]
+                for part in ("train", "val")}
+        missing = [c for part in kept.values() for c in part if c not in available]
+        if missing:
+            subjects = sorted({subject_of_case(c) for c in missing})
+            raise SSPError(f"--phases {' '.join(phases)}: subject(s) {_few(subjects)} have no training case "
+                           f"{_few(missing)} ({len(missing)} missing)")
+        filtered.append(kept)
+    return filtered
+
+
+def _mode_folds(cases: Sequence[str], options: dict, raw_folder: str, file_ending: str):
+    """make_folds without the phase filter."""
     mode, seeds, num_val = _mode(options), options.get("seeds") or [0], options.get("num_val")
     if mode == "from_yaml":
         folds, descriptions = zip(*(yaml_fold(p, cases) for p in options["from_yaml"]))
@@ -250,6 +297,16 @@ def make_folds(cases: Sequence[str], options: dict, raw_folder: str = None, file
         return vendor_folds(cases, raw_folder, file_ending, options["vendors"], seeds, num_val)
     folds, descriptions, val_subjects = make_budget_splits(cases, options["budgets"], seeds, num_val)
     return folds, descriptions, {"val_subjects": val_subjects}
+
+
+def make_folds(cases: Sequence[str], options: dict, raw_folder: str = None, file_ending: str = ".nii.gz"):
+    """(folds, descriptions, group entries) for the training ``cases`` of a dataset; ``raw_folder`` (its raw
+    dataset) is needed for vendors. Each description names its group (and phases, when filtered)."""
+    phases, group = normalized_phases(options.get("phases")), fold_group(options)
+    folds, descriptions, entries = _mode_folds(cases, options, raw_folder, file_ending)
+    if phases:
+        folds = phase_folds(folds, cases, phases)
+    return folds, [{**d, **({"phases": phases} if phases else {}), "group": group} for d in descriptions], entries
 
 
 def training_cases(preprocessed_folder: str) -> Tuple[List[str], str]:
@@ -268,56 +325,7 @@ def training_cases(preprocessed_folder: str) -> Tuple[List[str], str]:
     return cases, ending
 
 
-def _files(preprocessed_folder: str) -> Tuple[str, str]:
-    return os.path.join(preprocessed_folder, "splits_final.json"), os.path.join(preprocessed_folder, SIDECAR)
-
-
-def _kept_folds(preprocessed_folder: str) -> List[dict]:
-    """The folds of splits_final.json that nnunet_ssp did not write (they stay first)."""
-    splits_file, sidecar_file = _files(preprocessed_folder)
-    existing = load_json_file(splits_file, list) if os.path.isfile(splits_file) else []
-    ours = load_json_file(sidecar_file, dict).get("folds", {}) if os.path.isfile(sidecar_file) else {}
-    kept = [fold for i, fold in enumerate(existing) if str(i) not in ours]
-    if len(kept) != len(existing) and any(int(i) < len(kept) for i in ours):
-        raise SSPError(f"{splits_file}: folds written by nnunet_ssp are not the last entries; remove the file "
-                       f"and {SIDECAR} to start over")
-    return kept
-
-
-def _sidecar(first: int, descriptions: Sequence[dict], entries: dict) -> dict:
-    return json.loads(json.dumps({"folds": {str(first + i): d for i, d in enumerate(descriptions)}, **entries}))
-
-
-def write_folds(preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict],
-                entries: dict) -> Dict[int, dict]:
-    """Writes ``folds`` after the folds nnunet_ssp did not write, replacing those it wrote before, and the sidecar
-    (``descriptions`` by fold index plus ``entries``); returns {fold index: description}."""
-    kept = _kept_folds(preprocessed_folder)
-    splits_file, sidecar_file = _files(preprocessed_folder)
-    _refuse_to_change_trained_folds(splits_file, kept + list(folds), os.path.basename(preprocessed_folder))
-    save_json_atomic(kept + list(folds), splits_file)
-    save_json_atomic(_sidecar(len(kept), descriptions, entries), sidecar_file)
-    return {len(kept) + i: d for i, d in enumerate(descriptions)}
-
-
-def _refuse_to_change_trained_folds(splits_file: str, new_folds: Sequence[dict], dataset_name: str) -> None:
-    """nnU-Net results are found by fold number alone: a fold that changes its cases while a run trained on the old
-    ones is in ``$nnUNet_results/<dataset>/*/fold_N`` would let that run pass for the new fold (the protocol would
-    skip it as done). Raises SSPError naming the first such run."""
-    results = os.environ.get("nnUNet_results")
-    if not (results and os.path.isfile(splits_file)):
-        return
-    old_folds = load_json_file(splits_file, list)
-    new_folds = json.loads(json.dumps(list(new_folds)))
-    for index, old in enumerate(old_folds):
-        if index < len(new_folds) and new_folds[index] == old:
-            continue
-        trained = sorted(glob.glob(os.path.join(results, dataset_name, "*", f"fold_{index}")))
-        if trained:
-            raise SSPError(f"{splits_file}: fold {index} would change its cases, but {trained[0]} was trained on the "
-                           f"old ones; move that dataset's results away (or use another dataset id) first")
-
-
+# ------------------------------------------------------------------------------------------------------ files
 def write_splits(preprocessed_folder: str, raw_folder: str, options: dict) -> Dict[int, dict]:
     """Writes the folds ``options`` give for a preprocessed dataset; returns {fold index: description}."""
     cases, ending = training_cases(preprocessed_folder)
@@ -327,22 +335,16 @@ def write_splits(preprocessed_folder: str, raw_folder: str, options: dict) -> Di
 def splits_match(preprocessed_folder: str, raw_folder: str, options: dict) -> bool:
     """Whether splits_final.json and the sidecar hold exactly what write_splits would write (False before
     preprocessing)."""
-    splits_file, sidecar_file = _files(preprocessed_folder)
-    if not (os.path.isfile(splits_file) and os.path.isfile(sidecar_file)):
-        return False
     try:
         cases, ending = training_cases(preprocessed_folder)
     except SSPError:
         return False
-    folds, descriptions, entries = make_folds(cases, options, raw_folder, ending)
-    kept = _kept_folds(preprocessed_folder)
-    return (load_json_file(splits_file) == kept + json.loads(json.dumps(folds))
-            and load_json_file(sidecar_file) == _sidecar(len(kept), descriptions, entries))
+    return files_match(preprocessed_folder, *make_folds(cases, options, raw_folder, ending))
 
 
 def planned_folds(preprocessed_folder: str, raw_folder: str, options: dict) -> List[dict]:
     """[{fold, budget, seed}] that write_splits writes (or wrote) for ``options``, also before preprocessing;
     ``raw_folder`` is not needed (same signature as splits_match)."""
-    first = len(_kept_folds(preprocessed_folder))
-    return [{"fold": first + i, "budget": d["budget"], "seed": d["seed"]}
-            for i, d in enumerate(fold_identities(options))]
+    identities = fold_identities(options)
+    indices = planned_indices(preprocessed_folder, fold_group(options), len(identities))
+    return [{"fold": i, "budget": d["budget"], "seed": d["seed"]} for i, d in zip(indices, identities)]

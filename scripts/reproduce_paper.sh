@@ -5,6 +5,8 @@
 #      many trained runs per process)
 #   -> nnunet_ssp report.
 # Resumable (finished runs are skipped), shardable (--shard i/n), --dry-run prints the plan.
+# --experiment unseen-phase [--train-phase ED] / unseen-vendor --train-vendors A B: fine-tune on one phase or some
+# vendors and test on the others, with the same pretraining, into $nnUNet_results/<Dataset>/ssp_protocol_<experiment>.
 # Example: bash scripts/reproduce_paper.sh -d 511 512 --splits-yaml ssp-cmr-cine-segmentation/data/subject_splits/*.yaml
 # All options: bash scripts/reproduce_paper.sh --help
 set -euo pipefail

@@ -209,7 +209,8 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
                          "budget": 2, "seed": 1, "num_train_subjects": 2, "tta": False,
                          "schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": 8,
                                       "initial_lr": 0.005}, "prediction_folder": str(pred),
-                         "reference_folder": os.path.join(env["nnUNet_raw"], DATASET, "labelsTs"), "vendors": None}
+                         "reference_folder": os.path.join(env["nnUNet_raw"], DATASET, "labelsTs"), "vendors": None,
+                         "phases": None, "train_vendors": None, "train_phases": None}
     assert ev["labels"] == {"1": "LV_bloodpool", "2": "LV_myocardium", "3": "RV_bloodpool"}
     assert ev["hd95_per_case"]["s01_ED"] == {"1": 0.0, "2": 0.0, "3": 0.0}
     assert ev["hd95_per_case"]["s02_ED"]["1"] == pytest.approx(1.5)  # the missing row is one 1.5 mm step
@@ -238,6 +239,40 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     ev = _load(pred, "ssp_evaluation.json")
     assert sorted(ev["hd95_per_case"]) == ["s02_ED", "s02_ES"] and list(ev["clinical_per_subject"]) == ["s02"]
     assert ev["run"]["vendors"] == ["B"] and ev["run"]["fold"] is None and ev["run"]["budget"] is None
+
+
+def _scored_cases(folder):
+    """The reference cases in nnU-Net's summary.json, as nnU-Net's evaluation wrote it."""
+    return sorted(os.path.basename(c["reference_file"])[:-len(".nii.gz")]
+                  for c in _load(folder, "summary.json")["metric_per_case"])
+
+
+def test_cli_evaluate_phases_scores_that_phase_only(workspace):
+    """``--phases ES`` on a model of an ED-only fold: nnU-Net scores the ES cases alone; the evaluation records the
+    test filter and the fold's training filter; EF, which needs both phases, is undefined, the ES volumes are not."""
+    pred, env = workspace
+    sidecar = os.path.join(env["nnUNet_preprocessed"], DATASET, "splits_ssp.json")
+    with open(sidecar, "w") as f:
+        json.dump({"folds": {"5": {"budget": 2, "seed": 1, "subjects": ["s03", "s04"], "phases": ["ED"],
+                                   "group": "budgets phases=ED"}}, "groups": {}}, f)
+    result = run_cli(["nnunet_ssp", "evaluate", str(pred), "-d", DATASET, "-f", "5", "--phases", "ES", "-np", "1"], env)
+    assert _scored_cases(pred) == ["s01_ES", "s02_ES"] and ", phases ES" in result.stdout
+    ev = _load(pred, "ssp_evaluation.json")
+    assert sorted(ev["hd95_per_case"]) == ["s01_ES", "s02_ES"]
+    assert {k: ev["run"][k] for k in ("phases", "vendors", "train_phases", "train_vendors", "budget")} == {
+        "phases": ["ES"], "vendors": None, "train_phases": ["ED"], "train_vendors": None, "budget": 2}
+    s02 = ev["clinical_per_subject"]["s02"]["reference"]
+    assert s02["lv_esv_ml"] == pytest.approx(240 * VOXEL_ML) and s02["lv_ef_pct"] is None and s02["lv_edv_ml"] is None
+    assert ev["clinical_agreement"]["lv_ef_pct"]["n"] == 0 and ev["clinical_agreement"]["lv_ef_pct"]["mae"] is None
+    assert ev["clinical_agreement"]["rv_esv_ml"]["n"] == 2
+
+    evaluation, _ = evaluate_predictions(str(pred), DATASET, vendors=["B"], phases=["ED"], num_processes=1)
+    assert _scored_cases(pred) == ["s02_ED"] and (evaluation["run"]["vendors"], evaluation["run"]["phases"]) == (
+        ["B"], ["ED"])
+    os.remove(os.path.join(env["nnUNet_raw"], DATASET, "labelsTs", "s02_ED.nii.gz"))
+    with pytest.raises(SSPError, match=r"labelsTs: no reference cases of phase\(s\) ED \(<subject>_ED\.nii\.gz\) "
+                                       r"of vendor\(s\) B$"):
+        evaluate_predictions(str(pred), DATASET, vendors=["B"], phases=["ED"], num_processes=1)
 
 
 def test_cli_missing_prediction_is_one_line_and_writes_nothing(workspace):

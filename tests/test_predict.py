@@ -69,6 +69,15 @@ def test_predictions_equal_nnunetv2_predicts_and_continue_skips_them(trained, tm
     assert [_snapshot(folder) for folder in ours] == before
     assert again.stdout.count("predictions complete in") == 2 and "Dice" not in again.stdout
 
+    # an evaluation of other cases is not the one asked for: evaluated again, the predictions kept
+    es_only = _predict(env, images, "--run", TRAINER, FOLD, ours[0], "--evaluate", "--continue", "--phases", "ES",
+                       "-np", "1")
+    assert "predictions complete in" in es_only.stdout and ", phases ES" in es_only.stdout
+    summary = json.load(open(os.path.join(ours[0], "summary.json")))
+    assert [os.path.basename(c["reference_file"]) for c in summary["metric_per_case"]] == [
+        c for c in cases if c.endswith("_ES.nii.gz")]
+    assert json.load(open(os.path.join(ours[0], "ssp_evaluation.json")))["run"]["phases"] == ["ES"]
+
 
 def test_an_untrained_run_or_a_failed_prediction_leaves_no_output(trained, tmp_path):
     env, images = trained
@@ -78,6 +87,10 @@ def test_an_untrained_run_or_a_failed_prediction_leaves_no_output(trained, tmp_p
                               "checkpoint_final.pth")
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == (
         f"error: {checkpoint}: not found; train {TRAINER} fold 2 first")
+    assert os.listdir(tmp_path) == []
+    unevaluated = _predict(env, images, "--run", TRAINER, FOLD, first, "--phases", "ES", check=False)
+    assert unevaluated.returncode == 2 and unevaluated.stderr.strip() == (
+        "error: --phases: only with --evaluate (it chooses the evaluated cases; every image is predicted)")
     assert os.listdir(tmp_path) == []
 
     broken = tmp_path / "images"  # the real cases, then one that cannot be read: it fails after the others

@@ -1,7 +1,9 @@
-"""``scripts/reproduce_paper.sh``: the plan of a converted toy dataset (dry run, shards), and a two-budget, one-seed
-miniature of the whole protocol through the stock CLIs and ``nnunet_ssp predict`` to ``nnunet_ssp report``, whose
-table must hold the values of the underlying ``summary.json`` files; a second invocation must find every run done
-but the one whose evaluation was removed."""
+"""``scripts/reproduce_paper.sh``: the plan of a converted toy dataset (dry run, shards, the unseen-phase and
+unseen-vendor experiments), and a two-budget, one-seed miniature of the whole protocol through the stock CLIs and
+``nnunet_ssp predict`` to ``nnunet_ssp report``, whose table must hold the values of the underlying ``summary.json``
+files; a second invocation must find every run done but the one whose evaluation was removed. The two experiments then
+run on the miniature's dataset: their folds join the paper's, pretraining is reused, and only the other phase's or
+the other vendors' test cases are evaluated."""
 import csv
 import glob
 import json
@@ -45,12 +47,13 @@ def _trained(stdout):
             if phase in ("pretrain", "finetune") and not name.startswith("predict and evaluate")]
 
 
-@pytest.fixture
-def toy_env(tmp_path):
-    """An M&Ms-2-layout toy with 6 development and 2 test subjects, converted to Dataset641_Test."""
-    tmp = str(tmp_path)
+@pytest.fixture(scope="module")
+def toy_env(tmp_path_factory):
+    """An M&Ms-2-layout toy with 6 development (vendors A, B) and 2 test subjects (vendors B, C), converted to
+    Dataset641_Test; the dry runs of the module share it."""
+    tmp = str(tmp_path_factory.mktemp("toy"))
     sources = [make_source(i, f"{100 + i}", "train", "AB"[i % 2], "ARR") for i in range(1, 7)]
-    sources += [make_source(i, f"{280 + i}", "test", "C", "FALL") for i in range(1, 3)]
+    sources += [make_source(i, f"{280 + i}", "test", "BC"[i % 2], "FALL") for i in range(1, 3)]
     write_mnms2(os.path.join(tmp, "MnM2"), sources)
     converted(tmp, "mnms2", os.path.join(tmp, "MnM2"), 641)
     env = dict(os.environ, nnUNet_raw=os.path.join(tmp, "raw"), nnUNet_preprocessed=os.path.join(tmp, "pre"),
@@ -150,6 +153,124 @@ def test_every_budget_methods_recipe_controls_and_per_method_pretraining_argumen
         assert refused.returncode == 2 and refused.stderr.strip() == f"error: {message}"
 
 
+def _command_lines(stdout, command):
+    return [line.strip() for line in stdout.splitlines() if line.strip().startswith(command + " ")]
+
+
+def _fold_slices(raw, options):
+    """[labelled slices of each fold's training cases] as nnunet_ssp.splits chooses them (the slices counted here
+    from the images)."""
+    from nnunet_ssp.splits import make_folds
+    cases = sorted(f[:-len("_0000.nii.gz")] for f in os.listdir(os.path.join(raw, "imagesTr")))
+    planned, _, _ = make_folds(cases, options, raw)
+    return [sum(sitk.ReadImage(os.path.join(raw, "imagesTr", f"{c}_0000.nii.gz")).GetSize()[2] for c in fold["train"])
+            for fold in planned]
+
+
+def test_unseen_phase_plan_fine_tunes_on_one_phase_and_tests_on_the_other(toy_env):
+    tmp, env = toy_env
+    common = ["-d", "641", "--budgets", "2", "4", "--seeds", "0", "--val", "1", "--methods", "mim", "--dry-run"]
+    paper = reproduce(env, *common)
+    result = reproduce(env, *common, "--experiment", "unseen-phase")
+    results = os.path.join(env["nnUNet_results"], "Dataset641_Test")
+    assert f"outputs in {os.path.join(results, 'ssp_protocol_unseen-phase_ED')} (dry run" in result.stdout
+    assert "experiment unseen phase: trained on ED, tested on ES; pretraining is the paper experiment's" in result.stdout
+    assert _command_lines(result.stdout, "nnunet_ssp splits") == [
+        "nnunet_ssp splits -d 641 --budgets 2 4 --seeds 0 --val 1 --phases ED"]
+    assert _command_lines(paper.stdout, "nnunet_ssp splits") == [
+        "nnunet_ssp splits -d 641 --budgets 2 4 --seeds 0 --val 1"]
+    # the same pretraining runs and checkpoints as the paper experiment's
+    assert _command_lines(result.stdout, "ssp_pretrain") == _command_lines(paper.stdout, "ssp_pretrain") == [
+        "ssp_pretrain -d 641 --method mim -c 2d -p nnUNetPlans --device cuda"]
+    predict = _command_lines(result.stdout, "nnunet_ssp predict")
+    assert len(predict) == 1 and " --evaluate --phases ES -np 2 --run " in predict[0]
+    assert _predicted(result.stdout) == [[(t, str(fold), os.path.join(
+        results, "ssp_protocol_unseen-phase_ED", "predictions", t, f"fold_{fold}")) for fold in (0, 1)
+        for t in ("nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule")]]
+    assert _command_lines(result.stdout, "nnunet_ssp report") == [
+        f"nnunet_ssp report {os.path.join(results, 'ssp_protocol_unseen-phase_ED', 'predictions')} -o "
+        f"{os.path.join(results, 'ssp_protocol_unseen-phase_ED', 'report')}"]
+    # the iteration budget counts the ED slices of the unfiltered folds' subjects: half of theirs
+    raw = os.path.join(env["nnUNet_raw"], "Dataset641_Test")
+    both = _fold_slices(raw, {"budgets": ["2", "4"], "seeds": [0], "num_val": 1})
+    for budget, n in zip((2, 4), both):
+        assert (f"  budget {budget}, seed 0: {n // 2} labelled slices -> paper {math.ceil(n / 2 / 32) * 1000:,}, "
+                f"nnunet 250,000") in result.stdout
+    es = reproduce(env, *common, "--experiment", "unseen-phase", "--train-phase", "ES")
+    assert _command_lines(es.stdout, "nnunet_ssp splits")[0].endswith(" --phases ES")
+    assert " --evaluate --phases ED " in _command_lines(es.stdout, "nnunet_ssp predict")[0]
+    assert "ssp_protocol_unseen-phase_ES" in es.stdout and "ssp_protocol_unseen-phase_ED" not in es.stdout
+
+
+def test_unseen_vendor_plan_fine_tunes_on_the_vendors_and_tests_on_the_others(toy_env):
+    tmp, env = toy_env
+    common = ["-d", "641", "--seeds", "0", "1", "--val", "1", "--methods", "mim", "--dry-run"]
+    result = reproduce(env, *common, "--experiment", "unseen-vendor", "--train-vendors", "A", "B")
+    results = os.path.join(env["nnUNet_results"], "Dataset641_Test", "ssp_protocol_unseen-vendor_A+B")
+    assert f"outputs in {results} (dry run" in result.stdout
+    assert _command_lines(result.stdout, "nnunet_ssp splits") == [
+        "nnunet_ssp splits -d 641 --vendors A B --seeds 0 1 --val 1"]
+    assert _command_lines(result.stdout, "ssp_pretrain") == [  # the paper experiment's (the unseen-phase test)
+        "ssp_pretrain -d 641 --method mim -c 2d -p nnUNetPlans --device cuda"]
+    # every method at the one budget of each seed: all training subjects of A and B
+    assert [name for phase, name in _trained(result.stdout) if phase == "finetune"] == [
+        f"{t}_paperSchedule fold {seed} (budget vendors:A+B, seed {seed})" for seed in (0, 1)
+        for t in ("nnUNetTrainerBaseline", "nnUNetTrainerMIM")]
+    predict = _command_lines(result.stdout, "nnunet_ssp predict")
+    assert len(predict) == 1 and " --evaluate --vendors C -np 2 --run " in predict[0]  # B was trained on
+    assert all(folder.startswith(os.path.join(results, "predictions")) for _, _, folder in _predicted(result.stdout)[0])
+    raw = os.path.join(env["nnUNet_raw"], "Dataset641_Test")
+    for seed, n in zip((0, 1), _fold_slices(raw, {"vendors": ["A", "B"], "seeds": [0, 1], "num_val": 1})):
+        assert f"  budget vendors:A+B, seed {seed}: {n} labelled slices -> paper " in result.stdout
+    only_a = reproduce(env, *common, "--experiment", "unseen-vendor", "--train-vendors", "A")
+    assert " --evaluate --vendors B C " in _command_lines(only_a.stdout, "nnunet_ssp predict")[0]
+    assert "ssp_protocol_unseen-vendor_A" + os.sep in only_a.stdout
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--train-vendors", "A"], "--train-vendors A: only with --experiment unseen-vendor"),
+    (["--train-phase", "ES"], "--train-phase ES: only with --experiment unseen-phase"),
+    (["--experiment", "unseen-vendor"], "--experiment unseen-vendor: give the training vendors with --train-vendors "
+                                        "(e.g. A B)"),
+    (["--experiment", "unseen-vendor", "--train-vendors", "A", "--budgets", "2"],
+     "--budgets: not with --experiment unseen-vendor, which fine-tunes on every training subject of --train-vendors"),
+    (["--experiment", "unseen-phase", "--splits-yaml", "split.yaml"], "--splits-yaml: only with --experiment paper"),
+    (["--experiment", "unseen-vendor", "--train-vendors", "A", "E"],
+     "--train-vendors E: no training subjects of that vendor in {raw}/subjects.csv (training vendors: A, B)"),
+    (["--experiment", "unseen-vendor", "--train-vendors", "C"],  # a vendor of test subjects only
+     "--train-vendors C: no training subjects of that vendor in {raw}/subjects.csv (training vendors: A, B)")])
+def test_experiment_options_that_do_not_fit_are_one_line_errors(toy_env, options, message):
+    tmp, env = toy_env
+    refused = reproduce(env, "-d", "641", "--seeds", "0", "--dry-run", *options, check=False)
+    raw = os.path.join(env["nnUNet_raw"], "Dataset641_Test")
+    assert refused.returncode == 2 and refused.stderr.strip() == "error: " + message.format(raw=raw)
+    assert refused.stdout == ""
+
+
+def test_unseen_vendor_needs_test_subjects_of_other_vendors(tmp_path):
+    from nnunet_ssp.errors import SSPError
+    from nnunet_ssp.experiments import UnseenVendor
+    from nnunet_ssp.raw_layout import SubjectRow, write_subjects
+    table = write_subjects(str(tmp_path), [SubjectRow("s1", "train", "A"), SubjectRow("s2", "train", "B"),
+                                           SubjectRow("s3", "test", "A"), SubjectRow("s4", "unlabeled", "C")])
+    assert UnseenVendor(["B"]).test_vendors(table) == ["A"]
+    with pytest.raises(SSPError, match=re.escape(f"--train-vendors A: {table} has no test subjects of other vendors "
+                                                 f"(test vendors: A)")):
+        UnseenVendor(["A"]).test_vendors(table)
+
+
+def test_unseen_vendor_plan_before_the_merged_dataset_exists_says_where_the_vendors_come_from(toy_env):
+    tmp, env = toy_env
+    converted(tmp, "mnms2", os.path.join(tmp, "MnM2"), 642)
+    result = reproduce(env, "-d", "641", "642", "--merged-id", "643", "--seeds", "0", "--methods", "mim",
+                       "--experiment", "unseen-vendor", "--train-vendors", "A", "--dry-run")
+    table = os.path.join(env["nnUNet_raw"], "Dataset643_CineSSP", "subjects.csv")
+    assert (f"--evaluate --vendors '<the other vendors of the test subjects, from {table} once --phase prepare has "
+            f"written it>' -np 2") in _command_lines(result.stdout, "nnunet_ssp predict")[0]
+    assert _command_lines(result.stdout, "nnunet_ssp splits") == ["nnunet_ssp splits -d 643 --vendors A --seeds 0"]
+    assert not os.path.exists(os.path.dirname(table))
+
+
 @pytest.mark.parametrize("script, finetuned", [
     ("demo.sh", {budget: ["nnUNetTrainerBaseline", "nnUNetTrainerMIM_baselineLR_encoderOnly"] for budget in "12"}),
     ("mini_paper.sh", {"1": ["nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
@@ -188,11 +309,13 @@ def test_shards_split_the_runs_without_overlap(toy_env):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --shard 3/3: i must be in 0..n-1"
 
 
-def test_miniature_protocol_through_report(tmp_path):
-    """Phantom -> reproduce_paper.sh (budgets 1 and 2 subjects, seed 0, baseline and MIM, tiny schedules, a stale
-    nnUNet_ssp_checkpoint exported) -> report; every table cell must equal its run's summary.json, and a re-run must
-    find everything done."""
+@pytest.fixture(scope="module")
+def miniature(tmp_path_factory):
+    """Phantom (training subjects of vendors B, B, A, B; test subjects of vendors A, B) -> reproduce_paper.sh (budgets
+    1 and 2 subjects, seed 0, baseline and MIM, tiny schedules, a stale nnUNet_ssp_checkpoint exported), output to -o.
+    The experiments' miniatures go on from there on the same dataset."""
     from trainers import EXT_TRAINER_DIR
+    tmp_path = tmp_path_factory.mktemp("miniature")
     env = dict(os.environ, nnUNet_extTrainer=EXT_TRAINER_DIR, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
                nnUNet_compile="false", nnUNet_ssp_num_epochs="1", nnUNet_ssp_iters_per_epoch="2")
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -201,16 +324,27 @@ def test_miniature_protocol_through_report(tmp_path):
     env["nnUNet_ssp_checkpoint"] = str(tmp_path / "stale" / "checkpoint_final.pth")
     run_cli(["nnunet_ssp", "phantom", "-d", "994", "-n", "Protocol", "--subjects", "4", "--test-subjects", "2",
              "--size", "48", "--seed", "4"], env)
+    common = ["-d", "994", "--seeds", "0", "--val", "1", "--methods", "mim", "--device", "cpu", "--num-processes",
+              "1", "--jobs", "2", "--pretrain-args",
+              "--epochs 1 --iters-per-epoch 2 --batch-size 4 --num-workers 0 --probe-slices 0"]
     out = str(tmp_path / "protocol")
-    args = ["-d", "994", "--budgets", "1", "2", "--seeds", "0", "--val", "1", "--methods", "mim", "--device", "cpu",
-            "--num-processes", "1", "--jobs", "2", "-o", out, "--pretrain-args",
-            "--epochs 1 --iters-per-epoch 2 --batch-size 4 --num-workers 0 --probe-slices 0"]
+    args = [*common, "--budgets", "1", "2", "-o", out]
     first = reproduce(env, *args)
+    preprocessed = os.path.join(env["nnUNet_preprocessed"], "Dataset994_Protocol")
+    return {"env": env, "common": common, "args": args, "out": out, "first": first, "preprocessed": preprocessed,
+            "paper_folds": json.load(open(os.path.join(preprocessed, "splits_final.json"))),
+            "checkpoint": _snapshot(os.path.join(env["nnUNet_results"], "Dataset994_Protocol", "ssp"))}
+
+
+def test_miniature_protocol_through_report(miniature):
+    """The paper experiment's miniature through the report: every table cell must equal its run's summary.json, and a
+    re-run must find everything done."""
+    env, args, out, first = (miniature[k] for k in ("env", "args", "out", "first"))
     assert first.stdout.count("$ nnUNetv2_train") == 4 and first.stdout.count("$ ssp_pretrain") == 1
     assert first.stdout.count("$ nnunet_ssp predict") == 2 and "nnUNetv2_predict" not in first.stdout  # --jobs 2
 
     sidecar = json.load(open(os.path.join(env["nnUNet_preprocessed"], "Dataset994_Protocol", "splits_ssp.json")))
-    budgets = {int(fold): d["budget"] for fold, d in sidecar["folds"].items()}
+    budgets = {int(fold): d["budget"] for fold, d in sidecar["folds"].items() if d["group"] == "budgets"}
     assert sorted(budgets.values()) == [1, 2]
     summaries = {}
     for trainer, method in (("nnUNetTrainerBaseline_paperSchedule", "baseline"),
@@ -259,6 +393,82 @@ def test_miniature_protocol_through_report(tmp_path):
     assert again.stdout.count("$ nnunet_ssp predict") == 1 and "$ nnunet_ssp report" in again.stdout
     assert os.path.isfile(os.path.join(redo, "ssp_evaluation.json"))
     assert {f: _snapshot(f) for f in kept} == kept
+
+
+def _run_experiment(miniature, *options):
+    """Runs an experiment of the miniature after its paper experiment: (stdout, the experiment's folder, its one
+    fold's index and description). Pretraining is reused, not rerun, and the paper's folds stay as they were."""
+    env = miniature["env"]
+    result = reproduce(env, *miniature["common"], *options)
+    assert "$ ssp_pretrain" not in result.stdout and result.stdout.count("$ nnUNetv2_train") == 2
+    assert _snapshot(os.path.join(env["nnUNet_results"], "Dataset994_Protocol", "ssp")) == miniature["checkpoint"]
+    folds = json.load(open(os.path.join(miniature["preprocessed"], "splits_final.json")))
+    assert folds[:len(miniature["paper_folds"])] == miniature["paper_folds"]
+    described = json.load(open(os.path.join(miniature["preprocessed"], "splits_ssp.json")))["folds"]
+    index = max(int(fold) for fold in described)  # the experiment's fold was appended
+    assert f"nnUNetv2_train 994 2d {index} -tr nnUNetTrainerMIM_paperSchedule" in result.stdout
+    folder = re.search(r"; outputs in (\S+)$", result.stdout, flags=re.M).group(1)
+    return result.stdout, folder, index, folds[index], described[str(index)]
+
+
+def _evaluated(folder, index):
+    """{trainer: (its ssp_evaluation.json, the reference cases nnU-Net's summary.json scored)} of fold ``index``."""
+    evaluated = {}
+    for trainer in ("nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule"):
+        run = os.path.join(folder, "predictions", trainer, f"fold_{index}")
+        summary = json.load(open(os.path.join(run, "summary.json")))
+        evaluated[trainer] = (json.load(open(os.path.join(run, "ssp_evaluation.json"))),
+                              sorted(os.path.basename(c["reference_file"])[:-len(".nii.gz")]
+                                     for c in summary["metric_per_case"]))
+    return evaluated
+
+
+def _assert_experiment_report(folder, title):
+    report = open(os.path.join(folder, "report", "report.md")).read()
+    assert title in report.splitlines()[0]
+    with open(os.path.join(folder, "report", "dice.csv")) as f:
+        assert {line["experiment"] for line in csv.DictReader(f)} == {title}
+
+
+def test_unseen_phase_miniature_after_the_paper_experiment(miniature):
+    """--experiment unseen-phase on the paper miniature's dataset: its ED-only fold is appended next to the paper's,
+    pretraining is reused, only the test subjects' ES cases are evaluated, and its report names the experiment."""
+    stdout, folder, index, fold, described = _run_experiment(miniature, "--experiment", "unseen-phase",
+                                                             "--budgets", "1")
+    results = os.path.join(miniature["env"]["nnUNet_results"], "Dataset994_Protocol")
+    assert folder == os.path.join(results, "ssp_protocol_unseen-phase_ED")
+    assert described["group"] == "budgets phases=ED" and described["budget"] == 1
+    assert all(case.endswith("_ED") for case in fold["train"] + fold["val"])
+    labels = os.path.join(miniature["env"]["nnUNet_raw"], "Dataset994_Protocol", "labelsTs")
+    es_cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(labels) if f.endswith("_ES.nii.gz"))
+    assert len(es_cases) == 2
+    for evaluation, cases in _evaluated(folder, index).values():
+        assert cases == es_cases
+        assert evaluation["run"]["phases"] == ["ES"] and evaluation["run"]["train_phases"] == ["ED"]
+    _assert_experiment_report(folder, "unseen phase: trained on ED, tested on ES")
+    assert "$ nnunet_ssp report " + os.path.join(folder, "predictions") in stdout
+
+
+def test_unseen_vendor_miniature_after_the_paper_experiment(miniature):
+    """--experiment unseen-vendor --train-vendors B: every training subject of vendor B but the validation one,
+    evaluated on the test subjects of vendor A only."""
+    from nnunet_ssp.raw_layout import read_subjects
+    stdout, folder, index, fold, described = _run_experiment(miniature, "--experiment", "unseen-vendor",
+                                                             "--train-vendors", "B")
+    raw = os.path.join(miniature["env"]["nnUNet_raw"], "Dataset994_Protocol")
+    assert folder == os.path.join(miniature["env"]["nnUNet_results"], "Dataset994_Protocol",
+                                  "ssp_protocol_unseen-vendor_B")
+    vendor = {row.subject: (row.split, row.vendor) for row in read_subjects(os.path.join(raw, "subjects.csv"))}
+    assert described["group"] == "vendors B"
+    assert sorted({case[:-3] for case in fold["train"] + fold["val"]}) == sorted(
+        s for s, (split, v) in vendor.items() if split == "train" and v == "B")
+    other = sorted(f"{s}_{phase}" for s, (split, v) in vendor.items() if split == "test" and v != "B"
+                   for phase in ("ED", "ES"))
+    assert len(other) == 2 and " --evaluate --vendors A " in stdout
+    for evaluation, cases in _evaluated(folder, index).values():
+        assert cases == other
+        assert evaluation["run"]["vendors"] == ["A"] and evaluation["run"]["train_vendors"] == ["B"]
+    _assert_experiment_report(folder, "unseen vendor: trained on B, tested on A")
 
 
 @pytest.mark.parametrize("jobs, expected", [(1, "unset"), (2, "PASSIVE")])

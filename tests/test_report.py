@@ -27,8 +27,9 @@ RECORDED = {method: {"schedule": {"name": "paper", "num_epochs": 1000, "iteratio
             for method, iterations, lr in (("baseline", 3, 0.01), ("mim", 9, 0.005))}
 
 
-def _write_run(folder, method, budget, seed, num_train, offset, rng):
-    """A summary.json as nnU-Net writes it (NaN for a label absent in both) and a matching ssp_evaluation.json."""
+def _write_run(folder, method, budget, seed, num_train, offset, rng, filters=None):
+    """A summary.json as nnU-Net writes it (NaN for a label absent in both) and a matching ssp_evaluation.json;
+    ``filters``: the run's train_vendors, train_phases, vendors, phases (files written before them had none)."""
     os.makedirs(folder)
     per_case = []
     for i, case in enumerate(CASES):
@@ -51,7 +52,7 @@ def _write_run(folder, method, budget, seed, num_train, offset, rng):
                   "run": {"dataset": "Dataset991_E2E", "trainer": f"nnUNetTrainer{method}", "method": method,
                           "fold": "5", "budget": budget, "seed": seed, "num_train_subjects": num_train,
                           "prediction_folder": folder, "reference_folder": "/ref", "vendors": None,
-                          **RECORDED.get(method, {})},
+                          **RECORDED.get(method, {}), **(filters or {})},
                   "dice_summary": "summary.json", "labels": LABELS,
                   "hd95_per_case": {c: {k: 3.0 for k in LABELS} for c in CASES},
                   "hd95_mean": {"1": float(rng.uniform(2, 6)), "2": float(rng.uniform(2, 6)), "3": None},
@@ -144,7 +145,8 @@ def test_main_and_class_tables(results):
 def test_csv_files(results):
     _, out, runs, _ = results
     dice = _read_csv(out / "dice.csv")
-    assert list(dice[0]) == ["method", "budget", "seed", "num_train_subjects", "class", "dice"]
+    assert list(dice[0]) == ["experiment", "method", "budget", "seed", "num_train_subjects", "class", "dice"]
+    assert {row["experiment"] for row in dice} == {""}
     assert len(dice) == len(RUNS) * 4
     for row in dice:
         summary = runs[(row["method"], row["budget"], int(row["seed"]))][0]
@@ -154,7 +156,7 @@ def test_csv_files(results):
     assert [r["num_train_subjects"] for r in dice if r["method"] == "mim" and r["class"] == "mean"] == ["2", "2",
                                                                                                         "8", "8"]
     summary_rows = _read_csv(out / "summary.csv")
-    assert list(summary_rows[0]) == ["method", "budget", "class", "n_seeds", "mean", "std"]
+    assert list(summary_rows[0]) == ["experiment", "method", "budget", "class", "n_seeds", "mean", "std"]
     assert len(summary_rows) == 6 * 4  # (method, budget) groups x classes
     for row in summary_rows:
         values = [runs[(row["method"], row["budget"], s)][0]
@@ -164,8 +166,8 @@ def test_csv_files(results):
         assert int(row["n_seeds"]) == len(values) and float(row["mean"]) == pytest.approx(np.mean(values))
         assert (row["std"] == "") if len(values) == 1 else float(row["std"]) == pytest.approx(np.std(values, ddof=1))
     clinical = _read_csv(out / "clinical.csv")
-    assert list(clinical[0]) == ["method", "budget", "seed", "measure", "n", "mae", "bias", "sd", "loa_low",
-                                 "loa_high"]
+    assert list(clinical[0]) == ["experiment", "method", "budget", "seed", "measure", "n", "mae", "bias", "sd",
+                                 "loa_low", "loa_high"]
     assert len(clinical) == len(RUNS) * len(MEASURES)
     for row in clinical:
         expected = runs[(row["method"], row["budget"], int(row["seed"]))][1]["clinical_agreement"][row["measure"]]
@@ -276,3 +278,66 @@ def test_rows_are_methods_with_their_recipe_in_the_papers_order():
     labels = ["mim_warmup", "custom", "baseline_warmup", "mim", "baseline", "dino", "mim_baselineLR", "a_b"]
     assert sorted(labels, key=method_sort_key) == ["baseline", "baseline_warmup", "dino", "mim", "mim_baselineLR",
                                                    "mim_warmup", "a_b", "custom"]
+
+
+# ---------------------------------------------------------------------------------------------------- experiments
+UNSEEN_PHASE = "unseen phase: trained on ED, tested on ES"
+
+
+def test_experiment_labels_from_the_training_and_test_filters():
+    from nnunet_ssp.evaluation.runs import experiment_label
+    assert experiment_label({"vendors": None}) == ""  # files written before the filters were recorded too
+    assert experiment_label({"train_phases": ["ED"], "phases": ["ES"]}) == UNSEEN_PHASE
+    assert experiment_label({"train_vendors": ["A", "B"], "vendors": ["C", "D"], "phases": None}) == \
+        "unseen vendor: trained on A+B, tested on C+D"
+    assert experiment_label({"train_vendors": ["A", "B"], "vendors": ["A"]}) == "trained on A+B, tested on A"
+    assert experiment_label({"train_phases": ["ED"], "phases": ["ED"]}) == "trained on ED, tested on ED"
+    assert experiment_label({"phases": ["ES"]}) == "trained on all cases, tested on ES"
+    assert experiment_label({"train_vendors": ["A"], "train_phases": ["ED"], "vendors": ["B"], "phases": ["ES"]}) == \
+        "trained on A ED, tested on B ES"
+
+
+def _case_means(summary):
+    return {os.path.basename(c["reference_file"]): np.nanmean([m["Dice"] for m in c["metrics"].values()])
+            for c in summary["metric_per_case"]}
+
+
+def test_two_experiments_get_their_own_tables_and_tests(tmp_path):
+    """The same methods, budget and seeds in the main experiment and in an unseen-phase one: not duplicates; the
+    main layout holds the main runs, a section the other's, each Wilcoxon test against its own baseline."""
+    rng = np.random.default_rng(1)
+    unseen = {"train_phases": ["ED"], "phases": ["ES"], "vendors": None, "train_vendors": None}
+    runs = {}
+    for experiment, filters, gain in (("", None, 0.0), (UNSEEN_PHASE, unseen, 0.05)):
+        for method, offset in (("baseline", 0.0), ("mim", gain)):
+            for seed in (0, 1):
+                folder = str(tmp_path / "results" / (experiment[:6] or "main") / method / f"seed{seed}")
+                runs[(experiment, method, seed)] = _write_run(folder, method, 2, seed, 2, offset, rng, filters)
+    out = tmp_path / "report"
+    main, _ = write_report([str(tmp_path / "results")], str(out))
+    text = (out / "report.md").read_text()
+    assert text.startswith("# nnunet_ssp report\n") and main in text
+    assert f"Other experiments, each in its section below: {UNSEEN_PHASE} (4 runs)." in text
+    for experiment, heading in (("", "## 3D Dice, mean over the foreground classes"),
+                                (UNSEEN_PHASE, f"## Experiment: {UNSEEN_PHASE}")):
+        header, rows = _table_after(text, heading)
+        assert header == ["method", "2"] and [r[0] for r in rows] == ["baseline", "mim"]
+        for method, cell in rows:
+            assert cell == _expected_cell([runs[(experiment, method, s)][0]["foreground_mean"]["Dice"] for s in (0, 1)])
+    _, section_tests = _table_after(text[text.index(f"## Experiment: {UNSEEN_PHASE}"):],
+                                    "### Wilcoxon signed-rank test against the baseline")
+    assert [r[:3] for r in section_tests] == [["mim", "2", "0 1"]]
+    tests = _read_csv(out / "wilcoxon.csv")
+    assert [(r["experiment"], r["method"]) for r in tests] == [("", "mim"), (UNSEEN_PHASE, "mim")]
+    for row in tests:
+        own, base = ([np.mean([_case_means(runs[(row["experiment"], m, s)][0])[c + ".nii.gz"] for s in (0, 1)])
+                      for c in CASES] for m in ("mim", "baseline"))
+        assert float(row["p_value"]) == pytest.approx(wilcoxon(own, base).pvalue)
+        assert float(row["median_difference"]) == pytest.approx(np.median(np.subtract(own, base)))
+    assert section_tests[0][5] == f"{float(tests[1]['p_value']):.4g}"
+    assert {r["experiment"] for r in _read_csv(out / "summary.csv")} == {"", UNSEEN_PHASE}
+
+    only = tmp_path / "only"
+    write_report([str(tmp_path / "results" / "unseen")], str(only))
+    text = (only / "report.md").read_text()
+    assert text.startswith(f"# nnunet_ssp report: {UNSEEN_PHASE}\n") and "## Experiment" not in text

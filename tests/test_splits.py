@@ -9,8 +9,9 @@ import pytest
 
 from conftest import run_cli
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.splits import (SIDECAR, development_split, make_budget_splits, make_folds, planned_folds,
-                               splits_match, subject_of_case, write_folds, write_splits)
+from nnunet_ssp.fold_files import SIDECAR, write_folds
+from nnunet_ssp.splits import (development_split, make_budget_splits, make_folds, phase_of_case, planned_folds,
+                               splits_match, subject_of_case, write_splits)
 
 CASES = [f"ph{i:03d}_{phase}" for i in range(1, 21) for phase in ("ED", "ES")]
 DATASET = "Dataset950_Unit"
@@ -64,9 +65,10 @@ def read(pre):
     return json.load(open(os.path.join(pre, "splits_final.json"))), json.load(open(os.path.join(pre, SIDECAR)))
 
 
-def test_subject_of_case():
+def test_subject_and_phase_of_case():
     assert subject_of_case("ph001_ED") == "ph001" and subject_of_case("A1D9Z7_ES") == "A1D9Z7"
     assert subject_of_case("case_07") == "case_07"
+    assert (phase_of_case("ph001_ED"), phase_of_case("A1D9Z7_ES"), phase_of_case("case_07")) == ("ED", "ES", None)
 
 
 def test_budgets_are_nested_within_a_seed_and_disjoint_from_validation():
@@ -98,7 +100,7 @@ def test_written_after_existing_folds_and_rerun_is_stable(tmp_path):
     again = write_folds(str(tmp_path), *make_folds(CASES, options))
     splits, sidecar = read(str(tmp_path))
     assert again == first and len(splits) == 7 and splits[:5] == existing
-    assert sidecar["folds"]["5"]["budget"] == 2 and len(sidecar["val_subjects"]) == 4
+    assert sidecar["folds"]["5"]["budget"] == 2 and len(sidecar["groups"]["budgets"]["val_subjects"]) == 4
 
 
 def test_budget_folds_of_a_preprocessed_dataset(dataset):
@@ -126,10 +128,10 @@ def test_yaml_train_and_valid_are_used_verbatim(dataset, tmp_path):
     splits, sidecar = read(pre)
     assert splits[0] == {"train": ed_es(train), "val": ed_es(valid)}
     assert sidecar["folds"]["0"] == {"budget": 3, "seed": 2, "subjects": sorted(train), "source": paths[0],
-                                     "yaml_test_subjects": ["281", "T1T1T1"]}
+                                     "yaml_test_subjects": ["281", "T1T1T1"], "group": "yaml"}
     identities = [(d["budget"], d["seed"]) for d in written.values()]
     assert identities == [(3, 2), ("all", None), ("vendors:A+B", None), (3, None)]
-    assert sidecar["folds"]["2"]["vendors"] == ["A", "B"] and set(sidecar) == {"folds"}
+    assert sidecar["folds"]["2"]["vendors"] == ["A", "B"] and sidecar["groups"] == {"yaml": {}}
     assert planned_folds(pre, raw, {"from_yaml": paths}) == [{"fold": i, "budget": b, "seed": s}
                                                              for i, (b, s) in enumerate(identities)]
 
@@ -196,9 +198,11 @@ def test_vendor_folds(dataset):
     assert {subject_of_case(c) for c in fold["train"] + fold["val"]} == vendor_subjects
     assert not set(fold["train"]) & set(fold["val"]) and len(fold["val"]) == 2 * 2
     assert sidecar["folds"]["1"] == {"budget": "vendors:A+C", "seed": 1, "vendors": ["A", "C"],
-                                     "subjects": sorted({subject_of_case(c) for c in fold["train"]})}
-    assert sidecar["test_cases_by_vendor"] == {"A": ed_es(["T1T1T1"]), "B": ed_es(["T2T2T2"]), "C": ed_es(["281"])}
-    assert sorted(sidecar["val_subjects"]) == sorted({subject_of_case(c) for c in fold["val"]})
+                                     "subjects": sorted({subject_of_case(c) for c in fold["train"]}),
+                                     "group": "vendors A+C"}
+    entries = sidecar["groups"]["vendors A+C"]
+    assert entries["test_cases_by_vendor"] == {"A": ed_es(["T1T1T1"]), "B": ed_es(["T2T2T2"]), "C": ed_es(["281"])}
+    assert sorted(entries["val_subjects"]) == sorted({subject_of_case(c) for c in fold["val"]})
     assert planned_folds(pre, raw, options) == [{"fold": i, **{k: d[k] for k in ("budget", "seed")}}
                                                 for i, d in written.items()]
     assert splits_match(pre, raw, options)
@@ -262,3 +266,129 @@ def test_folds_with_trained_runs_keep_their_cases(dataset, tmp_path):
         f"error: {path}: fold 1 would change its cases, but {trained} was trained on the old ones; move that "
         f"dataset's results away (or use another dataset id) first")
     assert read(pre) == before
+
+
+# ------------------------------------------------------------------------------------------------ phases and groups
+def test_phase_folds_hold_one_phase_of_the_unfiltered_folds_subjects(dataset):
+    pre, raw = dataset
+    options = {"budgets": ["2", "4", "all"], "seeds": [0, 1], "num_val": 2}
+    unfiltered = write_splits(pre, raw, options)
+    ed = write_splits(pre, raw, {**options, "phases": ["ED"]})
+    splits, sidecar = read(pre)
+    assert list(unfiltered) == [0, 1, 2, 3, 4, 5] and list(ed) == [6, 7, 8, 9, 10, 11]
+    for i, j in zip(unfiltered, ed):
+        for part in ("train", "val"):
+            assert splits[j][part] == [c for c in splits[i][part] if c.endswith("_ED")] and splits[j][part]
+        assert sidecar["folds"][str(j)] == {**sidecar["folds"][str(i)], "phases": ["ED"], "group": "budgets phases=ED"}
+    for seed_block in (splits[6:9], splits[9:12]):
+        trains = [set(f["train"]) for f in seed_block]
+        assert all(a < b for a, b in zip(trains, trains[1:]))  # still nested
+    assert sidecar["groups"]["budgets phases=ED"] == sidecar["groups"]["budgets"]
+    es_only = make_folds(CASES, {"budgets": [3], "seeds": [0], "num_val": 4, "phases": ["ES", "ES"]})
+    assert all(c.endswith("_ES") for c in es_only[0][0]["train"] + es_only[0][0]["val"])
+    assert es_only[1][0]["phases"] == ["ES"] and es_only[1][0]["group"] == "budgets phases=ES"
+
+
+def test_a_subject_without_a_case_of_the_phase_is_named(dataset):
+    pre, raw = dataset
+    os.remove(os.path.join(pre, "gt_segmentations", "101_ES.nii.gz"))
+    with pytest.raises(SSPError) as error:
+        write_splits(pre, raw, {"budgets": ["all"], "num_val": 2, "phases": ["ES"]})
+    assert str(error.value) == "--phases ES: subject(s) 101 have no training case 101_ES (1 missing)"
+    with pytest.raises(SSPError, match=r"^--phases EDV: not a cardiac phase \(expected ED or ES\)$"):
+        make_folds(CASES, {"budgets": [2], "phases": ["EDV"]})
+    assert not os.path.exists(os.path.join(pre, "splits_final.json"))
+
+
+def _cli(argv, capsys):
+    """``nnunet_ssp ARGV`` through the console script's entry point, in this process: (exit code, stdout, stderr)."""
+    from nnunet_ssp.cli import main
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_budget_phase_and_vendor_groups_coexist_with_stable_indices(dataset, tmp_path, monkeypatch, capsys):
+    pre, raw = dataset
+    for name, folder in (("nnUNet_raw", os.path.dirname(raw)), ("nnUNet_preprocessed", os.path.dirname(pre)),
+                         ("nnUNet_results", str(tmp_path / "results"))):
+        monkeypatch.setenv(name, folder)
+    nnunet_folds = [{"train": ["x"], "val": ["y"]}] * 2  # nnU-Net's own folds stay first
+    with open(os.path.join(pre, "splits_final.json"), "w") as f:
+        json.dump(nnunet_folds, f)
+    splits = ["splits", "-d", "950", "--val", "2"]
+    budget_folds = [(1, 0), (2, 0), (1, 1), (2, 1)]  # (budget, seed)
+    commands = {  # command -> (its options as nnunet_ssp.splits takes them, its folds: index, budget, seed)
+        "--budgets 1 2 --seeds 0 1": ({"budgets": ["1", "2"], "seeds": [0, 1]},
+                                      [(i, *f) for i, f in zip((2, 3, 4, 5), budget_folds)]),
+        "--budgets 1 2 --seeds 0 1 --phases ED": ({"budgets": ["1", "2"], "seeds": [0, 1], "phases": ["ED"]},
+                                                  [(i, *f) for i, f in zip((6, 7, 8, 9), budget_folds)]),
+        "--vendors A B --seeds 0": ({"vendors": ["A", "B"], "seeds": [0]}, [(10, "vendors:A+B", 0)]),
+        "--vendors A B --seeds 0 --phases ED": ({"vendors": ["A", "B"], "seeds": [0], "phases": ["ED"]},
+                                                [(11, "vendors:A+B", 0)])}
+    for command, (options, folds) in commands.items():
+        planned = [{"fold": i, "budget": b, "seed": s} for i, b, s in folds]
+        assert planned_folds(pre, raw, {**options, "num_val": 2}) == planned  # before writing
+        code, out, _ = _cli(splits + command.split(), capsys)
+        assert code == 0 and [line.split(":")[0] for line in out.splitlines()[:-1]] == [f"fold {f[0]}" for f in folds]
+    assert "fold 6: budget 1, seed 0: 1 subjects, ED only" in _cli(splits + "--budgets 1 2 --seeds 0 1 --phases ED"
+                                                                           .split(), capsys)[1]
+    written = [open(os.path.join(pre, f), "rb").read() for f in ("splits_final.json", SIDECAR)]
+    final, sidecar = read(pre)
+    assert final[:2] == nnunet_folds and len(final) == 12
+    assert list(sidecar["groups"]) == ["budgets", "budgets phases=ED", "vendors A+B", "vendors A+B phases=ED"]
+    for command, (options, folds) in commands.items():  # re-running changes nothing
+        assert splits_match(pre, raw, {**options, "num_val": 2})
+        assert [d["fold"] for d in planned_folds(pre, raw, {**options, "num_val": 2})] == [f[0] for f in folds]
+        assert _cli(splits + command.split(), capsys)[0] == 0
+    assert [open(os.path.join(pre, f), "rb").read() for f in ("splits_final.json", SIDECAR)] == written
+
+    code, _, err = _cli(splits + "--budgets 1 2 4 --seeds 0 1".split(), capsys)  # 6 folds where 4 are, not last
+    assert code == 2 and err == (f"error: {os.path.join(pre, 'splits_final.json')}: the 4 folds of 'budgets' (folds "
+                                 f"2-5) are followed by other folds, so 6 cannot replace them; remove the file and "
+                                 f"{SIDECAR} to start over\n")
+    assert _cli(splits + "--vendors A B --seeds 0 1 --phases ED".split(), capsys)[0] == 0  # the last group grows
+    final, sidecar = read(pre)
+    assert len(final) == 13 and final[11] == final[12]
+    assert [sidecar["folds"][str(i)]["seed"] for i in (11, 12)] == [0, 1]
+    assert _cli(splits + "--budgets 1 3 --seeds 0 1 --phases ED".split(), capsys)[0] == 0  # in place, as many
+    changed = read(pre)[0]
+    assert [i for i in range(13) if changed[i] != final[i]] == [7, 9]  # budget 2 -> 3 of seeds 0 and 1
+
+    trained = tmp_path / "results" / DATASET / "nnUNetTrainerBaseline__nnUNetPlans__2d" / "fold_7"
+    trained.mkdir(parents=True)
+    before = read(pre)
+    code, _, err = _cli(splits + "--budgets 1 2 --seeds 0 1 --phases ED".split(), capsys)
+    assert code == 2 and err.count("\n") == 1 and f"fold 7 would change its cases, but {trained} was trained" in err
+    assert read(pre) == before
+
+
+def test_a_sidecar_written_before_groups_is_read_as_one_group(dataset):
+    """An older sidecar (no group, its entries at the top level) keeps its folds' indices when another group is
+    written; its descriptions and entries move into the group named from them."""
+    pre, raw = dataset
+    options = {"budgets": ["2", "all"], "seeds": [0], "num_val": 2}
+    write_splits(pre, raw, options)
+    splits, sidecar = read(pre)
+    old = {"folds": {i: {k: v for k, v in d.items() if k != "group"} for i, d in sidecar["folds"].items()},
+           **sidecar["groups"]["budgets"]}
+    with open(os.path.join(pre, SIDECAR), "w") as f:
+        json.dump(old, f)
+    assert not splits_match(pre, raw, options)  # the command is run again, to write the new format
+    assert list(write_splits(pre, raw, {"vendors": ["C"], "num_val": 1})) == [2]
+    new_splits, new_sidecar = read(pre)
+    assert new_splits[:2] == splits and new_sidecar["groups"]["budgets"] == sidecar["groups"]["budgets"]
+    assert {i: new_sidecar["folds"][i] for i in ("0", "1")} == sidecar["folds"]
+    assert splits_match(pre, raw, options)
+
+
+def test_cli_refuses_bad_phases_in_one_line(dataset, tmp_path, capsys):
+    pre, raw = dataset
+    from nnunet_ssp.cli import main
+    for argv in (["splits", "-d", "950", "--budgets", "2", "--phases", "ED", "mid"],
+                 ["evaluate", str(tmp_path), "-d", "950", "--phases", "es"]):
+        with pytest.raises(SystemExit) as exit_code:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_code.value.code == 2 and err.count("\n") == 1, err
+        assert "argument --phases: invalid choice: " in err and "(choose from ED, ES)" in err.replace("'", "")

@@ -3,7 +3,9 @@
 3D Dice comes from nnU-Net's own ``compute_metrics_on_folder`` and goes to ``PRED/summary.json`` in nnU-Net's
 format; HD95 per case and class, the clinical measures per subject and their agreement go to
 ``PRED/ssp_evaluation.json``. Every case is read and checked before anything is written, so bad input leaves
-neither file behind.
+neither file behind. ``--vendors`` and ``--phases`` evaluate some reference cases only; the evaluation records them
+(``run.vendors``, ``run.phases``) beside what the run's fold was trained on (``run.train_vendors``,
+``run.train_phases``, from splits_ssp.json).
 """
 import functools
 import math
@@ -18,10 +20,11 @@ from nnunet_ssp.checkpoint import SSP_INIT_FILE
 from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import MEASURES, agreement, clinical_measures, hd95, label_volumes_ml
+from nnunet_ssp.fold_files import described_fold
 from nnunet_ssp.io import atomic_path, save_json_atomic
 from nnunet_ssp.network import preprocessed_dataset_folder
 from nnunet_ssp.raw_layout import SUBJECTS_TABLE, read_vendor_table
-from nnunet_ssp.splits import SIDECAR, subject_of_case
+from nnunet_ssp.splits import normalized_phases, phase_of_case, subject_of_case
 
 FORMAT = "nnunet_ssp.evaluation"
 FORMAT_VERSION = 1
@@ -101,8 +104,9 @@ def _subjects_of_vendors(table: str, vendors: Sequence[str]) -> set:
 
 
 def _selected_cases(reference_folder: str, prediction_folder: str, file_ending: str, dataset_name: str,
-                    vendors: Optional[Sequence[str]]) -> List[str]:
-    """The reference cases to evaluate (of ``vendors`` only, if given); each must have a prediction."""
+                    vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]) -> List[str]:
+    """The reference cases to evaluate (of ``vendors`` and ``phases`` only, if given); each must have a
+    prediction."""
     cases = _cases(reference_folder, file_ending)
     if not cases:
         raise SSPError(f"{reference_folder}: no reference label maps (*{file_ending})")
@@ -112,6 +116,12 @@ def _selected_cases(reference_folder: str, prediction_folder: str, file_ending: 
         cases = [c for c in cases if subject_of_case(c) in subjects]
         if not cases:
             raise SSPError(f"{reference_folder}: no reference cases of vendor(s) {', '.join(vendors)} ({table})")
+    if phases:
+        cases = [c for c in cases if phase_of_case(c) in phases]
+        if not cases:
+            raise SSPError(f"{reference_folder}: no reference cases of phase(s) {', '.join(phases)} "
+                           f"(<subject>_{phases[0]}{file_ending})" + (f" of vendor(s) {', '.join(vendors)}"
+                                                                       if vendors else ""))
     missing = [c for c in cases if not os.path.isfile(os.path.join(prediction_folder, c + file_ending))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -176,15 +186,13 @@ def _nnunet_dice(reference_folder: str, prediction_folder: str, cases: Sequence[
 
 def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str], fold, plans_name: str,
               configuration: str, tta: Optional[bool], prediction_folder: str, reference_folder: str,
-              vendors: Optional[Sequence[str]]) -> dict:
+              vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]) -> dict:
     """The run's identity, method and schedule (what the run recorded), its fine-tuning recipe (the trainer class's;
     "" for the paper's and for stock trainers), whether the predictions used test-time
-    augmentation (as the caller says; None: not said); budget, seed and training subjects from splits_ssp.json when
-    it describes the fold."""
-    sidecar = os.path.join(preprocessed_folder, SIDECAR)
-    described = {}
-    if fold is not None and os.path.isfile(sidecar):
-        described = load_json(sidecar).get("folds", {}).get(str(fold), {})
+    augmentation (as the caller says; None: not said), the test cases' filter (``vendors``, ``phases``); budget,
+    seed, training subjects and their filter (``train_vendors``, ``train_phases``) from splits_ssp.json when it
+    describes the fold."""
+    described = described_fold(preprocessed_folder, fold) if fold is not None else {}
     fold_folder = results_fold_folder(dataset_name, trainer, plans_name, configuration, fold) if trainer else None
     return {"dataset": dataset_name, "trainer": trainer, "method": method_of_run(trainer, fold_folder) if trainer else None,
             "recipe": getattr(_trainer_class(trainer), "recipe", "") if trainer else None,
@@ -192,16 +200,16 @@ def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str
             "num_train_subjects": len(described["subjects"]) if "subjects" in described else None,
             "schedule": schedule_of_run(fold_folder), "tta": tta,
             "prediction_folder": prediction_folder, "reference_folder": reference_folder,
-            "vendors": list(vendors) if vendors else None}
+            "vendors": list(vendors) if vendors else None, "phases": phases,
+            "train_vendors": described.get("vendors"), "train_phases": described.get("phases")}
 
 
 def _clinical_per_subject(cases: Sequence[str], volumes: Dict[str, dict]) -> Dict[str, dict]:
     """Measures per subject from its ``<subject>_ED`` / ``<subject>_ES`` cases (other cases have no phase)."""
     phases = {}
     for case in cases:
-        subject = subject_of_case(case)
-        if subject != case:
-            phases.setdefault(subject, {})[case[len(subject) + 1:]] = volumes[case]
+        if phase_of_case(case):
+            phases.setdefault(subject_of_case(case), {})[phase_of_case(case)] = volumes[case]
     return {subject: {side: clinical_measures(p.get("ED", {}).get(side), p.get("ES", {}).get(side))
                       for side in SIDES}
             for subject, p in sorted(phases.items())}
@@ -243,8 +251,9 @@ def _prediction_records(prediction_folder: str):
 def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder: Optional[str] = None,
                          trainer: Optional[str] = None, fold=None, vendors: Optional[Sequence[str]] = None,
                          num_processes: Optional[int] = None, configuration: str = "2d",
-                         tta: Optional[bool] = None) -> Tuple[dict, dict]:
-    """Evaluates the reference cases (of ``vendors`` only, if given) against their predictions.
+                         tta: Optional[bool] = None, phases: Optional[Sequence[str]] = None) -> Tuple[dict, dict]:
+    """Evaluates the reference cases (of ``vendors`` and cardiac ``phases`` only, if given) against their
+    predictions; measures that need both phases (EF) are None where a subject has one.
 
     ``prediction_folder`` is what ``nnUNetv2_predict`` wrote (cases plus its dataset.json and plans.json, which give
     the labels and the image reader); ``reference_folder`` defaults to ``$nnUNet_raw/<Dataset>/labelsTs``. Writes
@@ -256,7 +265,7 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
     """
     from nnunetv2.configuration import default_num_processes
 
-    prediction_folder = os.path.abspath(prediction_folder)
+    prediction_folder, phases = os.path.abspath(prediction_folder), normalized_phases(phases)
     dataset_json, plans_manager = _prediction_records(prediction_folder)
     file_ending = dataset_json["file_ending"]
     preprocessed_folder = preprocessed_dataset_folder(dataset)
@@ -265,7 +274,7 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
         _raw_dataset_folder(dataset_name, "the default reference folder"), "labelsTs"))
     if not os.path.isdir(reference_folder):
         raise SSPError(f"{reference_folder}: reference folder not found")
-    cases = _selected_cases(reference_folder, prediction_folder, file_ending, dataset_name, vendors)
+    cases = _selected_cases(reference_folder, prediction_folder, file_ending, dataset_name, vendors, phases)
 
     label_manager = plans_manager.get_label_manager(dataset_json)
     reader = plans_manager.image_reader_writer_class()
@@ -282,7 +291,8 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
     evaluation = _nan_to_none({
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "run": _run_info(dataset_name, preprocessed_folder, trainer, int(fold) if str(fold).isdigit() else fold,
-                         plans_manager.plans_name, configuration, tta, prediction_folder, reference_folder, vendors),
+                         plans_manager.plans_name, configuration, tta, prediction_folder, reference_folder, vendors,
+                         phases),
         "dice_summary": DICE_SUMMARY,
         "labels": {str(value): name for name, value in dataset_json["labels"].items()
                    if isinstance(value, int) and value in hd95_labels},
@@ -298,6 +308,18 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
     return evaluation, dice
 
 
+def evaluated_with(prediction_folder: str, vendors: Optional[Sequence[str]] = None,
+                   phases: Optional[Sequence[str]] = None) -> bool:
+    """Whether the folder holds an evaluation of exactly the cases of ``vendors`` and ``phases`` (None: every one)."""
+    path = os.path.join(prediction_folder, OUTPUT_FILE)
+    try:
+        run = load_json(path)["run"] if os.path.isfile(path) else None
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(run) and (run.get("vendors"), run.get("phases")) == (list(vendors) if vendors else None,
+                                                                     normalized_phases(phases))
+
+
 def _fmt(value: Optional[float], spec: str) -> str:
     return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
@@ -307,7 +329,7 @@ def summary_lines(evaluation: dict, dice: dict) -> List[str]:
     run = evaluation["run"]
     lines = [f"{run['dataset']}: {len(evaluation['hd95_per_case'])} cases, {len(evaluation['clinical_per_subject'])} "
              f"subjects, trainer {run['trainer']}, fold {run['fold']}"
-             + (f", vendors {' '.join(run['vendors'])}" if run["vendors"] else ""),
+             + "".join(f", {key} {' '.join(run[key])}" for key in ("vendors", "phases") if run.get(key)),
              f"{'class':<20} {'Dice':>6} {'HD95 mm':>8}"]
     for key, metrics in dice["mean"].items():
         name, hd = evaluation["labels"].get(str(key), str(key)), evaluation["hd95_mean"].get(str(key))

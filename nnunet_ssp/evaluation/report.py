@@ -2,7 +2,10 @@
 against the baseline, CSV files and figures, from folders evaluated by ``nnunet_ssp evaluate``.
 
 A run is one evaluated prediction folder (``ssp_evaluation.json`` next to nnU-Net's ``summary.json``), identified
-by (method, budget, seed). Table cells are the mean over seeds, ``± std`` (ddof=1) when there are two or more,
+by (experiment, method, budget, seed); the experiment (the main one, an unseen phase or vendors: ``runs.py``) says what
+the run was trained and tested on. The main experiment gets every table and figure, each other experiment a section
+with its mean Dice and its Wilcoxon tests against its own baseline; the CSV files hold every run, with its experiment.
+Table cells are the mean over seeds, ``± std`` (ddof=1) when there are two or more,
 and ``(n=k)`` seeds; a single seed shows its value without the ``±`` part.
 """
 import csv
@@ -17,8 +20,8 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import MEASURES
 from nnunet_ssp.io import atomic_path, build_files_into
 
-from nnunet_ssp.evaluation.runs import (BASELINE, EF_MEASURES, MEAN, NAN, Run, budget_sort_key, cell_text, find_runs,
-                                        group_runs, label_sort_key, method_sort_key, seed_sort_key)
+from nnunet_ssp.evaluation.runs import (BASELINE, EF_MEASURES, MEAN, NAN, Experiment, Run, cell_text, experiments,
+                                        find_runs, label_sort_key, seed_sort_key)
 
 
 def seed_stats(values: Sequence[float]) -> Tuple[int, float, float]:
@@ -218,18 +221,42 @@ def tta_summary(runs: Sequence[Run]) -> str:
     return ", ".join(f"{text} ({n} runs)" for text, n in sorted(counts.items()))
 
 
-def _report_markdown(runs: Sequence[Run], groups, methods, budgets, labels, measures, main: str, wilcoxon,
+def _intro(experiment: Experiment) -> List[str]:
+    """The lines that say which runs an experiment's tables hold."""
+    runs = experiment.runs
+    return [f"{len(runs)} runs: methods {', '.join(experiment.methods)}; budgets "
+            f"{', '.join(map(cell_text, experiment.budgets))}.",
+            f"Fine-tuning schedule: {schedule_summary(runs)}. Test-time augmentation: {tta_summary(runs)}."]
+
+
+def _wilcoxon_table(rows: Sequence[dict]) -> str:
+    return markdown_table(["method", "budget", "seeds", "n pairs", "median difference", "p", "note"],
+                          [[w["method"], cell_text(w["budget"]), " ".join(map(cell_text, w["seeds"])) or "–",
+                            str(w["n_pairs"]), _fmt(w["median_difference"], "+.4f"), _fmt(w["p_value"], ".4g"),
+                            w["note"]] for w in rows])
+
+
+def _runs_table(runs: Sequence[Run]) -> str:
+    return markdown_table(["method", "budget", "seed", "training subjects", "schedule", "TTA", "folder"],
+                          [[r.method, cell_text(r.budget), cell_text(r.seed), cell_text(r.num_train_subjects),
+                            _schedule_text(r.schedule), _tta_text(r.tta), r.folder] for r in runs])
+
+
+def _report_markdown(main: Experiment, others: Sequence[Experiment], labels, measures, main_table: str, wilcoxon,
                      skipped) -> str:
-    """report.md: the main table, the per-class Dice and HD95 tables, clinical errors, the Wilcoxon tests, the
-    figures and the list of runs."""
-    md = ["# nnunet_ssp report", "",
-          f"{len(runs)} runs: methods {', '.join(methods)}; budgets {', '.join(map(cell_text, budgets))}.",
-          f"Fine-tuning schedule: {schedule_summary(runs)}. Test-time augmentation: {tta_summary(runs)}.",
+    """report.md: for the ``main`` experiment the main table, the per-class Dice and HD95 tables, clinical errors,
+    the Wilcoxon tests, the figures and the list of runs; for each of the ``others`` (``wilcoxon``: the tests by
+    experiment) its main table, Wilcoxon tests and runs."""
+    groups, methods, budgets = main.groups, main.methods, main.budgets
+    md = ["# nnunet_ssp report" + (f": {main.label}" if main.label else ""), "", *_intro(main),
           "Cells are the mean over seeds, ± the standard deviation over seeds (ddof=1) when there are two or more, "
-          "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run.", "",
-          "## 3D Dice, mean over the foreground classes", "",
-          "A run's value is nnU-Net's `foreground_mean` Dice (the mean over classes of the per-class mean).", "",
-          main, "", "## 3D Dice per class"]
+          "and (n=k) the number of seeds; a single seed shows its value without ±; – marks no run."]
+    if others:
+        md.append("Other experiments, each in its section below: "
+                  + "; ".join(f"{e.label} ({len(e.runs)} runs)" for e in others) + ".")
+    md += ["", "## 3D Dice, mean over the foreground classes", "",
+           "A run's value is nnU-Net's `foreground_mean` Dice (the mean over classes of the per-class mean).", "",
+           main_table, "", "## 3D Dice per class"]
     md += class_tables(groups, methods, budgets, labels, lambda r, k: r.dice.get(k, NAN), 3)
     md += ["", "## HD95 (mm) per class", "", "A run's value is its mean HD95 over the cases where it is defined."]
     md += class_tables(groups, methods, budgets, labels, lambda r, k: r.hd95.get(k, NAN), 2)
@@ -239,52 +266,55 @@ def _report_markdown(runs: Sequence[Run], groups, methods, budgets, labels, meas
            "## Wilcoxon signed-rank test against the baseline", "",
            "Paired two-sided test over the test cases (matched by reference file name); a case's value is its mean "
            "Dice over the foreground classes, averaged over the seeds both methods have. Difference = method − "
-           "baseline.", "",
-           markdown_table(["method", "budget", "seeds", "n pairs", "median difference", "p", "note"],
-                          [[w["method"], cell_text(w["budget"]), " ".join(map(cell_text, w["seeds"])) or "–",
-                            str(w["n_pairs"]), _fmt(w["median_difference"], "+.4f"), _fmt(w["p_value"], ".4g"),
-                            w["note"]] for w in wilcoxon]), "",
+           "baseline.", "", _wilcoxon_table(wilcoxon[main.label]), "",
            "## Figures", "", "![label efficiency](label_efficiency.png)", "",
            "![Bland-Altman EF](bland_altman_ef.png)"]
     if skipped:
         md += ["", "Not in label_efficiency.png (no number of training subjects): "
                + ", ".join(f"{m} budget {cell_text(b)}" for m, b in skipped) + "."]
-    md += ["", "## Runs", "", markdown_table(
-        ["method", "budget", "seed", "training subjects", "schedule", "TTA", "folder"],
-        [[r.method, cell_text(r.budget), cell_text(r.seed), cell_text(r.num_train_subjects),
-          _schedule_text(r.schedule), _tta_text(r.tta), r.folder] for r in runs])]
+    md += ["", "## Runs", "", _runs_table(main.runs)]
+    for e in others:
+        md += ["", f"## Experiment: {e.label}", "", *_intro(e), "", "### 3D Dice, mean over the foreground classes",
+               "", grid_table(e.groups, e.methods, e.budgets, lambda r: r.dice[MEAN], 3), "",
+               "### Wilcoxon signed-rank test against the baseline", "",
+               "Against this experiment's baseline, as above.", "", _wilcoxon_table(wilcoxon[e.label]), "",
+               "### Runs", "", _runs_table(e.runs)]
     return "\n".join(md) + "\n"
 
 
-def _write_tables(folder: str, runs: Sequence[Run], groups, classes, measures, wilcoxon) -> List[str]:
-    """dice.csv, summary.csv, clinical.csv and wilcoxon.csv in ``folder``; returns their paths."""
+def _write_tables(folder: str, experiments: Sequence[Experiment], classes, measures, wilcoxon) -> List[str]:
+    """dice.csv, summary.csv, clinical.csv and wilcoxon.csv in ``folder`` (each row with its experiment);
+    returns their paths."""
     stats = ("n", "mae", "bias", "sd", "loa_low", "loa_high")
+    runs = [r for e in experiments for r in e.runs]
     return [
-        write_csv(os.path.join(folder, "dice.csv"), ["method", "budget", "seed", "num_train_subjects", "class", "dice"],
-                  [[r.method, r.budget, r.seed, r.num_train_subjects, k, r.dice.get(k, NAN)]
+        write_csv(os.path.join(folder, "dice.csv"), ["experiment", "method", "budget", "seed", "num_train_subjects",
+                                                     "class", "dice"],
+                  [[r.experiment, r.method, r.budget, r.seed, r.num_train_subjects, k, r.dice.get(k, NAN)]
                    for r in runs for k in classes]),
-        write_csv(os.path.join(folder, "summary.csv"), ["method", "budget", "class", "n_seeds", "mean", "std"],
-                  [[m, b, k, *seed_stats([r.dice.get(k, NAN) for r in rs])]
-                   for (m, b), rs in groups.items() for k in classes]),
-        write_csv(os.path.join(folder, "clinical.csv"), ["method", "budget", "seed", "measure", *stats],
-                  [[r.method, r.budget, r.seed, m, *(r.clinical[m].get(s, NAN) for s in stats)]
+        write_csv(os.path.join(folder, "summary.csv"), ["experiment", "method", "budget", "class", "n_seeds", "mean",
+                                                        "std"],
+                  [[e.label, m, b, k, *seed_stats([r.dice.get(k, NAN) for r in rs])]
+                   for e in experiments for (m, b), rs in e.groups.items() for k in classes]),
+        write_csv(os.path.join(folder, "clinical.csv"), ["experiment", "method", "budget", "seed", "measure", *stats],
+                  [[r.experiment, r.method, r.budget, r.seed, m, *(r.clinical[m].get(s, NAN) for s in stats)]
                    for r in runs for m in measures if m in r.clinical]),
-        write_csv(os.path.join(folder, "wilcoxon.csv"), ["method", "budget", "seeds", "n_pairs", "median_difference",
-                                                         "p_value", "note"],
-                  [[w["method"], w["budget"], " ".join(map(cell_text, w["seeds"])), w["n_pairs"],
-                    w["median_difference"], w["p_value"], w["note"]] for w in wilcoxon])]
+        write_csv(os.path.join(folder, "wilcoxon.csv"), ["experiment", "method", "budget", "seeds", "n_pairs",
+                                                         "median_difference", "p_value", "note"],
+                  [[e.label, w["method"], w["budget"], " ".join(map(cell_text, w["seeds"])), w["n_pairs"],
+                    w["median_difference"], w["p_value"], w["note"]] for e in experiments for w in wilcoxon[e.label]])]
 
 
 def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
     """Writes report.md, dice.csv, summary.csv, clinical.csv, wilcoxon.csv, label_efficiency.png and
-    bland_altman_ef.png into ``out``; returns the main table (Markdown) and the paths written. The files are made in
-    a temporary folder and moved into ``out`` only when all of them are complete: a failure leaves ``out`` as it
-    was."""
+    bland_altman_ef.png into ``out``; returns the main table (Markdown) and the paths written. The main experiment
+    (see runs.experiment_label; the first when there is no main one) gets every table and the figures, each other
+    experiment its own section. The files are made in a temporary folder and moved into ``out`` only when all of
+    them are complete: a failure leaves ``out`` as it was."""
     from nnunet_ssp.evaluation.plots import plot_bland_altman, plot_label_efficiency
     runs = find_runs(results)
-    groups = group_runs(runs)
-    methods = sorted({r.method for r in runs}, key=method_sort_key)
-    budgets = sorted({r.budget for r in runs}, key=budget_sort_key)
+    main, *others = found = experiments(runs)
+    grid = (main.groups, main.methods, main.budgets)
     labels = {}
     for run in runs:
         for k, name in run.labels.items():
@@ -296,15 +326,14 @@ def write_report(results: Sequence[str], out: str) -> Tuple[str, List[str]]:
         raise SSPError(f"{out}: exists and is not a folder")
 
     def build(folder: str) -> Tuple[str, List[str]]:
-        main = grid_table(groups, methods, budgets, lambda r: r.dice[MEAN], 3)
-        wilcoxon = wilcoxon_rows(groups, methods, budgets)
-        series, skipped = label_efficiency_series(groups, methods, budgets)
-        markdown = _report_markdown(runs, groups, methods, budgets, labels, measures, main, wilcoxon, skipped)
+        main_table = grid_table(*grid, lambda r: r.dice[MEAN], 3)
+        wilcoxon = {e.label: wilcoxon_rows(e.groups, e.methods, e.budgets) for e in found}
+        series, skipped = label_efficiency_series(*grid)
+        markdown = _report_markdown(main, others, labels, measures, main_table, wilcoxon, skipped)
         written = [_write_text(os.path.join(folder, "report.md"), markdown)]
-        written += _write_tables(folder, runs, groups, [MEAN, *labels], measures, wilcoxon)
+        written += _write_tables(folder, found, [MEAN, *labels], measures, wilcoxon)
         written.append(plot_label_efficiency(series, os.path.join(folder, "label_efficiency.png")))
-        written.append(plot_bland_altman(bland_altman_panels(groups, methods, budgets),
-                                         os.path.join(folder, "bland_altman_ef.png")))
-        return main, written
+        written.append(plot_bland_altman(bland_altman_panels(*grid), os.path.join(folder, "bland_altman_ef.png")))
+        return main_table, written
 
     return build_files_into(out, build)

@@ -1,12 +1,16 @@
 """The runs a report is made of: every folder evaluated by ``nnunet_ssp evaluate`` (``ssp_evaluation.json`` next to
-nnU-Net's ``summary.json``), read into a :class:`Run` identified by (method row, budget, seed), and the report's
-orders of methods, budgets, labels and seeds."""
+nnU-Net's ``summary.json``), read into a :class:`Run` identified by (experiment, method row, budget, seed), and the
+report's orders of experiments, methods, budgets, labels and seeds.
+
+A run's experiment is named from what it was trained and tested on (its fold's ``train_vendors``/``train_phases``,
+its evaluation's ``vendors``/``phases``): "" for the main experiment (no filter), ``unseen phase: trained on ED,
+tested on ES``, ``unseen vendor: trained on A+B, tested on C+D``, else ``trained on …, tested on …``."""
 import json
 import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -37,6 +41,16 @@ class Run:
     subjects: Dict[str, Dict[str, Dict[str, float]]]  # subject -> reference/prediction -> measure -> value
     schedule: Optional[dict] = None             # the fine-tuning schedule the run recorded (name, epochs, ...)
     tta: Optional[bool] = None                  # whether its predictions used test-time augmentation
+    experiment: str = ""                        # "" for the main experiment, see experiment_label
+
+
+class Experiment(NamedTuple):
+    """The runs of one experiment, by (method, budget), with the methods and budgets in report order."""
+    label: str
+    runs: List[Run]
+    groups: Dict[Tuple[str, Budget], List[Run]]
+    methods: List[str]
+    budgets: List[Budget]
 
 
 def _num(value) -> float:
@@ -81,6 +95,24 @@ def seed_sort_key(seed: Optional[int]) -> Tuple:
     return (seed is None, seed or 0)
 
 
+def _condition(vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]) -> str:
+    """``A+B``, ``ED``, ``A+B ED``; ``all cases`` without a filter."""
+    return " ".join("+".join(v) for v in (vendors, phases) if v) or "all cases"
+
+
+def experiment_label(run: dict) -> str:
+    """The experiment of an evaluation's ``run`` record (see the module docstring)."""
+    train_vendors, train_phases, vendors, phases = (run.get(k) or None for k in ("train_vendors", "train_phases",
+                                                                                   "vendors", "phases"))
+    if not any((train_vendors, train_phases, vendors, phases)):
+        return ""
+    for kind, (trained, tested), others in (("phase", (train_phases, phases), (train_vendors, vendors)),
+                                            ("vendor", (train_vendors, vendors), (train_phases, phases))):
+        if trained and tested and not any(others) and not set(trained) & set(tested):
+            return f"unseen {kind}: trained on {'+'.join(trained)}, tested on {'+'.join(tested)}"
+    return f"trained on {_condition(train_vendors, train_phases)}, tested on {_condition(vendors, phases)}"
+
+
 def cell_text(value) -> str:
     """Budgets, seeds and subject counts in tables: "n/a" for None."""
     return "n/a" if value is None else str(value)
@@ -109,7 +141,7 @@ def load_run(folder: str) -> Run:
             seed=None if run["seed"] is None else int(run["seed"]),
             num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
             labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
-            schedule=run.get("schedule"), tta=run.get("tta"),
+            schedule=run.get("schedule"), tta=run.get("tta"), experiment=experiment_label(run),
             clinical={m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
                       for m, a in ev["clinical_agreement"].items()},
             subjects={s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}
@@ -132,7 +164,8 @@ def load_run(folder: str) -> Run:
 
 
 def find_runs(results: Sequence[str]) -> List[Run]:
-    """Every evaluated folder under the given folders (recursively), sorted by method, budget and seed."""
+    """Every evaluated folder under the given folders (recursively), sorted by experiment, method, budget and
+    seed."""
     folders, seen_paths = [], set()
     for root in results:
         if not os.path.isdir(root):
@@ -148,13 +181,19 @@ def find_runs(results: Sequence[str]) -> List[Run]:
     runs, seen = [], {}
     for folder in folders:
         run = load_run(folder)
-        key = (run.method, run.budget, run.seed)
+        key = (run.experiment, run.method, run.budget, run.seed)
         if key in seen:
-            raise SSPError(f"two evaluations of method {run.method}, budget {cell_text(run.budget)}, seed "
-                           f"{run.seed}: {seen[key]} and {folder}")
+            raise SSPError(f"two evaluations of method {run.method}, budget {cell_text(run.budget)}, seed {run.seed}"
+                           + (f" ({run.experiment})" if run.experiment else "") + f": {seen[key]} and {folder}")
         seen[key] = folder
         runs.append(run)
-    return sorted(runs, key=lambda r: (method_sort_key(r.method), budget_sort_key(r.budget), seed_sort_key(r.seed)))
+    return sorted(runs, key=lambda r: (experiment_sort_key(r.experiment), method_sort_key(r.method),
+                                       budget_sort_key(r.budget), seed_sort_key(r.seed)))
+
+
+def experiment_sort_key(label: str) -> Tuple:
+    """The main experiment ("") first, then the others alphabetically."""
+    return (label != "", label)
 
 
 def group_runs(runs: Sequence[Run]) -> Dict[Tuple[str, Budget], List[Run]]:
@@ -163,3 +202,13 @@ def group_runs(runs: Sequence[Run]) -> Dict[Tuple[str, Budget], List[Run]]:
     for run in runs:
         groups[(run.method, run.budget)].append(run)
     return dict(groups)
+
+
+def experiments(runs: Sequence[Run]) -> List[Experiment]:
+    """The runs' experiments in report order, each with its runs grouped (runs in report order)."""
+    found = []
+    for label in sorted({r.experiment for r in runs}, key=experiment_sort_key):
+        mine = [r for r in runs if r.experiment == label]
+        found.append(Experiment(label, mine, group_runs(mine), sorted({r.method for r in mine}, key=method_sort_key),
+                                sorted({r.budget for r in mine}, key=budget_sort_key)))
+    return found
