@@ -483,3 +483,15 @@ def test_parallel_runs_get_passive_openmp_threads_unless_the_user_sets_them(tmp_
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice wins
     execute([runs], str(tmp_path / "own"), jobs=jobs)
     assert all("policy ACTIVE" in open(tmp_path / "own" / f).read() for f in os.listdir(tmp_path / "own"))
+
+
+def test_mini_generalization_needs_the_mini_papers_pretraining(tmp_path):
+    """scripts/mini_generalization.sh reuses the mini-paper's checkpoints; without them it stops before any run (it
+    would otherwise pretrain with ssp_pretrain's full defaults on a CPU)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    result = run_cli(["bash", os.path.join(REPO, "scripts", "mini_generalization.sh"), "--dry-run"],
+                     dict(env, DEMO_DIR=str(tmp_path)), check=False)
+    checkpoint = tmp_path / "nnUNet_results" / "Dataset502_CinePhantom" / "ssp" / "mim__nnUNetPlans__2d" / \
+        "checkpoint_final.pth"
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == f"error: {checkpoint} not found; run bash scripts/mini_paper.sh first"
