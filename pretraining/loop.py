@@ -14,7 +14,7 @@ Distributed runs (torchrun, see :mod:`pretraining.distributed`): the model runs 
 rank on its block of every global batch of ``batch_size``; its BatchNorm layers (if any) normalise over the global
 batch. The logged losses and metrics are the ranks' means, the decisions (skip, stop) are taken on values all ranks
 agree on, a stop request is agreed at every step, and only rank 0 writes logs, plots, previews and checkpoints and
-runs the probe. Every rank resumes from the same state.
+runs the probes. Every rank resumes from the same state.
 """
 import itertools
 import math
@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -34,7 +34,7 @@ from nnunet_ssp.network import PlannedConfiguration
 from pretraining import distributed
 from pretraining.data.loader import make_loader
 from pretraining.methods.base import SSPMethod, Step
-from pretraining.probe import PositionPhaseProbe
+from pretraining.probe import Probe
 from pretraining.progress_log import ProgressLog
 from pretraining.state import (LATEST_CHECKPOINT, RESUMABLE_CHANGES, STATE_FORMAT, EpochProgress, StopRequest,
                                epoch_seed, load_state, rng_state, set_rng_state)
@@ -55,19 +55,19 @@ class _MethodLoss(torch.nn.Module):
 
 
 class Pretrainer:
-    """Runs ``method`` on ``dataset`` and writes logs, plots and checkpoints to ``output_folder``; ``probe`` (optional)
-    measures the encoder's embeddings after every epoch. In a distributed run (a process group is initialised) it
+    """Runs ``method`` on ``dataset`` and writes logs, plots and checkpoints to ``output_folder``; ``probes`` measure
+    the network after every epoch (k-NN, segmentation). In a distributed run (a process group is initialised) it
     trains under DDP, and only rank 0 writes or probes."""
 
     def __init__(self, method: SSPMethod, dataset, target: PlannedConfiguration, settings: "PretrainSettings",
-                 output_folder: str, data_summary: dict, probe: Optional[PositionPhaseProbe] = None):
+                 output_folder: str, data_summary: dict, probes: Sequence[Probe] = ()):
         if settings.world_size != distributed.world_size():
             raise ValueError(f"settings.world_size {settings.world_size}, but {distributed.world_size()} processes run")
         self.device = distributed.device(settings.device)
         if self.device.type != "cuda":  # the settings say what runs: bf16 autocast and channels_last are CUDA-only
             settings = replace(settings, precision="fp32", channels_last=False)
         self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
-        self.output_folder, self.data_summary, self.probe = output_folder, data_summary, probe
+        self.output_folder, self.data_summary, self.probes = output_folder, data_summary, tuple(probes)
         self.main = distributed.is_main()
         if self.main:
             try:
@@ -248,8 +248,8 @@ class Pretrainer:
         self.history["slices_per_s"].append(s.iters_per_epoch * s.batch_size / progress.seconds)
         self.history["epoch_time_s"].append(progress.seconds)
         metrics = {key: sum(values) / len(values) for key, values in progress.metrics.items()}
-        if self.probe is not None and self.main:
-            metrics.update(self.probe.evaluate(self.method.export_network(self.model)))
+        for probe in self.probes if self.main else ():
+            metrics.update(probe.evaluate(self.method.export_network(self.model)))
         for key, metric in metrics.items():
             self.history.setdefault(key, []).append(metric)
         described = "".join(f", {key} {metric:.4g}" for key, metric in metrics.items())

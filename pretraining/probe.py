@@ -6,13 +6,22 @@ features pooled to a 2x2 grid, as the embedding methods read them); each query t
 phase of its k most cosine-similar references. A representation that knows where in the heart and when in the cycle
 a slice is drives both errors below the chance level, whatever the method's own loss says.
 """
-from typing import Dict, Optional
+from typing import Dict, Optional, Protocol
 
 import numpy as np
 import torch
 
 from pretraining.data.views import augmentation, make_view
 from pretraining.heads import encoder_embedding
+
+
+class Probe(Protocol):
+    """What the loop runs after every epoch (rank 0 only): measures the frozen network, leaving it as it was.
+    Keys starting with ``probe_`` are plotted in progress.png; a reference line's key ends in ``_chance`` or
+    ``_random_init``."""
+
+    def evaluate(self, network: torch.nn.Module) -> Dict[str, float]:
+        ...
 
 
 class PositionPhaseProbe:

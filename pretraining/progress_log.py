@@ -1,8 +1,8 @@
 """A pretraining run's log (``training_log.txt``, also printed) and its ``progress.png``: loss and learning rate per
-epoch, and the probe's errors when there are any, as nnU-Net's trainers show theirs."""
+epoch, and each probe's values on its own axis (k-NN errors, segmentation Dice), as nnU-Net's trainers show theirs."""
 import os
 from datetime import datetime
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from tqdm import tqdm
 
@@ -30,14 +30,15 @@ class ProgressLog:
             raise write_error(self.log_file, e) from None
 
     def plot(self, history: Dict[str, List[float]]) -> None:
-        """progress.png of ``history`` (per-epoch lists: epoch, loss, lr and probe_* errors)."""
+        """progress.png of ``history`` (per-epoch lists: epoch, loss, lr and the probes' ``probe_*`` values, one axis
+        per probe, reference lines dashed)."""
         if not self.enabled:
             return
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        probe_keys = [k for k in history if k.startswith("probe_")]
-        fig, axes = plt.subplots(2 if probe_keys else 1, 1, figsize=(8, 8 if probe_keys else 4.5), squeeze=False)
+        panels = probe_panels(history)
+        fig, axes = plt.subplots(1 + len(panels), 1, figsize=(8, 4.5 + 3.5 * len(panels)), squeeze=False)
         loss_axis = axes[0, 0]
         loss_axis.plot(history["epoch"], history["loss"], "b-o", markersize=3, label="loss")
         loss_axis.set_xlabel("epoch")
@@ -46,16 +47,33 @@ class ProgressLog:
         lr_axis.plot(history["epoch"], history["lr"], "g--", label="learning rate")
         lr_axis.set_ylabel("learning rate")
         loss_axis.legend(loc="upper right")
-        if probe_keys:
-            probe_axis = axes[1, 0]
-            for key in probe_keys:
-                probe_axis.plot(history["epoch"], history[key], "--" if key.endswith("chance") else "-o",
-                                markersize=3, label=key[len("probe_"):])
-            probe_axis.set_xlabel("epoch")
-            probe_axis.set_ylabel("k-NN probe error (held-out subjects)")
-            probe_axis.legend(loc="upper right")
+        for axis, (label, keys) in zip(axes[1:, 0], panels):
+            for key in keys:
+                values = history[key]  # a probe switched on when a run was resumed covers its last epochs only
+                axis.plot(history["epoch"][len(history["epoch"]) - len(values):], values,
+                          "--" if key.endswith(REFERENCE_SUFFIXES) else "-o", markersize=3, label=key[len("probe_"):])
+            axis.set_xlabel("epoch")
+            axis.set_ylabel(label)
+            axis.legend(loc="best")
         fig.suptitle(self.title)
         fig.tight_layout()
         with atomic_path(os.path.join(self.output_folder, "progress.png")) as tmp:
             fig.savefig(tmp, format="png", dpi=90)
         plt.close(fig)
+
+
+#: keys of reference lines (drawn dashed): a k-NN probe's chance level, a probe of the randomly initialised network
+REFERENCE_SUFFIXES = ("_chance", "_random_init")
+#: (key prefix, axis label) of each probe's axis; a key goes to the first prefix it has
+PROBE_AXES = (("probe_seg_", "segmentation probe Dice, held out (up: better)"),
+              ("probe_", "k-NN probe error, held out (down: better)"))
+
+
+def probe_panels(history: Dict[str, List[float]]) -> List[Tuple[str, List[str]]]:
+    """(axis label, keys) of each probe in ``history`` that has values."""
+    panels = {label: [] for _, label in PROBE_AXES}
+    for key in history:
+        label = next((label for prefix, label in PROBE_AXES if key.startswith(prefix)), None)
+        if label is not None and history[key]:
+            panels[label].append(key)
+    return [(label, keys) for label, keys in panels.items() if keys]

@@ -101,12 +101,22 @@ def open_cache(target: PlannedConfiguration, sources, num_processes: int):
 
 
 def make_pretrainer(method: SSPMethod, target: PlannedConfiguration, cache, settings: PretrainSettings, output: str,
-                    probe_slices: int = 0):
-    """A Pretrainer of ``method`` on ``cache`` (its views, the cache's summary) writing to ``output``, with a k-NN
-    probe of ``probe_slices`` slices on rank 0 (0: none)."""
+                    probe_slices: int = 0, seg_probe: bool = False):
+    """A Pretrainer of ``method`` on ``cache`` (its views, the cache's summary) writing to ``output``, with probes on
+    rank 0: a k-NN probe of ``probe_slices`` slices (0: none) and, with ``seg_probe``, the segmentation probe when
+    the dataset has labelled training cases (its log says which, or why not)."""
     from pretraining.data.loader import SliceViewDataset
     from pretraining.loop import Pretrainer
     from pretraining.probe import make_probe
-    probe = make_probe(cache, method.patch_size, probe_slices, settings.seed) if distributed.is_main() else None
-    return Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
-                      data_summary=cache.summary(), probe=probe)
+    from pretraining.seg_probe import make_seg_probe
+    probes, note = [], None
+    if distributed.is_main():
+        probes.append(make_probe(cache, method.patch_size, probe_slices, settings.seed))
+        if seg_probe:
+            probe, note = make_seg_probe(target, method, settings.seed)
+            probes.append(probe)
+    trainer = Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
+                         data_summary=cache.summary(), probes=[p for p in probes if p is not None])
+    if note:
+        trainer.log(note)
+    return trainer
