@@ -36,7 +36,7 @@ def fault_point(point: str) -> None:
 
     Points: ``write:NAME`` (atomic write of a file named NAME: temporary file complete, not yet renamed),
     ``iteration:E:I`` (ssp_pretrain: optimizer step I of epoch E done), ``cache:subject:N`` (slice cache: subject N
-    written).
+    written), ``epoch_end:E`` (a plugin trainer: epoch E and its checkpoints done).
     """
     spec = os.environ.get(FAULT_ENV)
     if not spec:

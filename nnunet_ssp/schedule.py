@@ -10,7 +10,8 @@ skips nnU-Net's validation after training, which changes no test-set result.
 """
 import math
 import os
-from typing import Optional
+import re
+from typing import Optional, Tuple
 
 from nnunet_ssp.errors import SSPError
 
@@ -18,6 +19,8 @@ NUM_EPOCHS_ENV = "nnUNet_ssp_num_epochs"
 ITERS_PER_EPOCH_ENV = "nnUNet_ssp_iters_per_epoch"
 #: "1": the plugin's trainers skip nnU-Net's final validation (the protocol predicts the test set instead)
 SKIP_FINAL_VALIDATION_ENV = "nnUNet_ssp_skip_final_validation"
+#: every this many epochs the plugin's trainers write checkpoint_latest.pth (nnU-Net's default: 50); no result changes
+SAVE_EVERY_ENV = "nnUNet_ssp_save_every"
 NNUNET_EPOCHS = 1000
 NNUNET_ITERATIONS_PER_EPOCH = 250
 #: --schedule -> the trainer-name suffix of that schedule's trainers (trainers/ssp_trainers.py)
@@ -35,6 +38,20 @@ PRETRAINED_ONLY_RECIPES = (BASELINE_LR, ENCODER_ONLY, FREEZE_50_EPOCHS, FROZEN, 
 #: recipes that change only the trainers of methods that pretrain the decoder as well (MIM): loading the encoder
 #: alone is what the encoder methods do already
 DECODER_METHOD_RECIPES = (ENCODER_ONLY,)
+#: a seeded trainer is any plugin trainer's name plus ``_seed<K>`` (last): ``nnUNetTrainerBaseline_paperSchedule_seed0``
+SEED_SUFFIX = "_seed"
+_SEEDED_NAME = re.compile(rf"^(?P<base>.+){SEED_SUFFIX}(?P<seed>0|[1-9][0-9]*)$")
+
+
+def seeded_trainer_name(trainer: str, seed: Optional[int]) -> str:
+    """The trainer's seeded variant for training seed ``seed`` (None: the unseeded trainer itself)."""
+    return trainer if seed is None else f"{trainer}{SEED_SUFFIX}{int(seed)}"
+
+
+def split_training_seed(trainer: str) -> Tuple[str, Optional[int]]:
+    """(the unseeded trainer name, the training seed) of a trainer name; (name, None) for an unseeded one."""
+    match = _SEEDED_NAME.match(trainer)
+    return (match["base"], int(match["seed"])) if match else (trainer, None)
 
 
 def positive_int_from_env(name: str) -> Optional[int]:

@@ -1,8 +1,10 @@
 """Base classes of the plugin's nnU-Net trainers.
 
 - :class:`nnUNetTrainerBaseline`: stock nnU-Net training from random init (the from-scratch control), plus the
-  plugin's schedule knobs ``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch``; progress.png is drawn once
-  per 50 training iterations, not after every epoch, however short.
+  plugin's schedule knobs ``nnUNet_ssp_num_epochs`` and ``nnUNet_ssp_iters_per_epoch`` and ``nnUNet_ssp_save_every``
+  (checkpoint_latest.pth every so many epochs); progress.png is drawn once per 50 training iterations, not after
+  every epoch, however short. ``--c`` of a fold trained under another training seed is refused
+  (:mod:`trainers.seeding`).
 - :class:`nnUNetTrainerSSP`: the same, but at the start of a fresh run (epoch 0, not ``--c``) it finds, verifies
   and loads an SSP contract checkpoint into the network parts its method declares, and fine-tunes at lr 5e-3.
 - :class:`PaperScheduleMixin`: the paper's fine-tuning length (see :mod:`nnunet_ssp.schedule`), for any of them.
@@ -21,11 +23,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, SSP_INIT_FILE, default_checkpoint_folder,
                                    load_checkpoint, sha256_of_file, verify_checkpoint)
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.io import load_json_file, save_json_atomic
+from nnunet_ssp.io import atomic_path, fault_point, load_json_file, save_json_atomic
 from nnunet_ssp.network import PlannedConfiguration, load_parts, tensor_digests
-from nnunet_ssp.schedule import (ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, PAPER_RECIPE, SKIP_FINAL_VALIDATION_ENV,
-                                 paper_iterations_per_epoch, positive_int_from_env, shortened_epochs)
+from nnunet_ssp.schedule import (ITERS_PER_EPOCH_ENV, NUM_EPOCHS_ENV, PAPER_RECIPE, SAVE_EVERY_ENV,
+                                 SKIP_FINAL_VALIDATION_ENV, paper_iterations_per_epoch, positive_int_from_env,
+                                 shortened_epochs)
 from trainers.schedules import WarmupPolyLRScheduler
+from trainers.seeding import check_resumable
 
 SSP_INITIAL_LR = 5e-3  # the paper's fine-tuning recommendation (its baseline: 1e-2)
 SCRATCH_INITIAL_LR = 1e-2  # nnU-Net's and the paper's from-scratch lr
@@ -65,9 +69,18 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
     schedule_name = "nnunet"
     #: the fine-tuning recipe's name ("" = the paper's), recorded in every evaluation: it names the report's row
     recipe = ""
+    #: the training seed of the ``_seed<K>`` variants (trainers/seeding.py); None: nnU-Net's unseeded training
+    training_seed: Optional[int] = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        if plans["continue_training"] and nnUNet_results.is_set():  # refused before nnU-Net writes to the fold
+            folder = os.path.join(nnUNet_results.get(), plans["dataset_name"],
+                                  f"{type(self).__name__}__{plans['plans_name']}__{configuration}", f"fold_{fold}")
+            try:
+                check_resumable(folder, type(self).__name__, self.training_seed)
+            except SSPError as e:
+                raise _exit_with(e) from None
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net's own ratio of training to validation iterations (250 : 50), kept whatever sets the iterations
         self.validation_ratio = self.num_iterations_per_epoch / self.num_val_iterations_per_epoch
@@ -78,6 +91,7 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
             self.num_epochs = num_epochs
         if iters is not None:
             self.set_training_iterations(iters)
+        self.save_every = _positive_int_from_env(SAVE_EVERY_ENV) or self.save_every
         if num_epochs is not None or iters is not None:
             self.print_to_log_file(f"nnunet_ssp schedule from the environment: {self.num_epochs} epochs x "
                                    f"{self.num_iterations_per_epoch} iterations "
@@ -92,15 +106,27 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
         super().perform_actual_validation(save_probabilities)
 
     def on_epoch_end(self):
-        """nnU-Net's, with progress.png drawn only when due (:data:`PROGRESS_PLOT_ITERATIONS`)."""
+        """nnU-Net's, with progress.png drawn only when due (:data:`PROGRESS_PLOT_ITERATIONS`); then the test hook's
+        point ``epoch_end:E`` (epoch E's checkpoints written)."""
+        epoch = self.current_epoch
         every = math.ceil(PROGRESS_PLOT_ITERATIONS / self.num_iterations_per_epoch)
-        if (self.current_epoch + 1) % every == 0 or self.current_epoch == self.num_epochs - 1:
-            return super().on_epoch_end()
-        self.logger.plot_progress_png = lambda output_folder: None
-        try:
+        if (epoch + 1) % every == 0 or epoch == self.num_epochs - 1:
             super().on_epoch_end()
-        finally:
-            del self.logger.plot_progress_png  # the logger's own method again
+        else:
+            self.logger.plot_progress_png = lambda output_folder: None
+            try:
+                super().on_epoch_end()
+            finally:
+                del self.logger.plot_progress_png  # the logger's own method again
+        fault_point(f"epoch_end:{epoch}")
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written atomically: a run killed while saving leaves the previous file, never a torn
+        one that ``--c`` or the protocol would take for a finished run."""
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        with atomic_path(filename) as tmp:
+            super().save_checkpoint(tmp)
 
     def set_training_iterations(self, iterations: int) -> None:
         """Training iterations per epoch; validation iterations at nnU-Net's ratio (at least 1)."""

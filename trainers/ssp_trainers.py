@@ -17,14 +17,19 @@ method's checkpoint). Each comes in variants whose name says what changes, as nn
 
 e.g. ``nnUNetTrainerMIM_baselineLR_paperSchedule``, ``nnUNetTrainerPCL_frozen_paperSchedule``. A variant's
 ``recipe`` (``warmup``, ``frozen``; "" for the paper's) names its row in the report.
+
+Any of them plus ``_seed<K>`` (last) trains with training seed K, reproducibly (:mod:`trainers.seeding`), e.g.
+``nnUNetTrainerBaseline_seed0``; seeds are unbounded, so :func:`seeded_trainer` makes these classes on first use.
 """
 from itertools import product
 
 from nnunet_ssp.network import PARTS
 from nnunet_ssp.schedule import (BASELINE_LR, DECODER_METHOD_RECIPES, ENCODER_ONLY, FREEZE_50_EPOCHS, FROZEN,
-                                 PRETRAINED_ONLY_RECIPES, PRETRAINED_TENTH_LR, SCHEDULE_SUFFIX, WARMUP)
+                                 PRETRAINED_ONLY_RECIPES, PRETRAINED_TENTH_LR, SCHEDULE_SUFFIX, WARMUP,
+                                 split_training_seed)
 from trainers.base import (BaselineLRMixin, EncoderOnlyMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline,
                            nnUNetTrainerSSP)
+from trainers.seeding import SeededTrainingMixin
 from trainers.strategies import FreezePretrained50EpochsMixin, FrozenPretrainedMixin, PretrainedTenthLRMixin
 
 
@@ -89,3 +94,19 @@ def _define_variant(base: type, recipe: str, schedule_suffix: str) -> type:
 ALL_TRAINERS = BASE_TRAINERS + tuple(
     _define_variant(base, recipe, schedule) for base, recipe, schedule in product(BASE_TRAINERS, RECIPES, SCHEDULES)
     if (recipe or schedule) and _applies(base, recipe))
+
+
+def seeded_trainer(name: str) -> type:
+    """The trainer ``<trainer>_seed<K>`` of any trainer above: ``SeededTrainingMixin`` in front of it, training seed
+    K, defined in this module on first use (so nnU-Net's lookup by name and pickling find it); AttributeError for
+    any other name."""
+    base, seed = split_training_seed(name)
+    if seed is None or globals().get(base) not in ALL_TRAINERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in globals():
+        globals()[name] = type(name, (SeededTrainingMixin, globals()[base]), {
+            "__module__": __name__, "training_seed": seed, "__doc__": f"{base} with training seed {seed}."})
+    return globals()[name]
+
+
+__getattr__ = seeded_trainer  # PEP 562: the names that are not defined above
