@@ -1,5 +1,7 @@
-"""``nnunet_ssp report`` on hand-written evaluated folders: tables, CSV files, Wilcoxon tests, figures, errors."""
+"""``nnunet_ssp report`` on hand-written evaluated folders: tables, CSV files, Wilcoxon tests, figures, errors, run
+identity and pairing (the run-level statistics: test_statistics.py)."""
 import csv
+import itertools
 import json
 import os
 import shutil
@@ -16,10 +18,11 @@ from nnunet_ssp.evaluation.report import write_report
 LABELS = {"1": "LV blood pool", "2": "LV myocardium", "3": "RV blood pool"}
 MEASURES = ("lv_edv_ml", "lv_esv_ml", "lv_ef_pct", "rv_edv_ml", "rv_esv_ml", "rv_ef_pct", "lv_myo_mass_g")
 CASES = [f"ph{s:03d}_{p}" for s in range(1, 5) for p in ("ED", "ES")]
-# (method, budget as written, seed, training subjects, Dice offset): mim beats the baseline, dino has one seed,
-# "custom" (a method outside the paper) has a string budget "10" and no baseline to compare with.
+# (method, budget as written, seed, training subjects, Dice offset): mim beats the baseline, "custom" (a method outside
+# the paper) and its baseline have a string budget "10" and one seed; no training seed (files written before it was).
 RUNS = [(m, b, s, n, off) for m, off in (("baseline", 0.0), ("mim", 0.04)) for b, n in ((2, 2), ("all", 8))
-        for s in (0, 1)] + [("dino", 2, 0, 2, 0.02), ("custom", "10", 0, 10, 0.01)]
+        for s in (0, 1)] + [("dino", 2, s, 2, 0.02) for s in (0, 1)] + [(m, "10", 0, 10, off) for m, off in
+                                                                        (("baseline", 0.0), ("custom", 0.01))]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # schedule and TTA as evaluations record them; dino and custom stand for files written before they were recorded
 RECORDED = {method: {"schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": iterations,
@@ -27,12 +30,13 @@ RECORDED = {method: {"schedule": {"name": "paper", "num_epochs": 1000, "iteratio
             for method, iterations, lr in (("baseline", 3, 0.01), ("mim", 9, 0.005))}
 
 
-def _write_run(folder, method, budget, seed, num_train, offset, rng, filters=None):
+def _write_run(folder, method, budget, seed, num_train, offset, rng, filters=None, cases=CASES, training_seed=None):
     """A summary.json as nnU-Net writes it (NaN for a label absent in both) and a matching ssp_evaluation.json;
-    ``filters``: the run's train_vendors, train_phases, vendors, phases (files written before them had none)."""
+    ``filters``: the run's train_vendors, train_phases, vendors, phases (files written before them had none);
+    ``training_seed`` recorded only when given (files written before it had none)."""
     os.makedirs(folder)
     per_case = []
-    for i, case in enumerate(CASES):
+    for i, case in enumerate(cases):
         dice = {k: float(np.clip(rng.uniform(0.6, 0.9) + offset, 0, 1)) for k in LABELS}
         if i == 0:
             dice["3"] = float("nan")
@@ -52,9 +56,10 @@ def _write_run(folder, method, budget, seed, num_train, offset, rng, filters=Non
                   "run": {"dataset": "Dataset991_E2E", "trainer": f"nnUNetTrainer{method}", "method": method,
                           "fold": "5", "budget": budget, "seed": seed, "num_train_subjects": num_train,
                           "prediction_folder": folder, "reference_folder": "/ref", "vendors": None,
-                          **RECORDED.get(method, {}), **(filters or {})},
+                          **RECORDED.get(method, {}), **(filters or {}),
+                          **({} if training_seed is None else {"training_seed": training_seed})},
                   "dice_summary": "summary.json", "labels": LABELS,
-                  "hd95_per_case": {c: {k: 3.0 for k in LABELS} for c in CASES},
+                  "hd95_per_case": {c: {k: 3.0 for k in LABELS} for c in cases},
                   "hd95_mean": {"1": float(rng.uniform(2, 6)), "2": float(rng.uniform(2, 6)), "3": None},
                   "hd95_undefined": {"1": 0, "2": 0, "3": 1},
                   "clinical_per_subject": subjects, "clinical_agreement": agreement}
@@ -111,11 +116,12 @@ def _seeds(runs, method, budget):
 def test_main_and_class_tables(results):
     root, out, runs, (main, paths) = results
     text = (out / "report.md").read_text()
-    assert ("Fine-tuning schedule: not recorded (2 runs); paper (1000 epochs, 3–9 iterations per epoch). "
-            "Test-time augmentation: not recorded (2 runs), off (8 runs).") in text
+    assert ("Fine-tuning schedule: not recorded (3 runs); paper (1000 epochs, 3–9 iterations per epoch). "
+            "Test-time augmentation: not recorded (3 runs), off (9 runs).") in text
     _, run_rows = _table_after(text, "## Runs")
-    assert {tuple(r[4:6]) for r in run_rows if r[0] == "mim"} == {
-        ("paper (1000 epochs x 9 iterations, lr 0.005)", "off")}
+    assert {tuple(r[3:7]) for r in run_rows if r[0] == "mim"} == {
+        ("n/a", "2", "paper (1000 epochs x 9 iterations, lr 0.005)", "off"),
+        ("n/a", "8", "paper (1000 epochs x 9 iterations, lr 0.005)", "off")}  # no training seed recorded
     header, rows = _table_after(text, "## 3D Dice, mean over the foreground classes")
     assert main in text
     assert header == ["method", "2", "10", "all"]  # numbers ascending (the string "10" too), "all" last
@@ -133,20 +139,22 @@ def test_main_and_class_tables(results):
     hd = [runs[("baseline", "2", s)][1]["hd95_mean"]["1"] for s in (0, 1)]
     assert hd_rows[0][1] == f"{np.mean(hd):.2f} ± {np.std(hd, ddof=1):.2f} (n=2)"
     _, clinical_rows = _table_after(text, "## Clinical measures: prediction − reference")
-    assert [r[:3] for r in clinical_rows][:2] == [["baseline", "2", "2"], ["baseline", "all", "2"]]
+    assert [r[:3] for r in clinical_rows][:3] == [["baseline", "2", "2"], ["baseline", "10", "1"],
+                                                  ["baseline", "all", "2"]]
     mae = np.mean([runs[("baseline", "2", s)][1]["clinical_agreement"]["lv_ef_pct"]["mae"] for s in (0, 1)])
     assert clinical_rows[0][3 + MEASURES.index("lv_ef_pct")].startswith(f"{mae:.2f} / ")
     assert clinical_rows[0][3].endswith("[-4.50, 5.50]")  # LoA averaged over seeds 0 and 1
     assert sorted(os.path.basename(p) for p in paths) == sorted(
-        ["report.md", "dice.csv", "summary.csv", "clinical.csv", "wilcoxon.csv", "label_efficiency.png",
-         "bland_altman_ef.png"])
+        ["report.md", "dice.csv", "summary.csv", "clinical.csv", "run_level.csv", "wilcoxon.csv",
+         "label_efficiency.png", "differences.png", "bland_altman_ef.png"])
 
 
 def test_csv_files(results):
     _, out, runs, _ = results
     dice = _read_csv(out / "dice.csv")
-    assert list(dice[0]) == ["experiment", "method", "budget", "seed", "num_train_subjects", "class", "dice"]
-    assert {row["experiment"] for row in dice} == {""}
+    assert list(dice[0]) == ["experiment", "method", "budget", "seed", "training_seed", "num_train_subjects", "class",
+                             "dice"]
+    assert {(row["experiment"], row["training_seed"]) for row in dice} == {("", "")}
     assert len(dice) == len(RUNS) * 4
     for row in dice:
         summary = runs[(row["method"], row["budget"], int(row["seed"]))][0]
@@ -156,18 +164,18 @@ def test_csv_files(results):
     assert [r["num_train_subjects"] for r in dice if r["method"] == "mim" and r["class"] == "mean"] == ["2", "2",
                                                                                                         "8", "8"]
     summary_rows = _read_csv(out / "summary.csv")
-    assert list(summary_rows[0]) == ["experiment", "method", "budget", "class", "n_seeds", "mean", "std"]
-    assert len(summary_rows) == 6 * 4  # (method, budget) groups x classes
+    assert list(summary_rows[0]) == ["experiment", "method", "budget", "class", "n_runs", "mean", "std"]
+    assert len(summary_rows) == 7 * 4  # (method, budget) groups x classes
     for row in summary_rows:
         values = [runs[(row["method"], row["budget"], s)][0]
                   for s in _seeds(runs, row["method"], row["budget"])]
         values = [v["foreground_mean"]["Dice"] if row["class"] == "mean" else v["mean"][row["class"]]["Dice"]
                   for v in values]
-        assert int(row["n_seeds"]) == len(values) and float(row["mean"]) == pytest.approx(np.mean(values))
+        assert int(row["n_runs"]) == len(values) and float(row["mean"]) == pytest.approx(np.mean(values))
         assert (row["std"] == "") if len(values) == 1 else float(row["std"]) == pytest.approx(np.std(values, ddof=1))
     clinical = _read_csv(out / "clinical.csv")
-    assert list(clinical[0]) == ["experiment", "method", "budget", "seed", "measure", "n", "mae", "bias", "sd",
-                                 "loa_low", "loa_high"]
+    assert list(clinical[0]) == ["experiment", "method", "budget", "seed", "training_seed", "measure", "n", "mae",
+                                 "bias", "sd", "loa_low", "loa_high"]
     assert len(clinical) == len(RUNS) * len(MEASURES)
     for row in clinical:
         expected = runs[(row["method"], row["budget"], int(row["seed"]))][1]["clinical_agreement"][row["measure"]]
@@ -184,22 +192,23 @@ def test_wilcoxon_against_scipy(results):
 
     rows = {(r["method"], r["budget"]): r for r in _read_csv(out / "wilcoxon.csv")}
     assert list(rows) == [("dino", "2"), ("mim", "2"), ("mim", "all"), ("custom", "10")]
-    for (method, budget), seeds in {("mim", "2"): [0, 1], ("mim", "all"): [0, 1], ("dino", "2"): [0]}.items():
+    for (method, budget), seeds in {("mim", "2"): [0, 1], ("mim", "all"): [0, 1], ("dino", "2"): [0, 1],
+                                    ("custom", "10"): [0]}.items():
         a, b = case_means(method, budget, seeds), case_means("baseline", budget, seeds)
         row = rows[(method, budget)]
-        assert row["seeds"] == " ".join(map(str, seeds)) and int(row["n_pairs"]) == len(CASES)
+        assert row["seeds"] == " ".join(map(str, seeds)) and int(row["n_runs"]) == len(seeds)
+        assert int(row["n_pairs"]) == len(CASES) and row["note"] == ""
         assert float(row["median_difference"]) == pytest.approx(np.median(a - b))
-        assert float(row["p_value"]) == pytest.approx(wilcoxon(a, b).pvalue) and row["note"] == ""
+        assert float(row["p_value"]) == pytest.approx(wilcoxon(a, b).pvalue)
     assert float(rows[("mim", "2")]["p_value"]) < 0.05  # mim's +0.04 on every class
-    assert rows[("custom", "10")]["p_value"] == "" and rows[("custom", "10")]["note"] == "no baseline at this budget"
     text = (out / "report.md").read_text()
-    _, md_rows = _table_after(text, "## Wilcoxon signed-rank test against the baseline")
-    assert md_rows[-1] == ["custom", "10", "–", "0", "n/a", "n/a", "no baseline at this budget"]
+    _, md_rows = _table_after(text, "## Per-volume Wilcoxon test, given these trained networks")
+    assert md_rows[-1][:5] == ["custom", "10", "0", "1", "8"]
 
 
 def test_figures_are_png(results):
     _, out, _, _ = results
-    for name in ("label_efficiency.png", "bland_altman_ef.png"):
+    for name in ("label_efficiency.png", "differences.png", "bland_altman_ef.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
 
@@ -209,7 +218,7 @@ def test_cli_matches_function(results, tmp_path):
     cli_out = tmp_path / "cli"
     result = run_cli(["nnunet_ssp", "report", str(root), "-o", str(cli_out)], os.environ)
     assert main in result.stdout and str(cli_out / "wilcoxon.csv") in result.stdout
-    for name in ("report.md", "dice.csv", "summary.csv", "clinical.csv", "wilcoxon.csv"):
+    for name in ("report.md", "dice.csv", "summary.csv", "clinical.csv", "run_level.csv", "wilcoxon.csv"):
         assert (cli_out / name).read_bytes() == (out / name).read_bytes(), name
 
 
@@ -260,7 +269,8 @@ def test_a_failed_report_leaves_the_previous_one_untouched(results, tmp_path, mo
     shutil.copytree(out, previous)
     (previous / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in previous.iterdir()}
-    shutil.copytree(root / "mim", tmp_path / "results" / "mim")  # different runs: every file would change
+    for method in ("baseline", "mim"):  # different runs: every file would change
+        shutil.copytree(root / method, tmp_path / "results" / method)
     monkeypatch.setenv("NNUNET_SSP_FAULT", "write:bland_altman_ef.png=ENOSPC")
     with pytest.raises(SSPError, match=f"{previous / 'bland_altman_ef.png'}: cannot write"):
         write_report([str(tmp_path / "results")], str(previous))
@@ -324,8 +334,10 @@ def test_two_experiments_get_their_own_tables_and_tests(tmp_path):
         assert header == ["method", "2"] and [r[0] for r in rows] == ["baseline", "mim"]
         for method, cell in rows:
             assert cell == _expected_cell([runs[(experiment, method, s)][0]["foreground_mean"]["Dice"] for s in (0, 1)])
-    _, section_tests = _table_after(text[text.index(f"## Experiment: {UNSEEN_PHASE}"):],
-                                    "### Wilcoxon signed-rank test against the baseline")
+    section = text[text.index(f"## Experiment: {UNSEEN_PHASE}"):]
+    _, section_tests = _table_after(section, "### Per-volume Wilcoxon test, given these trained networks")
+    _, section_run_level = _table_after(section, "### Run-level comparison against the baseline")
+    assert [r[:5] for r in section_run_level] == [["mim", "2", "2", "1", "fold"]]
     assert [r[:3] for r in section_tests] == [["mim", "2", "0 1"]]
     tests = _read_csv(out / "wilcoxon.csv")
     assert [(r["experiment"], r["method"]) for r in tests] == [("", "mim"), (UNSEEN_PHASE, "mim")]
@@ -334,10 +346,41 @@ def test_two_experiments_get_their_own_tables_and_tests(tmp_path):
                       for c in CASES] for m in ("mim", "baseline"))
         assert float(row["p_value"]) == pytest.approx(wilcoxon(own, base).pvalue)
         assert float(row["median_difference"]) == pytest.approx(np.median(np.subtract(own, base)))
-    assert section_tests[0][5] == f"{float(tests[1]['p_value']):.4g}"
+    assert section_tests[0][6] == f"{float(tests[1]['p_value']):.4g}"
+    assert [(r["experiment"], r["method"]) for r in _read_csv(out / "run_level.csv")] == [("", "mim"),
+                                                                                          (UNSEEN_PHASE, "mim")]
     assert {r["experiment"] for r in _read_csv(out / "summary.csv")} == {"", UNSEEN_PHASE}
 
     only = tmp_path / "only"
     write_report([str(tmp_path / "results" / "unseen")], str(only))
     text = (only / "report.md").read_text()
     assert text.startswith(f"# nnunet_ssp report: {UNSEEN_PHASE}\n") and "## Experiment" not in text
+
+
+# ---------------------------------------------------------------------------------------------------- training seed
+def test_the_training_seed_is_the_trainer_classs_else_its_names(monkeypatch):
+    from nnunet_ssp.evaluation import evaluate
+    classes = {"nnUNetTrainerMIM_seed3": type("Seeded", (), {"training_seed": 7}),
+               "nnUNetTrainerBaseline_seed4": type("Plain", (), {}), "nnUNetTrainerBaseline": type("Plain", (), {}),
+               "nnUNetTrainerDINO_seed5": type("Unseeded", (), {"training_seed": None})}
+    monkeypatch.setattr(evaluate, "_trainer_class", classes.__getitem__)
+    assert {name: evaluate.training_seed_of_run(name) for name in classes} == {
+        "nnUNetTrainerMIM_seed3": 7, "nnUNetTrainerBaseline_seed4": 4, "nnUNetTrainerBaseline": None,
+        "nnUNetTrainerDINO_seed5": 5}
+
+
+def test_training_seeds_tell_repeats_apart(tmp_path):
+    """Runs of one fold with training seeds 0 and 1 are two repeats, not duplicates; the same training seed twice is
+    a duplicate named with it; a file without the key reads as unseeded."""
+    from nnunet_ssp.evaluation.runs import find_runs
+    rng = np.random.default_rng(2)
+    for method, training_seed in itertools.product(("baseline", "mim"), (0, 1)):
+        _write_run(str(tmp_path / "runs" / f"{method}{training_seed}"), method, 2, 0, 2, 0.0, rng,
+                   training_seed=training_seed)
+    _write_run(str(tmp_path / "old" / "baseline"), "baseline", 2, 0, 2, 0.0, rng)
+    runs = find_runs([str(tmp_path)])
+    assert [(r.method, r.training_seed) for r in runs] == [("baseline", 0), ("baseline", 1), ("baseline", None),
+                                                           ("mim", 0), ("mim", 1)]
+    shutil.copytree(tmp_path / "runs" / "mim1", tmp_path / "runs" / "again")
+    with pytest.raises(SSPError, match="two evaluations of method mim, budget 2, seed 0, training seed 1: "):
+        find_runs([str(tmp_path / "runs")])

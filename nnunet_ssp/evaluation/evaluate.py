@@ -24,6 +24,7 @@ from nnunet_ssp.fold_files import described_fold
 from nnunet_ssp.io import atomic_path, save_json_atomic
 from nnunet_ssp.network import preprocessed_dataset_folder
 from nnunet_ssp.raw_layout import SUBJECTS_TABLE, read_vendor_table
+from nnunet_ssp.schedule import split_training_seed
 from nnunet_ssp.splits import normalized_phases, phase_of_case, subject_of_case
 
 FORMAT = "nnunet_ssp.evaluation"
@@ -73,6 +74,13 @@ def schedule_of_run(fold_folder: Optional[str]) -> Optional[dict]:
                 "initial_lr": float(debug["initial_lr"])}
     except (KeyError, ValueError):
         raise SSPError(f"{path}: not nnU-Net's debug.json (no num_epochs, num_iterations_per_epoch, initial_lr)") from None
+
+
+def training_seed_of_run(trainer: str) -> Optional[int]:
+    """The run's training seed: the trainer class's ``training_seed``, else the ``_seed<K>`` ending its name; None
+    for an unseeded trainer."""
+    seed = getattr(_trainer_class(trainer), "training_seed", None)
+    return split_training_seed(trainer)[1] if seed is None else int(seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,14 +196,15 @@ def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str
               configuration: str, tta: Optional[bool], prediction_folder: str, reference_folder: str,
               vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]) -> dict:
     """The run's identity, method and schedule (what the run recorded), its fine-tuning recipe (the trainer class's;
-    "" for the paper's and for stock trainers), whether the predictions used test-time
-    augmentation (as the caller says; None: not said), the test cases' filter (``vendors``, ``phases``); budget,
-    seed, training subjects and their filter (``train_vendors``, ``train_phases``) from splits_ssp.json when it
-    describes the fold."""
+    "" for the paper's and for stock trainers) and training seed (:func:`training_seed_of_run`), whether the
+    predictions used test-time augmentation (as the caller says; None: not said), the test cases' filter
+    (``vendors``, ``phases``); budget, seed, training subjects and their filter (``train_vendors``,
+    ``train_phases``) from splits_ssp.json when it describes the fold."""
     described = described_fold(preprocessed_folder, fold) if fold is not None else {}
     fold_folder = results_fold_folder(dataset_name, trainer, plans_name, configuration, fold) if trainer else None
     return {"dataset": dataset_name, "trainer": trainer, "method": method_of_run(trainer, fold_folder) if trainer else None,
             "recipe": getattr(_trainer_class(trainer), "recipe", "") if trainer else None,
+            "training_seed": training_seed_of_run(trainer) if trainer else None,
             "fold": fold, "budget": described.get("budget"), "seed": described.get("seed"),
             "num_train_subjects": len(described["subjects"]) if "subjects" in described else None,
             "schedule": schedule_of_run(fold_folder), "tta": tta,

@@ -15,8 +15,8 @@ def _save(fig, path: str) -> str:
 
 
 def plot_label_efficiency(series: Dict[str, List[Tuple[float, float, float, float]]], path: str) -> str:
-    """Mean 3D Dice against labelled subjects (log x), one line per method, the seeds' min..max shaded.
-    ``series``: method -> [(x, mean, min, max)] sorted by x."""
+    """Mean 3D Dice against labelled subjects (log x), one line per method, its 95% interval as error bars and shaded
+    between budgets (none where it is NaN). ``series``: method -> [(x, mean, low, high)] sorted by x."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
@@ -24,9 +24,10 @@ def plot_label_efficiency(series: Dict[str, List[Tuple[float, float, float, floa
     for method, points in series.items():
         if not points:
             continue
-        x, mean, low, high = (np.array(v) for v in zip(*points))
-        line, = ax.plot(x, mean, marker="o", label=method)
-        ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        x, mean, low, high = (np.array(v, dtype=float) for v in zip(*points))
+        bars = ax.errorbar(x, mean, yerr=np.nan_to_num([mean - low, high - mean]), marker="o", capsize=3,
+                           label=method)
+        ax.fill_between(x, low, high, color=bars.lines[0].get_color(), alpha=0.2, linewidth=0)
     if xs:
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{x:g}" for x in xs])
@@ -34,8 +35,33 @@ def plot_label_efficiency(series: Dict[str, List[Tuple[float, float, float, floa
         ax.legend()
     ax.set_xlabel("labelled training subjects")
     ax.set_ylabel("3D Dice (foreground mean)")
-    ax.set_title("Label efficiency (band: min..max over seeds)")
+    ax.set_title("Label efficiency (band: 95% interval over folds)")
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_differences(panels: Sequence[Tuple[str, Sequence[Tuple[str, float, float, float]]]], path: str) -> str:
+    """Forest plot: one panel per (title, [(method, mean difference, 95% low, high)]), each method's mean
+    difference to the baseline with its interval (none where NaN) and a dashed zero line."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.5, 1.2 + 0.45 * sum(len(rows) + 1 for _, rows in panels)))
+    if not panels:
+        fig.text(0.5, 0.5, "no method to compare with the baseline", ha="center", va="center")
+        return _save(fig, path)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False,
+                        gridspec_kw={"height_ratios": [len(rows) for _, rows in panels]})[:, 0]
+    for ax, (title, rows) in zip(axes, panels):
+        methods, mean, low, high = zip(*rows)
+        y = np.arange(len(rows))[::-1]
+        mean, low, high = (np.asarray(v, dtype=float) for v in (mean, low, high))
+        ax.errorbar(mean, y, xerr=np.nan_to_num([mean - low, high - mean]), fmt="o", capsize=3)
+        ax.axvline(0, color="k", linestyle="--", linewidth=1)
+        ax.set_yticks(y, methods)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set_title(title, fontsize="medium")
+        ax.grid(axis="x", alpha=0.3)
+    axes[-1].set_xlabel("3D Dice difference to the baseline (mean, 95% interval)")
     fig.tight_layout()
     return _save(fig, path)
 

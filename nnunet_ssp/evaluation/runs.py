@@ -1,6 +1,8 @@
 """The runs a report is made of: every folder evaluated by ``nnunet_ssp evaluate`` (``ssp_evaluation.json`` next to
-nnU-Net's ``summary.json``), read into a :class:`Run` identified by (experiment, method row, budget, seed), and the
-report's orders of experiments, methods, budgets, labels and seeds.
+nnU-Net's ``summary.json``), read into a :class:`Run` identified by (experiment, method row, budget, seed, training
+seed), and the report's orders of experiments, methods, budgets, labels and seeds. The training seed tells repeats of
+a fold apart (None for an unseeded trainer, and in files written before it was recorded); :func:`run_pairs` pairs
+each run with its baseline run.
 
 A run's experiment is named from what it was trained and tested on (its fold's ``train_vendors``/``train_phases``,
 its evaluation's ``vendors``/``phases``): "" for the main experiment (no filter), ``unseen phase: trained on ED,
@@ -31,7 +33,8 @@ class Run:
     folder: str
     method: str                                 # the row: the method, with its recipe unless the paper's
     budget: Budget
-    seed: Optional[int]
+    seed: Optional[int]                         # the split seed that drew the fold's labelled subjects
+    training_seed: Optional[int]                # the fine-tuning's seed (repeats of a fold); None: unseeded
     num_train_subjects: Optional[int]
     labels: Dict[str, str]                      # label key -> class name
     dice: Dict[str, float]                      # MEAN and label key -> nnU-Net's 3D Dice
@@ -118,6 +121,13 @@ def cell_text(value) -> str:
     return "n/a" if value is None else str(value)
 
 
+def _draw_text(run: Run) -> str:
+    """"budget 2, seed 0", then ", training seed 1" when seeded and " (experiment)" outside the main one."""
+    return (f"budget {cell_text(run.budget)}, seed {run.seed}"
+            + (f", training seed {run.training_seed}" if run.training_seed is not None else "")
+            + (f" ({run.experiment})" if run.experiment else ""))
+
+
 def _load_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
@@ -139,6 +149,7 @@ def load_run(folder: str) -> Run:
         fields = dict(
             folder=folder, method=row_label(run["method"], run.get("recipe")), budget=_budget(run["budget"]),
             seed=None if run["seed"] is None else int(run["seed"]),
+            training_seed=None if run.get("training_seed") is None else int(run["training_seed"]),
             num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
             labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
             schedule=run.get("schedule"), tta=run.get("tta"), experiment=experiment_label(run),
@@ -164,8 +175,8 @@ def load_run(folder: str) -> Run:
 
 
 def find_runs(results: Sequence[str]) -> List[Run]:
-    """Every evaluated folder under the given folders (recursively), sorted by experiment, method, budget and
-    seed."""
+    """Every evaluated folder under the given folders (recursively), sorted by experiment, method, budget, seed and
+    training seed."""
     folders, seen_paths = [], set()
     for root in results:
         if not os.path.isdir(root):
@@ -181,14 +192,14 @@ def find_runs(results: Sequence[str]) -> List[Run]:
     runs, seen = [], {}
     for folder in folders:
         run = load_run(folder)
-        key = (run.experiment, run.method, run.budget, run.seed)
+        key = (run.experiment, run.method, run.budget, run.seed, run.training_seed)
         if key in seen:
-            raise SSPError(f"two evaluations of method {run.method}, budget {cell_text(run.budget)}, seed {run.seed}"
-                           + (f" ({run.experiment})" if run.experiment else "") + f": {seen[key]} and {folder}")
+            raise SSPError(f"two evaluations of method {run.method}, {_draw_text(run)}: {seen[key]} and {folder}")
         seen[key] = folder
         runs.append(run)
     return sorted(runs, key=lambda r: (experiment_sort_key(r.experiment), method_sort_key(r.method),
-                                       budget_sort_key(r.budget), seed_sort_key(r.seed)))
+                                       budget_sort_key(r.budget), seed_sort_key(r.seed),
+                                       seed_sort_key(r.training_seed)))
 
 
 def experiment_sort_key(label: str) -> Tuple:
@@ -197,7 +208,7 @@ def experiment_sort_key(label: str) -> Tuple:
 
 
 def group_runs(runs: Sequence[Run]) -> Dict[Tuple[str, Budget], List[Run]]:
-    """(method, budget) -> its runs (one per seed), in report order."""
+    """(method, budget) -> its runs (one per seed and training seed), in report order."""
     groups = defaultdict(list)
     for run in runs:
         groups[(run.method, run.budget)].append(run)
@@ -212,3 +223,28 @@ def experiments(runs: Sequence[Run]) -> List[Experiment]:
         found.append(Experiment(label, mine, group_runs(mine), sorted({r.method for r in mine}, key=method_sort_key),
                                 sorted({r.budget for r in mine}, key=budget_sort_key)))
     return found
+
+
+def _by_draw(runs: Sequence[Run]) -> Dict[Tuple[Optional[int], Optional[int]], Run]:
+    return {(r.seed, r.training_seed): r for r in runs}
+
+
+def run_pairs(experiment: Experiment) -> Dict[Tuple[str, Budget], List[Tuple[Run, Run]]]:
+    """(method, budget) -> [(run, its baseline run)] for every row but the baseline, in report order, matched by
+    (split seed, training seed). Every such run needs its baseline run and, at a budget where a method has runs,
+    every baseline run needs the method's: an SSPError names the first missing run."""
+    pairs = {}
+    for method in experiment.methods:
+        for budget in experiment.budgets:
+            if method == BASELINE or (method, budget) not in experiment.groups:
+                continue
+            own, base = (_by_draw(experiment.groups.get((m, budget), [])) for m in (method, BASELINE))
+            for have, lack, lacking in ((own, base, BASELINE), (base, own, method)):
+                missing = [run for key, run in have.items() if key not in lack]
+                if missing:
+                    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                    raise SSPError(f"unpaired runs: no {lacking} run of {_draw_text(missing[0])} to pair with "
+                                   f"{missing[0].folder}{more}; every comparison with the baseline needs both "
+                                   "trained on the same fold with the same training seed")
+            pairs[(method, budget)] = [(run, base[key]) for key, run in own.items()]
+    return pairs
