@@ -118,7 +118,8 @@ def _predict(args):
     evaluating each
 
     Predicts IMAGES with each --run in turn, in this one process, with nnU-Net's own predictor (as nnUNetv2_predict -npp
-    0 -nps 0: no worker pools; the same files). An output folder is complete once it holds plans.json, written last."""
+    0 -nps 0: no worker pools; the same files). Written last, ssp_model.json records the model that made the folder's
+    predictions: trainer, fold, training seed, the checkpoint's sha256, a digest of the fold's cases."""
     from nnunet_ssp.predict import PredictionRun, predict_runs, use_nnunet_threads
     if (args.vendors or args.phases) and not args.evaluate:
         raise SSPError(f"{'--vendors' if args.vendors else '--phases'}: only with --evaluate (it chooses the "
@@ -135,9 +136,18 @@ def _report(args):
     """paper-style tables, tests and figures from evaluated prediction folders
 
     Collects every folder evaluated by 'nnunet_ssp evaluate' under RESULTS and writes report.md, CSV files and figures
-    to OUT."""
-    from nnunet_ssp.evaluation.report import write_report
-    table, paths = write_report(args.results, args.output)
+    to OUT. Every run needs its baseline run (same fold, same training seed). --power prints instead what the design
+    can detect and how many folds a claim needs."""
+    from nnunet_ssp.evaluation.report import CLAIM_SIZE, POWER_REPEATS, power_table, write_report
+    claim_size = CLAIM_SIZE if args.claim_size is None else args.claim_size
+    if not claim_size > 0 or args.repeats and min(args.repeats) < 1:
+        raise SSPError("report: --claim-size must be above 0 and --repeats at least 1")
+    if args.power:
+        print(power_table(args.results, claim_size, args.repeats or POWER_REPEATS))
+        return
+    if not args.output:
+        raise SSPError("report: -o OUT is required (unless --power)")
+    table, paths = write_report(args.results, args.output, claim_size)
     print(table)
     print("\n".join(paths))
 
@@ -239,7 +249,8 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--save_probabilities", action="store_true", help="also write the class probabilities")
     p.add_argument("--not_on_device", action="store_true", help="keep the sliding window's results off the GPU")
     p.add_argument("--continue", dest="resume", action="store_true",
-                   help="skip runs whose folder is complete (and, with --evaluate, evaluated)")
+                   help="skip runs whose folder is complete and predicted by the same model (not retrained, fold "
+                        "not re-split; and, with --evaluate, evaluated)")
     p.add_argument("--evaluate", action="store_true",
                    help="evaluate each folder as 'nnunet_ssp evaluate OUT -d D -tr TRAINER -f FOLD -c C --tta ...'")
     p.add_argument("--reference", metavar="DIR", help="--evaluate's reference label maps (default: "
@@ -252,7 +263,14 @@ def _add_predict_parser(sub) -> None:
 def _add_report_parser(sub) -> None:
     p = _command(sub, "report", _report)
     p.add_argument("results", nargs="+", metavar="RESULTS", help="folders searched recursively")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder (created)")
+    p.add_argument("-o", "--output", metavar="OUT", help="output folder (created); required unless --power")
+    p.add_argument("--power", action="store_true",
+                   help="print, per experiment, method and budget, the difference the design detects at 80%% power "
+                        "and the folds a claim of --claim-size needs; writes nothing")
+    p.add_argument("--claim-size", type=float, metavar="D",
+                   help="the difference in 3D Dice a claim is sized for (default 0.05)")
+    p.add_argument("--repeats", type=int, nargs="+", metavar="R",
+                   help="--power: the training repeats per fold to size for (default 1 3 5)")
 
 
 def _add_merge_parser(sub) -> None:

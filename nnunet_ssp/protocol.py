@@ -2,9 +2,11 @@
 
 prepare   merge the converted datasets (when several), ``nnUNetv2_plan_and_preprocess``, ``nnunet_ssp splits``
 pretrain  ``ssp_pretrain --method M`` for each method
-finetune  for each (budget, seed) fold and each trainer (the baseline and one per method and recipe; methods not in
-          --every-budget at the smallest budget only) ``nnUNetv2_train``; then
-          ``nnunet_ssp predict --evaluate`` predicts imagesTs with every trained run and evaluates the predictions
+finetune  for each (budget, seed) fold, each training seed (--train-seeds) and each trainer (the baseline and one per
+          method and recipe; methods not in --every-budget at the smallest budget only) ``nnUNetv2_train`` of the
+          trainer's seeded variant (``<trainer>_seed<K>``; ``--train-seeds none``: the unseeded trainer), so the
+          baseline and every method of a fold train with the same seeds, paired; then ``nnunet_ssp predict
+          --evaluate`` predicts imagesTs with every trained run and evaluates the predictions
           (the files of ``nnUNetv2_predict`` and ``nnunet_ssp evaluate``), many runs per process: up to --jobs
           processes share the runs, since on a small test set a process per run starts up for as long as it predicts
 report    ``nnunet_ssp report`` over every evaluated prediction folder
@@ -14,11 +16,11 @@ they are evaluated on: the paper's, an unseen cardiac phase or unseen vendors. E
 output folder and report; pretraining is shared by all of them (the same ``ssp_pretrain`` runs and checkpoints).
 
 A run whose result exists is skipped (an interrupted training continues with ``--c``/``--continue``, ``nnunet_ssp
-predict --continue`` skips complete prediction folders), so re-running the same command resumes. ``--shard i/n``
-takes every n-th pretraining and fine-tuning run starting at i, so n machines split the work (each predicts the
-runs it trained); run ``--phase pretrain`` on every shard before ``--phase finetune``, and ``--phase report``
-once at the end. ``--dry-run`` prints the plan and writes nothing. Each command's output goes to a log file under
-the output folder.
+predict --continue`` skips prediction folders complete for the same model: a retrained run is predicted again), so
+re-running the same command resumes. ``--shard i/n`` takes every n-th pretraining and fine-tuning run (training
+seeds included) starting at i, so n machines split the work (each predicts the runs it trained); run ``--phase
+pretrain`` on every shard before ``--phase finetune``, and ``--phase report`` once at the end. ``--dry-run`` prints
+the plan and writes nothing. Each command's output goes to a log file under the output folder.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import os
 import shlex
 import sys
 from collections import Counter
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError, run_command
@@ -34,7 +36,7 @@ from nnunet_ssp.experiments import PaperExperiment, add_experiment_arguments, ex
 from nnunet_ssp.raw_layout import SUBJECTS_TABLE
 from nnunet_ssp.runner import Command, Run, execute, file_exists, print_plan
 from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
-                                 SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV)
+                                 SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV, seeded_trainer_name, split_training_seed)
 
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
@@ -52,11 +54,25 @@ def parse_shard(text: str):
     return index, count
 
 
+def parse_training_seeds(values: Sequence[str]) -> List[Optional[int]]:
+    """--train-seeds: distinct non-negative integers, or ``none`` alone ([None]: nnU-Net's unseeded trainers)."""
+    if list(values) == ["none"]:
+        return [None]
+    if not all(v.isdigit() for v in values) or len({int(v) for v in values}) < len(values):
+        raise SSPError(f"--train-seeds {' '.join(values)}: expected distinct non-negative integers, or none alone")
+    return [int(v) for v in values]
+
+
+def _training_seed_text(seed: Optional[int]) -> str:
+    return "unseeded training" if seed is None else f"training seed {seed}"
+
+
 class Protocol:
     """Builds the runs of the protocol for one (merged) dataset from the parsed arguments."""
 
     def __init__(self, args):
         self.args = args
+        self.training_seeds = parse_training_seeds(args.train_seeds)
         self.raw_root = nnunet_path("nnUNet_raw")
         self.preprocessed_root = nnunet_path("nnUNet_preprocessed")
         self.results_root = nnunet_path("nnUNet_results")
@@ -79,19 +95,24 @@ class Protocol:
         if outside:
             raise SSPError(f"--every-budget {' '.join(outside)}: not one of --methods {' '.join(self.methods)}")
         schedule = SCHEDULE_SUFFIX[args.schedule]
-        self.method_of_trainer, self.trainers = {}, []
+        self.method_of_trainer, trainers = {}, []  # by unseeded trainer name
         for recipe in args.recipes:
             name = "" if recipe == PAPER_RECIPE else f"_{recipe}"
             # a recipe that changes nothing for the baseline is compared with the paper's baseline
             baseline = BASELINE_TRAINER + ("" if recipe in PRETRAINED_ONLY_RECIPES else name) + schedule
-            if baseline not in self.trainers:
-                self.trainers.append(baseline)
+            if baseline not in trainers:
+                trainers.append(baseline)
             for method in self.methods:
                 if recipe in DECODER_METHOD_RECIPES and not loads_decoder(TRAINER_OF_METHOD[method]):
                     continue  # the encoder methods load the encoder alone anyway
                 trainer = TRAINER_OF_METHOD[method].__name__ + name + schedule
                 self.method_of_trainer[trainer] = method
-                self.trainers.append(trainer)
+                trainers.append(trainer)
+        self.trainers = [seeded_trainer_name(trainer, seed) for seed in self.training_seeds for trainer in trainers]
+
+    def method_of(self, trainer: str) -> Optional[str]:
+        """The method whose checkpoint a (seeded or unseeded) trainer fine-tunes from; None for the baseline."""
+        return self.method_of_trainer.get(split_training_seed(trainer)[0])
 
     # ------------------------------------------------------------------ dataset and folds
     def _target_dataset(self):
@@ -166,7 +187,7 @@ class Protocol:
         as nnUNet_ssp_checkpoint (one stale export would otherwise give every trainer the same file); nnU-Net's
         final validation is skipped, since the protocol predicts and evaluates the test set."""
         from nnunet_ssp.checkpoint import CHECKPOINT_ENV, FINAL_CHECKPOINT
-        method = self.method_of_trainer.get(trainer)
+        method = self.method_of(trainer)
         checkpoint = {CHECKPOINT_ENV: os.path.join(self.ssp_folder(method), FINAL_CHECKPOINT)} if method else {}
         return {SKIP_FINAL_VALIDATION_ENV: "1", **checkpoint}
 
@@ -174,13 +195,13 @@ class Protocol:
         return os.path.join(self.output, "predictions", trainer, f"fold_{fold}")
 
     def finetune_pairs(self) -> List[Tuple[dict, str]]:
-        """(fold, trainer) of every fine-tuning run, fold by fold: the baseline and the --every-budget methods at
-        every budget, the other methods at the smallest budget only."""
+        """(fold, seeded trainer) of every fine-tuning run, fold by fold and training seed by training seed: the
+        baseline and the --every-budget methods at every budget, the other methods at the smallest budget only."""
         folds = self.folds()
         smallest = min((fold["budget"] for fold in folds), key=_budget_order, default=None)
         everywhere = (None, *self.every_budget_methods)  # None: the baseline, which is no method's trainer
         return [(fold, trainer) for fold in folds for trainer in self.trainers
-                if fold["budget"] == smallest or self.method_of_trainer.get(trainer) in everywhere]
+                if fold["budget"] == smallest or self.method_of(trainer) in everywhere]
 
     def training_run(self, fold: dict, trainer: str) -> Run:
         a, index = self.args, str(fold["fold"])
@@ -190,11 +211,14 @@ class Protocol:
                          "-device", a.device], file_exists(results, "checkpoint_final.pth"),
                         resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
                         env=self.training_env(trainer))
-        return Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']})", [train])
+        seed_text = _training_seed_text(split_training_seed(trainer)[1])
+        return Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']}, {seed_text})",
+                   [train])
 
     def prediction_runs(self, pairs: Sequence[Tuple[dict, str]]) -> List[Run]:
         """The trained runs' predictions of imagesTs and their evaluation: the runs dealt out to up to --jobs
-        ``nnunet_ssp predict`` processes; one is done when each of its runs is predicted and evaluated."""
+        ``nnunet_ssp predict`` processes; one is done when each of its runs is predicted by its current model and
+        evaluated."""
         from nnunet_ssp.evaluation.evaluate import OUTPUT_FILE
         from nnunet_ssp.predict import prediction_complete
         a = self.args
@@ -210,12 +234,24 @@ class Protocol:
                        "--evaluate", *test_filter, "-np", str(a.num_processes)]
             for (fold, trainer), folder in zip(mine, folders):
                 command += ["--run", trainer, str(fold["fold"]), folder]
-            done = lambda folders=folders: all(prediction_complete(f, test_cases, ".nii.gz")
-                                               and os.path.isfile(os.path.join(f, OUTPUT_FILE)) for f in folders)
+            done = lambda mine=mine, folders=folders: all(
+                prediction_complete(f, test_cases, ".nii.gz", self.model_identity(trainer, fold["fold"]))
+                and os.path.isfile(os.path.join(f, OUTPUT_FILE)) for (fold, trainer), f in zip(mine, folders))
             runs.append(Run("finetune", f"predict and evaluate {len(mine)} runs"
                             + (f" (process {worker + 1}/{workers})" if workers > 1 else ""),
                             [Command(command + a.predict_args, done)]))
         return runs
+
+    def model_identity(self, trainer: str, fold: int) -> dict:
+        """The record of the trained run that ``nnunet_ssp predict`` writes into its prediction folder (its checkpoint:
+        -chk of --predict-args, else checkpoint_final.pth)."""
+        from nnunetv2.utilities.file_path_utilities import get_output_folder
+        from nnunet_ssp.predict import model_identity
+        a = self.args
+        checkpoint = a.predict_args[a.predict_args.index("-chk") + 1] if "-chk" in a.predict_args \
+            else "checkpoint_final.pth"
+        return model_identity(get_output_folder(self.dataset_name, trainer, a.plans, a.configuration), trainer, fold,
+                              checkpoint, self.preprocessed)
 
     def test_filter(self) -> List[str]:
         """The experiment's ``nnunet_ssp predict --evaluate`` arguments that choose the evaluated test cases; a dry run
@@ -250,7 +286,9 @@ class Protocol:
                 totals[schedule] += iterations * runs_of_fold[planned["fold"]]
             lines.append(f"  budget {described['budget']}, seed {described['seed']}: {slices} labelled slices -> "
                          + ", ".join(f"{s} {n:,}" for s, n in per_run.items()))
-        lines.append(f"all {sum(runs_of_fold.values())} fine-tuning runs: "
+        seeds = ("training seeds " + " ".join(map(str, self.training_seeds)) if len(self.training_seeds) > 1
+                 else _training_seed_text(self.training_seeds[0]))
+        lines.append(f"all {sum(runs_of_fold.values())} fine-tuning runs ({seeds}): "
                      + ", ".join(f"{s} {n:,}" for s, n in totals.items())
                      + f" iterations; this plan runs --schedule {self.args.schedule}"
                      + ("" if epochs == NNUNET_EPOCHS else " (epochs from nnUNet_ssp_num_epochs)"))
@@ -322,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+",
                    help="labelled subjects per fold (default: the paper's 10 15 25 50 all; not for unseen-vendor)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="subset seeds (default 0 1 2)")
+    p.add_argument("--train-seeds", nargs="+", default=["0"], metavar="K",
+                   help="training seeds (default 0): each fold's baseline and methods fine-tune once per seed, with "
+                        "the seeded trainers (<trainer>_seed<K>: reproducible, paired); 'none': nnU-Net's unseeded "
+                        "trainers, once")
     p.add_argument("--val", type=int, help="validation subjects (default: 20%%)")
     p.add_argument("--splits-yaml", nargs="+", metavar="FILE",
                    help="the paper's split YAML files instead of sampled budgets")

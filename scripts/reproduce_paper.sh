@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces the paper's protocol with the stock commands on converted datasets (GPU scale, real data):
 #   merge (several datasets) -> nnUNetv2_plan_and_preprocess -> nnunet_ssp splits -> ssp_pretrain (4 methods)
-#   -> for each budget x seed x {baseline, 4 methods}: nnUNetv2_train; then nnunet_ssp predict --evaluate (imagesTs,
-#      many trained runs per process)
+#   -> for each budget x split seed x training seed (--train-seeds, default 0) x {baseline, 4 methods}: nnUNetv2_train
+#      of the seeded trainer (<trainer>_seed<K>; --train-seeds none: nnU-Net's unseeded ones); then nnunet_ssp predict
+#      --evaluate (imagesTs, many trained runs per process)
 #   -> nnunet_ssp report.
 # Resumable (finished runs are skipped), shardable (--shard i/n), --dry-run prints the plan.
 # --experiment unseen-phase [--train-phase ED] / unseen-vendor --train-vendors A B: fine-tune on one phase or some

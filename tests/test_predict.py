@@ -1,6 +1,7 @@
 """``nnunet_ssp predict`` on the tiny phantom (conftest.phantom_workspace) with a model trained by the stock CLI: its
-folders hold nnUNetv2_predict's files, voxel for voxel, and their evaluation; ``--continue`` skips them; a run that
-was not trained fails in one line before anything is written; a failure while predicting leaves no output folder."""
+folders hold nnUNetv2_predict's files, voxel for voxel, and their evaluation; ``--continue`` skips them while they
+record the current model, and predicts again once the checkpoint changed; a run that was not trained fails in one line
+before anything is written; a failure while predicting leaves no output folder."""
 import json
 import os
 import shutil
@@ -45,7 +46,8 @@ def test_predictions_equal_nnunetv2_predicts_and_continue_skips_them(trained, tm
     assert len(cases) == len(os.listdir(images)) == 2
     labels = set()
     for folder in ours:
-        assert sorted(os.listdir(folder)) == sorted(os.listdir(stock) + ["summary.json", "ssp_evaluation.json"])
+        assert sorted(os.listdir(folder)) == sorted(os.listdir(stock) + ["summary.json", "ssp_evaluation.json",
+                                                                         "ssp_model.json"])
         for case in cases:
             expected, got = sitk.ReadImage(os.path.join(stock, case)), sitk.ReadImage(os.path.join(folder, case))
             assert np.array_equal(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected)), case
@@ -77,6 +79,54 @@ def test_predictions_equal_nnunetv2_predicts_and_continue_skips_them(trained, tm
     assert [os.path.basename(c["reference_file"]) for c in summary["metric_per_case"]] == [
         c for c in cases if c.endswith("_ES.nii.gz")]
     assert json.load(open(os.path.join(ours[0], "ssp_evaluation.json")))["run"]["phases"] == ["ES"]
+
+
+def test_continue_predicts_again_when_the_model_changed(trained, tmp_path):
+    """A complete folder records its model (trainer, fold, the checkpoint's sha256, ...): --continue predicts and
+    evaluates it again once the checkpoint changed (a retrained run)."""
+    import torch
+    from nnunet_ssp.checkpoint import sha256_of_file
+    env, images = trained
+    folder = str(tmp_path / "out")
+    run_args = ["--run", TRAINER, FOLD, folder, "--evaluate", "--continue", "-np", "1"]
+    _predict(env, images, *run_args)
+    checkpoint = os.path.join(env["nnUNet_results"], DATASET, f"{TRAINER}__nnUNetPlans__2d", f"fold_{FOLD}",
+                              "checkpoint_final.pth")
+    record = json.load(open(os.path.join(folder, "ssp_model.json")))
+    assert {k: v for k, v in record.items() if k != "fold_sha256"} == {
+        "trainer": TRAINER, "fold": FOLD, "training_seed": None, "checkpoint": "checkpoint_final.pth",
+        "checkpoint_sha256": sha256_of_file(checkpoint)}
+    before = _snapshot(folder)
+
+    original = open(checkpoint, "rb").read()
+    try:  # the same weights in another file: as a retrained run's, its predictions are not the folder's any more
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        torch.save({**state, "retrained": True}, checkpoint)
+        again = _predict(env, images, *run_args)
+        assert f"{folder} holds another model's predictions (retrained or re-split fold); predicting again" in \
+            again.stdout and "2 cases predicted in" in again.stdout and "Dice" in again.stdout
+        assert json.load(open(os.path.join(folder, "ssp_model.json")))["checkpoint_sha256"] == sha256_of_file(
+            checkpoint) != record["checkpoint_sha256"]
+        assert all(os.path.getmtime(os.path.join(folder, name)) > mtime for name, mtime in before)
+    finally:
+        open(checkpoint, "wb").write(original)
+
+
+def test_a_re_split_fold_changes_the_model_record(tmp_path):
+    """The record holds a digest of the fold's entry in splits_final.json and its description in splits_ssp.json."""
+    from nnunet_ssp.predict import model_identity
+    preprocessed = tmp_path / "Dataset001_X"
+    preprocessed.mkdir()
+    splits = [{"train": ["a", "b"], "val": ["c"]}, {"train": ["a"], "val": ["c"]}]
+    (preprocessed / "splits_final.json").write_text(json.dumps(splits))
+    def identity():
+        return model_identity(str(tmp_path / "model"), TRAINER + "_seed2", 1, "checkpoint_final.pth", str(preprocessed))
+    first = identity()
+    assert first["training_seed"] == 2 and first["checkpoint_sha256"] is None and first["fold"] == "1"
+    (preprocessed / "splits_final.json").write_text(json.dumps(splits + [{"train": ["d"], "val": ["c"]}]))
+    assert identity() == first  # another fold's change is not this one's
+    (preprocessed / "splits_final.json").write_text(json.dumps([splits[0], {"train": ["b"], "val": ["c"]}]))
+    assert identity()["fold_sha256"] != first["fold_sha256"]
 
 
 def test_an_untrained_run_or_a_failed_prediction_leaves_no_output(trained, tmp_path):

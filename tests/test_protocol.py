@@ -1,16 +1,23 @@
-"""``scripts/reproduce_paper.sh``: the plan of a converted toy dataset (dry run, shards, the unseen-phase and
-unseen-vendor experiments), and a two-budget, one-seed miniature of the whole protocol through the stock CLIs and
-``nnunet_ssp predict`` to ``nnunet_ssp report``, whose table must hold the values of the underlying ``summary.json``
-files; a second invocation must find every run done but the one whose evaluation was removed. The two experiments then
-run on the miniature's dataset: their folds join the paper's, pretraining is reused, and only the other phase's or
-the other vendors' test cases are evaluated."""
+"""``scripts/reproduce_paper.sh``: the plan of a converted toy dataset (dry run, training seeds, shards, the
+unseen-phase and unseen-vendor experiments), and a two-budget, one-split-seed, two-training-seed miniature of the whole
+protocol through the stock CLIs and ``nnunet_ssp predict`` to ``nnunet_ssp report``, whose table must hold the values
+of the underlying ``summary.json`` files; a second invocation must find every run done but the one whose evaluation
+was removed, and one killed while fine-tuning must resume to the same report. The two experiments then run on the
+miniature's dataset: their folds join the paper's, pretraining is reused, and only the other phase's or the other
+vendors' test cases are evaluated."""
 import csv
 import glob
+import itertools
 import json
 import math
 import os
 import re
+import shutil
+import signal
+import subprocess
+import time
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -74,15 +81,17 @@ def test_dry_run_lists_every_run_and_writes_nothing(toy_env):
     trainers = ("nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
                 "nnUNetTrainerMIM")
     folds = [(s, b) for s in (0, 1) for b in ("2", "4", "all")]
-    expected = [f"{t}_paperSchedule fold {fold} (budget {b}, seed {s})"  # the paper's schedule by default
+    # the paper's schedule and training seed 0 by default
+    expected = [f"{t}_paperSchedule_seed0 fold {fold} (budget {b}, seed {s}, training seed 0)"
                 for fold, (s, b) in enumerate(folds) for t in trainers]
     assert finetune == expected + ["predict and evaluate 30 runs"]  # budgets x seeds x (baseline + 4 methods)
     assert [phase for phase, _ in runs][-1] == "report"
-    assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerBaseline_paperSchedule -p nnUNetPlans -device cuda" in result.stdout
+    assert ("nnUNetv2_train 641 2d 0 -tr nnUNetTrainerBaseline_paperSchedule_seed0 -p nnUNetPlans -device cuda"
+            in result.stdout)
     # then every trained run predicts the test images, without TTA, and is evaluated, all in one process
     predictions = os.path.join(env["nnUNet_results"], "Dataset641_Test", "ssp_protocol", "predictions")
-    assert _predicted(result.stdout) == [[(f"{t}_paperSchedule", str(fold), os.path.join(
-        predictions, f"{t}_paperSchedule", f"fold_{fold}")) for fold in range(6) for t in trainers]]
+    assert _predicted(result.stdout) == [[(f"{t}_paperSchedule_seed0", str(fold), os.path.join(
+        predictions, f"{t}_paperSchedule_seed0", f"fold_{fold}")) for fold in range(6) for t in trainers]]
     assert (f"nnunet_ssp predict -i {os.path.join(env['nnUNet_raw'], 'Dataset641_Test', 'imagesTs')} -d 641 -c 2d "
             f"-p nnUNetPlans -device cuda --disable_tta --continue --evaluate -np 2 --run ") in result.stdout
     assert "nnUNetv2_predict" not in result.stdout and "ssp_pretrain -d 641 --method mim" in result.stdout
@@ -107,20 +116,20 @@ def test_dry_run_lists_every_run_and_writes_nothing(toy_env):
         assert (f"  budget {budget}, seed {seed}: {n} labelled slices -> paper {math.ceil(n / 32) * 1000:,}, "
                 f"nnunet 250,000") in result.stdout
     total = sum(math.ceil(n / 32) * 1000 for n in slices) * 5
-    assert (f"all 30 fine-tuning runs: paper {total:,}, nnunet {30 * 250_000:,} iterations; this plan runs "
-            f"--schedule paper") in result.stdout
+    assert (f"all 30 fine-tuning runs (training seed 0): paper {total:,}, nnunet {30 * 250_000:,} iterations; this "
+            f"plan runs --schedule paper") in result.stdout
 
 
 def test_schedule_and_tta_switch(toy_env):
     tmp, env = toy_env
     result = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "mim",
                        "--schedule", "nnunet", "--tta", "--dry-run")
-    assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerMIM -p nnUNetPlans -device cuda" in result.stdout
+    assert "nnUNetv2_train 641 2d 0 -tr nnUNetTrainerMIM_seed0 -p nnUNetPlans -device cuda" in result.stdout
     assert "_paperSchedule" not in result.stdout and "--disable_tta" not in result.stdout
     assert len(_predicted(result.stdout)[0]) == 2 and "this plan runs --schedule nnunet" in result.stdout
     recipes = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "mim", "dino",
                         "--recipes", "paper", "baselineLR", "warmup", "baselineLR_encoderOnly", "--dry-run")
-    assert [name.split(" fold")[0] for phase, name in _trained(recipes.stdout) if phase == "finetune"] == [
+    assert [name.split("_seed0 fold")[0] for phase, name in _trained(recipes.stdout) if phase == "finetune"] == [
         "nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule", "nnUNetTrainerDINO_paperSchedule",
         # the baseline has the scratch lr already
         "nnUNetTrainerMIM_baselineLR_paperSchedule", "nnUNetTrainerDINO_baselineLR_paperSchedule",
@@ -137,10 +146,11 @@ def test_every_budget_methods_recipe_controls_and_per_method_pretraining_argumen
     # fold 0 is budget 4, fold 1 budget 2 (the smallest): DINO fine-tunes there only; a recipe that leaves the
     # baseline unchanged is compared with the paper's baseline
     assert [name.split(" (")[0] for phase, name in _trained(result.stdout) if phase == "finetune"] == [
-        "nnUNetTrainerBaseline_paperSchedule fold 0", "nnUNetTrainerMIM_baselineLR_paperSchedule fold 0",
-        "nnUNetTrainerBaseline_paperSchedule fold 1", "nnUNetTrainerDINO_baselineLR_paperSchedule fold 1",
-        "nnUNetTrainerMIM_baselineLR_paperSchedule fold 1"]
-    assert re.search(r"all 5 fine-tuning runs: paper [\d,]+, nnunet 1,250,000 iterations", result.stdout)
+        "nnUNetTrainerBaseline_paperSchedule_seed0 fold 0", "nnUNetTrainerMIM_baselineLR_paperSchedule_seed0 fold 0",
+        "nnUNetTrainerBaseline_paperSchedule_seed0 fold 1", "nnUNetTrainerDINO_baselineLR_paperSchedule_seed0 fold 1",
+        "nnUNetTrainerMIM_baselineLR_paperSchedule_seed0 fold 1"]
+    assert re.search(r"all 5 fine-tuning runs \(training seed 0\): paper [\d,]+, nnunet 1,250,000 iterations",
+                     result.stdout)
     pretrain = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("ssp_pretrain ")]
     assert pretrain == ["ssp_pretrain -d 641 --method dino -c 2d -p nnUNetPlans --device cuda",
                         "ssp_pretrain -d 641 --method mim -c 2d -p nnUNetPlans --device cuda --mask-patch-size 16 "
@@ -151,6 +161,34 @@ def test_every_budget_methods_recipe_controls_and_per_method_pretraining_argumen
         refused = reproduce(env, "-d", "641", "--budgets", "2", "--seeds", "0", "--val", "1", "--methods", "dino",
                             "mim", *bad, "--dry-run", check=False)
         assert refused.returncode == 2 and refused.stderr.strip() == f"error: {message}"
+
+
+def test_training_seeds_repeat_every_run_paired_and_none_trains_nnunets_unseeded_trainers(toy_env):
+    tmp, env = toy_env
+    common = ["-d", "641", "--budgets", "2", "4", "--seeds", "0", "--val", "1", "--methods", "mim", "--dry-run"]
+    result = reproduce(env, *common, "--train-seeds", "0", "1")
+    # each fold's baseline and method train with the same training seeds, each seeded run into its own folders
+    runs = [(f"{t}_paperSchedule_seed{k}", fold, budget, k) for fold, budget in enumerate((2, 4)) for k in (0, 1)
+            for t in ("nnUNetTrainerBaseline", "nnUNetTrainerMIM")]
+    assert [name for phase, name in _trained(result.stdout) if phase == "finetune"] == [
+        f"{trainer} fold {fold} (budget {budget}, seed 0, training seed {k})" for trainer, fold, budget, k in runs]
+    predictions = os.path.join(env["nnUNet_results"], "Dataset641_Test", "ssp_protocol", "predictions")
+    assert _predicted(result.stdout) == [[(trainer, str(fold), os.path.join(predictions, trainer, f"fold_{fold}"))
+                                          for trainer, fold, _, _ in runs]]
+    # the iteration totals count the repeats: each fold's 4 runs
+    per_run = [int(n.replace(",", "")) for n in re.findall(r"labelled slices -> paper ([\d,]+),", result.stdout)]
+    assert len(per_run) == 2 and (f"all 8 fine-tuning runs (training seeds 0 1): paper {4 * sum(per_run):,}, nnunet "
+                                  f"2,000,000 iterations") in result.stdout
+
+    unseeded = reproduce(env, *common, "--train-seeds", "none")
+    assert [name for phase, name in _trained(unseeded.stdout) if phase == "finetune"] == [
+        f"{t}_paperSchedule fold {fold} (budget {budget}, seed 0, unseeded training)" for fold, budget in
+        enumerate((2, 4)) for t in ("nnUNetTrainerBaseline", "nnUNetTrainerMIM")]
+    assert "all 4 fine-tuning runs (unseeded training): paper " in unseeded.stdout
+    for bad in (["0", "none"], ["1", "1"], ["-1"]):
+        refused = reproduce(env, *common, "--train-seeds", *bad, check=False)
+        assert refused.returncode == 2 and refused.stderr.strip() == (
+            f"error: --train-seeds {' '.join(bad)}: expected distinct non-negative integers, or none alone")
 
 
 def _command_lines(stdout, command):
@@ -186,7 +224,7 @@ def test_unseen_phase_plan_fine_tunes_on_one_phase_and_tests_on_the_other(toy_en
     assert len(predict) == 1 and " --evaluate --phases ES -np 2 --run " in predict[0]
     assert _predicted(result.stdout) == [[(t, str(fold), os.path.join(
         results, "ssp_protocol_unseen-phase_ED", "predictions", t, f"fold_{fold}")) for fold in (0, 1)
-        for t in ("nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule")]]
+        for t in ("nnUNetTrainerBaseline_paperSchedule_seed0", "nnUNetTrainerMIM_paperSchedule_seed0")]]
     assert _command_lines(result.stdout, "nnunet_ssp report") == [
         f"nnunet_ssp report {os.path.join(results, 'ssp_protocol_unseen-phase_ED', 'predictions')} -o "
         f"{os.path.join(results, 'ssp_protocol_unseen-phase_ED', 'report')}"]
@@ -214,7 +252,7 @@ def test_unseen_vendor_plan_fine_tunes_on_the_vendors_and_tests_on_the_others(to
         "ssp_pretrain -d 641 --method mim -c 2d -p nnUNetPlans --device cuda"]
     # every method at the one budget of each seed: all training subjects of A and B
     assert [name for phase, name in _trained(result.stdout) if phase == "finetune"] == [
-        f"{t}_paperSchedule fold {seed} (budget vendors:A+B, seed {seed})" for seed in (0, 1)
+        f"{t}_paperSchedule_seed0 fold {seed} (budget vendors:A+B, seed {seed}, training seed 0)" for seed in (0, 1)
         for t in ("nnUNetTrainerBaseline", "nnUNetTrainerMIM")]
     predict = _command_lines(result.stdout, "nnunet_ssp predict")
     assert len(predict) == 1 and " --evaluate --vendors C -np 2 --run " in predict[0]  # B was trained on
@@ -272,30 +310,31 @@ def test_unseen_vendor_plan_before_the_merged_dataset_exists_says_where_the_vend
 
 
 @pytest.mark.parametrize("script, finetuned", [
-    ("demo.sh", {budget: ["nnUNetTrainerBaseline", "nnUNetTrainerMIM_baselineLR_encoderOnly"] for budget in "12"}),
+    ("demo.sh", {"2": ["nnUNetTrainerBaseline", "nnUNetTrainerMIM_baselineLR_encoderOnly"]}),
     ("mini_paper.sh", {"1": ["nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
                              "nnUNetTrainerMIM", "nnUNetTrainerMIM_baselineLR_encoderOnly"],
                        **{budget: ["nnUNetTrainerBaseline", "nnUNetTrainerMIM", "nnUNetTrainerMIM_baselineLR_encoderOnly"]
                           for budget in "24"}})])
 def test_demo_and_mini_paper_plans_with_their_defaults(tmp_path, script, finetuned):
-    """The README's main command and the mini-paper, planned with their default runs (a small phantom)."""
+    """The README's main command and the mini-paper, planned with their default runs (a small phantom): six split
+    seeds, training seed 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     env.update(DEMO_DIR=str(tmp_path), DEMO_SUBJECTS="7", DEMO_TEST_SUBJECTS="1", DEMO_SIZE="48", DEMO_DRY_RUN="1")
     result = run_cli(["bash", os.path.join(REPO, "scripts", script)], env)
-    planned = [re.fullmatch(r"(\S+)_paperSchedule fold (\d+) \(budget (\S+), seed (\d)\)", name).groups()
-               for phase, name in _trained(result.stdout) if phase == "finetune"]
+    planned = [re.fullmatch(r"(\S+)_paperSchedule_seed0 fold (\d+) \(budget (\S+), seed (\d), training seed 0\)",
+                            name).groups() for phase, name in _trained(result.stdout) if phase == "finetune"]
     budgets = sorted(finetuned)
     assert planned == [(trainer, str(fold), budget, seed) for fold, (seed, budget) in
-                       enumerate((s, b) for s in "012" for b in budgets) for trainer in finetuned[budget]]
+                       enumerate((s, b) for s in "012345" for b in budgets) for trainer in finetuned[budget]]
     assert "ssp_pretrain -d 5" in result.stdout and "--method mim -c 2d -p nnUNetPlans --device cpu --epochs 3 " \
-           "--iters-per-epoch 100 --batch-size 32 --num-workers 1 --probe-slices 256 --lr 0.02 --mask-patch-size 16" \
-           in result.stdout
+           "--iters-per-epoch 100 --batch-size 32 --seed 0 --num-workers 1 --probe-slices 256 --lr 0.02 " \
+           "--mask-patch-size 16" in result.stdout
     assert "this plan runs --schedule paper (epochs from nnUNet_ssp_num_epochs)" in result.stdout
 
 
 def test_shards_split_the_runs_without_overlap(toy_env):
     tmp, env = toy_env
-    common = ["-d", "641", "--budgets", "2", "4", "--seeds", "0", "--val", "1", "--dry-run"]
+    common = ["-d", "641", "--budgets", "2", "4", "--seeds", "0", "--val", "1", "--train-seeds", "0", "1", "--dry-run"]
     everything = reproduce(env, *common).stdout
     shards = [reproduce(env, *common, "--shard", f"{i}/3").stdout for i in range(3)]
     assert sorted(sum(map(_trained, shards), [])) == sorted(_trained(everything)) and all(map(_trained, shards))
@@ -312,12 +351,14 @@ def test_shards_split_the_runs_without_overlap(toy_env):
 @pytest.fixture(scope="module")
 def miniature(tmp_path_factory):
     """Phantom (training subjects of vendors B, B, A, B; test subjects of vendors A, B) -> reproduce_paper.sh (budgets
-    1 and 2 subjects, seed 0, baseline and MIM, tiny schedules, a stale nnUNet_ssp_checkpoint exported), output to -o.
-    The experiments' miniatures go on from there on the same dataset."""
+    1 and 2 subjects, seed 0, training seeds 0 and 1, baseline and MIM, tiny schedules with checkpoint_latest.pth after
+    every epoch, a stale nnUNet_ssp_checkpoint exported), output to -o. The experiments' miniatures go on from there on
+    the same dataset (training seed 0 only)."""
     from trainers import EXT_TRAINER_DIR
     tmp_path = tmp_path_factory.mktemp("miniature")
     env = dict(os.environ, nnUNet_extTrainer=EXT_TRAINER_DIR, nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
-               nnUNet_compile="false", nnUNet_ssp_num_epochs="1", nnUNet_ssp_iters_per_epoch="2")
+               nnUNet_compile="false", nnUNet_ssp_num_epochs="2", nnUNet_ssp_iters_per_epoch="2",
+               nnUNet_ssp_save_every="1")
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         env[name] = str(tmp_path / name)
     # a stale export: the protocol must give each trainer its own method's checkpoint anyway
@@ -328,7 +369,7 @@ def miniature(tmp_path_factory):
               "1", "--jobs", "2", "--pretrain-args",
               "--epochs 1 --iters-per-epoch 2 --batch-size 4 --num-workers 0 --probe-slices 0"]
     out = str(tmp_path / "protocol")
-    args = [*common, "--budgets", "1", "2", "-o", out]
+    args = [*common, "--budgets", "1", "2", "--train-seeds", "0", "1", "-o", out]
     first = reproduce(env, *args)
     preprocessed = os.path.join(env["nnUNet_preprocessed"], "Dataset994_Protocol")
     return {"env": env, "common": common, "args": args, "out": out, "first": first, "preprocessed": preprocessed,
@@ -336,56 +377,68 @@ def miniature(tmp_path_factory):
             "checkpoint": _snapshot(os.path.join(env["nnUNet_results"], "Dataset994_Protocol", "ssp"))}
 
 
+def _fold_folder(env, trainer, fold):
+    return os.path.join(env["nnUNet_results"], "Dataset994_Protocol", f"{trainer}__nnUNetPlans__2d", f"fold_{fold}")
+
+
 def test_miniature_protocol_through_report(miniature):
-    """The paper experiment's miniature through the report: every table cell must equal its run's summary.json, and a
-    re-run must find everything done."""
+    """The paper experiment's miniature through the report: every table cell must equal its runs' summary.json, each
+    prediction folder records the checkpoint that made it, the report has its run-level tests, and a re-run must find
+    everything done."""
+    from nnunet_ssp.checkpoint import sha256_of_file
     env, args, out, first = (miniature[k] for k in ("env", "args", "out", "first"))
-    assert first.stdout.count("$ nnUNetv2_train") == 4 and first.stdout.count("$ ssp_pretrain") == 1
+    assert first.stdout.count("$ nnUNetv2_train") == 8 and first.stdout.count("$ ssp_pretrain") == 1
     assert first.stdout.count("$ nnunet_ssp predict") == 2 and "nnUNetv2_predict" not in first.stdout  # --jobs 2
 
     sidecar = json.load(open(os.path.join(env["nnUNet_preprocessed"], "Dataset994_Protocol", "splits_ssp.json")))
     budgets = {int(fold): d["budget"] for fold, d in sidecar["folds"].items() if d["group"] == "budgets"}
     assert sorted(budgets.values()) == [1, 2]
     summaries = {}
-    for trainer, method in (("nnUNetTrainerBaseline_paperSchedule", "baseline"),
-                            ("nnUNetTrainerMIM_paperSchedule", "mim")):
-        for fold, budget in budgets.items():
+    for base, method in (("nnUNetTrainerBaseline_paperSchedule", "baseline"), ("nnUNetTrainerMIM_paperSchedule", "mim")):
+        for (fold, budget), training_seed in itertools.product(budgets.items(), (0, 1)):
+            trainer = f"{base}_seed{training_seed}"
             folder = os.path.join(out, "predictions", trainer, f"fold_{fold}")
             evaluation = json.load(open(os.path.join(folder, "ssp_evaluation.json")))
             assert evaluation["run"]["method"] == method and evaluation["run"]["budget"] == budget
+            assert evaluation["run"]["training_seed"] == training_seed
             # the protocol predicts the test set, so nnU-Net's final validation of the fold is skipped
-            fold_folder = os.path.join(env["nnUNet_results"], "Dataset994_Protocol", f"{trainer}__nnUNetPlans__2d",
-                                       f"fold_{fold}")
-            assert os.path.isfile(os.path.join(fold_folder, "checkpoint_final.pth"))
+            fold_folder = _fold_folder(env, trainer, fold)
+            checkpoint = os.path.join(fold_folder, "checkpoint_final.pth")
             assert not os.path.exists(os.path.join(fold_folder, "validation"))
+            assert json.load(open(os.path.join(folder, "ssp_model.json")))["checkpoint_sha256"] == sha256_of_file(
+                checkpoint)
             # the default protocol: the paper's schedule (its iterations here from nnUNet_ssp_iters_per_epoch), no TTA
             assert evaluation["run"]["tta"] is False and evaluation["run"]["schedule"] == {
-                "name": "paper", "num_epochs": 1, "iterations_per_epoch": 2,
+                "name": "paper", "num_epochs": 2, "iterations_per_epoch": 2,
                 "initial_lr": 0.01 if method == "baseline" else 0.005}
             assert evaluation["run"]["seed"] == 0 and len(evaluation["clinical_per_subject"]) == 2
-            summaries[method, budget] = json.load(open(os.path.join(folder, "summary.json")))
+            summaries[method, budget, training_seed] = json.load(open(os.path.join(folder, "summary.json")))
 
     report = os.path.join(out, "report")
-    assert ("Fine-tuning schedule: paper (1 epochs, 2 iterations per epoch). Test-time augmentation: off."
+    assert ("Fine-tuning schedule: paper (2 epochs, 2 iterations per epoch). Test-time augmentation: off."
             in open(os.path.join(report, "report.md")).read())
-    for name in ("report.md", "dice.csv", "summary.csv", "clinical.csv", "wilcoxon.csv", "label_efficiency.png",
-                 "bland_altman_ef.png"):
+    for name in ("report.md", "dice.csv", "summary.csv", "clinical.csv", "run_level.csv", "wilcoxon.csv",
+                 "label_efficiency.png", "bland_altman_ef.png"):
         assert os.path.getsize(os.path.join(report, name)) > 0, name
+    with open(os.path.join(report, "run_level.csv")) as f:  # MIM against the baseline at each budget
+        assert sorted((row["method"], row["budget"], row["n_repeats"]) for row in csv.DictReader(f)) == [
+            ("mim", "1", "2"), ("mim", "2", "2")]
     table = open(os.path.join(report, "report.md")).read().split("\n\n")
     main = next(block for block in table if block.startswith("| method"))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in main.splitlines()]
     assert rows[0][1:] == ["1", "2"] and [r[0] for r in rows[2:]] == ["baseline", "mim"]
-    for row in rows[2:]:
+    for row in rows[2:]:  # the mean over the two training seeds' runs
         for budget, cell in zip((1, 2), row[1:]):
-            assert cell == f"{summaries[row[0], budget]['foreground_mean']['Dice']:.3f} (n=1)"
+            dice = [summaries[row[0], budget, k]["foreground_mean"]["Dice"] for k in (0, 1)]
+            assert cell == f"{np.mean(dice):.3f} ± {np.std(dice, ddof=1):.3f} (n=2)"
     with open(os.path.join(report, "dice.csv")) as f:
         for line in csv.DictReader(f):
-            summary = summaries[line["method"], int(line["budget"])]
+            summary = summaries[line["method"], int(line["budget"]), int(line["training_seed"])]
             expected = (summary["foreground_mean"] if line["class"] == "mean" else summary["mean"][line["class"]])["Dice"]
             assert float(line["dice"]) == pytest.approx(expected, abs=1e-12)
 
     # a re-run trains nothing and evaluates only the folder whose evaluation is missing, in one process
-    redo = os.path.join(out, "predictions", "nnUNetTrainerMIM_paperSchedule", "fold_1")
+    redo = os.path.join(out, "predictions", "nnUNetTrainerMIM_paperSchedule_seed1", "fold_1")
     os.remove(os.path.join(redo, "ssp_evaluation.json"))
     kept = {f: _snapshot(f) for f in glob.glob(os.path.join(out, "predictions", "*", "fold_*")) if f != redo}
     again = reproduce(env, *args)
@@ -393,6 +446,41 @@ def test_miniature_protocol_through_report(miniature):
     assert again.stdout.count("$ nnunet_ssp predict") == 1 and "$ nnunet_ssp report" in again.stdout
     assert os.path.isfile(os.path.join(redo, "ssp_evaluation.json"))
     assert {f: _snapshot(f) for f in kept} == kept
+
+
+def test_a_protocol_killed_while_fine_tuning_resumes_to_the_uninterrupted_report(miniature, tmp_path):
+    """One of the miniature's trained runs removed, its predictions left (now stale): the protocol is killed with
+    SIGKILL, its whole process group, at the end of the run's first epoch (checkpoint_latest.pth written). Run again,
+    it continues the run (--c), predicts it again (its checkpoint changed) and reports the uninterrupted run's
+    numbers."""
+    from nnunet_ssp.checkpoint import sha256_of_file
+    env, args, out = (miniature[k] for k in ("env", "args", "out"))
+    tables = ("summary.csv", "run_level.csv", "dice.csv")
+    uninterrupted = {name: open(os.path.join(out, "report", name)).read() for name in tables}
+    trainer, fold = "nnUNetTrainerMIM_paperSchedule_seed1", 0
+    results, record = _fold_folder(env, trainer, fold), os.path.join(out, "predictions", trainer, "fold_0",
+                                                                     "ssp_model.json")
+    stale = json.load(open(record))["checkpoint_sha256"]
+    shutil.rmtree(results)
+
+    killed = subprocess.Popen(["bash", SCRIPT, *args], env=dict(env, NNUNET_SSP_FAULT=f"epoch_end:0=pause:{tmp_path}"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "reached").exists():
+            assert killed.poll() is None and time.time() < deadline, "the protocol ended before the first epoch's end"
+            time.sleep(0.05)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    assert "checkpoint_latest.pth" in os.listdir(results) and "checkpoint_final.pth" not in os.listdir(results)
+
+    again = reproduce(env, *args)
+    assert again.stdout.count("$ nnUNetv2_train") == 1
+    assert f"$ nnUNetv2_train 994 2d {fold} -tr {trainer} -p nnUNetPlans -device cpu --c" in again.stdout
+    assert json.load(open(record))["checkpoint_sha256"] == sha256_of_file(
+        os.path.join(results, "checkpoint_final.pth")) != stale
+    assert {name: open(os.path.join(out, "report", name)).read() for name in tables} == uninterrupted
 
 
 def _run_experiment(miniature, *options):
@@ -406,7 +494,7 @@ def _run_experiment(miniature, *options):
     assert folds[:len(miniature["paper_folds"])] == miniature["paper_folds"]
     described = json.load(open(os.path.join(miniature["preprocessed"], "splits_ssp.json")))["folds"]
     index = max(int(fold) for fold in described)  # the experiment's fold was appended
-    assert f"nnUNetv2_train 994 2d {index} -tr nnUNetTrainerMIM_paperSchedule" in result.stdout
+    assert f"nnUNetv2_train 994 2d {index} -tr nnUNetTrainerMIM_paperSchedule_seed0" in result.stdout
     folder = re.search(r"; outputs in (\S+)$", result.stdout, flags=re.M).group(1)
     return result.stdout, folder, index, folds[index], described[str(index)]
 
@@ -414,7 +502,7 @@ def _run_experiment(miniature, *options):
 def _evaluated(folder, index):
     """{trainer: (its ssp_evaluation.json, the reference cases nnU-Net's summary.json scored)} of fold ``index``."""
     evaluated = {}
-    for trainer in ("nnUNetTrainerBaseline_paperSchedule", "nnUNetTrainerMIM_paperSchedule"):
+    for trainer in ("nnUNetTrainerBaseline_paperSchedule_seed0", "nnUNetTrainerMIM_paperSchedule_seed0"):
         run = os.path.join(folder, "predictions", trainer, f"fold_{index}")
         summary = json.load(open(os.path.join(run, "summary.json")))
         evaluated[trainer] = (json.load(open(os.path.join(run, "ssp_evaluation.json"))),
