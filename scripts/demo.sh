@@ -13,8 +13,8 @@
 #   DEMO_TEST_SUBJECTS (8), DEMO_SIZE (64 px), DEMO_PHANTOM_SEED (11), DEMO_BUDGETS ("2"), DEMO_SEEDS (split seeds,
 #   "0 1 2 3 4 5"), DEMO_TRAIN_SEEDS (training seeds of every fine-tuning run, "0"; "none": nnU-Net's unseeded
 #   trainers), DEMO_VAL (2 subjects), DEMO_METHODS ("mim"), DEMO_EVERY_BUDGET (methods fine-tuned at every budget;
-#   default all), DEMO_RECIPES ("baselineLR_encoderOnly"), DEMO_EPOCHS (fine-tuning epochs of the paper schedule, 40),
-#   DEMO_PRETRAIN_EPOCHS (3) x DEMO_PRETRAIN_ITERS (100) at DEMO_PRETRAIN_BATCH (32), DEMO_PRETRAIN_SEED (0),
+#   default all), DEMO_RECIPES ("baselineLR_encoderOnly"), DEMO_EPOCHS (fine-tuning epochs of the paper schedule, 25),
+#   DEMO_PRETRAIN_EPOCHS (3) x DEMO_PRETRAIN_ITERS (80) at DEMO_PRETRAIN_BATCH (32), DEMO_PRETRAIN_SEED (0),
 #   DEMO_MIM_ARGS ("--lr 0.02 --mask-patch-size 16"), DEMO_JOBS (2), DEMO_DRY_RUN (1: make the phantom, print the
 #   plan of runs, run nothing).
 set -euo pipefail
@@ -22,7 +22,7 @@ START=$SECONDS
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/workspace_env.sh" "${DEMO_DIR:-}" demo_output
 ID="${DEMO_DATASET_ID:-501}"
 # the paper's schedule (an epoch is one pass over the fold's labelled slices), scaled to DEMO_EPOCHS for every run
-export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-40}"
+export nnUNet_ssp_num_epochs="${DEMO_EPOCHS:-25}"
 
 echo "== phantom: $nnUNet_raw/Dataset${ID}_CinePhantom"
 nnunet_ssp phantom -d "$ID" -n CinePhantom --subjects "${DEMO_SUBJECTS:-24}" \
@@ -45,7 +45,7 @@ python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEED
   --train-seeds "${TRAIN_SEEDS[@]}" --val "${DEMO_VAL:-2}" \
   --methods "${METHODS[@]}" "${EVERY_BUDGET[@]}" --recipes "${RECIPES[@]}" --device cpu --num-processes 1 \
   --jobs "${DEMO_JOBS:-2}" \
-  --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-3} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-100} \
+  --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-3} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-80} \
 --batch-size ${DEMO_PRETRAIN_BATCH:-32} --seed ${DEMO_PRETRAIN_SEED:-0} --num-workers 1 --probe-slices 256" \
   "${MIM_ARGS[@]}" \
   -o "$WORK/protocol" "${DRY_RUN[@]}"
