@@ -205,7 +205,7 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     ev = _load(pred, "ssp_evaluation.json")
     assert ev["format"] == "nnunet_ssp.evaluation" and ev["format_version"] == 1 and ev["dice_summary"] == "summary.json"
     assert ev["run"] == {"dataset": DATASET, "trainer": "nnUNetTrainerMIM_warmup", "method": "mim", "recipe": "warmup",
-                         "fold": 5,
+                         "fold": 5, "training_seed": None,
                          "budget": 2, "seed": 1, "num_train_subjects": 2, "tta": False,
                          "schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": 8,
                                       "initial_lr": 0.005}, "prediction_folder": str(pred),
