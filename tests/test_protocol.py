@@ -309,13 +309,13 @@ def test_unseen_vendor_plan_before_the_merged_dataset_exists_says_where_the_vend
     assert not os.path.exists(os.path.dirname(table))
 
 
-@pytest.mark.parametrize("script, finetuned", [
-    ("demo.sh", {"2": ["nnUNetTrainerBaseline", "nnUNetTrainerMIM_baselineLR_encoderOnly"]}),
-    ("mini_paper.sh", {"1": ["nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
+@pytest.mark.parametrize("script, pretrain_iterations, finetuned", [
+    ("demo.sh", 80, {"2": ["nnUNetTrainerBaseline", "nnUNetTrainerMIM_baselineLR_encoderOnly"]}),
+    ("mini_paper.sh", 100, {"1": ["nnUNetTrainerBaseline", "nnUNetTrainerSimCLR", "nnUNetTrainerPCL", "nnUNetTrainerDINO",
                              "nnUNetTrainerMIM", "nnUNetTrainerMIM_baselineLR_encoderOnly"],
                        **{budget: ["nnUNetTrainerBaseline", "nnUNetTrainerMIM", "nnUNetTrainerMIM_baselineLR_encoderOnly"]
                           for budget in "24"}})])
-def test_demo_and_mini_paper_plans_with_their_defaults(tmp_path, script, finetuned):
+def test_demo_and_mini_paper_plans_with_their_defaults(tmp_path, script, pretrain_iterations, finetuned):
     """The README's main command and the mini-paper, planned with their default runs (a small phantom): six split
     seeds, training seed 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
@@ -327,7 +327,7 @@ def test_demo_and_mini_paper_plans_with_their_defaults(tmp_path, script, finetun
     assert planned == [(trainer, str(fold), budget, seed) for fold, (seed, budget) in
                        enumerate((s, b) for s in "012345" for b in budgets) for trainer in finetuned[budget]]
     assert "ssp_pretrain -d 5" in result.stdout and "--method mim -c 2d -p nnUNetPlans --device cpu --epochs 3 " \
-           "--iters-per-epoch 100 --batch-size 32 --seed 0 --num-workers 1 --probe-slices 256 --lr 0.02 " \
+           f"--iters-per-epoch {pretrain_iterations} --batch-size 32 --seed 0 --num-workers 1 --probe-slices 256 --lr 0.02 " \
            "--mask-patch-size 16" in result.stdout
     assert "this plan runs --schedule paper (epochs from nnUNet_ssp_num_epochs)" in result.stdout
 
