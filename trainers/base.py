@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from nnunet_ssp.checkpoint import (CHECKPOINT_ENV, FINAL_CHECKPOINT, SSP_INIT_FILE, default_checkpoint_folder,
                                    load_checkpoint, sha256_of_file, verify_checkpoint)
@@ -75,8 +76,8 @@ class nnUNetTrainerBaseline(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         if plans["continue_training"] and nnUNet_results.is_set():  # refused before nnU-Net writes to the fold
-            folder = os.path.join(nnUNet_results.get(), plans["dataset_name"],
-                                  f"{type(self).__name__}__{plans['plans_name']}__{configuration}", f"fold_{fold}")
+            folder = get_output_folder(plans["dataset_name"], type(self).__name__, plans["plans_name"], configuration,
+                                       fold)
             try:
                 check_resumable(folder, type(self).__name__, self.training_seed)
             except SSPError as e:
