@@ -6,13 +6,18 @@ Each (fold, init) is one process: nnU-Net's ``get_trainer_from_args`` makes the 
 (its loss, augmentation, data loader, SGD and poly decay over ``--iters`` iterations, i.e. one iteration per nnU-Net
 epoch as in the paper schedule of a fold smaller than a batch), ``--init`` chooses what is loaded from
 ``--checkpoint`` (``random``, ``encoder``, ``encoder+decoder``) with the plugin's ``load_parts``, and python, numpy
-and torch are seeded with ``--seed``. At each ``--eval-at`` iteration the network predicts the fold's validation
-cases (imagesTr) and the test set (imagesTs) with nnU-Net's predictor (no TTA), and nnU-Net's
+and torch are seeded with ``--seed``. The controls are not recipes: ``encoder+decoder+whitening`` loads encoder and
+decoder, then puts a frozen PCA-whitening 1x1 conv in front of each new segmentation head, fit on the decoder
+stage's output for the fold's training images (:func:`add_whitening`); ``+standardising`` standardises each channel
+only, ``+centring`` subtracts the mean only; ``random+whitening`` whitens the random network's features, which tells
+a decoder-specific cure from a faster start of any network. At each ``--eval-at`` iteration the network predicts
+the fold's validation cases (imagesTr) and the test set (imagesTs) with nnU-Net's predictor (no TTA), and nnU-Net's
 ``compute_metrics_on_folder`` scores them: the mean over cases of the mean Dice over the foreground labels. Recipes
 are to be chosen on the validation Dice; the test Dice is the reported result.
 
-    python benchmarks/finetune_curves.py -d 701 --folds 0 2 4 --inits random encoder encoder+decoder \\
-        --checkpoint $nnUNet_results/Dataset701_Ablation/ssp/mim__nnUNetPlans__2d/checkpoint_final.pth \\
+    python benchmarks/finetune_curves.py -d 701 -p nnUNetPlans_w025 --folds 0 2 4 \\
+        --inits random encoder encoder+decoder encoder+decoder+whitening \\
+        --checkpoint $nnUNet_results/Dataset701_Ablation/ssp/mim__nnUNetPlans_w025__2d/checkpoint_final.pth \\
         --iters 250 --eval-at 125 250 --jobs 2 -o curves.jsonl
 
 (nnUNet_raw, nnUNet_preprocessed set; the trainers write into a temporary nnUNet_results.) Prints one line per run
@@ -27,7 +32,45 @@ import sys
 import tempfile
 import time
 
-INITS = {"random": (), "encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder")}
+INITS = {"random": (), "encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder"),
+         "encoder+decoder+whitening": ("encoder", "decoder"), "encoder+decoder+standardising": ("encoder", "decoder"),
+         "encoder+decoder+centring": ("encoder", "decoder"), "random+whitening": ()}
+WHITENING_EPS = 1e-3  # added to each eigenvalue, as a fraction of their mean
+
+
+def add_whitening(network, images, mode: str = "whitening") -> None:
+    """Puts a frozen 1x1 conv y = Λ^(-1/2) Uᵀ (x − μ) in front of each segmentation head of nnU-Net's U-Net, with μ
+    and U Λ Uᵀ the mean and channel covariance of its decoder stage's output on ``images`` (Λ + eps); ``mode``
+    "standardising": y = D^(-1/2) (x − μ) with D the channels' variances (correlations kept); "centring": y = x − μ."""
+    import torch
+
+    from pretraining.conditioning import decoder_stage_outputs
+    outputs = decoder_stage_outputs(network, images)
+    for stage, features in enumerate(outputs):
+        samples = features.double().movedim(1, -1).reshape(-1, features.shape[1])
+        mean = samples.mean(0)
+        covariance = (samples - mean).T @ (samples - mean) / (len(samples) - 1)
+        if mode == "whitening":
+            eigenvalues, basis = torch.linalg.eigh(covariance)
+        else:
+            eigenvalues, basis = covariance.diagonal(), torch.eye(len(mean), dtype=covariance.dtype)
+        eigenvalues = eigenvalues.clamp_min(0) + WHITENING_EPS * eigenvalues.clamp_min(0).mean()
+        weight = basis.T if mode == "centring" else torch.diag(eigenvalues.rsqrt()) @ basis.T
+        whitening = torch.nn.Conv2d(len(mean), len(mean), 1).to(features.device)
+        with torch.no_grad():
+            whitening.weight.copy_(weight[:, :, None, None].float())
+            whitening.bias.copy_((-weight @ mean).float())
+        whitening.requires_grad_(False)
+        network.decoder.seg_layers[stage] = torch.nn.Sequential(whitening, network.decoder.seg_layers[stage])
+
+
+def fold_training_images(trainer):
+    """Every slice of the fold's training cases (image-centred crops at the patch size), without their labels."""
+    from nnunet_ssp.splits import subject_of_case
+    from pretraining.seg_probe import read_slices
+    dataset = trainer.get_tr_and_val_datasets()[0]
+    subjects = {subject_of_case(case) for case in dataset.identifiers}
+    return read_slices(dataset, subjects, trainer.configuration_manager.patch_size).images
 
 
 def _case_files(folder: str, cases, file_ending: str):
@@ -82,7 +125,7 @@ def run_one(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     work = os.environ["nnUNet_results"]
-    trainer = get_trainer_from_args(args.dataset, args.configuration, args.fold, "nnUNetTrainer",
+    trainer = get_trainer_from_args(args.dataset, args.configuration, args.fold, "nnUNetTrainer", args.plans,
                                     device=torch.device("cpu"))
     trainer.num_epochs, trainer.initial_lr = args.iters, args.lr
     trainer.initialize()
@@ -91,6 +134,9 @@ def run_one(args) -> dict:
     if parts:
         load_parts(trainer.network, load_checkpoint(args.checkpoint)["network_weights"], parts,
                    source=args.checkpoint)
+    control = args.init.rsplit("+", 1)[-1]
+    if control in ("whitening", "standardising", "centring"):
+        add_whitening(trainer.network, fold_training_images(trainer), control)
     dataset = trainer.plans_manager.dataset_name
     raw = os.path.join(os.environ["nnUNet_raw"], dataset)
     val_cases = load_json(os.path.join(trainer.preprocessed_dataset_folder_base, "splits_final.json"))[args.fold]["val"]
@@ -105,7 +151,7 @@ def run_one(args) -> dict:
         if iteration + 1 in args.eval_at:
             curve[str(iteration + 1)] = dict(_score(trainer, cases_by_set, raw, os.path.join(work, str(iteration + 1))),
                                         train_loss=round(statistics.fmean(losses[-10:]), 4))
-    return dict(fold=args.fold, init=args.init, lr=args.lr, seed=args.seed, iters=args.iters,
+    return dict(fold=args.fold, init=args.init, plans=args.plans, lr=args.lr, seed=args.seed, iters=args.iters,
                 checkpoint=args.checkpoint if parts else None, curve=curve,
                 seconds_per_iteration=round(training_seconds / args.iters, 2))
 
@@ -142,7 +188,7 @@ def _table(results, eval_at) -> str:
     def ms(values):
         return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
 
-    lines = [f"{'init':16s} {'iters':>5s}  {'train loss':15s}  {'val Dice':15s}  {'test Dice':15s}  "
+    lines = [f"{'init':26s} {'iters':>5s}  {'train loss':15s}  {'val Dice':15s}  {'test Dice':15s}  "
              f"{'test per fold':22s}  test minus random per fold"]
     for init in (i for i in INITS if any(r["init"] == i for r in results)):
         for it in eval_at:
@@ -150,7 +196,7 @@ def _table(results, eval_at) -> str:
             base = {f: by["random", f]["curve"][str(it)]["test"] for f in points if ("random", f) in by}
             column = {key: [p[key] for p in points.values()] for key in ("train_loss", "val", "test")}
             per_fold = " ".join(f"{t:.3f}" for t in column["test"])
-            lines.append(f"{init:16s} {it:5d}  {ms(column['train_loss']):15s}  {ms(column['val']):15s}  "
+            lines.append(f"{init:26s} {it:5d}  {ms(column['train_loss']):15s}  {ms(column['val']):15s}  "
                          f"{ms(column['test']):15s}  {per_fold:22s}  "
                          + " ".join(f"{points[f]['test'] - base[f]:+.3f}" for f in base))
     return "\n".join(lines)
@@ -160,6 +206,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-c", "--configuration", default="2d")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     p.add_argument("--folds", type=int, nargs="+", default=[0])
     p.add_argument("--inits", nargs="+", default=["random", "encoder+decoder"], choices=list(INITS))
     p.add_argument("--checkpoint", help="the SSP contract checkpoint (checkpoint_final.pth) for non-random inits")
@@ -179,9 +226,9 @@ def main(argv=None) -> int:
         os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="finetune_curves_")
         print(json.dumps(run_one(args)))
         return 0
-    if any(i != "random" for i in args.inits) and not (args.checkpoint and os.path.isfile(args.checkpoint)):
+    if any(INITS[i] for i in args.inits) and not (args.checkpoint and os.path.isfile(args.checkpoint)):
         sys.exit(f"finetune_curves: --checkpoint {args.checkpoint}: not a file (needed for --inits "
-                 f"{' '.join(i for i in args.inits if i != 'random')})")
+                 f"{' '.join(i for i in args.inits if INITS[i])})")
     if args.checkpoint:
         from nnunet_ssp.checkpoint import load_checkpoint
         checkpoint = load_checkpoint(args.checkpoint)

@@ -67,6 +67,21 @@ def _checkpoint(args):
         print(f"  fits {target.plans_name} {target.configuration} of {target.dataset_name}")
 
 
+def _plans(args):
+    """write width-scaled plans (a narrower or wider network on the same preprocessed data) for CPU miniatures
+
+    Writes <BASE>_w<W>.json beside $nnUNet_preprocessed/<Dataset>/<BASE>.json: features per stage times W (rounded, at
+    least 1), all else as planned, the data identifier included, so nnUNetv2_train and ssp_pretrain -p <BASE>_w<W>
+    train on the base plans' preprocessed data. See nnunet_ssp/plans.py."""
+    from nnunet_ssp.io import load_json_file
+    from nnunet_ssp.plans import features_per_stage, write_width_plans
+    path = write_width_plans(args.dataset, args.width, args.plans)
+    before = features_per_stage(load_json_file(os.path.join(os.path.dirname(path), f"{args.plans}.json"), dict))
+    after = features_per_stage(load_json_file(path, dict))
+    print(f"{path}: features per stage " + "; ".join(
+        f"{name} {' '.join(map(str, before[name]))} -> {' '.join(map(str, after[name]))}" for name in after))
+
+
 def _splits(args):
     """write label-budget, split-file or vendor folds into splits_final.json
 
@@ -192,6 +207,14 @@ def _add_convert_parser(sub) -> None:
                         "release's own test set; every other labelled subject becomes a training case")
 
 
+def _add_plans_parser(sub) -> None:
+    p = _command(sub, "plans", _plans, dataset=True)
+    p.add_argument("--width", type=float, required=True, metavar="W",
+                   help="factor on the planned features per stage (e.g. 0.25: a 4x narrower network)")
+    p.add_argument("-p", "--plans", default="nnUNetPlans", metavar="BASE",
+                   help="plans identifier to scale (default nnUNetPlans)")
+
+
 def _add_splits_parser(sub) -> None:
     p = _command(sub, "splits", _splits, dataset=True)
     mode = p.add_mutually_exclusive_group(required=True)
@@ -298,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="nnunet_ssp", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_phantom_parser, _add_convert_parser, _add_splits_parser, _add_evaluate_parser,
+    for add in (_add_phantom_parser, _add_convert_parser, _add_plans_parser, _add_splits_parser, _add_evaluate_parser,
                 _add_predict_parser, _add_report_parser, _add_merge_parser, _add_environment_parser,
                 _add_checkpoint_parser):
         add(sub)

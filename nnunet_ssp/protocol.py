@@ -1,6 +1,7 @@
 """The paper's protocol as a resumable, shardable plan of stock commands (``scripts/reproduce_paper.sh``).
 
-prepare   merge the converted datasets (when several), ``nnUNetv2_plan_and_preprocess``, ``nnunet_ssp splits``
+prepare   merge the converted datasets (when several), ``nnUNetv2_plan_and_preprocess``, with --width ``nnunet_ssp
+          plans`` (width-scaled plans that every later run trains with, for CPU miniatures), ``nnunet_ssp splits``
 pretrain  ``ssp_pretrain --method M`` for each method
 finetune  for each (budget, seed) fold, each training seed (--train-seeds) and each trainer (the baseline and one per
           method and recipe; methods not in --every-budget at the smallest budget only) ``nnUNetv2_train`` of the
@@ -33,6 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 from nnunet_ssp.env import nnunet_path
 from nnunet_ssp.errors import SSPError, run_command
 from nnunet_ssp.experiments import PaperExperiment, add_experiment_arguments, experiment_from_args, splits_arguments
+from nnunet_ssp.plans import width_plans_identifier
 from nnunet_ssp.raw_layout import SUBJECTS_TABLE
 from nnunet_ssp.runner import Command, Run, execute, file_exists, print_plan
 from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
@@ -78,6 +80,8 @@ class Protocol:
         self.results_root = nnunet_path("nnUNet_results")
         self.experiment = experiment_from_args(args)
         self.dataset_id, self.dataset_name = self._target_dataset()
+        #: the plans identifier of every run after planning: --plans, or its width-scaled plans (--width)
+        self.plans = args.plans if args.width is None else width_plans_identifier(args.plans, args.width)
         self.experiment.test_filter(self.raw)  # refuses unknown vendors now, when the raw dataset can tell
         self.output = args.output or os.path.join(self.results_root, self.dataset_name, self.experiment.folder_name)
         from trainers.ssp_trainers import TRAINER_OF_METHOD, loads_decoder
@@ -157,6 +161,10 @@ class Protocol:
             file_exists(self.preprocessed, f"{a.plans}.json"),
             # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (no DA workers)
             env={"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {})]))
+        if a.width is not None:
+            runs.append(Run("prepare", "width-scaled plans", [Command(
+                ["nnunet_ssp", "plans", "-d", self.dataset_id, "-p", a.plans, "--width", str(a.width)],
+                file_exists(self.preprocessed, f"{self.plans}.json"))]))
         splits = ["nnunet_ssp", "splits", "-d", self.dataset_id, *splits_arguments(self.splits_options())]
         runs.append(Run("prepare", "label-budget folds", [Command(splits, self._splits_written)]))
         return runs
@@ -167,15 +175,16 @@ class Protocol:
 
     def ssp_folder(self, method: str) -> str:
         from nnunet_ssp.checkpoint import default_checkpoint_folder
-        return default_checkpoint_folder(self.results_root, self.dataset_name, method, self.args.plans,
+        return default_checkpoint_folder(self.results_root, self.dataset_name, method, self.plans,
                                          self.args.configuration)
 
     def pretrain_runs(self) -> List[Run]:
         a, runs = self.args, []
         for method in self.methods:
             folder = self.ssp_folder(method)
-            command = ["ssp_pretrain", "-d", self.dataset_id, "--method", method, "-c", a.configuration, "-p", a.plans,
-                       "--device", a.device, *shlex.split(a.pretrain_args), *self.pretrain_args_of.get(method, [])]
+            command = ["ssp_pretrain", "-d", self.dataset_id, "--method", method, "-c", a.configuration, "-p",
+                       self.plans, "--device", a.device, *shlex.split(a.pretrain_args),
+                       *self.pretrain_args_of.get(method, [])]
             runs.append(Run("pretrain", f"ssp_pretrain {method}", [Command(
                 command, file_exists(folder, "checkpoint_final.pth"),
                 resume=lambda f=folder: ["--continue"] if os.path.isfile(os.path.join(f, "checkpoint_latest.pth"))
@@ -206,8 +215,8 @@ class Protocol:
     def training_run(self, fold: dict, trainer: str) -> Run:
         a, index = self.args, str(fold["fold"])
         from nnunetv2.utilities.file_path_utilities import get_output_folder
-        results = get_output_folder(self.dataset_name, trainer, a.plans, a.configuration, index)
-        train = Command(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", a.plans,
+        results = get_output_folder(self.dataset_name, trainer, self.plans, a.configuration, index)
+        train = Command(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", self.plans,
                          "-device", a.device], file_exists(results, "checkpoint_final.pth"),
                         resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
                         env=self.training_env(trainer))
@@ -230,7 +239,7 @@ class Protocol:
             mine = pairs[worker::workers]
             folders = [self.prediction_folder(trainer, fold["fold"]) for fold, trainer in mine]
             command = ["nnunet_ssp", "predict", "-i", test_images, "-d", self.dataset_id, "-c", a.configuration,
-                       "-p", a.plans, "-device", a.device, *([] if a.tta else ["--disable_tta"]), "--continue",
+                       "-p", self.plans, "-device", a.device, *([] if a.tta else ["--disable_tta"]), "--continue",
                        "--evaluate", *test_filter, "-np", str(a.num_processes)]
             for (fold, trainer), folder in zip(mine, folders):
                 command += ["--run", trainer, str(fold["fold"]), folder]
@@ -250,7 +259,7 @@ class Protocol:
         a = self.args
         checkpoint = a.predict_args[a.predict_args.index("-chk") + 1] if "-chk" in a.predict_args \
             else "checkpoint_final.pth"
-        return model_identity(get_output_folder(self.dataset_name, trainer, a.plans, a.configuration), trainer, fold,
+        return model_identity(get_output_folder(self.dataset_name, trainer, self.plans, a.configuration), trainer, fold,
                               checkpoint, self.preprocessed)
 
     def test_filter(self) -> List[str]:
@@ -295,7 +304,8 @@ class Protocol:
         return lines
 
     def _batch_size(self):
-        """(the plans' batch size of the configuration, where it comes from); the paper's 32 before planning."""
+        """(the plans' batch size of the configuration, where it comes from); the paper's 32 before planning. The
+        base plans': width-scaled plans keep their batch size."""
         plans = os.path.join(self.preprocessed, f"{self.args.plans}.json")
         if os.path.isfile(plans):
             with open(plans, encoding="utf-8") as f:
@@ -382,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predict with nnU-Net's test-time mirroring (default off, as the paper)")
     p.add_argument("-c", "--configuration", default="2d")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("--width", type=float, metavar="W",
+                   help="for CPU miniatures: after planning, write the plans' width-scaled copy (features per stage "
+                        "times W, on the same preprocessed data; 'nnunet_ssp plans') and pretrain, fine-tune and "
+                        "predict with it (-p <plans>_w<W>). Default: nnU-Net's plans as planned, which real-data "
+                        "reproduction keeps")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda")
     p.add_argument("--pretrain-args", default="", help="extra ssp_pretrain arguments, e.g. '--epochs 50'")
     p.add_argument("--pretrain-args-of", nargs=2, action="append", metavar=("METHOD", "ARGS"),

@@ -60,7 +60,8 @@ class Pretrainer:
     trains under DDP, and only rank 0 writes or probes."""
 
     def __init__(self, method: SSPMethod, dataset, target: PlannedConfiguration, settings: "PretrainSettings",
-                 output_folder: str, data_summary: dict, probes: Sequence[Probe] = ()):
+                 output_folder: str, data_summary: dict, probes: Sequence[Probe] = (),
+                 calibration_images: Optional[torch.Tensor] = None):
         if settings.world_size != distributed.world_size():
             raise ValueError(f"settings.world_size {settings.world_size}, but {distributed.world_size()} processes run")
         self.device = distributed.device(settings.device)
@@ -68,6 +69,7 @@ class Pretrainer:
             settings = replace(settings, precision="fp32", channels_last=False)
         self.method, self.dataset, self.target, self.settings = method, dataset, target, settings
         self.output_folder, self.data_summary, self.probes = output_folder, data_summary, tuple(probes)
+        self.calibration_images = calibration_images  # what the method may calibrate its checkpoint's network on
         self.main = distributed.is_main()
         if self.main:
             try:
@@ -302,7 +304,8 @@ class Pretrainer:
             return self.latest
         final = os.path.join(self.output_folder, FINAL_CHECKPOINT)
         if self.main:
-            save_checkpoint(final, self.method.export_network(self.model).cpu(), self.target, s.method,
+            network = self.method.checkpoint_network(self.model, self.calibration_images).cpu()
+            save_checkpoint(final, network, self.target, s.method,
                             self.method.parts, pretraining=asdict(s), data=self.data_summary)
             self.log(f"wrote {final}")
         distributed.barrier()

@@ -66,6 +66,7 @@ class ProgressLog:
 REFERENCE_SUFFIXES = ("_chance", "_random_init")
 #: (key prefix, axis label) of each probe's axis; a key goes to the first prefix it has
 PROBE_AXES = (("probe_seg_", "segmentation probe Dice, held out (up: better)"),
+              ("probe_decoder_rank_", "decoder effective rank / channels (up: better)"),
               ("probe_", "k-NN probe error, held out (down: better)"))
 
 

@@ -12,6 +12,10 @@ from pretraining import distributed
 from pretraining.methods.base import Hyperparameters, SSPMethod
 
 
+#: slices of the decoder-conditioning probe (of the k-NN probe's number, when that is smaller)
+CONDITIONING_SLICES = 64
+
+
 @dataclass
 class PretrainSettings:
     method: str
@@ -103,20 +107,27 @@ def open_cache(target: PlannedConfiguration, sources, num_processes: int):
 def make_pretrainer(method: SSPMethod, target: PlannedConfiguration, cache, settings: PretrainSettings, output: str,
                     probe_slices: int = 0, seg_probe: bool = False):
     """A Pretrainer of ``method`` on ``cache`` (its views, the cache's summary) writing to ``output``, with probes on
-    rank 0: a k-NN probe of ``probe_slices`` slices (0: none) and, with ``seg_probe``, the segmentation probe when
-    the dataset has labelled training cases (its log says which, or why not)."""
+    rank 0: a k-NN probe of ``probe_slices`` slices (0: none), for a method that pretrains the decoder the decoder's
+    conditioning on :data:`CONDITIONING_SLICES` of them, and, with ``seg_probe``, the segmentation probe when the
+    dataset has labelled training cases (its log says which, or why not). A method that pretrains the decoder gets
+    :data:`CONDITIONING_SLICES` un-augmented slices to calibrate its checkpoint's network on."""
+    from pretraining.conditioning import calibration_slices, make_conditioning_probe
     from pretraining.data.loader import SliceViewDataset
     from pretraining.loop import Pretrainer
     from pretraining.probe import make_probe
     from pretraining.seg_probe import make_seg_probe
-    probes, note = [], None
+    probes, note, calibration = [], None, None
     if distributed.is_main():
+        if "decoder" in method.parts:
+            calibration = calibration_slices(cache, method.patch_size, CONDITIONING_SLICES, settings.seed)
         probes.append(make_probe(cache, method.patch_size, probe_slices, settings.seed))
+        probes.append(make_conditioning_probe(cache, method, min(probe_slices, CONDITIONING_SLICES), settings.seed))
         if seg_probe:
             probe, note = make_seg_probe(target, method, settings.seed)
             probes.append(probe)
     trainer = Pretrainer(method, SliceViewDataset(cache, method.view_transforms()), target, settings, output,
-                         data_summary=cache.summary(), probes=[p for p in probes if p is not None])
+                         data_summary=cache.summary(), probes=[p for p in probes if p is not None],
+                         calibration_images=calibration)
     if note:
         trainer.log(note)
     return trainer

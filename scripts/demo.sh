@@ -15,8 +15,9 @@
 #   trainers), DEMO_VAL (2 subjects), DEMO_METHODS ("mim"), DEMO_EVERY_BUDGET (methods fine-tuned at every budget;
 #   default all), DEMO_RECIPES ("baselineLR_encoderOnly"), DEMO_EPOCHS (fine-tuning epochs of the paper schedule, 25),
 #   DEMO_PRETRAIN_EPOCHS (3) x DEMO_PRETRAIN_ITERS (80) at DEMO_PRETRAIN_BATCH (32), DEMO_PRETRAIN_SEED (0),
-#   DEMO_MIM_ARGS ("--lr 0.02 --mask-patch-size 16"), DEMO_JOBS (2), DEMO_DRY_RUN (1: make the phantom, print the
-#   plan of runs, run nothing).
+#   DEMO_MIM_ARGS ("--lr 0.02 --mask-patch-size 16"), DEMO_WIDTH (train with width-scaled plans, e.g. 0.25: a
+#   quarter of nnU-Net's features per stage, 'nnunet_ssp plans'; default: nnU-Net's plans), DEMO_JOBS (2),
+#   DEMO_DRY_RUN (1: make the phantom, print the plan of runs, run nothing).
 set -euo pipefail
 START=$SECONDS
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/workspace_env.sh" "${DEMO_DIR:-}" demo_output
@@ -37,13 +38,17 @@ EVERY_BUDGET=()
 if [ -n "${DEMO_EVERY_BUDGET:-}" ]; then read -r -a EVERY <<< "$DEMO_EVERY_BUDGET"; EVERY_BUDGET=(--every-budget "${EVERY[@]}"); fi
 DRY_RUN=()
 if [ "${DEMO_DRY_RUN:-0}" = 1 ]; then DRY_RUN=(--dry-run); fi
+WIDTH=()
+DEMO_WIDTH="${DEMO_WIDTH:-}"
+if [ -n "$DEMO_WIDTH" ] && [ "$DEMO_WIDTH" != 1 ]; then WIDTH=(--width "$DEMO_WIDTH"); fi
 MIM_ARGS=()
 if [[ " ${METHODS[*]} " == *" mim "* ]]; then
   MIM_ARGS=(--pretrain-args-of mim "${DEMO_MIM_ARGS:---lr 0.02 --mask-patch-size 16}")
 fi
 python -m nnunet_ssp.protocol -d "$ID" --budgets "${BUDGETS[@]}" --seeds "${SEEDS[@]}" \
   --train-seeds "${TRAIN_SEEDS[@]}" --val "${DEMO_VAL:-2}" \
-  --methods "${METHODS[@]}" "${EVERY_BUDGET[@]}" --recipes "${RECIPES[@]}" --device cpu --num-processes 1 \
+  --methods "${METHODS[@]}" "${EVERY_BUDGET[@]}" --recipes "${RECIPES[@]}" "${WIDTH[@]}" --device cpu \
+  --num-processes 1 \
   --jobs "${DEMO_JOBS:-2}" \
   --pretrain-args "--epochs ${DEMO_PRETRAIN_EPOCHS:-3} --iters-per-epoch ${DEMO_PRETRAIN_ITERS:-80} \
 --batch-size ${DEMO_PRETRAIN_BATCH:-32} --seed ${DEMO_PRETRAIN_SEED:-0} --num-workers 1 --probe-slices 256" \

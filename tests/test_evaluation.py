@@ -207,6 +207,7 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     assert ev["run"] == {"dataset": DATASET, "trainer": "nnUNetTrainerMIM_warmup", "method": "mim", "recipe": "warmup",
                          "fold": 5, "training_seed": None,
                          "budget": 2, "seed": 1, "num_train_subjects": 2, "tta": False,
+                         "plans": "nnUNetPlans", "width": None,
                          "schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": 8,
                                       "initial_lr": 0.005}, "prediction_folder": str(pred),
                          "reference_folder": os.path.join(env["nnUNet_raw"], DATASET, "labelsTs"), "vendors": None,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from pretraining.losses.decorrelation import offdiagonal_correlation
 from pretraining.losses.dino import DINOLoss
 from pretraining.methods.dino import collapse_warning, ema_update, teacher_momentum, teacher_temperature
 from pretraining.losses.ntxent import nt_xent
@@ -224,3 +225,22 @@ def test_collapse_warning():
     one_dimension = collapse_warning(0.01 * log_k, 0.9 * log_k, k)
     assert "uniform" in uniform and "one dimension" in one_dimension
     assert all("teacher temperature" in w and "\n" not in w for w in (uniform, one_dimension))
+
+
+def _offdiagonal_correlation_reference(features: np.ndarray) -> float:
+    """Mean squared off-diagonal correlation of the channels of (N, C, H, W), every pixel a sample (NumPy)."""
+    samples = np.moveaxis(features, 1, -1).reshape(-1, features.shape[1]).astype(np.float64)
+    correlation = np.corrcoef(samples.T)
+    c = len(correlation)
+    return float(((correlation - np.eye(c)) ** 2).sum() / (c * (c - 1)))
+
+
+def test_decorrelation_matches_reference_and_its_extremes(seeded):
+    features = torch.randn(4, 6, 9, 9) @ torch.eye(9) + torch.randn(4, 1, 9, 9)  # channels share a component
+    assert offdiagonal_correlation(features).item() == pytest.approx(
+        _offdiagonal_correlation_reference(features.numpy()), rel=1e-3)
+    same = torch.randn(4, 1, 9, 9).repeat(1, 5, 1, 1) * torch.arange(1.0, 6.0).view(1, 5, 1, 1)
+    assert offdiagonal_correlation(same).item() == pytest.approx(1.0, rel=1e-3)
+    features.requires_grad_(True)
+    offdiagonal_correlation(features).backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from pretraining.losses.masked_mse import masked_mse
-from pretraining.methods.mim import MIM, random_patch_mask
+from nnunet_ssp.checkpoint import load_checkpoint, save_checkpoint
+from nnunet_ssp.network import load_parts
+from pretraining.losses.decorrelation import offdiagonal_correlation
+from pretraining.methods.mim import MIM, decoder_stage_outputs, random_patch_mask
 
 
 @pytest.mark.parametrize("height, width, patch", [(256, 256, 32), (64, 64, 32), (80, 48, 32), (70, 45, 16)])
@@ -97,3 +100,45 @@ def test_skip_features_reach_the_decoder_kept_masked_at_masked_patches_or_droppe
         assert 0 < len(dropped_rows) < len(images)
     with pytest.raises(ValueError, match="skip_features"):
         MIM(target.network_spec, (64, 64), skip_features="removed")
+
+
+def test_nonlinear_head_is_dropped_at_fine_tuning_into_nnunets_own_network(target, seeded, tmp_path):
+    method = MIM(target.network_spec, (64, 64), reconstruction_head="nonlinear")
+    model = method.build_model()
+    head = model.network.decoder.seg_layers[-1]
+    assert isinstance(head, torch.nn.Sequential) and head[-1].out_channels == 1
+    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 1, 64, 64)
+    loss, _ = method.loss(model, {"views": [torch.randn(2, 1, 64, 64)]}, None)
+    loss.backward()
+    assert head[0].conv.weight.grad.abs().sum() > 0
+    path = str(tmp_path / "checkpoint_final.pth")
+    save_checkpoint(path, method.export_network(model), target, "mim", method.parts, pretraining={}, data={})
+    weights = load_checkpoint(path)["network_weights"]
+    assert not any(".seg_layers." in key for key in weights)
+    fine_tuned = target.network_spec.build(4, deep_supervision=True)  # nnU-Net's own network, 4 classes
+    load_parts(fine_tuned, weights, ("encoder", "decoder"), source=path)
+    state = fine_tuned.state_dict()
+    for key, tensor in weights.items():
+        assert torch.equal(state[key], tensor), key
+    assert all(type(layer) is torch.nn.Conv2d for layer in fine_tuned.decoder.seg_layers)
+
+
+def test_decorrelation_adds_the_weighted_penalty_of_every_decoder_stage(target, seeded):
+    images = torch.randn(3, 1, 64, 64)
+    losses = {}
+    for weight in (0.0, 0.5):
+        method = MIM(target.network_spec, (64, 64), mask_patch_size=16, decorrelation=weight)
+        torch.manual_seed(1)
+        model = method.build_model()
+        torch.manual_seed(2)  # the same masks
+        losses[weight], metrics = method.loss(model, {"views": [images]}, None)
+    torch.manual_seed(2)
+    masked, mask = method.mask_batch(images)
+    with decoder_stage_outputs(model.network) as stages:
+        method.reconstruct(model, masked, mask)
+    assert len(stages) == 3
+    penalty = torch.stack([offdiagonal_correlation(s) for s in stages]).mean()
+    assert metrics["decorrelation"] == pytest.approx(penalty.item(), rel=1e-5)
+    assert losses[0.5].item() == pytest.approx(losses[0.0].item() + 0.5 * penalty.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="reconstruction_head"):
+        MIM(target.network_spec, (64, 64), reconstruction_head="mlp")

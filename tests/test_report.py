@@ -26,7 +26,7 @@ RUNS = [(m, b, s, n, off) for m, off in (("baseline", 0.0), ("mim", 0.04)) for b
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # schedule and TTA as evaluations record them; dino and custom stand for files written before they were recorded
 RECORDED = {method: {"schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": iterations,
-                                  "initial_lr": lr}, "tta": False}
+                                  "initial_lr": lr}, "tta": False, "plans": "nnUNetPlans_w025", "width": 0.25}
             for method, iterations, lr in (("baseline", 3, 0.01), ("mim", 9, 0.005))}
 
 
@@ -118,6 +118,8 @@ def test_main_and_class_tables(results):
     text = (out / "report.md").read_text()
     assert ("Fine-tuning schedule: not recorded (3 runs); paper (1000 epochs, 3–9 iterations per epoch). "
             "Test-time augmentation: not recorded (3 runs), off (9 runs).") in text
+    assert ("Network: plans nnUNetPlans_w025 (nnU-Net's features per stage x 0.25, a CPU miniature); plans not "
+            "recorded.") in text
     _, run_rows = _table_after(text, "## Runs")
     assert {tuple(r[3:7]) for r in run_rows if r[0] == "mim"} == {
         ("n/a", "2", "paper (1000 epochs x 9 iterations, lr 0.005)", "off"),

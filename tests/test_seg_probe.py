@@ -205,7 +205,8 @@ def test_a_dataset_without_labelled_cases_turns_the_probe_off_with_a_log_line(ph
         shutil.copy(os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name, name), unlabelled)
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "preprocessed"))
     trainer = pretrainer("mim", target, cache, str(tmp_path / "run"), epochs=1)
-    assert len(trainer.probes) == 1
+    assert not any(isinstance(probe, SegmentationProbe) for probe in trainer.probes)  # the k-NN and decoder ones stay
+    assert len(trainer.probes) == 2
     log = open(os.path.join(trainer.output_folder, "training_log.txt")).read()
     assert f"segmentation probe off: {unlabelled / 'nnUNetPlans_2d'} holds no preprocessed labelled training cases" \
            in log

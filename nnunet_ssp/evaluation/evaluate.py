@@ -23,6 +23,7 @@ from nnunet_ssp.evaluation.clinical import MEASURES, agreement, clinical_measure
 from nnunet_ssp.fold_files import described_fold
 from nnunet_ssp.io import atomic_path, save_json_atomic
 from nnunet_ssp.network import preprocessed_dataset_folder
+from nnunet_ssp.plans import plans_width
 from nnunet_ssp.raw_layout import SUBJECTS_TABLE, read_vendor_table
 from nnunet_ssp.schedule import split_training_seed
 from nnunet_ssp.splits import normalized_phases, phase_of_case, subject_of_case
@@ -192,15 +193,17 @@ def _nnunet_dice(reference_folder: str, prediction_folder: str, cases: Sequence[
     return result
 
 
-def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str], fold, plans_name: str,
+def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str], fold, plans_manager,
               configuration: str, tta: Optional[bool], prediction_folder: str, reference_folder: str,
               vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]) -> dict:
     """The run's identity, method and schedule (what the run recorded), its fine-tuning recipe (the trainer class's;
     "" for the paper's and for stock trainers) and training seed (:func:`training_seed_of_run`), whether the
-    predictions used test-time augmentation (as the caller says; None: not said), the test cases' filter
+    predictions used test-time augmentation (as the caller says; None: not said), the plans and their width
+    (``nnunet_ssp plans --width``; None: as nnU-Net planned them), the test cases' filter
     (``vendors``, ``phases``); budget, seed, training subjects and their filter (``train_vendors``,
     ``train_phases``) from splits_ssp.json when it describes the fold."""
     described = described_fold(preprocessed_folder, fold) if fold is not None else {}
+    plans_name = plans_manager.plans_name
     fold_folder = results_fold_folder(dataset_name, trainer, plans_name, configuration, fold) if trainer else None
     return {"dataset": dataset_name, "trainer": trainer, "method": method_of_run(trainer, fold_folder) if trainer else None,
             "recipe": getattr(_trainer_class(trainer), "recipe", "") if trainer else None,
@@ -208,6 +211,7 @@ def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str
             "fold": fold, "budget": described.get("budget"), "seed": described.get("seed"),
             "num_train_subjects": len(described["subjects"]) if "subjects" in described else None,
             "schedule": schedule_of_run(fold_folder), "tta": tta,
+            "plans": plans_name, "width": plans_width(plans_manager.plans),
             "prediction_folder": prediction_folder, "reference_folder": reference_folder,
             "vendors": list(vendors) if vendors else None, "phases": phases,
             "train_vendors": described.get("vendors"), "train_phases": described.get("phases")}
@@ -300,7 +304,7 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
     evaluation = _nan_to_none({
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "run": _run_info(dataset_name, preprocessed_folder, trainer, int(fold) if str(fold).isdigit() else fold,
-                         plans_manager.plans_name, configuration, tta, prediction_folder, reference_folder, vendors,
+                         plans_manager, configuration, tta, prediction_folder, reference_folder, vendors,
                          phases),
         "dice_summary": DICE_SUMMARY,
         "labels": {str(value): name for name, value in dataset_json["labels"].items()

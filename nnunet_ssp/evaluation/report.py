@@ -385,7 +385,20 @@ def _intro(experiment: Experiment) -> List[str]:
     runs = experiment.runs
     return [f"{len(runs)} runs: methods {', '.join(experiment.methods)}; budgets "
             f"{', '.join(map(cell_text, experiment.budgets))}.",
-            f"Fine-tuning schedule: {schedule_summary(runs)}. Test-time augmentation: {tta_summary(runs)}."]
+            f"Fine-tuning schedule: {schedule_summary(runs)}. Test-time augmentation: {tta_summary(runs)}.",
+            f"Network: {network_summary(runs)}."]
+
+
+def network_summary(runs: Sequence[Run]) -> str:
+    """The plans the runs trained with, e.g. "plans nnUNetPlans_w025 (nnU-Net's features per stage x 0.25)"."""
+    parts = []
+    for plans, width in sorted({(r.plans, r.width) for r in runs}, key=str):
+        if plans is None:
+            parts.append("plans not recorded")
+        else:
+            parts.append(f"plans {plans}" + (f" (nnU-Net's features per stage x {width:g}, a CPU miniature)"
+                                               if width is not None else " (as nnU-Net planned them)"))
+    return "; ".join(parts)
 
 
 def _wilcoxon_table(rows: Sequence[dict]) -> str:

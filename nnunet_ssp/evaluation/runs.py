@@ -44,6 +44,8 @@ class Run:
     subjects: Dict[str, Dict[str, Dict[str, float]]]  # subject -> reference/prediction -> measure -> value
     schedule: Optional[dict] = None             # the fine-tuning schedule the run recorded (name, epochs, ...)
     tta: Optional[bool] = None                  # whether its predictions used test-time augmentation
+    plans: Optional[str] = None                 # the plans identifier it was trained with (None: not recorded)
+    width: Optional[float] = None               # their width factor (nnunet_ssp plans --width); None: as planned
     experiment: str = ""                        # "" for the main experiment, see experiment_label
 
 
@@ -153,6 +155,7 @@ def load_run(folder: str) -> Run:
             num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
             labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
             schedule=run.get("schedule"), tta=run.get("tta"), experiment=experiment_label(run),
+            plans=run.get("plans"), width=run.get("width"),
             clinical={m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
                       for m, a in ev["clinical_agreement"].items()},
             subjects={s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}

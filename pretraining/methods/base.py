@@ -127,6 +127,11 @@ class SSPMethod:
         """The nnU-Net network whose declared parts go into the checkpoint."""
         return model.network
 
+    def checkpoint_network(self, model: torch.nn.Module, calibration_images: Optional[torch.Tensor]) -> torch.nn.Module:
+        """The network whose declared parts the final checkpoint holds (default: :meth:`export_network`);
+        ``calibration_images`` are un-augmented slices of the data (None when the run has none)."""
+        return self.export_network(model)
+
     def write_preview(self, model: torch.nn.Module, batch: dict, path: str) -> bool:
         """Optionally writes a PNG that shows what the method does; returns whether it wrote one."""
         return False

@@ -10,18 +10,36 @@ a masked patch from the deep path, not by copying its visible neighbours through
 README, "Does pretraining help on the phantom?"); ``dropped`` sets all skip features of a random half of the images
 to 0, so that the decoder learns to restore whole images from the deepest features alone.
 
+``--reconstruction-head`` (not the paper's; default ``linear``, the paper's): the paper reconstructs through
+``decoder.seg_layers[-1]``, a linear 1×1 conv on the last decoder stage, so every decoder stage's output
+concentrates in the few directions the image's intensity needs (badly conditioned: ``pretraining.conditioning``)
+and fresh segmentation heads fine-tuned on them barely move. ``nonlinear`` reconstructs through a throw-away head
+(conv 3×3, norm, non-linearity, 1×1 conv, of the plans' operators) in its place. Either head lives under
+``decoder.seg_layers``, which the checkpoint never holds: fine-tuning starts nnU-Net's own network.
+``--decorrelation W`` (default 0, the paper's) adds W × the mean over the decoder stages of the mean squared
+off-diagonal correlation of their output channels (``pretraining.losses.decorrelation``) to the loss.
+``--decoder-output-std S`` (default 0: as trained, the paper's) reparametrises the checkpoint's decoder so that each
+decoder stage's output channels have standard deviation S on the run's calibration slices, without changing what it
+computes (``pretraining.conditioning.rescale_decoder_outputs``): the fresh segmentation heads of fine-tuning then
+see features of that scale.
+
 Distributed runs: every rank draws the masks of the whole global batch from the (identically seeded) torch RNG and
 keeps its own rows, and the masked squared errors and masked-pixel counts are summed over the ranks before dividing:
 the loss and the masks are the one-process run's.
 """
+import copy
 import math
-from typing import Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from nnunet_ssp.network import unwrap
 from pretraining import distributed
+from pretraining.conditioning import rescale_decoder_outputs
 from pretraining.data.views import augmentation
+from pretraining.losses.decorrelation import offdiagonal_correlation
 from pretraining.losses.masked_mse import masked_squared_error
 from pretraining.methods.base import Hyperparameters, Option, SSPMethod
 
@@ -44,6 +62,33 @@ def random_patch_mask(batch_size: int, height: int, width: int, patch_size: int,
 
 
 SKIP_FEATURES = ("kept", "masked", "dropped")
+RECONSTRUCTION_HEADS = ("linear", "nonlinear")
+
+
+def nonlinear_head(network: torch.nn.Module, out_channels: int) -> torch.nn.Module:
+    """Conv (the plans' first kernel) - norm - non-linearity - 1×1 conv on the last decoder stage's output, built from
+    the operators the plans' encoder uses."""
+    from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+    encoder = network.encoder
+    channels = network.decoder.stages[-1].output_channels
+    return torch.nn.Sequential(
+        ConvDropoutNormReLU(encoder.conv_op, channels, channels, encoder.kernel_sizes[0], 1, encoder.conv_bias,
+                            encoder.norm_op, encoder.norm_op_kwargs, None, None, encoder.nonlin,
+                            encoder.nonlin_kwargs),
+        encoder.conv_op(channels, out_channels, 1, 1, 0, bias=True))
+
+
+@contextmanager
+def decoder_stage_outputs(network: torch.nn.Module):
+    """A list that the forward passes within fill with every decoder stage's output, deepest first."""
+    outputs: List[torch.Tensor] = []
+    hooks = [stage.register_forward_hook(lambda module, args, output: outputs.append(output))
+             for stage in network.decoder.stages]
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class ReconstructionModel(torch.nn.Module):
@@ -73,7 +118,16 @@ class MIM(SSPMethod):
                "skip_features": Option("kept", "MIM: 'masked' also zeroes the encoder's skip features at the masked "
                                                "patches, so the decoder cannot copy visible neighbours; 'dropped' "
                                                "zeroes all of them for a random half of the images (default "
-                                               "'kept', the paper's)")}
+                                               "'kept', the paper's)"),
+               "reconstruction_head": Option("linear", "MIM: 'nonlinear' reconstructs through a throw-away conv-norm-"
+                                                       "nonlinearity-1x1 head instead of the linear 1x1 conv on the "
+                                                       "last decoder stage (default 'linear', the paper's)"),
+               "decorrelation": Option(0.0, "MIM: weight of a penalty on the correlation between the channels of "
+                                            "every decoder stage's output (default 0, the paper's)"),
+               "decoder_output_std": Option(0.0, "MIM: rescale the checkpoint's decoder, without changing what it "
+                                                 "computes, so that every decoder stage's output channels have this "
+                                                 "standard deviation on 64 un-augmented slices (default 0: as "
+                                                 "trained, the paper's)")}
 
     def __init__(self, spec, patch_size, **options):
         super().__init__(spec, patch_size, **options)
@@ -81,9 +135,18 @@ class MIM(SSPMethod):
             raise ValueError("mask_patch_size must be >= 1 and mask_ratio in (0, 1)")
         if self.skip_features not in SKIP_FEATURES:
             raise ValueError(f"skip_features must be one of {', '.join(SKIP_FEATURES)} (got {self.skip_features!r})")
+        if self.reconstruction_head not in RECONSTRUCTION_HEADS:
+            raise ValueError(f"reconstruction_head must be one of {', '.join(RECONSTRUCTION_HEADS)} "
+                             f"(got {self.reconstruction_head!r})")
+        for name in ("decorrelation", "decoder_output_std"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a non-negative number (got {getattr(self, name)})")
 
     def build_model(self) -> torch.nn.Module:
-        return ReconstructionModel(self.spec.build(num_output_channels=self.spec.num_input_channels))
+        network = self.spec.build(num_output_channels=self.spec.num_input_channels)
+        if self.reconstruction_head == "nonlinear":
+            network.decoder.seg_layers[-1] = nonlinear_head(network, self.spec.num_input_channels)
+        return ReconstructionModel(network)
 
     def view_transforms(self):
         return [augmentation(self.patch_size, intensity="paper")]
@@ -113,10 +176,26 @@ class MIM(SSPMethod):
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["views"][0]
         masked, mask = self.mask_batch(images)
-        reconstruction = self.reconstruct(model, masked, mask)
+        with decoder_stage_outputs(unwrap(model).network) as stages:
+            reconstruction = self.reconstruct(model, masked, mask)
         squared_error, count = masked_squared_error(reconstruction.float(), images.float(), mask)
         # masked_mse of the global batch
-        return distributed.all_reduce_sum(squared_error) / distributed.all_reduce_sum(count).clamp_min(1), {}
+        mse = distributed.all_reduce_sum(squared_error) / distributed.all_reduce_sum(count).clamp_min(1)
+        if not self.decorrelation:
+            return mse, {}
+        correlation = distributed.all_reduce_mean(torch.stack([offdiagonal_correlation(s) for s in stages]).mean())
+        return mse + self.decorrelation * correlation, {"masked_mse": mse.item(), "decorrelation": correlation.item()}
+
+    def checkpoint_network(self, model, calibration_images):
+        """The network, with its decoder rescaled on ``calibration_images`` when ``decoder_output_std`` is set."""
+        network = self.export_network(model)
+        if not self.decoder_output_std:
+            return network
+        if calibration_images is None:
+            raise ValueError("decoder_output_std needs calibration images")
+        network = copy.deepcopy(network).cpu()
+        rescale_decoder_outputs(network, calibration_images.cpu(), self.decoder_output_std)
+        return network
 
     def write_preview(self, model, batch, path) -> bool:
         import matplotlib
