@@ -9,11 +9,11 @@ epoch as in the paper schedule of a fold smaller than a batch), ``--init`` choos
 and torch are seeded with ``--seed``. The controls are not recipes: ``encoder+decoder+whitening`` loads encoder and
 decoder, then puts a frozen PCA-whitening 1x1 conv in front of each new segmentation head, fit on the decoder
 stage's output for the fold's training images (:func:`add_whitening`); ``+standardising`` standardises each channel
-only, ``+centring`` subtracts the mean only; ``random+whitening`` whitens the random network's features, which tells
-a decoder-specific cure from a faster start of any network. At each ``--eval-at`` iteration the network predicts
-the fold's validation cases (imagesTr) and the test set (imagesTs) with nnU-Net's predictor (no TTA), and nnU-Net's
-``compute_metrics_on_folder`` scores them: the mean over cases of the mean Dice over the foreground labels. Recipes
-are to be chosen on the validation Dice; the test Dice is the reported result.
+only, ``+centring`` subtracts the mean only; ``random+whitening`` and ``random+centring`` do so on the random
+network, which tells a decoder-specific cure from a faster start of any network. At each ``--eval-at`` iteration
+the network predicts the fold's validation cases (imagesTr) and the test set (imagesTs) with nnU-Net's predictor (no
+TTA), and nnU-Net's ``compute_metrics_on_folder`` scores them: the mean over cases of the mean Dice over the
+foreground labels. Recipes are to be chosen on the validation Dice; the test Dice is the reported result.
 
     python benchmarks/finetune_curves.py -d 701 -p nnUNetPlans_w025 --folds 0 2 4 \\
         --inits random encoder encoder+decoder encoder+decoder+whitening \\
@@ -34,7 +34,7 @@ import time
 
 INITS = {"random": (), "encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder"),
          "encoder+decoder+whitening": ("encoder", "decoder"), "encoder+decoder+standardising": ("encoder", "decoder"),
-         "encoder+decoder+centring": ("encoder", "decoder"), "random+whitening": ()}
+         "encoder+decoder+centring": ("encoder", "decoder"), "random+whitening": (), "random+centring": ()}
 WHITENING_EPS = 1e-3  # added to each eigenvalue, as a fraction of their mean
 
 

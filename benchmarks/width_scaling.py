@@ -1,7 +1,8 @@
 """Seconds per iteration of both stages against the plans' width: nnU-Net's fine-tuning step and MIM's pretraining
 step on width-scaled plans (``nnunet_ssp plans --width``), and the ratio to full width.
 
-- fine-tuning: the real ``nnUNetTrainerBaseline`` of fold ``--fold`` (``get_trainer_from_args``, nnU-Net's data
+- fine-tuning: the plugin's ``nnUNetTrainerBaseline`` (nnU-Net's trainer, progress.png every 50 iterations) of fold
+  ``--fold`` (``get_trainer_from_args``, nnU-Net's data
   loader and augmentation in the main process, as the demo runs it): seconds per ``train_step`` on its batches, and
   seconds per epoch of the paper schedule at one training iteration (nnU-Net's epoch hooks, one training and one
   validation step, its logging), i.e. what 1000 epochs of a 1-subject fold cost per epoch;
@@ -37,7 +38,8 @@ def _median_seconds(step, repeats: int, warmup: int = 2) -> float:
 
 
 def finetune_seconds(dataset: str, plans: str, fold: int, repeats: int) -> dict:
-    """Seconds per training step and per one-iteration epoch of nnUNetTrainerBaseline on ``plans``."""
+    """Seconds per training step and per one-iteration epoch (one training, one validation step) of
+    nnUNetTrainerBaseline on ``plans``."""
     from nnunetv2.run.run_training import get_trainer_from_args
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every log line
         trainer = get_trainer_from_args(dataset, "2d", fold, "nnUNetTrainerBaseline", plans,
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", default="width_scaling.json")
     args = p.parse_args(argv)
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="width_scaling_")
+    from nnunet_ssp.env import EXT_TRAINER_ENV, ext_trainer_value
+    os.environ[EXT_TRAINER_ENV] = ext_trainer_value(os.environ.get(EXT_TRAINER_ENV))  # finds the plugin's trainers
     from nnunet_ssp.plans import width_plans_identifier, write_width_plans
     rows = []
     for width in args.widths:
