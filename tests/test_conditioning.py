@@ -1,17 +1,20 @@
-"""The decoder-conditioning figures on inputs of known covariance, and the probe on nnU-Net's U-Net."""
+"""The decoder-conditioning figures on inputs of known covariance, the probe and the decoder's rescaling on nnU-Net's
+U-Net, and both in a MIM pretraining run."""
 import os
 
 import numpy as np
 import pytest
 import torch
 
-from pretraining.progress_log import probe_panels
-from pretraining.state import LATEST_CHECKPOINT
-from test_seg_probe import phantom_cache, pretrainer  # noqa: F401 (a fixture)
 from nnunet_ssp.checkpoint import load_checkpoint
 from nnunet_ssp.network import load_parts
 from pretraining.conditioning import (DecoderConditioningProbe, calibration_slices, channel_spectrum, conditioning,
-                                      decoder_conditioning, decoder_stage_outputs, rescale_decoder_outputs)
+                                      decoder_conditioning, decoder_stage_outputs, make_conditioning_probe,
+                                      rescale_decoder_outputs)
+from pretraining.methods import METHODS
+from pretraining.progress_log import probe_panels
+from pretraining.state import LATEST_CHECKPOINT
+from test_seg_probe import phantom_cache, pretrainer  # noqa: F401 (a fixture)
 
 
 def _features_with_covariance(eigenvalues, pixels=200_000, seed=0) -> torch.Tensor:
@@ -66,31 +69,6 @@ def test_probe_reads_every_decoder_stage_and_its_random_init_reference(target, s
     assert second["probe_decoder_rank_2_random_init"] == first["probe_decoder_rank_2_random_init"]
 
 
-def test_mim_pretraining_logs_and_plots_each_decoder_stage_and_the_probe_changes_nothing(phantom_cache, tmp_path):
-    trainer = pretrainer("mim", *phantom_cache, str(tmp_path / "run"), seg_probe=False, mask_patch_size=16)
-    trainer.run()
-    history = torch.load(os.path.join(trainer.output_folder, LATEST_CHECKPOINT), weights_only=True)["history"]
-    stages = len(trainer.method.export_network(trainer.model).decoder.stages)
-    ranks = [f"probe_decoder_rank_{i}" for i in range(stages)]
-    for key in ranks:
-        assert len(history[key]) == 2 and all(0 < v <= 1 for v in history[key])
-        assert len(set(history[key + "_random_init"])) == 1
-        assert all(v >= 1 for v in history[key.replace("probe_decoder_rank", "decoder_condition")])
-    panels = dict(probe_panels(history))
-    assert set(panels["decoder effective rank / channels (up: better)"]) == {
-        k + suffix for k in ranks for suffix in ("", "_random_init")}
-    assert "decoder_condition_0" in open(os.path.join(trainer.output_folder, "training_log.txt")).read()
-    without = pretrainer("mim", *phantom_cache, str(tmp_path / "without"), seg_probe=False, probe_slices=0,
-                         mask_patch_size=16)
-    without.run()
-    assert not any(k.startswith(("probe_decoder", "decoder_condition")) for k in without.history)
-    alone = without.model.state_dict()
-    assert all(torch.equal(value, alone[key]) for key, value in trainer.model.state_dict().items())
-    encoder_method = pretrainer("simclr", *phantom_cache, str(tmp_path / "simclr"), seg_probe=False, epochs=1)
-    encoder_method.run()
-    assert not any(k.startswith("probe_decoder") for k in encoder_method.history)
-
-
 def _channel_std(features: torch.Tensor) -> torch.Tensor:
     return features.movedim(1, 0).reshape(features.shape[1], -1).std(dim=1)
 
@@ -112,20 +90,36 @@ def test_rescaling_gives_every_stage_output_the_target_std_and_changes_nothing_b
     assert len(medians) == 3 and all(m > 0 for m in medians)
 
 
-def test_mim_checkpoint_holds_the_rescaled_decoder_and_the_same_encoder(phantom_cache, tmp_path):
-    runs = {std: pretrainer("mim", *phantom_cache, str(tmp_path / f"std{std}"), seg_probe=False, probe_slices=0,
-                            mask_patch_size=16, decoder_output_std=std) for std in (0.0, 1.0)}
-    weights = {std: load_checkpoint(run.run())["network_weights"] for std, run in runs.items()}
-    assert weights[0.0].keys() == weights[1.0].keys()
-    changed = {k for k in weights[0.0] if not torch.equal(weights[0.0][k], weights[1.0][k])}
-    assert changed and all(k.startswith("decoder.") for k in changed)  # the same training, a rescaled decoder
+def test_mim_logs_each_decoder_stage_rescales_its_checkpoint_and_the_probe_changes_no_weight(phantom_cache,
+                                                                                               tmp_path):
+    """Two MIM runs of one seed: with the probes and ``decoder_output_std`` 1, and with neither."""
     target, cache = phantom_cache
+    probed = pretrainer("mim", target, cache, str(tmp_path / "probed"), seg_probe=False, mask_patch_size=16,
+                        decoder_output_std=1.0)
+    plain = pretrainer("mim", target, cache, str(tmp_path / "plain"), seg_probe=False, probe_slices=0,
+                       mask_patch_size=16)
+    weights = {name: load_checkpoint(run.run())["network_weights"] for name, run in (("probed", probed),
+                                                                                       ("plain", plain))}
+    history = torch.load(os.path.join(probed.output_folder, LATEST_CHECKPOINT), weights_only=True)["history"]
+    ranks = [f"probe_decoder_rank_{i}" for i in range(len(probed.method.export_network(probed.model).decoder.stages))]
+    for key in ranks:
+        assert len(history[key]) == 2 and all(0 < v <= 1 for v in history[key])
+        assert len(set(history[key + "_random_init"])) == 1
+        assert all(v >= 1 for v in history[key.replace("probe_decoder_rank", "decoder_condition")])
+    panels = dict(probe_panels(history))
+    assert set(panels["decoder effective rank / channels (up: better)"]) == {
+        k + suffix for k in ranks for suffix in ("", "_random_init")}
+    assert "decoder_condition_0" in open(os.path.join(probed.output_folder, "training_log.txt")).read()
+    assert not any(k.startswith(("probe_decoder", "decoder_condition")) for k in plain.history)
+    trained, alone = probed.model.state_dict(), plain.model.state_dict()
+    assert all(torch.equal(value, alone[key]) for key, value in trained.items())  # probes and rescaling change no run
+    changed = {k for k in weights["plain"] if not torch.equal(weights["plain"][k], weights["probed"][k])}
     network = target.network_spec.build(4, deep_supervision=True)
     changed_modules = {type(network.get_submodule(k.rsplit(".", 1)[0])) for k in changed}
     assert changed_modules == {torch.nn.InstanceNorm2d, torch.nn.ConvTranspose2d}, changed_modules
+    load_parts(network, weights["probed"], ("encoder", "decoder"), source="checkpoint")
     images = calibration_slices(cache, target.configuration_manager.patch_size, 64, 0)
-    load_parts(network, weights[1.0], ("encoder", "decoder"), source="checkpoint")
     for features in decoder_stage_outputs(network, images):
         torch.testing.assert_close(_channel_std(features), torch.ones(features.shape[1]), rtol=1e-3, atol=1e-4)
-    trained = runs[1.0].method.export_network(runs[1.0].model).state_dict()
-    assert all(torch.equal(trained[k], weights[0.0][k]) for k in weights[0.0])  # the trained model is left as it was
+    encoder_method = METHODS["simclr"](target.network_spec, target.configuration_manager.patch_size)
+    assert make_conditioning_probe(cache, encoder_method, 64, 0) is None  # encoder methods have no decoder to probe
