@@ -173,16 +173,20 @@ class MIM(SSPMethod):
     def reconstruct(self, model, masked: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return model(masked, self.skip_mask(mask))
 
+    @staticmethod
+    def _masked_mse(reconstruction: torch.Tensor, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The masked MSE of the global batch."""
+        squared_error, count = masked_squared_error(reconstruction.float(), images.float(), mask)
+        return distributed.all_reduce_sum(squared_error) / distributed.all_reduce_sum(count).clamp_min(1)
+
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
         images = batch["views"][0]
         masked, mask = self.mask_batch(images)
+        if not self.decorrelation:
+            return self._masked_mse(self.reconstruct(model, masked, mask), images, mask), {}
         with decoder_stage_outputs(unwrap(model).network) as stages:
             reconstruction = self.reconstruct(model, masked, mask)
-        squared_error, count = masked_squared_error(reconstruction.float(), images.float(), mask)
-        # masked_mse of the global batch
-        mse = distributed.all_reduce_sum(squared_error) / distributed.all_reduce_sum(count).clamp_min(1)
-        if not self.decorrelation:
-            return mse, {}
+        mse = self._masked_mse(reconstruction, images, mask)
         correlation = distributed.all_reduce_mean(torch.stack([offdiagonal_correlation(s) for s in stages]).mean())
         return mse + self.decorrelation * correlation, {"masked_mse": mse.item(), "decorrelation": correlation.item()}
 
