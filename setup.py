@@ -1,4 +1,5 @@
 """nnunet-ssp: self-supervised pretraining for nnU-Net v2 2D cardiac cine segmentation."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -8,8 +9,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["nnunet_ssp", "nnunet_ssp.*", "pretraining", "pretraining.*",
-                                    "trainers", "trainers.*"]),
+    packages=find_packages(
+        include=["nnunet_ssp", "nnunet_ssp.*", "pretraining", "pretraining.*", "trainers", "trainers.*"]
+    ),
     package_data={"trainers": ["nnunet_ext/*.py"]},
     install_requires=[
         "nnunetv2>=2.8.1,<2.9",
@@ -21,7 +23,7 @@ setup(
         "PyYAML>=5.4",
         "nibabel>=5",  # already required by nnunetv2; read directly to check NIfTI files before SimpleITK
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "import-linter>=2.6", "ruff>=0.6"]},  # import-linter 2.6: acyclic_siblings
     entry_points={
         "console_scripts": [
             "nnunet_ssp=nnunet_ssp.cli:main",

@@ -23,6 +23,7 @@ foreground labels. Recipes are to be chosen on the validation Dice; the test Dic
 (nnUNet_raw, nnUNet_preprocessed set; the trainers write into a temporary nnUNet_results.) Prints one line per run
 and a table: mean ± sd over the folds per init and iteration, and the paired difference to ``random`` per fold.
 """
+
 import argparse
 import json
 import os
@@ -32,9 +33,16 @@ import sys
 import tempfile
 import time
 
-INITS = {"random": (), "encoder": ("encoder",), "encoder+decoder": ("encoder", "decoder"),
-         "encoder+decoder+whitening": ("encoder", "decoder"), "encoder+decoder+standardising": ("encoder", "decoder"),
-         "encoder+decoder+centring": ("encoder", "decoder"), "random+whitening": (), "random+centring": ()}
+INITS = {
+    "random": (),
+    "encoder": ("encoder",),
+    "encoder+decoder": ("encoder", "decoder"),
+    "encoder+decoder+whitening": ("encoder", "decoder"),
+    "encoder+decoder+standardising": ("encoder", "decoder"),
+    "encoder+decoder+centring": ("encoder", "decoder"),
+    "random+whitening": (),
+    "random+centring": (),
+}
 WHITENING_EPS = 1e-3  # added to each eigenvalue, as a fraction of their mean
 
 
@@ -45,6 +53,7 @@ def add_whitening(network, images, mode: str = "whitening") -> None:
     import torch
 
     from pretraining.conditioning import decoder_stage_outputs
+
     outputs = decoder_stage_outputs(network, images)
     for stage, features in enumerate(outputs):
         samples = features.double().movedim(1, -1).reshape(-1, features.shape[1])
@@ -68,6 +77,7 @@ def fold_training_images(trainer):
     """Every slice of the fold's training cases (image-centred crops at the patch size), without their labels."""
     from nnunet_ssp.splits import subject_of_case
     from pretraining.seg_probe import read_slices
+
     dataset = trainer.get_tr_and_val_datasets()[0]
     subjects = {subject_of_case(case) for case in dataset.identifiers}
     return read_slices(dataset, subjects, trainer.configuration_manager.patch_size).images
@@ -83,24 +93,46 @@ def _score(trainer, cases_by_set, raw: str, out: str) -> dict:
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 
     from nnunet_ssp.predict import make_predictor
+
     trainer.set_deep_supervision_enabled(False)
     predictor = make_predictor("cpu", tta=False)
     net = trainer.network
-    predictor.manual_initialization(net, trainer.plans_manager, trainer.configuration_manager,
-                                    [{k: v.clone() for k, v in net.state_dict().items()}], trainer.dataset_json,
-                                    type(trainer).__name__, None)
+    predictor.manual_initialization(
+        net,
+        trainer.plans_manager,
+        trainer.configuration_manager,
+        [{k: v.clone() for k, v in net.state_dict().items()}],
+        trainer.dataset_json,
+        type(trainer).__name__,
+        None,
+    )
     ending, labels = trainer.dataset_json["file_ending"], trainer.label_manager.foreground_labels
     scores = {}
     for name, (images, references, cases) in cases_by_set.items():
         folder = os.path.join(out, name)
         os.makedirs(folder, exist_ok=True)
-        predictor.predict_from_files_sequential(_case_files(os.path.join(raw, images), cases, ending),
-                                                [os.path.join(folder, case) for case in cases], False, True, None)
-        metrics = compute_metrics_on_folder(os.path.join(raw, references), folder, None,
-                                            trainer.plans_manager.image_reader_writer_class(), ending, labels, None, 1)
+        predictor.predict_from_files_sequential(
+            _case_files(os.path.join(raw, images), cases, ending),
+            [os.path.join(folder, case) for case in cases],
+            False,
+            True,
+            None,
+        )
+        metrics = compute_metrics_on_folder(
+            os.path.join(raw, references),
+            folder,
+            None,
+            trainer.plans_manager.image_reader_writer_class(),
+            ending,
+            labels,
+            None,
+            1,
+        )
         # nnU-Net's convention: a class empty in both masks has Dice NaN and is left out of the case's mean
-        per_case = [statistics.fmean(d for d in (m["Dice"] for m in case["metrics"].values()) if d == d)
-                    for case in metrics["metric_per_case"]]
+        per_case = [
+            statistics.fmean(d for d in (m["Dice"] for m in case["metrics"].values()) if d == d)
+            for case in metrics["metric_per_case"]
+        ]
         scores[name] = round(statistics.fmean(per_case), 4)
     net.train()
     trainer.set_deep_supervision_enabled(True)
@@ -125,15 +157,15 @@ def run_one(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     work = os.environ["nnUNet_results"]
-    trainer = get_trainer_from_args(args.dataset, args.configuration, args.fold, "nnUNetTrainer", args.plans,
-                                    device=torch.device("cpu"))
+    trainer = get_trainer_from_args(
+        args.dataset, args.configuration, args.fold, "nnUNetTrainer", args.plans, device=torch.device("cpu")
+    )
     trainer.num_epochs, trainer.initial_lr = args.iters, args.lr
     trainer.initialize()
     trainer.on_train_start()
     parts = INITS[args.init]
     if parts:
-        load_parts(trainer.network, load_checkpoint(args.checkpoint)["network_weights"], parts,
-                   source=args.checkpoint)
+        load_parts(trainer.network, load_checkpoint(args.checkpoint)["network_weights"], parts, source=args.checkpoint)
     control = args.init.rsplit("+", 1)[-1]
     if control in ("whitening", "standardising", "centring"):
         add_whitening(trainer.network, fold_training_images(trainer), control)
@@ -149,11 +181,21 @@ def run_one(args) -> dict:
         losses.append(float(trainer.train_step(next(trainer.dataloader_train))["loss"]))
         training_seconds += time.time() - start
         if iteration + 1 in args.eval_at:
-            curve[str(iteration + 1)] = dict(_score(trainer, cases_by_set, raw, os.path.join(work, str(iteration + 1))),
-                                        train_loss=round(statistics.fmean(losses[-10:]), 4))
-    return dict(fold=args.fold, init=args.init, plans=args.plans, lr=args.lr, seed=args.seed, iters=args.iters,
-                checkpoint=args.checkpoint if parts else None, curve=curve,
-                seconds_per_iteration=round(training_seconds / args.iters, 2))
+            curve[str(iteration + 1)] = dict(
+                _score(trainer, cases_by_set, raw, os.path.join(work, str(iteration + 1))),
+                train_loss=round(statistics.fmean(losses[-10:]), 4),
+            )
+    return dict(
+        fold=args.fold,
+        init=args.init,
+        plans=args.plans,
+        lr=args.lr,
+        seed=args.seed,
+        iters=args.iters,
+        checkpoint=args.checkpoint if parts else None,
+        curve=curve,
+        seconds_per_iteration=round(training_seconds / args.iters, 2),
+    )
 
 
 def skip_balance(weights) -> list:
@@ -188,17 +230,21 @@ def _table(results, eval_at) -> str:
     def ms(values):
         return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
 
-    lines = [f"{'init':26s} {'iters':>5s}  {'train loss':15s}  {'val Dice':15s}  {'test Dice':15s}  "
-             f"{'test per fold':22s}  test minus random per fold"]
+    lines = [
+        f"{'init':26s} {'iters':>5s}  {'train loss':15s}  {'val Dice':15s}  {'test Dice':15s}  "
+        f"{'test per fold':22s}  test minus random per fold"
+    ]
     for init in (i for i in INITS if any(r["init"] == i for r in results)):
         for it in eval_at:
             points = {f: by[init, f]["curve"][str(it)] for f in folds if (init, f) in by}
             base = {f: by["random", f]["curve"][str(it)]["test"] for f in points if ("random", f) in by}
             column = {key: [p[key] for p in points.values()] for key in ("train_loss", "val", "test")}
             per_fold = " ".join(f"{t:.3f}" for t in column["test"])
-            lines.append(f"{init:26s} {it:5d}  {ms(column['train_loss']):15s}  {ms(column['val']):15s}  "
-                         f"{ms(column['test']):15s}  {per_fold:22s}  "
-                         + " ".join(f"{points[f]['test'] - base[f]:+.3f}" for f in base))
+            lines.append(
+                f"{init:26s} {it:5d}  {ms(column['train_loss']):15s}  {ms(column['val']):15s}  "
+                f"{ms(column['test']):15s}  {per_fold:22s}  "
+                + " ".join(f"{points[f]['test'] - base[f]:+.3f}" for f in base)
+            )
     return "\n".join(lines)
 
 
@@ -227,16 +273,23 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(args)))
         return 0
     if any(INITS[i] for i in args.inits) and not (args.checkpoint and os.path.isfile(args.checkpoint)):
-        sys.exit(f"finetune_curves: --checkpoint {args.checkpoint}: not a file (needed for --inits "
-                 f"{' '.join(i for i in args.inits if INITS[i])})")
+        sys.exit(
+            f"finetune_curves: --checkpoint {args.checkpoint}: not a file (needed for --inits "
+            f"{' '.join(i for i in args.inits if INITS[i])})"
+        )
     if args.checkpoint:
         from nnunet_ssp.checkpoint import load_checkpoint
+
         checkpoint = load_checkpoint(args.checkpoint)
-        print(f"{args.checkpoint}: sd of the encoder's InstanceNorm scales per stage (top first; 0 at init): "
-              f"{norm_scale_spread(checkpoint['network_weights'])}")
+        print(
+            f"{args.checkpoint}: sd of the encoder's InstanceNorm scales per stage (top first; 0 at init): "
+            f"{norm_scale_spread(checkpoint['network_weights'])}"
+        )
         if "decoder" in checkpoint["parts"]:
-            print(f"{args.checkpoint}: decoder skip/upsampled weight-norm ratio per stage (deepest first; about 1 "
-                  f"at init): {skip_balance(checkpoint['network_weights'])}")
+            print(
+                f"{args.checkpoint}: decoder skip/upsampled weight-norm ratio per stage (deepest first; about 1 "
+                f"at init): {skip_balance(checkpoint['network_weights'])}"
+            )
     worker = [sys.executable, os.path.abspath(__file__)] + [a for a in (argv or sys.argv[1:])]
     pending = [(fold, init) for fold in args.folds for init in args.inits]
     running, results = [], []
@@ -247,8 +300,17 @@ def main(argv=None) -> int:
             fold, init = pending.pop(0)
             log = os.path.join(logs, f"fold{fold}_{init}.log")
             with open(log, "w") as out:  # a file, not a pipe: nnU-Net prints a lot, and pipes fill up
-                running.append((subprocess.Popen(worker + ["--fold", str(fold), "--init", init], env=env,
-                                                 stdout=out, stderr=subprocess.STDOUT), log))
+                running.append(
+                    (
+                        subprocess.Popen(
+                            worker + ["--fold", str(fold), "--init", init],
+                            env=env,
+                            stdout=out,
+                            stderr=subprocess.STDOUT,
+                        ),
+                        log,
+                    )
+                )
         done, log = running.pop(0)
         if done.wait() != 0:
             sys.exit(f"finetune_curves: {log}: run failed (exit {done.returncode})")
@@ -257,9 +319,12 @@ def main(argv=None) -> int:
         results.append(result)
         with open(args.output, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
-        print(f"fold {result['fold']} {result['init']}: " + ", ".join(
-            f"@{it} val {c['val']:.3f} test {c['test']:.3f}" for it, c in result["curve"].items())
-              + f" ({result['seconds_per_iteration']} s/iteration)", flush=True)
+        print(
+            f"fold {result['fold']} {result['init']}: "
+            + ", ".join(f"@{it} val {c['val']:.3f} test {c['test']:.3f}" for it, c in result["curve"].items())
+            + f" ({result['seconds_per_iteration']} s/iteration)",
+            flush=True,
+        )
     print(_table(results, args.eval_at))
     return 0
 

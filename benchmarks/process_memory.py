@@ -1,5 +1,6 @@
 """Memory of a process and its descendants, read from /proc (Linux): for benchmarks that measure what a step costs
 in resident memory (cache_scale.py)."""
+
 import os
 import threading
 
@@ -15,7 +16,7 @@ def _ppids() -> dict:
                 stat = f.read()
         except OSError:
             continue
-        rest = stat[stat.rfind(b")") + 2:].split()  # the command name may hold spaces and parentheses
+        rest = stat[stat.rfind(b")") + 2 :].split()  # the command name may hold spaces and parentheses
         out[int(name)] = int(rest[1])
     return out
 
@@ -47,7 +48,7 @@ def memory_of(pid: int) -> dict:
                     out["Pss"] = int(line.split()[1]) * 1024
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-        fields = stat[stat.rfind(b")") + 2:].split()
+        fields = stat[stat.rfind(b")") + 2 :].split()
         out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return {}
@@ -106,9 +107,16 @@ class TreeSampler:
 
     def summary(self, busy_cpu_s: float = 1.0) -> dict:
         workers = [pid for pid, s in self.cpu.items() if pid != self.root and s >= busy_cpu_s]
-        return {"peak_tree_rss_bytes": self.peak["rss"], "peak_tree_pss_bytes": self.peak["pss"],
-                "peak_tree_anon_bytes": self.peak["anon"], "peak_tree_file_bytes": self.peak["file"],
-                "peak_main_rss_bytes": self.peak["root_rss"], "peak_children_rss_bytes": self.peak["children_rss"],
-                "peak_one_process_rss_bytes": self.peak["one_process_rss"],
-                "max_processes": self.max_processes, "busy_child_processes": len(workers),
-                "child_cpu_s": round(sum(self.cpu[p] for p in workers), 1), "rss_samples": self.samples}
+        return {
+            "peak_tree_rss_bytes": self.peak["rss"],
+            "peak_tree_pss_bytes": self.peak["pss"],
+            "peak_tree_anon_bytes": self.peak["anon"],
+            "peak_tree_file_bytes": self.peak["file"],
+            "peak_main_rss_bytes": self.peak["root_rss"],
+            "peak_children_rss_bytes": self.peak["children_rss"],
+            "peak_one_process_rss_bytes": self.peak["one_process_rss"],
+            "max_processes": self.max_processes,
+            "busy_child_processes": len(workers),
+            "child_cpu_s": round(sum(self.cpu[p] for p in workers), 1),
+            "rss_samples": self.samples,
+        }

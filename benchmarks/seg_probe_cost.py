@@ -15,6 +15,7 @@ it reports on the phantom.
     python benchmarks/seg_probe_cost.py --epochs 1 --iters 20   # a shorter phantom run
     python benchmarks/seg_probe_cost.py --skip-run              # the paper-scale estimate only
 """
+
 import argparse
 import json
 import os
@@ -22,17 +23,17 @@ import tempfile
 import time
 
 import torch
+from pretrain_throughput import write_cardiac_like_plans  # this folder is on sys.path when run as a script
 
 from nnunet_ssp.network import PlannedConfiguration
 from nnunet_ssp.workspace import phantom_workspace, workspace_env
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.sources import discover_sources
-from pretraining.methods import METHODS
 from pretraining.loop import Pretrainer
+from pretraining.methods import METHODS
 from pretraining.methods.base import Step
 from pretraining.run import PretrainSettings, make_pretrainer
 from pretraining.seg_probe import make_seg_probe, random_network_builder
-from pretrain_throughput import write_cardiac_like_plans  # this folder is on sys.path when run as a script
 
 PAPER_EPOCH_SLICES = 90_618  # every cine frame and slice of the paper's 296 training subjects
 
@@ -40,23 +41,39 @@ PAPER_EPOCH_SLICES = 90_618  # every cine frame and slice of the paper's 296 tra
 def phantom_run(target, cache, args, output: str) -> list:
     """Per-epoch rows of a MIM run with both probes on the phantom."""
     method = METHODS["mim"](target.network_spec, target.configuration_manager.patch_size, mask_patch_size=16)
-    settings = PretrainSettings.of_method(method, epochs=args.epochs, iters_per_epoch=args.iters,
-                                          batch_size=args.batch_size, lr=0.02, device=args.device,
-                                          num_workers=args.num_workers, seed=args.seed)
+    settings = PretrainSettings.of_method(
+        method,
+        epochs=args.epochs,
+        iters_per_epoch=args.iters,
+        batch_size=args.batch_size,
+        lr=0.02,
+        device=args.device,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
     trainer = make_pretrainer(method, target, cache, settings, output, probe_slices=256, seg_probe=True)
     trainer.run()
     h = trainer.history
-    return [{"epoch": e, "epoch_s": h["epoch_time_s"][e], "seg_probe_s": h["seg_probe_time_s"][e],
-             "ratio": h["seg_probe_time_s"][e] / h["epoch_time_s"][e], "seg_dice": h["probe_seg_dice"][e],
-             "seg_dice_random_init": h["probe_seg_dice_random_init"][e],
-             "position_mae": h["probe_position_mae"][e], "position_mae_chance": h["probe_position_mae_chance"][e]}
-            for e in range(len(h["epoch"]))]
+    return [
+        {
+            "epoch": e,
+            "epoch_s": h["epoch_time_s"][e],
+            "seg_probe_s": h["seg_probe_time_s"][e],
+            "ratio": h["seg_probe_time_s"][e] / h["epoch_time_s"][e],
+            "seg_dice": h["probe_seg_dice"][e],
+            "seg_dice_random_init": h["probe_seg_dice_random_init"][e],
+            "position_mae": h["probe_position_mae"][e],
+            "position_mae_chance": h["probe_position_mae_chance"][e],
+        }
+        for e in range(len(h["epoch"]))
+    ]
 
 
 def seconds_per_slice(method, target, batch_size: int, device: str, steps: int = 3) -> float:
     """Seconds of one optimisation step per slice (after a warm-up step) on a batch of ``method``'s views."""
-    settings = PretrainSettings.of_method(method, epochs=1, iters_per_epoch=steps, batch_size=batch_size,
-                                          device=device, seed=0)
+    settings = PretrainSettings.of_method(
+        method, epochs=1, iters_per_epoch=steps, batch_size=batch_size, device=device, seed=0
+    )
     trainer = Pretrainer(method, None, target, settings, tempfile.mkdtemp(prefix="seg_probe_cost_"), data_summary={})
     batch = method.example_batch(batch_size, target.network_spec.num_input_channels, "cpu")
     trainer.model.train()
@@ -81,9 +98,17 @@ def paper_scale(dataset: str, args) -> list:
         probe.dice(network)
         probe_s = time.perf_counter() - start
         epoch_s = PAPER_EPOCH_SLICES * seconds_per_slice(method, target, args.paper_batch, args.device)
-        rows.append({"method": name, "probe_s": probe_s, "epoch_s": epoch_s, "ratio": probe_s / epoch_s,
-                     "fit_slices": len(probe.fit.labels), "scored_slices": len(probe.scored.labels),
-                     "patch_size": list(method.patch_size)})
+        rows.append(
+            {
+                "method": name,
+                "probe_s": probe_s,
+                "epoch_s": epoch_s,
+                "ratio": probe_s / epoch_s,
+                "fit_slices": len(probe.fit.labels),
+                "scored_slices": len(probe.scored.labels),
+                "patch_size": list(method.patch_size),
+            }
+        )
     return rows
 
 
@@ -106,15 +131,21 @@ def _report(run: list, paper: list, device: str) -> None:
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     if run:
         print(f"phantom run (MIM, {where}):")
-        print(f"{'epoch':>5s} {'epoch s':>8s} {'probe s':>8s} {'ratio':>6s} {'Dice':>6s} {'random':>6s} "
-              f"{'pos err':>7s} {'chance':>6s}")
+        print(
+            f"{'epoch':>5s} {'epoch s':>8s} {'probe s':>8s} {'ratio':>6s} {'Dice':>6s} {'random':>6s} "
+            f"{'pos err':>7s} {'chance':>6s}"
+        )
         for r in run:
-            print(f"{r['epoch']:5d} {r['epoch_s']:8.1f} {r['seg_probe_s']:8.1f} {r['ratio']:6.1%} {r['seg_dice']:6.3f} "
-                  f"{r['seg_dice_random_init']:6.3f} {r['position_mae']:7.3f} {r['position_mae_chance']:6.3f}")
+            print(
+                f"{r['epoch']:5d} {r['epoch_s']:8.1f} {r['seg_probe_s']:8.1f} {r['ratio']:6.1%} {r['seg_dice']:6.3f} "
+                f"{r['seg_dice_random_init']:6.3f} {r['position_mae']:7.3f} {r['position_mae_chance']:6.3f}"
+            )
     print(f"paper scale ({where}; an epoch is {PAPER_EPOCH_SLICES:,} slices at the measured step time):")
     for r in paper:
-        print(f"{r['method']:7s} probe {r['probe_s']:7.1f} s ({r['fit_slices']} + {r['scored_slices']} slices at "
-              f"{r['patch_size']}), epoch {r['epoch_s']:9.0f} s, ratio {r['ratio']:.2%} (goal <= 10%)")
+        print(
+            f"{r['method']:7s} probe {r['probe_s']:7.1f} s ({r['fit_slices']} + {r['scored_slices']} slices at "
+            f"{r['patch_size']}), epoch {r['epoch_s']:9.0f} s, ratio {r['ratio']:.2%} (goal <= 10%)"
+        )
 
 
 def main(argv=None) -> dict:
@@ -125,8 +156,12 @@ def main(argv=None) -> dict:
     target = PlannedConfiguration.from_preprocessed(dataset)
     run = []
     if not args.skip_run:
-        cache = build_or_load_cache(target, discover_sources(os.path.join(os.environ["nnUNet_raw"], dataset)),
-                                    os.path.join(workdir, "cache"), progress=False)
+        cache = build_or_load_cache(
+            target,
+            discover_sources(os.path.join(os.environ["nnUNet_raw"], dataset)),
+            os.path.join(workdir, "cache"),
+            progress=False,
+        )
         run = phantom_run(target, cache, args, os.path.join(workdir, "mim"))
     paper = paper_scale(dataset, args)
     _report(run, paper, args.device)

@@ -2,6 +2,7 @@
 and times its epochs (nnU-Net's own epoch body) and steps; :func:`step_duel` runs train_step of several trainers back
 to back on the same batch; the facts that usually make a fine-tuning trainer slower (overridden hooks, parameter
 layouts, subnormal weights)."""
+
 import contextlib
 import io
 import random
@@ -31,6 +32,7 @@ def quiet(enabled: bool):
 def overridden_hooks(cls) -> dict:
     """{method: [classes defining it]} for every method the trainer class defines above nnU-Net's nnUNetTrainer."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
     found = {}
     for klass in cls.__mro__:
         if klass is nnUNetTrainer:
@@ -44,22 +46,32 @@ def overridden_hooks(cls) -> dict:
 
 def network_facts(trainer) -> dict:
     from nnunet_ssp.network import unwrap
+
     net = unwrap(trainer.network)
     params = list(net.named_parameters())
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                + len(getattr(m, "_backward_pre_hooks", {})) for m in net.modules())
+    hooks = sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in net.modules()
+    )
     hooks += sum(len(getattr(p, "_backward_hooks", None) or {}) for _, p in params)
     tiny = torch.finfo(torch.float32).tiny
-    subnormal = sum(int(((p.detach().abs() < tiny) & (p.detach() != 0)).sum()) for _, p in params
-                    if p.dtype == torch.float32)
+    subnormal = sum(
+        int(((p.detach().abs() < tiny) & (p.detach() != 0)).sum()) for _, p in params if p.dtype == torch.float32
+    )
     return {
         "parameters": sum(p.numel() for _, p in params),
         "layout": [(k, tuple(p.shape), tuple(p.stride()), str(p.dtype), p.requires_grad) for k, p in params],
         "frozen_parameters": sum(p.numel() for _, p in params if not p.requires_grad),
-        "hooks": hooks, "subnormal_weights": subnormal,
-        "optimizer": type(trainer.optimizer).__name__, "param_groups": len(trainer.optimizer.param_groups),
+        "hooks": hooks,
+        "subnormal_weights": subnormal,
+        "optimizer": type(trainer.optimizer).__name__,
+        "param_groups": len(trainer.optimizer.param_groups),
         "optimizer_params": sum(len(g["params"]) for g in trainer.optimizer.param_groups),
-        "lr_scheduler": type(trainer.lr_scheduler).__name__, "compiled": hasattr(trainer.network, "_orig_mod"),
+        "lr_scheduler": type(trainer.lr_scheduler).__name__,
+        "compiled": hasattr(trainer.network, "_orig_mod"),
         "deep_supervision": bool(trainer.enable_deep_supervision),
         "dataloader_train": type(trainer.dataloader_train).__name__,
     }
@@ -71,16 +83,20 @@ class Run:
     def __init__(self, label, trainer_name, args, dataset, num_epochs):
         from nnunetv2.run.run_training import get_trainer_from_args
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
         self.label = label
         seed_all(args.seed)
         start = time.perf_counter()
         with quiet(not args.verbose):
-            self.trainer = get_trainer_from_args(dataset, args.configuration, args.fold, trainer_name, args.plans,
-                                                 False, torch.device(args.device))
+            self.trainer = get_trainer_from_args(
+                dataset, args.configuration, args.fold, trainer_name, args.plans, False, torch.device(args.device)
+            )
             t = self.trainer
             if type(t).run_training is not nnUNetTrainer.run_training:
-                raise SystemExit(f"{trainer_name} overrides run_training: this benchmark's epoch loop would not be "
-                                 f"its loop; time it through nnUNetv2_train instead")
+                raise SystemExit(
+                    f"{trainer_name} overrides run_training: this benchmark's epoch loop would not be "
+                    f"its loop; time it through nnUNetv2_train instead"
+                )
             t.num_iterations_per_epoch = args.iters
             t.num_val_iterations_per_epoch = args.val_iters
             t.num_epochs = num_epochs
@@ -118,11 +134,18 @@ class Run:
             t.on_epoch_end()
             end = time.perf_counter()
         log = t.logger.get_value
-        record = {"epoch": epoch, "seed": seed,
-                  "epoch_s": log("epoch_end_timestamps", epoch) - log("epoch_start_timestamps", epoch),
-                  "train_s": train_end - start, "train_step_s": sum(steps), "data_s": sum(waits),
-                  "full_s": end - start, "train_loss": float(log("train_losses", epoch)),
-                  "step_times_s": steps, "data_times_s": waits}
+        record = {
+            "epoch": epoch,
+            "seed": seed,
+            "epoch_s": log("epoch_end_timestamps", epoch) - log("epoch_start_timestamps", epoch),
+            "train_s": train_end - start,
+            "train_step_s": sum(steps),
+            "data_s": sum(waits),
+            "full_s": end - start,
+            "train_loss": float(log("train_losses", epoch)),
+            "step_times_s": steps,
+            "data_times_s": waits,
+        }
         self.epochs.append(record)
         return record
 
@@ -132,8 +155,10 @@ class Run:
 
 
 def clone_batch(batch):
-    return {k: ([x.clone() for x in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
+    return {
+        k: ([x.clone() for x in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v)
+        for k, v in batch.items()
+    }
 
 
 def step_duel(runs, steps: int, seed: int) -> dict:

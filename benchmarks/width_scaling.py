@@ -14,6 +14,7 @@ step on width-scaled plans (``nnunet_ssp plans --width``), and the ratio to full
 (nnUNet_raw, nnUNet_preprocessed set, the dataset planned and split; trainers write into a temporary
 nnUNet_results.) Prints one line per width and writes the figures as JSON.
 """
+
 import argparse
 import contextlib
 import io
@@ -41,9 +42,9 @@ def finetune_seconds(dataset: str, plans: str, fold: int, repeats: int) -> dict:
     """Seconds per training step and per one-iteration epoch (one training, one validation step) of
     nnUNetTrainerBaseline on ``plans``."""
     from nnunetv2.run.run_training import get_trainer_from_args
+
     with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net prints every log line
-        trainer = get_trainer_from_args(dataset, "2d", fold, "nnUNetTrainerBaseline", plans,
-                                        device=torch.device("cpu"))
+        trainer = get_trainer_from_args(dataset, "2d", fold, "nnUNetTrainerBaseline", plans, device=torch.device("cpu"))
         trainer.num_epochs = 10 * repeats
         trainer.set_training_iterations(1)
         trainer.on_train_start()
@@ -63,14 +64,19 @@ def finetune_seconds(dataset: str, plans: str, fold: int, repeats: int) -> dict:
         per_epoch = _median_seconds(epoch, repeats)
         parameters = sum(p.numel() for p in trainer.network.parameters())
         trainer.on_train_end()
-    return {"finetune_step_s": step, "paper_epoch_s": per_epoch, "parameters": parameters,
-            "finetune_batch": trainer.batch_size}
+    return {
+        "finetune_step_s": step,
+        "paper_epoch_s": per_epoch,
+        "parameters": parameters,
+        "finetune_batch": trainer.batch_size,
+    }
 
 
 def pretrain_seconds(dataset: str, plans: str, batch_size: int, repeats: int) -> dict:
     """Seconds per MIM step (loss, backward, SGD) on random views of the plans' patch size."""
     from nnunet_ssp.network import PlannedConfiguration
     from pretraining.methods import METHODS
+
     target = PlannedConfiguration.from_preprocessed(dataset, plans)
     method = METHODS["mim"](target.network_spec, target.configuration_manager.patch_size)
     model = method.build_model()
@@ -96,26 +102,40 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="width_scaling_")
     from nnunet_ssp.env import EXT_TRAINER_ENV, ext_trainer_value
+
     os.environ[EXT_TRAINER_ENV] = ext_trainer_value(os.environ.get(EXT_TRAINER_ENV))  # finds the plugin's trainers
     from nnunet_ssp.plans import width_plans_identifier, write_width_plans
+
     rows = []
     for width in args.widths:
         plans = "nnUNetPlans"
         if width != 1:
             write_width_plans(args.dataset, width)
             plans = width_plans_identifier("nnUNetPlans", width)
-        row = {"width": width, "plans": plans, "threads": torch.get_num_threads(),
-               **finetune_seconds(args.dataset, plans, args.fold, args.repeats),
-               **pretrain_seconds(args.dataset, plans, args.pretrain_batch, args.repeats)}
+        row = {
+            "width": width,
+            "plans": plans,
+            "threads": torch.get_num_threads(),
+            **finetune_seconds(args.dataset, plans, args.fold, args.repeats),
+            **pretrain_seconds(args.dataset, plans, args.pretrain_batch, args.repeats),
+        }
         rows.append(row)
     full = next((r for r in rows if r["width"] == 1), None)
-    print(f"{'width':>6s} {'parameters':>11s}  {'fine-tune step':>15s}  {'paper epoch':>12s}  {'MIM step':>9s}"
-          + ("  (x full width: fine-tune step, paper epoch, MIM step)" if full else ""))
+    print(
+        f"{'width':>6s} {'parameters':>11s}  {'fine-tune step':>15s}  {'paper epoch':>12s}  {'MIM step':>9s}"
+        + ("  (x full width: fine-tune step, paper epoch, MIM step)" if full else "")
+    )
     for r in rows:
-        ratios = "" if not full else "  " + ", ".join(
-            f"{r[key] / full[key]:.2f}" for key in ("finetune_step_s", "paper_epoch_s", "pretrain_step_s"))
-        print(f"{r['width']:6g} {r['parameters']:11,d}  {r['finetune_step_s']:13.3f} s  {r['paper_epoch_s']:10.3f} s  "
-              f"{r['pretrain_step_s']:7.3f} s{ratios}")
+        ratios = (
+            ""
+            if not full
+            else "  "
+            + ", ".join(f"{r[key] / full[key]:.2f}" for key in ("finetune_step_s", "paper_epoch_s", "pretrain_step_s"))
+        )
+        print(
+            f"{r['width']:6g} {r['parameters']:11,d}  {r['finetune_step_s']:13.3f} s  {r['paper_epoch_s']:10.3f} s  "
+            f"{r['pretrain_step_s']:7.3f} s{ratios}"
+        )
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=1)
     return 0

@@ -1,4 +1,5 @@
 """User-facing errors: one line that names the file and the problem."""
+
 import argparse
 import sys
 
@@ -9,6 +10,7 @@ class SSPError(Exception):
     Command-line entry points print it as a single ``error: ...`` line and exit with ``exit_code``, without a
     traceback.
     """
+
     exit_code = 2
 
 

@@ -5,6 +5,7 @@ folds it fine-tunes on (the options of ``nnunet_ssp splits``), which test cases 
 Pretraining is no part of an experiment: every experiment fine-tunes from the same ``ssp_pretrain`` checkpoints,
 pretrained on the unlabelled cine of every training subject, as the paper's were.
 """
+
 import os
 from typing import List, Optional, Sequence
 
@@ -12,13 +13,20 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.raw_layout import PHASES, SUBJECTS_TABLE, TEST, TRAIN, read_subjects
 
 PROTOCOL_FOLDER = "ssp_protocol"
-_SPLITS_FLAGS = (("budgets", "--budgets"), ("from_yaml", "--from-yaml"), ("vendors", "--vendors"),
-                 ("seeds", "--seeds"), ("num_val", "--val"), ("phases", "--phases"))
+_SPLITS_FLAGS = (
+    ("budgets", "--budgets"),
+    ("from_yaml", "--from-yaml"),
+    ("vendors", "--vendors"),
+    ("seeds", "--seeds"),
+    ("num_val", "--val"),
+    ("phases", "--phases"),
+)
 
 
 class PaperExperiment:
     """The paper's: fine-tuned on both phases of the sampled (or the split files') subjects, tested on every test
     case."""
+
     name = "paper"
     folder_name = PROTOCOL_FOLDER
     title = "the paper's: every test case"
@@ -35,6 +43,7 @@ class PaperExperiment:
 
 class UnseenPhase(PaperExperiment):
     """Fine-tuned on the cases of one cardiac phase, tested on the other phase's."""
+
     name = "unseen-phase"
 
     def __init__(self, train_phase: str):
@@ -52,6 +61,7 @@ class UnseenPhase(PaperExperiment):
 
 class UnseenVendor(PaperExperiment):
     """Fine-tuned on every training subject of some vendors, tested on the test subjects of the other vendors."""
+
     name = "unseen-vendor"
 
     def __init__(self, train_vendors: Sequence[str]):
@@ -73,13 +83,17 @@ class UnseenVendor(PaperExperiment):
         trained = sorted({row.vendor for row in rows if row.split == TRAIN})
         unknown = [v for v in self.train_vendors if v not in trained]
         if unknown:
-            raise SSPError(f"--train-vendors {' '.join(unknown)}: no training subjects of that vendor in {table} "
-                           f"(training vendors: {', '.join(trained)})")
+            raise SSPError(
+                f"--train-vendors {' '.join(unknown)}: no training subjects of that vendor in {table} "
+                f"(training vendors: {', '.join(trained)})"
+            )
         tested = sorted({row.vendor for row in rows if row.split == TEST})
         others = [v for v in tested if v not in self.train_vendors]
         if not others:
-            raise SSPError(f"--train-vendors {' '.join(self.train_vendors)}: {table} has no test subjects of other "
-                           f"vendors (test vendors: {', '.join(tested) or 'none'})")
+            raise SSPError(
+                f"--train-vendors {' '.join(self.train_vendors)}: {table} has no test subjects of other "
+                f"vendors (test vendors: {', '.join(tested) or 'none'})"
+            )
         return others
 
 
@@ -89,13 +103,16 @@ EXPERIMENTS = (PaperExperiment.name, UnseenPhase.name, UnseenVendor.name)
 def add_experiment_arguments(parser) -> None:
     """The protocol's --experiment, --train-phase and --train-vendors."""
     parser.add_argument(
-        "--experiment", default=PaperExperiment.name, choices=EXPERIMENTS,
+        "--experiment",
+        default=PaperExperiment.name,
+        choices=EXPERIMENTS,
         help="paper (default): fine-tune on both phases of --budgets subjects, test on every test case; unseen-phase: "
-             "fine-tune on the --train-phase cases only, test on the other phase's; unseen-vendor: fine-tune on every "
-             "training subject of --train-vendors, test on the test subjects of the other vendors (subjects.csv). "
-             "Each experiment fine-tunes on its own folds and has its own output folder and report; pretraining is "
-             "shared by all of them (the same ssp_pretrain runs and checkpoints, on the unlabelled cine of every "
-             "training subject, as the paper's)")
+        "fine-tune on the --train-phase cases only, test on the other phase's; unseen-vendor: fine-tune on every "
+        "training subject of --train-vendors, test on the test subjects of the other vendors (subjects.csv). "
+        "Each experiment fine-tunes on its own folds and has its own output folder and report; pretraining is "
+        "shared by all of them (the same ssp_pretrain runs and checkpoints, on the unlabelled cine of every "
+        "training subject, as the paper's)",
+    )
     parser.add_argument("--train-phase", choices=PHASES, help="the phase unseen-phase fine-tunes on (default ED)")
     parser.add_argument("--train-vendors", nargs="+", metavar="V", help="the vendors unseen-vendor fine-tunes on")
 
@@ -115,8 +132,10 @@ def experiment_from_args(args) -> PaperExperiment:
         if not train_vendors:
             raise SSPError(f"--experiment {name}: give the training vendors with --train-vendors (e.g. A B)")
         if args.budgets is not None:
-            raise SSPError(f"--budgets: not with --experiment {name}, which fine-tunes on every training subject "
-                           f"of --train-vendors")
+            raise SSPError(
+                f"--budgets: not with --experiment {name}, which fine-tunes on every training subject "
+                f"of --train-vendors"
+            )
         return UnseenVendor(train_vendors)
     return PaperExperiment()
 

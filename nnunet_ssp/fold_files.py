@@ -12,6 +12,7 @@ indices, and a fold that would change while a run trained on it is refused. Side
 ``group``, their entries at the top level) are read as one group named from their descriptions: ``yaml`` (they have a
 ``source``), ``vendors <V>`` (they have ``vendors``) or ``budgets``.
 """
+
 import glob
 import json
 import os
@@ -47,8 +48,10 @@ def read_sidecar(sidecar_file: str, num_folds: Optional[int] = None) -> dict:
             entries = {k: v for k, v in data.items() if k != "folds"}
             groups = {d.setdefault("group", _legacy_group(d)): entries for d in folds.values()}
         folds = {i: d for i, d in folds.items() if num_folds is None or i < num_folds}
-        return {"folds": folds, "groups": {g: e for g, e in groups.items()
-                                           if any(d["group"] == g for d in folds.values())}}
+        return {
+            "folds": folds,
+            "groups": {g: e for g, e in groups.items() if any(d["group"] == g for d in folds.values())},
+        }
     except (AttributeError, KeyError, TypeError, ValueError):
         raise SSPError(f"{sidecar_file}: not a fold description written by nnunet_ssp; remove or restore it") from None
 
@@ -65,16 +68,17 @@ def _current(preprocessed_folder: str) -> Tuple[str, list, dict]:
     return splits_file, existing, read_sidecar(sidecar_file, len(existing))
 
 
-def _placement(splits_file: str, num_folds: int, sidecar: dict, group: str,
-               count: int) -> Tuple[List[int], List[int]]:
+def _placement(splits_file: str, num_folds: int, sidecar: dict, group: str, count: int) -> Tuple[List[int], List[int]]:
     """(old, new) fold indices of ``group`` (see the module docstring); SSPError when other folds follow its old
     ones and their number changes."""
     old = sorted(i for i, d in sidecar["folds"].items() if d["group"] == group)
     if len(old) == count:
         return old, old
     if old and old != list(range(num_folds - len(old), num_folds)):
-        raise SSPError(f"{splits_file}: the {len(old)} folds of '{group}' (folds {old[0]}-{old[-1]}) are followed by "
-                       f"other folds, so {count} cannot replace them; remove the file and {SIDECAR} to start over")
+        raise SSPError(
+            f"{splits_file}: the {len(old)} folds of '{group}' (folds {old[0]}-{old[-1]}) are followed by "
+            f"other folds, so {count} cannot replace them; remove the file and {SIDECAR} to start over"
+        )
     first = old[0] if old else num_folds
     return old, list(range(first, first + count))
 
@@ -85,24 +89,26 @@ def planned_indices(preprocessed_folder: str, group: str, count: int) -> List[in
     return _placement(splits_file, len(existing), sidecar, group, count)[1]
 
 
-def updated_files(preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict],
-                  entries: dict) -> Tuple[list, dict, List[int]]:
+def updated_files(
+    preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict], entries: dict
+) -> Tuple[list, dict, List[int]]:
     """(splits_final.json, sidecar, fold indices) once ``folds`` replace those of their descriptions' group."""
     splits_file, existing, sidecar = _current(preprocessed_folder)
     group = descriptions[0]["group"]
     old, new = _placement(splits_file, len(existing), sidecar, group, len(folds))
-    splits = list(existing) if new == old else existing[:new[0]] + [None] * len(folds)
+    splits = list(existing) if new == old else existing[: new[0]] + [None] * len(folds)
     for index, fold in zip(new, json.loads(json.dumps(list(folds)))):
         splits[index] = fold
     described = {i: d for i, d in sidecar["folds"].items() if i not in old}
     described.update(zip(new, descriptions))
-    updated = {"folds": {str(i): described[i] for i in sorted(described)},
-               "groups": {**sidecar["groups"], group: entries}}
+    updated = {
+        "folds": {str(i): described[i] for i in sorted(described)},
+        "groups": {**sidecar["groups"], group: entries},
+    }
     return splits, json.loads(json.dumps(updated)), new
 
 
-def files_match(preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict],
-                entries: dict) -> bool:
+def files_match(preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict], entries: dict) -> bool:
     """Whether both files exist and hold exactly what write_folds would write."""
     splits_file, sidecar_file = fold_files(preprocessed_folder)
     if not (os.path.isfile(splits_file) and os.path.isfile(sidecar_file)):
@@ -111,8 +117,9 @@ def files_match(preprocessed_folder: str, folds: Sequence[dict], descriptions: S
     return load_json_file(splits_file) == splits and load_json_file(sidecar_file) == sidecar
 
 
-def write_folds(preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict],
-                entries: dict) -> Dict[int, dict]:
+def write_folds(
+    preprocessed_folder: str, folds: Sequence[dict], descriptions: Sequence[dict], entries: dict
+) -> Dict[int, dict]:
     """Writes ``folds`` in place of their group's and the sidecar (``descriptions`` by fold index, ``entries`` by
     group); returns {fold index: description}."""
     splits, sidecar, indices = updated_files(preprocessed_folder, folds, descriptions, entries)
@@ -137,5 +144,7 @@ def _refuse_to_change_trained_folds(splits_file: str, new_folds: Sequence[dict],
             continue
         trained = sorted(glob.glob(os.path.join(results, dataset_name, "*", f"fold_{index}")))
         if trained:
-            raise SSPError(f"{splits_file}: fold {index} would change its cases, but {trained[0]} was trained on the "
-                           f"old ones; move that dataset's results away (or use another dataset id) first")
+            raise SSPError(
+                f"{splits_file}: fold {index} would change its cases, but {trained[0]} was trained on the "
+                f"old ones; move that dataset's results away (or use another dataset id) first"
+            )

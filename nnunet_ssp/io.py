@@ -6,6 +6,7 @@
 - Checks that an image's voxels are usable (finite, not constant).
 - :func:`fault_point`, the test hook that places kills and write failures at named points.
 """
+
 import errno
 import fcntl
 import glob
@@ -49,7 +50,7 @@ def fault_point(point: str) -> None:
     if _fault_counts[point] != int(nth or 1):
         return
     if action.startswith("pause:"):
-        folder = action[len("pause:"):]
+        folder = action[len("pause:") :]
         with open(os.path.join(folder, "reached.tmp"), "w") as f:
             f.write(target)
         os.replace(os.path.join(folder, "reached.tmp"), os.path.join(folder, "reached"))
@@ -130,8 +131,9 @@ def load_json_file(path: str, expected_type: type = object):
     except ValueError as e:
         raise SSPError(f"{path}: not valid JSON ({e}); remove or restore it") from None
     if not isinstance(value, expected_type):
-        raise SSPError(f"{path}: expected a JSON {expected_type.__name__}, found {type(value).__name__}; remove or "
-                       f"restore it")
+        raise SSPError(
+            f"{path}: expected a JSON {expected_type.__name__}, found {type(value).__name__}; remove or restore it"
+        )
     return value
 
 
@@ -144,6 +146,7 @@ def save_json_atomic(obj, path: str) -> None:
 
 def torch_save_atomic(obj, path: str) -> None:
     import torch
+
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # through a file object a full disk raises OSError, not RuntimeError
             torch.save(obj, f)
@@ -196,8 +199,9 @@ def check_finite(array: np.ndarray, where: str) -> None:
         finite = np.isfinite(array)
         if not finite.all():
             nan = int(np.isnan(array).sum())
-            counts = [f"{n} {kind}" for n, kind in ((nan, "NaN"), (array.size - int(finite.sum()) - nan, "infinite"))
-                      if n]
+            counts = [
+                f"{n} {kind}" for n, kind in ((nan, "NaN"), (array.size - int(finite.sum()) - nan, "infinite")) if n
+            ]
             raise SSPError(f"{where}: {' and '.join(counts)} voxel(s)")
 
 

@@ -7,14 +7,25 @@ recounted and ``sources`` (name: description); subjects.csv is the union of the 
 values empty) plus ``source_dataset``. A subject or file name present in two sources is refused. The folder is built
 next to its destination and moved into place in one rename, so an error never leaves partial output.
 """
+
 import json
 import os
 import shutil
 from typing import Dict, List, Sequence
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.raw_layout import (LABELS_TR, SUBFOLDERS, SUBJECTS_TABLE, SubjectRow, build_into_place,
-                                   make_subfolders, read_subjects, target_folder, write_dataset_json, write_subjects)
+from nnunet_ssp.raw_layout import (
+    LABELS_TR,
+    SUBFOLDERS,
+    SUBJECTS_TABLE,
+    SubjectRow,
+    build_into_place,
+    make_subfolders,
+    read_subjects,
+    target_folder,
+    write_dataset_json,
+    write_subjects,
+)
 
 SOURCE_COLUMN = "source_dataset"
 MATCHING_KEYS = ("labels", "channel_names", "file_ending")
@@ -22,8 +33,11 @@ MATCHING_KEYS = ("labels", "channel_names", "file_ending")
 
 def source_folder(raw_root: str, dataset: str) -> str:
     """``{raw_root}/DatasetXXX_Name`` for a dataset id (``511``) or folder name (``Dataset511_MnMs``)."""
-    entries = sorted(e for e in os.listdir(raw_root) if os.path.isdir(os.path.join(raw_root, e))) \
-        if os.path.isdir(raw_root) else []
+    entries = (
+        sorted(e for e in os.listdir(raw_root) if os.path.isdir(os.path.join(raw_root, e)))
+        if os.path.isdir(raw_root)
+        else []
+    )
     if dataset.isdigit():
         matches = [e for e in entries if e.startswith(f"Dataset{int(dataset):03d}_")]
     else:
@@ -50,8 +64,10 @@ def _check_dataset_jsons(folders: Sequence[str], jsons: Sequence[dict]) -> None:
             if key not in d:
                 raise SSPError(f"{os.path.join(folder, 'dataset.json')}: no {key}")
             if d[key] != jsons[0][key]:
-                raise SSPError(f"{os.path.join(folder, 'dataset.json')}: {key} {d[key]} differs from {jsons[0][key]} "
-                               f"in {os.path.join(folders[0], 'dataset.json')}")
+                raise SSPError(
+                    f"{os.path.join(folder, 'dataset.json')}: {key} {d[key]} differs from {jsons[0][key]} "
+                    f"in {os.path.join(folders[0], 'dataset.json')}"
+                )
 
 
 def _merged_subjects(folders: Sequence[str]) -> List[SubjectRow]:
@@ -112,7 +128,13 @@ def merge_datasets(raw_root: str, dataset_id: int, name: str, sources: Sequence[
         for relative, source in files.items():
             _link_or_copy(source, os.path.join(folder, relative))
         write_subjects(folder, rows)
-        write_dataset_json(folder, name, f"Merged by nnunet_ssp from {', '.join(names)}", num_training,
-                           **{key: jsons[0][key] for key in MATCHING_KEYS},
-                           sources={n: d.get("description", "") for n, d in zip(names, jsons)})
+        write_dataset_json(
+            folder,
+            name,
+            f"Merged by nnunet_ssp from {', '.join(names)}",
+            num_training,
+            **{key: jsons[0][key] for key in MATCHING_KEYS},
+            sources={n: d.get("description", "") for n, d in zip(names, jsons)},
+        )
+
     return build_into_place(target, build)

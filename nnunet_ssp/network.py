@@ -4,6 +4,7 @@ Networks are always built by nnU-Net's own ``get_network_from_plans``; nothing h
 State-dict keys are nnU-Net's own: ``encoder.*`` (the encoder), ``decoder.*`` minus the ``decoder.encoder.*``
 aliases and the ``decoder.seg_layers.*`` heads (the decoder).
 """
+
 import hashlib
 import json
 import os
@@ -54,8 +55,9 @@ class LoadReport:
         return {"parts": list(self.parts), "tensors": self.tensors_per_part, "parameters": self.parameters_per_part}
 
     def __str__(self) -> str:
-        return ", ".join(f"{p}: {self.tensors_per_part[p]} tensors, {self.parameters_per_part[p]:,} values"
-                         for p in self.parts)
+        return ", ".join(
+            f"{p}: {self.tensors_per_part[p]} tensors, {self.parameters_per_part[p]:,} values" for p in self.parts
+        )
 
 
 def check_fit(weights: Dict[str, torch.Tensor], network: torch.nn.Module, parts: Iterable[str], source: str) -> None:
@@ -74,13 +76,17 @@ def check_fit(weights: Dict[str, torch.Tensor], network: torch.nn.Module, parts:
     if unexpected:
         details.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
     if wrong_shape:
-        details.append(f"{len(wrong_shape)} with other shapes (e.g. " + ", ".join(
-            f"{k}: checkpoint {list(given[k])} vs network {list(expected[k])}" for k in wrong_shape[:3]) + ")")
+        details.append(
+            f"{len(wrong_shape)} with other shapes (e.g. "
+            + ", ".join(f"{k}: checkpoint {list(given[k])} vs network {list(expected[k])}" for k in wrong_shape[:3])
+            + ")"
+        )
     raise SSPError(f"{source}: weights do not fit the target network's {'+'.join(parts)}: " + "; ".join(details))
 
 
-def load_parts(network: torch.nn.Module, weights: Dict[str, torch.Tensor], parts: Iterable[str],
-               source: str) -> LoadReport:
+def load_parts(
+    network: torch.nn.Module, weights: Dict[str, torch.Tensor], parts: Iterable[str], source: str
+) -> LoadReport:
     """Copies ``parts`` of ``weights`` into ``network`` in place (optimizer and compiled graphs stay valid)."""
     parts = tuple(parts)
     check_fit(weights, network, parts, source)
@@ -89,15 +95,21 @@ def load_parts(network: torch.nn.Module, weights: Dict[str, torch.Tensor], parts
     result = bare.load_state_dict(selected, strict=False)
     not_loaded = [k for k in result.missing_keys if part_of_key(k) in parts]
     assert not not_loaded and not result.unexpected_keys, (not_loaded, result.unexpected_keys)
-    return LoadReport(parts, {p: sum(part_of_key(k) == p for k in selected) for p in parts},
-                      {p: sum(v.numel() for k, v in selected.items() if part_of_key(k) == p) for p in parts})
+    return LoadReport(
+        parts,
+        {p: sum(part_of_key(k) == p for k in selected) for p in parts},
+        {p: sum(v.numel() for k, v in selected.items() if part_of_key(k) == p) for p in parts},
+    )
 
 
 def tensor_digests(network: torch.nn.Module, parts: Iterable[str]) -> Dict[str, str]:
     """Short sha256 of every tensor of ``parts``, read from the network itself: a record of what it holds."""
     parts = set(parts)
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
-            for k, v in unwrap(network).state_dict().items() if part_of_key(k) in parts}
+    return {
+        k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        for k, v in unwrap(network).state_dict().items()
+        if part_of_key(k) in parts
+    }
 
 
 def _json_normalized(obj):
@@ -107,6 +119,7 @@ def _json_normalized(obj):
 @dataclass(frozen=True)
 class NetworkSpec:
     """Everything that fixes the network's weights: the plans' architecture and the number of input channels."""
+
     network_class_name: str
     arch_kwargs: dict
     arch_kwargs_requiring_import: tuple
@@ -114,19 +127,33 @@ class NetworkSpec:
 
     def build(self, num_output_channels: int, deep_supervision: bool = False) -> torch.nn.Module:
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-        return get_network_from_plans(self.network_class_name, self.arch_kwargs, self.arch_kwargs_requiring_import,
-                                      self.num_input_channels, num_output_channels, allow_init=True,
-                                      deep_supervision=deep_supervision)
+
+        return get_network_from_plans(
+            self.network_class_name,
+            self.arch_kwargs,
+            self.arch_kwargs_requiring_import,
+            self.num_input_channels,
+            num_output_channels,
+            allow_init=True,
+            deep_supervision=deep_supervision,
+        )
 
     def as_dict(self) -> dict:
-        return {"network_class_name": self.network_class_name, "arch_kwargs": _json_normalized(self.arch_kwargs),
-                "arch_kwargs_requiring_import": list(self.arch_kwargs_requiring_import),
-                "num_input_channels": self.num_input_channels}
+        return {
+            "network_class_name": self.network_class_name,
+            "arch_kwargs": _json_normalized(self.arch_kwargs),
+            "arch_kwargs_requiring_import": list(self.arch_kwargs_requiring_import),
+            "num_input_channels": self.num_input_channels,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "NetworkSpec":
-        return cls(d["network_class_name"], d["arch_kwargs"], tuple(d["arch_kwargs_requiring_import"]),
-                   int(d["num_input_channels"]))
+        return cls(
+            d["network_class_name"],
+            d["arch_kwargs"],
+            tuple(d["arch_kwargs_requiring_import"]),
+            int(d["num_input_channels"]),
+        )
 
     def differences(self, other: "NetworkSpec") -> list:
         """Human-readable differences that would make weights of one unusable in the other."""
@@ -144,7 +171,9 @@ class NetworkSpec:
 def preprocessed_dataset_folder(dataset: str) -> str:
     """``$nnUNet_preprocessed/<DatasetXXX_Name>`` for a dataset name or id, with clear errors."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
     from nnunet_ssp.env import nnunet_path
+
     preprocessed = nnunet_path("nnUNet_preprocessed")
     try:
         dataset_name = maybe_convert_to_dataset_name(dataset)
@@ -158,23 +187,28 @@ class PlannedConfiguration:
 
     def __init__(self, plans, configuration: str, dataset_json: dict):
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
         self.plans_manager = plans if isinstance(plans, PlansManager) else PlansManager(plans)
         if configuration not in self.plans_manager.available_configurations:
-            raise SSPError(f"plans {self.plans_manager.plans_name}: no configuration '{configuration}' "
-                           f"(available: {', '.join(self.plans_manager.available_configurations)})")
+            raise SSPError(
+                f"plans {self.plans_manager.plans_name}: no configuration '{configuration}' "
+                f"(available: {', '.join(self.plans_manager.available_configurations)})"
+            )
         self.configuration = configuration
         self.configuration_manager = self.plans_manager.get_configuration(configuration)
         self.dataset_json = dataset_json
 
     @classmethod
-    def from_preprocessed(cls, dataset: str, plans_identifier: str = "nnUNetPlans",
-                          configuration: str = "2d") -> "PlannedConfiguration":
+    def from_preprocessed(
+        cls, dataset: str, plans_identifier: str = "nnUNetPlans", configuration: str = "2d"
+    ) -> "PlannedConfiguration":
         """Reads ``$nnUNet_preprocessed/<Dataset>/<plans>.json`` and its dataset.json."""
         folder = preprocessed_dataset_folder(dataset)
         plans_file = os.path.join(folder, f"{plans_identifier}.json")
         if not os.path.isfile(plans_file):
-            raise SSPError(f"{plans_file}: plans not found; run nnUNetv2_plan_and_preprocess -d {dataset} "
-                           f"-c {configuration} first")
+            raise SSPError(
+                f"{plans_file}: plans not found; run nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration} first"
+            )
         return cls(plans_file, configuration, load_json(os.path.join(folder, "dataset.json")))
 
     @property
@@ -188,10 +222,14 @@ class PlannedConfiguration:
     @property
     def network_spec(self) -> NetworkSpec:
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
         cm = self.configuration_manager
-        return NetworkSpec(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                           tuple(cm.network_arch_init_kwargs_req_import),
-                           determine_num_input_channels(self.plans_manager, cm, self.dataset_json))
+        return NetworkSpec(
+            cm.network_arch_class_name,
+            cm.network_arch_init_kwargs,
+            tuple(cm.network_arch_init_kwargs_req_import),
+            determine_num_input_channels(self.plans_manager, cm, self.dataset_json),
+        )
 
     @property
     def num_segmentation_heads(self) -> int:
@@ -200,8 +238,16 @@ class PlannedConfiguration:
     def summary(self) -> dict:
         """The plans facts recorded in a checkpoint: identity, patch size, spacing and normalization."""
         cm = self.configuration_manager
-        return _json_normalized({
-            "dataset_name": self.dataset_name, "plans_name": self.plans_name, "configuration": self.configuration,
-            "data_identifier": cm.data_identifier, "patch_size": list(cm.patch_size), "spacing": list(cm.spacing),
-            "normalization_schemes": list(cm.normalization_schemes), "use_mask_for_norm": list(cm.use_mask_for_norm),
-            "transpose_forward": list(self.plans_manager.transpose_forward)})
+        return _json_normalized(
+            {
+                "dataset_name": self.dataset_name,
+                "plans_name": self.plans_name,
+                "configuration": self.configuration,
+                "data_identifier": cm.data_identifier,
+                "patch_size": list(cm.patch_size),
+                "spacing": list(cm.spacing),
+                "normalization_schemes": list(cm.normalization_schemes),
+                "use_mask_for_norm": list(cm.use_mask_for_norm),
+                "transpose_forward": list(self.plans_manager.transpose_forward),
+            }
+        )

@@ -6,6 +6,7 @@
 ``ssp_pretrain -p <base>_w<W>`` train on the data nnUNetv2_plan_and_preprocess wrote for the base plans. Real-data
 reproduction keeps nnU-Net's plans as planned.
 """
+
 import math
 import os
 from typing import Dict, List, Optional
@@ -33,8 +34,11 @@ def plans_width(plans: dict) -> Optional[float]:
 
 def features_per_stage(plans: dict) -> Dict[str, List[int]]:
     """``features_per_stage`` of each configuration that defines its architecture (others inherit one)."""
-    return {name: configuration["architecture"]["arch_kwargs"]["features_per_stage"]
-            for name, configuration in plans["configurations"].items() if "architecture" in configuration}
+    return {
+        name: configuration["architecture"]["arch_kwargs"]["features_per_stage"]
+        for name, configuration in plans["configurations"].items()
+        if "architecture" in configuration
+    }
 
 
 def write_width_plans(dataset: str, width: float, base: str = "nnUNetPlans") -> str:
@@ -49,8 +53,9 @@ def write_width_plans(dataset: str, width: float, base: str = "nnUNetPlans") -> 
         raise SSPError(f"{base_file}: plans not found; run nnUNetv2_plan_and_preprocess -d {dataset} first")
     plans = load_json_file(base_file, dict)
     if plans_width(plans) is not None:
-        raise SSPError(f"{base_file}: already width-scaled ({plans[WIDTH_KEY]}); scale "
-                       f"{plans[WIDTH_KEY]['base']} instead")
+        raise SSPError(
+            f"{base_file}: already width-scaled ({plans[WIDTH_KEY]}); scale {plans[WIDTH_KEY]['base']} instead"
+        )
     record = {"base": base, "width": width}
     if os.path.isfile(path) and load_json_file(path, dict).get(WIDTH_KEY) != record:
         raise SSPError(f"{path}: exists and is not width {width:g} plans of {base}; remove it to write them")
@@ -59,7 +64,8 @@ def write_width_plans(dataset: str, width: float, base: str = "nnUNetPlans") -> 
             arch_kwargs = plans["configurations"][name]["architecture"]["arch_kwargs"]
             arch_kwargs["features_per_stage"] = [max(1, round(f * width)) for f in arch_kwargs["features_per_stage"]]
     except (KeyError, TypeError) as e:
-        raise SSPError(f"{base_file}: not nnU-Net v2 plans with an architecture per configuration "
-                       f"({type(e).__name__}: {e})") from None
+        raise SSPError(
+            f"{base_file}: not nnU-Net v2 plans with an architecture per configuration ({type(e).__name__}: {e})"
+        ) from None
     save_json_atomic({**plans, "plans_name": identifier, WIDTH_KEY: record}, path)
     return path

@@ -21,8 +21,12 @@ predict --continue`` skips prediction folders complete for the same model: a ret
 re-running the same command resumes. ``--shard i/n`` takes every n-th pretraining and fine-tuning run (training
 seeds included) starting at i, so n machines split the work (each predicts the runs it trained); run ``--phase
 pretrain`` on every shard before ``--phase finetune``, and ``--phase report`` once at the end. ``--dry-run`` prints
-the plan and writes nothing. Each command's output goes to a log file under the output folder.
+the plan and writes nothing. Each command's output goes to a log file under the output folder. Each completed phase
+appends its wall time (start, end, seconds, the shard when sharded) to ``ssp_phase_times.json`` in the output folder
+(``nnunet_ssp/provenance.py``), where the report finds it: a re-run adds its records after the earlier ones, and a
+report lists the phases recorded before it was made (not its own).
 """
+
 import argparse
 import json
 import os
@@ -31,14 +35,23 @@ import sys
 from collections import Counter
 from typing import List, Optional, Sequence, Tuple
 
-from nnunet_ssp.env import nnunet_path
+from nnunet_ssp.env import nnunet_path, ssp_method_trainers
 from nnunet_ssp.errors import SSPError, run_command
 from nnunet_ssp.experiments import PaperExperiment, add_experiment_arguments, experiment_from_args, splits_arguments
 from nnunet_ssp.plans import width_plans_identifier
+from nnunet_ssp.provenance import record_phase, utc_now
 from nnunet_ssp.raw_layout import SUBJECTS_TABLE
 from nnunet_ssp.runner import Command, Run, execute, file_exists, print_plan
-from nnunet_ssp.schedule import (DECODER_METHOD_RECIPES, PAPER_RECIPE, PRETRAINED_ONLY_RECIPES, RECIPES,
-                                 SCHEDULE_SUFFIX, SKIP_FINAL_VALIDATION_ENV, seeded_trainer_name, split_training_seed)
+from nnunet_ssp.schedule import (
+    DECODER_METHOD_RECIPES,
+    PAPER_RECIPE,
+    PRETRAINED_ONLY_RECIPES,
+    RECIPES,
+    SCHEDULE_SUFFIX,
+    SKIP_FINAL_VALIDATION_ENV,
+    seeded_trainer_name,
+    split_training_seed,
+)
 
 PHASES = ("prepare", "pretrain", "finetune", "report")
 BASELINE_TRAINER = "nnUNetTrainerBaseline"
@@ -84,11 +97,11 @@ class Protocol:
         self.plans = args.plans if args.width is None else width_plans_identifier(args.plans, args.width)
         self.experiment.test_filter(self.raw)  # refuses unknown vendors now, when the raw dataset can tell
         self.output = args.output or os.path.join(self.results_root, self.dataset_name, self.experiment.folder_name)
-        from trainers.ssp_trainers import TRAINER_OF_METHOD, loads_decoder
-        self.methods = list(args.methods or TRAINER_OF_METHOD)
-        unknown = [m for m in self.methods if m not in TRAINER_OF_METHOD]
+        trainer_of_method = ssp_method_trainers()
+        self.methods = list(args.methods or trainer_of_method)
+        unknown = [m for m in self.methods if m not in trainer_of_method]
         if unknown:
-            raise SSPError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(TRAINER_OF_METHOD)}")
+            raise SSPError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(trainer_of_method)}")
         self.every_budget_methods = self.methods if args.every_budget is None else list(args.every_budget)
         self.pretrain_args_of = {}
         for method, extra in args.pretrain_args_of or []:
@@ -107,9 +120,9 @@ class Protocol:
             if baseline not in trainers:
                 trainers.append(baseline)
             for method in self.methods:
-                if recipe in DECODER_METHOD_RECIPES and not loads_decoder(TRAINER_OF_METHOD[method]):
+                if recipe in DECODER_METHOD_RECIPES and "decoder" not in trainer_of_method[method].ssp_parts:
                     continue  # the encoder methods load the encoder alone anyway
-                trainer = TRAINER_OF_METHOD[method].__name__ + name + schedule
+                trainer = trainer_of_method[method].__name__ + name + schedule
                 self.method_of_trainer[trainer] = method
                 trainers.append(trainer)
         self.trainers = [seeded_trainer_name(trainer, seed) for seed in self.training_seeds for trainer in trainers]
@@ -121,9 +134,10 @@ class Protocol:
     # ------------------------------------------------------------------ dataset and folds
     def _target_dataset(self):
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
         if len(self.args.datasets) == 1:
             name = _dataset_name(self.args.datasets[0], maybe_convert_to_dataset_name)
-            return name[len("Dataset"):len("Dataset") + 3], name
+            return name[len("Dataset") : len("Dataset") + 3], name
         dataset_id = f"{int(self.args.merged_id):03d}"
         return dataset_id, f"Dataset{dataset_id}_{self.args.merged_name}"
 
@@ -138,6 +152,7 @@ class Protocol:
     def folds(self) -> List[dict]:
         """[{fold, budget, seed}] of the protocol's folds, as ``nnunet_ssp splits`` writes (or would write) them."""
         from nnunet_ssp.splits import planned_folds
+
         return planned_folds(self.preprocessed, self.raw, self.splits_options())
 
     def splits_options(self) -> dict:
@@ -145,50 +160,114 @@ class Protocol:
         a = self.args
         if a.splits_yaml:
             return {"from_yaml": a.splits_yaml}
-        return self.experiment.splits_options({"budgets": a.budgets or PAPER_BUDGETS, "seeds": a.seeds,
-                                               "num_val": a.val})
+        return self.experiment.splits_options(
+            {"budgets": a.budgets or PAPER_BUDGETS, "seeds": a.seeds, "num_val": a.val}
+        )
 
     # ------------------------------------------------------------------ runs
     def prepare_runs(self) -> List[Run]:
         a, runs = self.args, []
         if len(a.datasets) > 1:
-            runs.append(Run("prepare", f"merge {' '.join(a.datasets)} -> {self.dataset_name}", [Command(
-                ["nnunet_ssp", "merge", "-d", self.dataset_id, "-n", a.merged_name, "--from", *a.datasets],
-                file_exists(self.raw_root, self.dataset_name, "dataset.json"))]))
-        runs.append(Run("prepare", "plan and preprocess", [Command(
-            ["nnUNetv2_plan_and_preprocess", "-d", self.dataset_id, "-c", a.configuration, "-np", str(a.num_processes),
-             "-npfp", str(a.num_processes), "--verify_dataset_integrity"],
-            file_exists(self.preprocessed, f"{a.plans}.json"),
-            # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0 (no DA workers)
-            env={"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {})]))
+            runs.append(
+                Run(
+                    "prepare",
+                    f"merge {' '.join(a.datasets)} -> {self.dataset_name}",
+                    [
+                        Command(
+                            ["nnunet_ssp", "merge", "-d", self.dataset_id, "-n", a.merged_name, "--from", *a.datasets],
+                            file_exists(self.raw_root, self.dataset_name, "dataset.json"),
+                        )
+                    ],
+                )
+            )
+        runs.append(
+            Run(
+                "prepare",
+                "plan and preprocess",
+                [
+                    Command(
+                        [
+                            "nnUNetv2_plan_and_preprocess",
+                            "-d",
+                            self.dataset_id,
+                            "-c",
+                            a.configuration,
+                            "-np",
+                            str(a.num_processes),
+                            "-npfp",
+                            str(a.num_processes),
+                            "--verify_dataset_integrity",
+                        ],
+                        file_exists(self.preprocessed, f"{a.plans}.json"),
+                        # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
+                        env={"nnUNet_n_proc_DA": "1"} if os.environ.get("nnUNet_n_proc_DA") == "0" else {},
+                    )
+                ],
+            )
+        )
         if a.width is not None:
-            runs.append(Run("prepare", "width-scaled plans", [Command(
-                ["nnunet_ssp", "plans", "-d", self.dataset_id, "-p", a.plans, "--width", str(a.width)],
-                file_exists(self.preprocessed, f"{self.plans}.json"))]))
+            runs.append(
+                Run(
+                    "prepare",
+                    "width-scaled plans",
+                    [
+                        Command(
+                            ["nnunet_ssp", "plans", "-d", self.dataset_id, "-p", a.plans, "--width", str(a.width)],
+                            file_exists(self.preprocessed, f"{self.plans}.json"),
+                        )
+                    ],
+                )
+            )
         splits = ["nnunet_ssp", "splits", "-d", self.dataset_id, *splits_arguments(self.splits_options())]
         runs.append(Run("prepare", "label-budget folds", [Command(splits, self._splits_written)]))
         return runs
 
     def _splits_written(self) -> bool:
         from nnunet_ssp.splits import splits_match
+
         return splits_match(self.preprocessed, self.raw, self.splits_options())
 
     def ssp_folder(self, method: str) -> str:
         from nnunet_ssp.checkpoint import default_checkpoint_folder
-        return default_checkpoint_folder(self.results_root, self.dataset_name, method, self.plans,
-                                         self.args.configuration)
+
+        return default_checkpoint_folder(
+            self.results_root, self.dataset_name, method, self.plans, self.args.configuration
+        )
 
     def pretrain_runs(self) -> List[Run]:
         a, runs = self.args, []
         for method in self.methods:
             folder = self.ssp_folder(method)
-            command = ["ssp_pretrain", "-d", self.dataset_id, "--method", method, "-c", a.configuration, "-p",
-                       self.plans, "--device", a.device, *shlex.split(a.pretrain_args),
-                       *self.pretrain_args_of.get(method, [])]
-            runs.append(Run("pretrain", f"ssp_pretrain {method}", [Command(
-                command, file_exists(folder, "checkpoint_final.pth"),
-                resume=lambda f=folder: ["--continue"] if os.path.isfile(os.path.join(f, "checkpoint_latest.pth"))
-                else [])]))
+            command = [
+                "ssp_pretrain",
+                "-d",
+                self.dataset_id,
+                "--method",
+                method,
+                "-c",
+                a.configuration,
+                "-p",
+                self.plans,
+                "--device",
+                a.device,
+                *shlex.split(a.pretrain_args),
+                *self.pretrain_args_of.get(method, []),
+            ]
+            runs.append(
+                Run(
+                    "pretrain",
+                    f"ssp_pretrain {method}",
+                    [
+                        Command(
+                            command,
+                            file_exists(folder, "checkpoint_final.pth"),
+                            resume=lambda f=folder: (
+                                ["--continue"] if os.path.isfile(os.path.join(f, "checkpoint_latest.pth")) else []
+                            ),
+                        )
+                    ],
+                )
+            )
         return runs
 
     def training_env(self, trainer: str) -> dict:
@@ -196,6 +275,7 @@ class Protocol:
         as nnUNet_ssp_checkpoint (one stale export would otherwise give every trainer the same file); nnU-Net's
         final validation is skipped, since the protocol predicts and evaluates the test set."""
         from nnunet_ssp.checkpoint import CHECKPOINT_ENV, FINAL_CHECKPOINT
+
         method = self.method_of(trainer)
         checkpoint = {CHECKPOINT_ENV: os.path.join(self.ssp_folder(method), FINAL_CHECKPOINT)} if method else {}
         return {SKIP_FINAL_VALIDATION_ENV: "1", **checkpoint}
@@ -209,20 +289,39 @@ class Protocol:
         folds = self.folds()
         smallest = min((fold["budget"] for fold in folds), key=_budget_order, default=None)
         everywhere = (None, *self.every_budget_methods)  # None: the baseline, which is no method's trainer
-        return [(fold, trainer) for fold in folds for trainer in self.trainers
-                if fold["budget"] == smallest or self.method_of(trainer) in everywhere]
+        return [
+            (fold, trainer)
+            for fold in folds
+            for trainer in self.trainers
+            if fold["budget"] == smallest or self.method_of(trainer) in everywhere
+        ]
 
     def training_run(self, fold: dict, trainer: str) -> Run:
         a, index = self.args, str(fold["fold"])
         from nnunetv2.utilities.file_path_utilities import get_output_folder
+
         results = get_output_folder(self.dataset_name, trainer, self.plans, a.configuration, index)
-        train = Command(["nnUNetv2_train", self.dataset_id, a.configuration, index, "-tr", trainer, "-p", self.plans,
-                         "-device", a.device], file_exists(results, "checkpoint_final.pth"),
-                        resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
-                        env=self.training_env(trainer))
+        train = Command(
+            [
+                "nnUNetv2_train",
+                self.dataset_id,
+                a.configuration,
+                index,
+                "-tr",
+                trainer,
+                "-p",
+                self.plans,
+                "-device",
+                a.device,
+            ],
+            file_exists(results, "checkpoint_final.pth"),
+            resume=lambda: ["--c"] if os.path.isfile(os.path.join(results, "checkpoint_latest.pth")) else [],
+            env=self.training_env(trainer),
+        )
         seed_text = _training_seed_text(split_training_seed(trainer)[1])
-        return Run("finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']}, {seed_text})",
-                   [train])
+        return Run(
+            "finetune", f"{trainer} fold {index} (budget {fold['budget']}, seed {fold['seed']}, {seed_text})", [train]
+        )
 
     def prediction_runs(self, pairs: Sequence[Tuple[dict, str]]) -> List[Run]:
         """The trained runs' predictions of imagesTs and their evaluation: the runs dealt out to up to --jobs
@@ -230,6 +329,7 @@ class Protocol:
         evaluated."""
         from nnunet_ssp.evaluation.evaluate import OUTPUT_FILE
         from nnunet_ssp.predict import prediction_complete
+
         a = self.args
         test_images = os.path.join(self.raw, "imagesTs")
         test_cases, test_filter = _cases_in(test_images), self.test_filter()
@@ -238,29 +338,64 @@ class Protocol:
         for worker in range(workers):
             mine = pairs[worker::workers]
             folders = [self.prediction_folder(trainer, fold["fold"]) for fold, trainer in mine]
-            command = ["nnunet_ssp", "predict", "-i", test_images, "-d", self.dataset_id, "-c", a.configuration,
-                       "-p", self.plans, "-device", a.device, *([] if a.tta else ["--disable_tta"]), "--continue",
-                       "--evaluate", *test_filter, "-np", str(a.num_processes)]
+            command = [
+                "nnunet_ssp",
+                "predict",
+                "-i",
+                test_images,
+                "-d",
+                self.dataset_id,
+                "-c",
+                a.configuration,
+                "-p",
+                self.plans,
+                "-device",
+                a.device,
+                *([] if a.tta else ["--disable_tta"]),
+                "--continue",
+                "--evaluate",
+                *test_filter,
+                "-np",
+                str(a.num_processes),
+            ]
             for (fold, trainer), folder in zip(mine, folders):
                 command += ["--run", trainer, str(fold["fold"]), folder]
-            done = lambda mine=mine, folders=folders: all(
-                prediction_complete(f, test_cases, ".nii.gz", self.model_identity(trainer, fold["fold"]))
-                and os.path.isfile(os.path.join(f, OUTPUT_FILE)) for (fold, trainer), f in zip(mine, folders))
-            runs.append(Run("finetune", f"predict and evaluate {len(mine)} runs"
-                            + (f" (process {worker + 1}/{workers})" if workers > 1 else ""),
-                            [Command(command + a.predict_args, done)]))
+
+            def done(mine=mine, folders=folders):
+                return all(
+                    prediction_complete(f, test_cases, ".nii.gz", self.model_identity(trainer, fold["fold"]))
+                    and os.path.isfile(os.path.join(f, OUTPUT_FILE))
+                    for (fold, trainer), f in zip(mine, folders)
+                )
+
+            runs.append(
+                Run(
+                    "finetune",
+                    f"predict and evaluate {len(mine)} runs"
+                    + (f" (process {worker + 1}/{workers})" if workers > 1 else ""),
+                    [Command(command + a.predict_args, done)],
+                )
+            )
         return runs
 
     def model_identity(self, trainer: str, fold: int) -> dict:
         """The record of the trained run that ``nnunet_ssp predict`` writes into its prediction folder (its checkpoint:
         -chk of --predict-args, else checkpoint_final.pth)."""
         from nnunetv2.utilities.file_path_utilities import get_output_folder
+
         from nnunet_ssp.predict import model_identity
+
         a = self.args
-        checkpoint = a.predict_args[a.predict_args.index("-chk") + 1] if "-chk" in a.predict_args \
-            else "checkpoint_final.pth"
-        return model_identity(get_output_folder(self.dataset_name, trainer, self.plans, a.configuration), trainer, fold,
-                              checkpoint, self.preprocessed)
+        checkpoint = (
+            a.predict_args[a.predict_args.index("-chk") + 1] if "-chk" in a.predict_args else "checkpoint_final.pth"
+        )
+        return model_identity(
+            get_output_folder(self.dataset_name, trainer, self.plans, a.configuration),
+            trainer,
+            fold,
+            checkpoint,
+            self.preprocessed,
+        )
 
     def test_filter(self) -> List[str]:
         """The experiment's ``nnunet_ssp predict --evaluate`` arguments that choose the evaluated test cases; a dry run
@@ -269,16 +404,21 @@ class Protocol:
         if arguments is not None:
             return arguments
         if not self.args.dry_run:
-            raise SSPError(f"{self.raw}: no {SUBJECTS_TABLE}, which gives the test subjects' vendors; run --phase "
-                           f"prepare first")
-        return ["--vendors", f"<the other vendors of the test subjects, from {os.path.join(self.raw, SUBJECTS_TABLE)} "
-                             f"once --phase prepare has written it>"]
+            raise SSPError(
+                f"{self.raw}: no {SUBJECTS_TABLE}, which gives the test subjects' vendors; run --phase prepare first"
+            )
+        return [
+            "--vendors",
+            f"<the other vendors of the test subjects, from {os.path.join(self.raw, SUBJECTS_TABLE)} "
+            f"once --phase prepare has written it>",
+        ]
 
     def iteration_budget(self) -> List[str]:
         """Lines for the dry run: each fold's labelled training slices and the fine-tuning iterations of one run under
         each schedule, and the totals over every fine-tuning run, so GPU time can be budgeted before starting."""
         from nnunet_ssp.schedule import NNUNET_EPOCHS, iterations_per_epoch, num_epochs
         from nnunet_ssp.splits import make_folds
+
         raw = self.raw
         cases = _cases_in(os.path.join(raw, "imagesTr"))
         if not cases:
@@ -293,14 +433,21 @@ class Protocol:
             per_run = {s: iterations_per_epoch(s, slices, batch) * epochs for s in SCHEDULE_SUFFIX}
             for schedule, iterations in per_run.items():
                 totals[schedule] += iterations * runs_of_fold[planned["fold"]]
-            lines.append(f"  budget {described['budget']}, seed {described['seed']}: {slices} labelled slices -> "
-                         + ", ".join(f"{s} {n:,}" for s, n in per_run.items()))
-        seeds = ("training seeds " + " ".join(map(str, self.training_seeds)) if len(self.training_seeds) > 1
-                 else _training_seed_text(self.training_seeds[0]))
-        lines.append(f"all {sum(runs_of_fold.values())} fine-tuning runs ({seeds}): "
-                     + ", ".join(f"{s} {n:,}" for s, n in totals.items())
-                     + f" iterations; this plan runs --schedule {self.args.schedule}"
-                     + ("" if epochs == NNUNET_EPOCHS else " (epochs from nnUNet_ssp_num_epochs)"))
+            lines.append(
+                f"  budget {described['budget']}, seed {described['seed']}: {slices} labelled slices -> "
+                + ", ".join(f"{s} {n:,}" for s, n in per_run.items())
+            )
+        seeds = (
+            "training seeds " + " ".join(map(str, self.training_seeds))
+            if len(self.training_seeds) > 1
+            else _training_seed_text(self.training_seeds[0])
+        )
+        lines.append(
+            f"all {sum(runs_of_fold.values())} fine-tuning runs ({seeds}): "
+            + ", ".join(f"{s} {n:,}" for s, n in totals.items())
+            + f" iterations; this plan runs --schedule {self.args.schedule}"
+            + ("" if epochs == NNUNET_EPOCHS else " (epochs from nnUNet_ssp_num_epochs)")
+        )
         return lines
 
     def _batch_size(self):
@@ -314,8 +461,17 @@ class Protocol:
 
     def report_runs(self) -> List[Run]:
         report = os.path.join(self.output, "report")
-        return [Run("report", "report", [Command(["nnunet_ssp", "report", os.path.join(self.output, "predictions"),
-                                               "-o", report], lambda: False)])]
+        return [
+            Run(
+                "report",
+                "report",
+                [
+                    Command(
+                        ["nnunet_ssp", "report", os.path.join(self.output, "predictions"), "-o", report], lambda: False
+                    )
+                ],
+            )
+        ]
 
     def phase_runs(self, phase: str, shard=(0, 1)) -> List[List[Run]]:
         """The runs of one phase in stages: a stage starts once the one before has ended, and the runs of the
@@ -347,78 +503,132 @@ def _dataset_name(dataset: str, convert) -> str:
 def _cases_in(images_folder: str) -> List[str]:
     if not os.path.isdir(images_folder):
         return []
-    return sorted(f[:-len("_0000.nii.gz")] for f in os.listdir(images_folder) if f.endswith("_0000.nii.gz"))
+    return sorted(f[: -len("_0000.nii.gz")] for f in os.listdir(images_folder) if f.endswith("_0000.nii.gz"))
 
 
 def _slices(image_path: str) -> int:
     """2D slices of a 3D image as nnU-Net's 2D configuration cuts it: along its axis of largest spacing (header
     only)."""
     import nibabel as nib
+
     header = nib.load(image_path).header
     zooms, shape = header.get_zooms()[:3], header.get_data_shape()[:3]
     return int(shape[max(range(3), key=lambda axis: zooms[axis])])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reproduce_paper.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-d", "--datasets", nargs="+", required=True, metavar="ID",
-                   help="converted dataset id(s) or name(s); several are merged into --merged-id first")
+    p = argparse.ArgumentParser(
+        prog="reproduce_paper.sh", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "-d",
+        "--datasets",
+        nargs="+",
+        required=True,
+        metavar="ID",
+        help="converted dataset id(s) or name(s); several are merged into --merged-id first",
+    )
     p.add_argument("--merged-id", type=int, default=600, help="id of the merged dataset (default 600)")
     p.add_argument("--merged-name", default="CineSSP", help="name of the merged dataset (default CineSSP)")
     add_experiment_arguments(p)
-    p.add_argument("--budgets", nargs="+",
-                   help="labelled subjects per fold (default: the paper's 10 15 25 50 all; not for unseen-vendor)")
+    p.add_argument(
+        "--budgets",
+        nargs="+",
+        help="labelled subjects per fold (default: the paper's 10 15 25 50 all; not for unseen-vendor)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="subset seeds (default 0 1 2)")
-    p.add_argument("--train-seeds", nargs="+", default=["0"], metavar="K",
-                   help="training seeds (default 0): each fold's baseline and methods fine-tune once per seed, with "
-                        "the seeded trainers (<trainer>_seed<K>: reproducible, paired); 'none': nnU-Net's unseeded "
-                        "trainers, once")
+    p.add_argument(
+        "--train-seeds",
+        nargs="+",
+        default=["0"],
+        metavar="K",
+        help="training seeds (default 0): each fold's baseline and methods fine-tune once per seed, with "
+        "the seeded trainers (<trainer>_seed<K>: reproducible, paired); 'none': nnU-Net's unseeded "
+        "trainers, once",
+    )
     p.add_argument("--val", type=int, help="validation subjects (default: 20%%)")
-    p.add_argument("--splits-yaml", nargs="+", metavar="FILE",
-                   help="the paper's split YAML files instead of sampled budgets")
+    p.add_argument(
+        "--splits-yaml", nargs="+", metavar="FILE", help="the paper's split YAML files instead of sampled budgets"
+    )
     p.add_argument("--methods", nargs="+", help="SSP methods (default: every method with a trainer, the paper's four)")
-    p.add_argument("--recipes", nargs="+", default=[PAPER_RECIPE], choices=RECIPES, metavar="RECIPE",
-                   help="fine-tuning recipes, each with its own trainers and report rows: paper (default; lr 1e-2 "
-                        "from scratch, 5e-3 pretrained), warmup (the _warmup trainers), baselineLR (pretrained at "
-                        "1e-2 too), baselineLR_encoderOnly (MIM: 1e-2 and the encoder alone), freeze50epochs "
-                        "(pretrained parts frozen for 50 epochs, 5%% of a shortened run), frozen (pretrained parts "
-                        "frozen throughout), pretrainedTenthLR (pretrained parts at 0.1 x the lr); the "
-                        "pretrained-only recipes are compared with the paper's baseline")
-    p.add_argument("--schedule", default="paper", choices=sorted(SCHEDULE_SUFFIX),
-                   help="fine-tuning length: paper (default; an epoch is one pass over the fold's labelled slices, "
-                        "the _paperSchedule trainers) or nnunet (1000 x 250 iterations at every budget)")
-    p.add_argument("--tta", action="store_true",
-                   help="predict with nnU-Net's test-time mirroring (default off, as the paper)")
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        default=[PAPER_RECIPE],
+        choices=RECIPES,
+        metavar="RECIPE",
+        help="fine-tuning recipes, each with its own trainers and report rows: paper (default; lr 1e-2 "
+        "from scratch, 5e-3 pretrained), warmup (the _warmup trainers), baselineLR (pretrained at "
+        "1e-2 too), baselineLR_encoderOnly (MIM: 1e-2 and the encoder alone), freeze50epochs "
+        "(pretrained parts frozen for 50 epochs, 5%% of a shortened run), frozen (pretrained parts "
+        "frozen throughout), pretrainedTenthLR (pretrained parts at 0.1 x the lr); the "
+        "pretrained-only recipes are compared with the paper's baseline",
+    )
+    p.add_argument(
+        "--schedule",
+        default="paper",
+        choices=sorted(SCHEDULE_SUFFIX),
+        help="fine-tuning length: paper (default; an epoch is one pass over the fold's labelled slices, "
+        "the _paperSchedule trainers) or nnunet (1000 x 250 iterations at every budget)",
+    )
+    p.add_argument(
+        "--tta", action="store_true", help="predict with nnU-Net's test-time mirroring (default off, as the paper)"
+    )
     p.add_argument("-c", "--configuration", default="2d")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
-    p.add_argument("--width", type=float, metavar="W",
-                   help="for CPU miniatures: after planning, write the plans' width-scaled copy (features per stage "
-                        "times W, on the same preprocessed data; 'nnunet_ssp plans') and pretrain, fine-tune and "
-                        "predict with it (-p <plans>_w<W>). Default: nnU-Net's plans as planned, which real-data "
-                        "reproduction keeps")
+    p.add_argument(
+        "--width",
+        type=float,
+        metavar="W",
+        help="for CPU miniatures: after planning, write the plans' width-scaled copy (features per stage "
+        "times W, on the same preprocessed data; 'nnunet_ssp plans') and pretrain, fine-tune and "
+        "predict with it (-p <plans>_w<W>). Default: nnU-Net's plans as planned, which real-data "
+        "reproduction keeps",
+    )
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda")
     p.add_argument("--pretrain-args", default="", help="extra ssp_pretrain arguments, e.g. '--epochs 50'")
-    p.add_argument("--pretrain-args-of", nargs=2, action="append", metavar=("METHOD", "ARGS"),
-                   help="extra ssp_pretrain arguments of one method, after --pretrain-args, e.g. "
-                        "--pretrain-args-of mim '--mask-patch-size 16' (repeatable)")
-    p.add_argument("--every-budget", nargs="*", metavar="METHOD",
-                   help="methods fine-tuned at every budget (default: all --methods); the others only at the "
-                        "smallest budget. The baseline runs at every budget")
-    p.add_argument("--predict-args", default=[], type=shlex.split,
-                   help="extra 'nnunet_ssp predict' arguments, which are nnUNetv2_predict's: -chk, -step_size, "
-                        "--save_probabilities, --not_on_device, e.g. '-chk checkpoint_best.pth'")
-    p.add_argument("--num-processes", type=int, default=2, help="processes for preprocessing and nnU-Net's Dice "
-                                                                  "(default 2)")
-    p.add_argument("-o", "--output", help="predictions, logs and report (default $nnUNet_results/<Dataset>/"
-                                          "ssp_protocol, ssp_protocol_unseen-phase_ED, "
-                                          "ssp_protocol_unseen-vendor_A+B, ... by experiment)")
+    p.add_argument(
+        "--pretrain-args-of",
+        nargs=2,
+        action="append",
+        metavar=("METHOD", "ARGS"),
+        help="extra ssp_pretrain arguments of one method, after --pretrain-args, e.g. "
+        "--pretrain-args-of mim '--mask-patch-size 16' (repeatable)",
+    )
+    p.add_argument(
+        "--every-budget",
+        nargs="*",
+        metavar="METHOD",
+        help="methods fine-tuned at every budget (default: all --methods); the others only at the "
+        "smallest budget. The baseline runs at every budget",
+    )
+    p.add_argument(
+        "--predict-args",
+        default=[],
+        type=shlex.split,
+        help="extra 'nnunet_ssp predict' arguments, which are nnUNetv2_predict's: -chk, -step_size, "
+        "--save_probabilities, --not_on_device, e.g. '-chk checkpoint_best.pth'",
+    )
+    p.add_argument(
+        "--num-processes", type=int, default=2, help="processes for preprocessing and nnU-Net's Dice (default 2)"
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="predictions, logs and report (default $nnUNet_results/<Dataset>/"
+        "ssp_protocol, ssp_protocol_unseen-phase_ED, "
+        "ssp_protocol_unseen-vendor_A+B, ... by experiment)",
+    )
     p.add_argument("--phase", default="all", choices=("all",) + PHASES)
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th pretraining and fine-tuning run from i")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="pretraining or fine-tuning runs at a time, and processes that share the predictions "
-                        "(default 1; 2 suits a small CPU machine, where process start-up dominates short runs; "
-                        "parallel runs get OMP_WAIT_POLICY=PASSIVE)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="pretraining or fine-tuning runs at a time, and processes that share the predictions "
+        "(default 1; 2 suits a small CPU machine, where process start-up dominates short runs; "
+        "parallel runs get OMP_WAIT_POLICY=PASSIVE)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan of runs and write nothing")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return p
@@ -435,21 +645,27 @@ def main(argv=None) -> int:
         phases = PHASES if args.phase == "all" else (args.phase,)
         if shard[1] > 1 and "report" in phases and len(phases) > 1:
             phases = tuple(p for p in phases if p != "report")  # the report needs every shard: --phase report
-        print(f"{protocol.dataset_name}: phases {', '.join(phases)}, shard {args.shard}; outputs in {protocol.output}"
-              + (" (dry run: nothing is written)" if args.dry_run else ""))
+        print(
+            f"{protocol.dataset_name}: phases {', '.join(phases)}, shard {args.shard}; outputs in {protocol.output}"
+            + (" (dry run: nothing is written)" if args.dry_run else "")
+        )
         if protocol.experiment.name != PaperExperiment.name:
             print(f"experiment {protocol.experiment.title}; pretraining is the paper experiment's")
         for phase in phases:  # built phase by phase: fine-tuning runs need the folds that prepare writes
+            start = utc_now()
             stages = protocol.phase_runs(phase, shard)
             if args.dry_run:
                 print_plan(stages)
                 if phase == "finetune":
                     print("\n".join(protocol.iteration_budget()))
             else:  # prepare and report are single steps in order; runs of the other phases are independent
-                execute(stages, os.path.join(protocol.output, "logs"),
-                        args.jobs if phase in ("pretrain", "finetune") else 1)
+                execute(
+                    stages, os.path.join(protocol.output, "logs"), args.jobs if phase in ("pretrain", "finetune") else 1
+                )
+                record_phase(protocol.output, phase, start, f"{shard[0]}/{shard[1]}" if shard[1] > 1 else None)
         if "report" in phases and not args.dry_run:
             print(f"report: {os.path.join(protocol.output, 'report', 'report.md')}")
+
     return run_command(go, debug=args.debug)
 
 

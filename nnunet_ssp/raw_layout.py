@@ -11,6 +11,7 @@ that the phantom, the converters and ``merge`` write and that splits, evaluation
   ``merge``'s ``source_dataset``).
 Labels: 0 background, 1 LV blood pool, 2 LV myocardium, 3 RV blood pool. Slice 0 is the base.
 """
+
 import csv
 import os
 import re
@@ -32,7 +33,7 @@ SUBJECTS_TABLE = "subjects.csv"
 TRAIN, TEST, UNLABELED = "train", "test", "unlabeled"
 PHASES = ("ED", "ES")
 BASE_FIRST, REVERSED = "base_first", "reversed"
-_OLD_COLUMN_NAMES = {"phenotype": "pathology"}   # the phantom's tables before the column sets were unified
+_OLD_COLUMN_NAMES = {"phenotype": "pathology"}  # the phantom's tables before the column sets were unified
 _INTEGER_COLUMNS = ("num_frames", "ed_frame", "es_frame", "num_slices")
 _SPACING_COLUMNS = ("spacing_x_mm", "spacing_y_mm", "spacing_z_mm")
 _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -42,6 +43,7 @@ _DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 class SubjectRow:
     """One row of ``subjects.csv``: absent values are None (integers, spacing) or "" (text); ``extra`` holds the
     further columns by name, as text."""
+
     subject: str
     split: str = ""
     vendor: str = ""
@@ -64,11 +66,17 @@ def _format_spacing(value: float) -> str:
 
 
 def _cells(row: SubjectRow) -> Dict[str, str]:
-    cells = {"subject": row.subject, "split": row.split, "vendor": row.vendor, "pathology": row.pathology,
-             "slice_order": row.slice_order}
+    cells = {
+        "subject": row.subject,
+        "split": row.split,
+        "vendor": row.vendor,
+        "pathology": row.pathology,
+        "slice_order": row.slice_order,
+    }
     cells.update({c: "" if getattr(row, c) is None else str(getattr(row, c)) for c in _INTEGER_COLUMNS})
-    cells.update(zip(_SPACING_COLUMNS, (_format_spacing(s) for s in row.spacing_mm) if row.spacing_mm else
-                     ("", "", "")))
+    cells.update(
+        zip(_SPACING_COLUMNS, (_format_spacing(s) for s in row.spacing_mm) if row.spacing_mm else ("", "", ""))
+    )
     return {**cells, **row.extra}
 
 
@@ -121,8 +129,9 @@ def read_subjects(path: str, required: Sequence[str] = ("subject",)) -> List[Sub
         raise SSPError(f"{path}: cannot read ({' '.join(str(e).split())})") from None
     missing = [c for c in ("subject", *required) if c not in header]
     if missing:
-        raise SSPError(f"{path}: no column {', '.join(repr(c) for c in dict.fromkeys(missing))} "
-                       f"(columns: {', '.join(header)})")
+        raise SSPError(
+            f"{path}: no column {', '.join(repr(c) for c in dict.fromkeys(missing))} (columns: {', '.join(header)})"
+        )
     rows, seen = [], set()
     for line in lines:
         cells = {c: (line[i].strip() if i < len(line) else "") for i, c in enumerate(header)}
@@ -145,16 +154,36 @@ def read_vendor_table(path: str, vendors: Sequence[str]) -> Dict[str, SubjectRow
     return rows
 
 
-def write_dataset_json(folder: str, name: str, description: str, num_training: int, *,
-                       channel_names: Dict[str, str] = CHANNEL_NAMES, labels: Dict[str, int] = LABELS,
-                       file_ending: str = FILE_ENDING, **extra) -> None:
+def write_dataset_json(
+    folder: str,
+    name: str,
+    description: str,
+    num_training: int,
+    *,
+    channel_names: Dict[str, str] = CHANNEL_NAMES,
+    labels: Dict[str, int] = LABELS,
+    file_ending: str = FILE_ENDING,
+    **extra,
+) -> None:
     """``folder/dataset.json`` through nnU-Net's ``generate_dataset_json``, with the layout's cine folder and
     subjects table (and by default its channel, labels and file ending); ``extra``: further keys (e.g. how the data
     was made)."""
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
-    generate_dataset_json(folder, dict(channel_names), dict(labels), num_training, file_ending, dataset_name=name,
-                          description=description, license="see the source dataset", converted_by="nnunet_ssp",
-                          cine_folder=CINE_FOLDER, subjects_table=SUBJECTS_TABLE, **extra)
+
+    generate_dataset_json(
+        folder,
+        dict(channel_names),
+        dict(labels),
+        num_training,
+        file_ending,
+        dataset_name=name,
+        description=description,
+        license="see the source dataset",
+        converted_by="nnunet_ssp",
+        cine_folder=CINE_FOLDER,
+        subjects_table=SUBJECTS_TABLE,
+        **extra,
+    )
 
 
 def make_subfolders(folder: str) -> None:
@@ -182,18 +211,24 @@ def target_folder(raw_root: str, dataset_id: int, name: str, overwrite: bool) ->
     if not 1 <= dataset_id <= 9999:
         raise SSPError(f"{raw_root}: dataset id must be in 1..9999, got {dataset_id}")
     if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name):
-        raise SSPError(f"{raw_root}: dataset name must be letters, digits, '_' or '-' (starting with a letter or "
-                       f"digit), got {name!r}")
+        raise SSPError(
+            f"{raw_root}: dataset name must be letters, digits, '_' or '-' (starting with a letter or "
+            f"digit), got {name!r}"
+        )
     if os.path.exists(raw_root) and not os.path.isdir(raw_root):
         raise SSPError(f"{raw_root}: exists and is not a folder")
     folder = f"Dataset{dataset_id:03d}_{name}"
     target = os.path.join(raw_root, folder)
-    others = sorted(e for e in (os.listdir(raw_root) if os.path.isdir(raw_root) else [])
-                    if e.startswith(f"Dataset{dataset_id:03d}_") and e != folder
-                    and os.path.isdir(os.path.join(raw_root, e)))
+    others = sorted(
+        e
+        for e in (os.listdir(raw_root) if os.path.isdir(raw_root) else [])
+        if e.startswith(f"Dataset{dataset_id:03d}_") and e != folder and os.path.isdir(os.path.join(raw_root, e))
+    )
     if others:
-        raise SSPError(f"{os.path.join(raw_root, others[0])}: dataset id {dataset_id} is already used by this "
-                       f"dataset; nnU-Net needs unique ids, choose another id for {folder}")
+        raise SSPError(
+            f"{os.path.join(raw_root, others[0])}: dataset id {dataset_id} is already used by this "
+            f"dataset; nnU-Net needs unique ids, choose another id for {folder}"
+        )
     if os.path.lexists(target):
         if not overwrite:
             raise SSPError(f"{target}: already exists; pass --overwrite to replace it")
@@ -226,4 +261,3 @@ def build_into_place(target: str, build: Callable[[str], None]) -> str:
             raise write_error(target, e) from None
         raise
     return target
-

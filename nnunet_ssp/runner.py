@@ -1,6 +1,7 @@
 """How the protocol's plan runs: a :class:`Run` is a named list of :class:`Command` s (stock commands, each skipped
 when its result exists); :func:`print_plan` shows a plan, :func:`execute` runs it stage by stage, up to ``jobs`` runs at
 a time, each command's output in its own log file."""
+
 import os
 import shlex
 import subprocess
@@ -22,6 +23,7 @@ PARALLEL_RUN_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 @dataclass
 class Command:
     """One stock command and how to tell that its result already exists."""
+
     command: List[str]
     done: Callable[[], bool]
     resume: Callable[[], List[str]] = field(default=lambda: [])  # extra arguments when partly done
@@ -31,6 +33,7 @@ class Command:
 @dataclass
 class Run:
     """A named unit of work: its steps run in order, each skipped when done."""
+
     phase: str
     name: str
     steps: List["Command"]
@@ -88,13 +91,16 @@ def _execute_run(run: Run, label: str, log_folder: str, base_env: dict) -> None:
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"\n$ {_describe(command)}\n")
             f.flush()
-            code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT,
-                                   env={**base_env, **os.environ, **step.env})
+            code = subprocess.call(
+                command, stdout=f, stderr=subprocess.STDOUT, env={**base_env, **os.environ, **step.env}
+            )
         if code != 0:
             tail = open(log, encoding="utf-8", errors="replace").read().strip().splitlines()[-15:]
             _say("\n".join(f"[{label}] | {line}" for line in tail), sys.stderr)
-            raise SSPError(f"{command[0]} failed (exit {code}) in '{run.name}'; full output in {log}; "
-                           f"re-run the same command to resume")
+            raise SSPError(
+                f"{command[0]} failed (exit {code}) in '{run.name}'; full output in {log}; "
+                f"re-run the same command to resume"
+            )
         _say(f"[{label}] {os.path.basename(command[0])} finished in {time.time() - start:.0f} s")
 
 
@@ -104,8 +110,10 @@ def execute(stages: Sequence[Sequence[Run]], log_folder: str, jobs: int = 1) -> 
     base_env = PARALLEL_RUN_ENV if jobs > 1 else {}
     for stage in _numbered(stages):
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_execute_run, run, f"{run.phase} {number}/{total}", log_folder, base_env)
-                       for number, total, run in stage]
+            futures = [
+                pool.submit(_execute_run, run, f"{run.phase} {number}/{total}", log_folder, base_env)
+                for number, total, run in stage
+            ]
             for future in as_completed(futures):
                 if future.exception() is not None:
                     pool.shutdown(wait=True, cancel_futures=True)

@@ -8,6 +8,7 @@
 epoch of every plugin trainer, whatever its schedule (short runs, tests, demos). ``nnUNet_ssp_skip_final_validation=1``
 skips nnU-Net's validation after training, which changes no test-set result.
 """
+
 import math
 import os
 import re

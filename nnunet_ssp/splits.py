@@ -37,6 +37,7 @@ by fold index and each group's entries (``val_subjects``, ``test_cases_by_vendor
 
 ``nnunet_ssp/fold_files.py`` owns both files: where a group's folds go, older sidecars, trained folds.
 """
+
 import os
 import re
 from collections import OrderedDict
@@ -117,19 +118,20 @@ def make_budget_splits(cases: Sequence[str], budgets: Sequence, seeds: Sequence[
     subjects = list(grouped)
     num_val = max(1, round(0.2 * len(subjects))) if num_val is None else num_val
     if not 0 < num_val < len(subjects):
-        raise SSPError(f"--val {num_val}: needs at least one validation and one training subject "
-                       f"({len(subjects)} subjects)")
+        raise SSPError(
+            f"--val {num_val}: needs at least one validation and one training subject ({len(subjects)} subjects)"
+        )
     order = np.random.default_rng(VALIDATION_SEED).permutation(len(subjects))
     val_subjects = sorted(subjects[i] for i in order[:num_val])
     pool = [s for s in subjects if s not in set(val_subjects)]
     identities = _budget_identities(budgets, seeds)
     too_big = [d["budget"] for d in identities if d["budget"] != "all" and not 0 < d["budget"] <= len(pool)]
     if too_big:
-        raise SSPError(f"budget {too_big[0]}: only {len(pool)} training subjects are left after {num_val} "
-                       f"validation subjects")
+        raise SSPError(
+            f"budget {too_big[0]}: only {len(pool)} training subjects are left after {num_val} validation subjects"
+        )
     val_cases = [c for s in val_subjects for c in grouped[s]]
-    ranked = {d["seed"]: [pool[i] for i in np.random.default_rng(d["seed"]).permutation(len(pool))]
-              for d in identities}
+    ranked = {d["seed"]: [pool[i] for i in np.random.default_rng(d["seed"]).permutation(len(pool))] for d in identities}
     folds, descriptions = [], []
     for identity in identities:
         size = len(pool) if identity["budget"] == "all" else identity["budget"]
@@ -143,6 +145,7 @@ def make_budget_splits(cases: Sequence[str], budgets: Sequence, seeds: Sequence[
 def read_split_file(path: str) -> Dict[str, List[str]]:
     """The sections (test, train, valid) of a split YAML, each with the subject IDs of all its dataset keys."""
     import yaml
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
@@ -153,15 +156,18 @@ def read_split_file(path: str) -> Dict[str, List[str]]:
         raise SSPError(f"{path}: expected top-level keys test, train, valid (got {got or 'nothing'})")
     split = {}
     for section, datasets in data.items():
-        if not (isinstance(datasets, dict) and all(isinstance(ids, list) and all(isinstance(i, str) for i in ids)
-                                                   for ids in datasets.values())):
-            raise SSPError(f"{path}: '{section}' must map dataset keys (mm1, mm2, ...) to lists of quoted subject "
-                           f"IDs")
+        if not (
+            isinstance(datasets, dict)
+            and all(isinstance(ids, list) and all(isinstance(i, str) for i in ids) for ids in datasets.values())
+        ):
+            raise SSPError(f"{path}: '{section}' must map dataset keys (mm1, mm2, ...) to lists of quoted subject IDs")
         split[section] = sorted({i for ids in datasets.values() for i in ids})
     if ("train" in split) != ("valid" in split):
-        raise SSPError(f"{path}: has '{'train' if 'train' in split else 'valid'}' without "
-                       f"'{'valid' if 'train' in split else 'train'}'; give both, or neither to split the "
-                       f"development set 80/20")
+        raise SSPError(
+            f"{path}: has '{'train' if 'train' in split else 'valid'}' without "
+            f"'{'valid' if 'train' in split else 'train'}'; give both, or neither to split the "
+            f"development set 80/20"
+        )
     return split
 
 
@@ -198,14 +204,16 @@ def yaml_fold(path: str, cases: Sequence[str]) -> Tuple[dict, dict]:
     grouped = cases_by_subject(cases)
     leaked = [s for s in split.get("test", []) if s in grouped]
     if leaked:
-        raise SSPError(f"{path}: test subject(s) {_few(leaked)} are training cases of the dataset "
-                       f"({len(leaked)} in all)")
+        raise SSPError(
+            f"{path}: test subject(s) {_few(leaked)} are training cases of the dataset ({len(leaked)} in all)"
+        )
     if "train" in split:
         train, val = split["train"], split["valid"]
         unknown = [s for s in train + val if s not in grouped]
         if unknown:
-            raise SSPError(f"{path}: subject(s) {_few(unknown)} are not training subjects of the dataset "
-                           f"({len(unknown)} in all)")
+            raise SSPError(
+                f"{path}: subject(s) {_few(unknown)} are not training subjects of the dataset ({len(unknown)} in all)"
+            )
         both = sorted(set(train) & set(val))
         if both:
             raise SSPError(f"{path}: subject(s) {_few(both)} are in both train and valid")
@@ -214,15 +222,26 @@ def yaml_fold(path: str, cases: Sequence[str]) -> Tuple[dict, dict]:
     if not train or not val:
         raise SSPError(f"{path}: needs at least one train and one valid subject")
     fold = {"train": [c for s in train for c in grouped[s]], "val": [c for s in val for c in grouped[s]]}
-    return fold, {**_yaml_identity(path, split), "subjects": train, "source": path,
-                  "yaml_test_subjects": split.get("test", [])}
+    return fold, {
+        **_yaml_identity(path, split),
+        "subjects": train,
+        "source": path,
+        "yaml_test_subjects": split.get("test", []),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- vendors
-def vendor_folds(cases: Sequence[str], raw_folder: str, file_ending: str, vendors: Sequence[str],
-                 seeds: Sequence[int], num_val: int = None):
+def vendor_folds(
+    cases: Sequence[str],
+    raw_folder: str,
+    file_ending: str,
+    vendors: Sequence[str],
+    seeds: Sequence[int],
+    num_val: int = None,
+):
     """(folds, descriptions, sidecar entries) of the vendor subsets (see the module docstring)."""
     from nnunet_ssp.raw_layout import IMAGES_TS, SUBJECTS_TABLE, TEST, read_vendor_table
+
     table_path = os.path.join(raw_folder, SUBJECTS_TABLE)
     table = read_vendor_table(table_path, vendors)
     grouped = cases_by_subject(cases)
@@ -234,8 +253,11 @@ def vendor_folds(cases: Sequence[str], raw_folder: str, file_ending: str, vendor
     descriptions = [{**_vendor_identity(vendors, d["seed"]), "subjects": d["subjects"]} for d in descriptions]
     test_folder = os.path.join(raw_folder, IMAGES_TS)
     suffix = "_0000" + file_ending
-    test_cases = sorted(f[:-len(suffix)] for f in os.listdir(test_folder) if f.endswith(suffix)) \
-        if os.path.isdir(test_folder) else []
+    test_cases = (
+        sorted(f[: -len(suffix)] for f in os.listdir(test_folder) if f.endswith(suffix))
+        if os.path.isdir(test_folder)
+        else []
+    )
     by_vendor = {}
     for case in test_cases:
         row = table.get(subject_of_case(case))
@@ -274,13 +296,17 @@ def phase_folds(folds: Sequence[dict], cases: Sequence[str], phases: Sequence[st
     subjects that lack one."""
     available, filtered = set(cases), []
     for fold in folds:
-        kept = {part: [f"{s}_{p}" for s in dict.fromkeys(map(subject_of_case, fold[part])) for p in phases]
-                for part in ("train", "val")}
+        kept = {
+            part: [f"{s}_{p}" for s in dict.fromkeys(map(subject_of_case, fold[part])) for p in phases]
+            for part in ("train", "val")
+        }
         missing = [c for part in kept.values() for c in part if c not in available]
         if missing:
             subjects = sorted({subject_of_case(c) for c in missing})
-            raise SSPError(f"--phases {' '.join(phases)}: subject(s) {_few(subjects)} have no training case "
-                           f"{_few(missing)} ({len(missing)} missing)")
+            raise SSPError(
+                f"--phases {' '.join(phases)}: subject(s) {_few(subjects)} have no training case "
+                f"{_few(missing)} ({len(missing)} missing)"
+            )
         filtered.append(kept)
     return filtered
 
@@ -313,13 +339,14 @@ def training_cases(preprocessed_folder: str) -> Tuple[List[str], str]:
     """(training cases, file ending) of a preprocessed dataset, from the names in its gt_segmentations."""
     dataset_json = os.path.join(preprocessed_folder, "dataset.json")
     if not os.path.isfile(dataset_json):
-        raise SSPError(f"{preprocessed_folder}: not preprocessed; run nnUNetv2_plan_and_preprocess for this "
-                       f"dataset first")
+        raise SSPError(
+            f"{preprocessed_folder}: not preprocessed; run nnUNetv2_plan_and_preprocess for this dataset first"
+        )
     ending = load_json_file(dataset_json, dict).get("file_ending")
     if not isinstance(ending, str):
         raise SSPError(f"{dataset_json}: no file_ending; re-run nnUNetv2_plan_and_preprocess")
     gt = os.path.join(preprocessed_folder, "gt_segmentations")
-    cases = [f[:-len(ending)] for f in sorted(os.listdir(gt)) if f.endswith(ending)] if os.path.isdir(gt) else []
+    cases = [f[: -len(ending)] for f in sorted(os.listdir(gt)) if f.endswith(ending)] if os.path.isdir(gt) else []
     if not cases:
         raise SSPError(f"{gt}: no training cases; run nnUNetv2_plan_and_preprocess first")
     return cases, ending

@@ -7,6 +7,7 @@ torchvision. Where ``import torchvision`` fails, that aborts every ``-tr`` looku
 Where torchvision works nothing changes. ``nnunet_ssp install-hooks`` makes every interpreter of the environment
 call :func:`install` through a one-line ``.pth`` file.
 """
+
 import importlib.abc
 import importlib.util
 import sys
@@ -17,6 +18,7 @@ GUARDED_MODULE = "nnunetv2.training.nnUNetTrainer.primus.primus_trainers"
 def torchvision_importable() -> bool:
     try:
         import torchvision  # noqa: F401
+
         return True
     except Exception:
         return False
@@ -37,8 +39,11 @@ class _PrimusTrainersGuard(importlib.abc.MetaPathFinder):
         sys.meta_path.remove(self)
         if torchvision_importable():
             return None
-        print("nnunet_ssp warning: torchvision cannot be imported (a CUDA build next to a CPU torch?); nnU-Net's "
-              "Primus trainers are skipped so that trainer lookup works.", file=sys.stderr)
+        print(
+            "nnunet_ssp warning: torchvision cannot be imported (a CUDA build next to a CPU torch?); nnU-Net's "
+            "Primus trainers are skipped so that trainer lookup works.",
+            file=sys.stderr,
+        )
         return importlib.util.spec_from_loader(fullname, _EmptyModuleLoader())
 
 

@@ -1,6 +1,7 @@
 """A phantom workspace: nnU-Net's three folders under one root, holding a phantom dataset planned and preprocessed by
 the stock CLIs (``nnunet_ssp phantom``, ``nnUNetv2_plan_and_preprocess``). The test suite, the fault matrix and the
 benchmarks all make theirs here."""
+
 import os
 import subprocess
 import sys
@@ -28,23 +29,66 @@ def workspace_env(root: str, base: Optional[Mapping[str, str]] = None, **setting
 
 def _run(command, env: Mapping[str, str]) -> None:
     """Runs a console script of this environment; on failure raises with the end of its output."""
-    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), command[0]), *command[1:]], env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), command[0]), *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                           f"{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
 
 
-def phantom_workspace(env: Mapping[str, str], dataset_id: int, name: str, subjects: int, test_subjects: int = 1,
-                      size: int = 64, seed: int = 0, processes: int = 1) -> str:
+def phantom_workspace(
+    env: Mapping[str, str],
+    dataset_id: int,
+    name: str,
+    subjects: int,
+    test_subjects: int = 1,
+    size: int = 64,
+    seed: int = 0,
+    processes: int = 1,
+) -> str:
     """Writes the phantom ``Dataset{dataset_id:03d}_{name}`` into ``env``'s nnUNet_raw and plans and preprocesses it
     (2d, with nnU-Net's dataset integrity check) with ``processes`` processes, unless its plans are already there.
     Returns the dataset's folder name."""
     dataset = f"Dataset{dataset_id:03d}_{name}"
     if not os.path.isfile(os.path.join(env["nnUNet_preprocessed"], dataset, "nnUNetPlans.json")):
-        _run(["nnunet_ssp", "phantom", "-d", str(dataset_id), "-n", name, "--subjects", str(subjects),
-              "--test-subjects", str(test_subjects), "--size", str(size), "--seed", str(seed)], env)
+        _run(
+            [
+                "nnunet_ssp",
+                "phantom",
+                "-d",
+                str(dataset_id),
+                "-n",
+                name,
+                "--subjects",
+                str(subjects),
+                "--test-subjects",
+                str(test_subjects),
+                "--size",
+                str(size),
+                "--seed",
+                str(seed),
+            ],
+            env,
+        )
         # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA)
-        _run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", "2d", "-np", str(processes), "-npfp",
-              str(processes), "--verify_dataset_integrity"], dict(env, nnUNet_n_proc_DA=str(processes)))
+        _run(
+            [
+                "nnUNetv2_plan_and_preprocess",
+                "-d",
+                str(dataset_id),
+                "-c",
+                "2d",
+                "-np",
+                str(processes),
+                "-npfp",
+                str(processes),
+                "--verify_dataset_integrity",
+            ],
+            dict(env, nnUNet_n_proc_DA=str(processes)),
+        )
     return dataset

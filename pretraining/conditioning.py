@@ -14,6 +14,7 @@ eigenvalues of the channel covariance. Three figures:
 stage (``probe_decoder_rank_*``), the log holds κ (``decoder_condition_*``). Stages are numbered as nnU-Net's
 decoder numbers them: 0 is the deepest.
 """
+
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -59,8 +60,10 @@ def conditioning(eigenvalues: torch.Tensor) -> Conditioning:
 def decoder_stage_outputs(network: torch.nn.Module, images: torch.Tensor) -> List[torch.Tensor]:
     """The output of every decoder stage of nnU-Net's U-Net on ``images``, deepest first."""
     captured: List[torch.Tensor] = []
-    hooks = [stage.register_forward_hook(lambda module, args, output: captured.append(output.float()))
-             for stage in network.decoder.stages]
+    hooks = [
+        stage.register_forward_hook(lambda module, args, output: captured.append(output.float()))
+        for stage in network.decoder.stages
+    ]
     try:
         network(images)
     finally:
@@ -76,12 +79,13 @@ def decoder_conditioning(network: torch.nn.Module, images: torch.Tensor, batch_s
     network.eval()
     device = next(network.parameters()).device
     try:
-        chunks = [decoder_stage_outputs(network, images[i:i + batch_size].to(device))
-                  for i in range(0, len(images), batch_size)]
+        chunks = [
+            decoder_stage_outputs(network, images[i : i + batch_size].to(device))
+            for i in range(0, len(images), batch_size)
+        ]
     finally:
         network.train(was_training)
-    return [conditioning(channel_spectrum(torch.cat([c[stage] for c in chunks])))
-            for stage in range(len(chunks[0]))]
+    return [conditioning(channel_spectrum(torch.cat([c[stage] for c in chunks]))) for stage in range(len(chunks[0]))]
 
 
 def conditioning_metrics(stages: List[Conditioning], suffix: str = "") -> Dict[str, float]:
@@ -120,10 +124,12 @@ def make_conditioning_probe(cache, method, num_slices: int, seed: int) -> Option
     """The probe on :func:`calibration_slices` for a method that pretrains the decoder; None for the others or when
     ``num_slices`` is 0."""
     from pretraining.seg_probe import random_network_builder
+
     if "decoder" not in method.parts or num_slices <= 0:
         return None
-    return DecoderConditioningProbe(calibration_slices(cache, method.patch_size, num_slices, seed),
-                                    random_network_builder(method, seed))
+    return DecoderConditioningProbe(
+        calibration_slices(cache, method.patch_size, num_slices, seed), random_network_builder(method, seed)
+    )
 
 
 #: non-linearities f with f(a x) = a f(x) for a > 0, through which a decoder stage's output can be rescaled exactly
@@ -132,8 +138,11 @@ POSITIVELY_HOMOGENEOUS = (torch.nn.LeakyReLU, torch.nn.ReLU)
 
 def _ends_in_affine_norm_and_homogeneous_nonlinearity(block: torch.nn.Module) -> bool:
     modules = list(getattr(block, "all_modules", ()))
-    return (len(modules) >= 2 and isinstance(modules[-1], POSITIVELY_HOMOGENEOUS)
-            and getattr(modules[-2], "affine", False) is True)
+    return (
+        len(modules) >= 2
+        and isinstance(modules[-1], POSITIVELY_HOMOGENEOUS)
+        and getattr(modules[-2], "affine", False) is True
+    )
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ the gradient of the global loss. :class:`GlobalBatchNorm` normalises over the gl
 Without a process group (one process, the default) every helper is the identity or a no-op, so the methods and the
 loop run unchanged.
 """
+
 import os
 import sys
 import warnings
@@ -81,8 +82,10 @@ def init_from_env(device_type: str) -> bool:
     if device_type == "cuda":
         local = int(os.environ["LOCAL_RANK"])
         if local >= torch.cuda.device_count():
-            raise SSPError(f"process {os.environ['RANK']} (local rank {local}) has no GPU: this machine has "
-                           f"{torch.cuda.device_count()}; start at most that many processes per node")
+            raise SSPError(
+                f"process {os.environ['RANK']} (local rank {local}) has no GPU: this machine has "
+                f"{torch.cuda.device_count()}; start at most that many processes per node"
+            )
         torch.cuda.set_device(local)
         dist.init_process_group("nccl")
     else:
@@ -109,8 +112,16 @@ def launch(num_processes: int, module: str, argv: Sequence[str]) -> None:
     """Replaces this process by ``python -m torch.distributed.run --standalone --nproc-per-node N -m module argv``
     (single node, a free port), as ``nnUNetv2_train -num_gpus`` starts its workers: signals and the exit status are
     torchrun's from here on."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}",
-               "-m", module, *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={num_processes}",
+        "-m",
+        module,
+        *argv,
+    ]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
@@ -126,6 +137,7 @@ def barrier() -> None:
 def _autograd_collectives():
     """torch.distributed.nn.functional, whose collectives carry gradients (it warns that it is deprecated)."""
     import torch.distributed.nn.functional as functional
+
     return functional
 
 
@@ -173,7 +185,7 @@ def all_reduce_mean_many(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     packed /= world_size()
     out, offset = [], 0
     for t in tensors:
-        out.append(packed[offset:offset + t.numel()].view(t.shape).to(t.dtype))
+        out.append(packed[offset : offset + t.numel()].view(t.shape).to(t.dtype))
         offset += t.numel()
     return tuple(out)
 
@@ -214,7 +226,7 @@ def local_rows(tensor: torch.Tensor) -> torch.Tensor:
     if len(tensor) % world_size():
         raise ValueError(f"{len(tensor)} rows do not split evenly over {world_size()} processes")
     share = len(tensor) // world_size()
-    return tensor[rank() * share:(rank() + 1) * share]
+    return tensor[rank() * share : (rank() + 1) * share]
 
 
 # ----------------------------------------------------------------------------------------------- modules
@@ -247,7 +259,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
                 self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
                 unbiased = var.detach() * n / (n - 1).clamp_min(1)
                 self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
@@ -259,8 +271,9 @@ def global_batch_norm(module: nn.Module) -> nn.Module:
     buffers (in place where possible; the result must be used)."""
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
+        converted = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias
         if module.track_running_stats:
@@ -279,8 +292,12 @@ def data_parallel(module: nn.Module) -> Optional[nn.Module]:
     if not is_distributed():
         return None
     import inspect
+
     from torch.nn.parallel import DistributedDataParallel
-    no_buffer_sync = ({"forward_sync_buffers": False}  # torch >= 2.13 deprecates broadcast_buffers
-                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                      else {"broadcast_buffers": False})
+
+    no_buffer_sync = (
+        {"forward_sync_buffers": False}  # torch >= 2.13 deprecates broadcast_buffers
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else {"broadcast_buffers": False}
+    )
     return DistributedDataParallel(module, device_ids=None, find_unused_parameters=True, **no_buffer_sync)

@@ -7,6 +7,7 @@ depends on the image, and linear layers on top cannot undo that. Contrastive los
 value (measured in tests/test_ssp_methods.py). The embedding is therefore the deepest map average-pooled to a
 ``grid`` x ``grid`` grid (default 2) and flattened; ``grid=1`` is the paper's global average pooling.
 """
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -32,9 +33,13 @@ class ProjectionMLP(nn.Module):
 
     def __init__(self, in_features: int, hidden: int, out_features: int):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                                    nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-                                    nn.Linear(hidden, out_features))
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_features),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -59,9 +64,15 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_features: int, hidden: int = 2048, bottleneck: int = 256, out_features: int = 8192):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
-                                 nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
-                                 nn.Linear(hidden, bottleneck))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.GELU(),
+            nn.Linear(hidden, bottleneck),
+        )
         for module in self.mlp:
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)

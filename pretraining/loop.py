@@ -16,13 +16,14 @@ batch. The logged losses and metrics are the ranks' means, the decisions (skip, 
 agree on, a stop request is agreed at every step, and only rank 0 writes logs, plots, previews and checkpoints and
 runs the probes. Every rank resumes from the same state.
 """
+
 import itertools
 import math
 import os
 import signal
 import time
-from dataclasses import asdict, replace
-from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -36,11 +37,80 @@ from pretraining.data.loader import make_loader
 from pretraining.methods.base import SSPMethod, Step
 from pretraining.probe import Probe
 from pretraining.progress_log import ProgressLog
-from pretraining.state import (LATEST_CHECKPOINT, RESUMABLE_CHANGES, STATE_FORMAT, EpochProgress, StopRequest,
-                               epoch_seed, load_state, rng_state, set_rng_state)
+from pretraining.state import (
+    LATEST_CHECKPOINT,
+    RESUMABLE_CHANGES,
+    STATE_FORMAT,
+    EpochProgress,
+    StopRequest,
+    epoch_seed,
+    load_state,
+    rng_state,
+    set_rng_state,
+)
 
-if TYPE_CHECKING:
-    from pretraining.run import PretrainSettings
+
+@dataclass
+class PretrainSettings:
+    """What a :class:`Pretrainer` runs, stored in its checkpoints: the method's recipe with the run's overrides
+    (:meth:`of_method`); resuming refuses changes to any but :data:`pretraining.state.RESUMABLE_CHANGES`."""
+
+    method: str
+    epochs: int
+    iters_per_epoch: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    device: str
+    num_workers: int
+    seed: int
+    options: dict = field(default_factory=dict)  # method-specific options, e.g. MIM's mask patch size
+    subjects_fraction: float = 1.0  # the fraction of the cache's subjects pretrained on (drawn by seed)
+    skip_nonfinite: int = 0  # steps with a non-finite loss or gradient that may be skipped before the run stops
+    precision: str = "bf16"  # autocast dtype on CUDA ("bf16") or full "fp32"; CPU always runs fp32
+    channels_last: bool = False  # NHWC model and batches on CUDA (slower for nnU-Net's InstanceNorm U-Nets on H100)
+    world_size: int = 1  # processes of a distributed run; batch_size is the global batch, batch_size / world_size each
+
+    @property
+    def batch_per_process(self) -> int:
+        return self.batch_size // self.world_size
+
+    @classmethod
+    def of_method(
+        cls,
+        method: SSPMethod,
+        *,
+        epochs: int,
+        iters_per_epoch: int,
+        batch_size: int,
+        lr: Optional[float] = None,
+        device: str = "cpu",
+        num_workers: int = 0,
+        seed: int = 0,
+        **runtime,
+    ) -> "PretrainSettings":
+        """The settings of a run of ``method``: its recipe (lr unless given, momentum, weight decay, Nesterov) and
+        options, the run's length and batch, and ``runtime`` (subjects_fraction, skip_nonfinite, precision,
+        channels_last, world_size)."""
+        d = method.defaults
+        return cls(
+            method.name,
+            epochs,
+            iters_per_epoch,
+            batch_size,
+            d.lr if lr is None else lr,
+            d.momentum,
+            d.weight_decay,
+            d.nesterov,
+            device,
+            num_workers,
+            seed,
+            options=method.option_values(),
+            **runtime,
+        )
+
 
 class _MethodLoss(torch.nn.Module):
     """The method's loss as a module's forward: DistributedDataParallel arms its gradient hooks in forward, and the
@@ -59,9 +129,17 @@ class Pretrainer:
     the network after every epoch (k-NN, segmentation). In a distributed run (a process group is initialised) it
     trains under DDP, and only rank 0 writes or probes."""
 
-    def __init__(self, method: SSPMethod, dataset, target: PlannedConfiguration, settings: "PretrainSettings",
-                 output_folder: str, data_summary: dict, probes: Sequence[Probe] = (),
-                 calibration_images: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        method: SSPMethod,
+        dataset,
+        target: PlannedConfiguration,
+        settings: PretrainSettings,
+        output_folder: str,
+        data_summary: dict,
+        probes: Sequence[Probe] = (),
+        calibration_images: Optional[torch.Tensor] = None,
+    ):
         if settings.world_size != distributed.world_size():
             raise ValueError(f"settings.world_size {settings.world_size}, but {distributed.world_size()} processes run")
         self.device = distributed.device(settings.device)
@@ -76,8 +154,12 @@ class Pretrainer:
                 os.makedirs(output_folder, exist_ok=True)
             except OSError as e:
                 raise write_error(output_folder, e) from None
-        self.progress_log = ProgressLog(output_folder, f"ssp_pretrain {settings.method}: {target.dataset_name}",
-                                        f"{settings.method} loss", enabled=self.main)
+        self.progress_log = ProgressLog(
+            output_folder,
+            f"ssp_pretrain {settings.method}: {target.dataset_name}",
+            f"{settings.method} loss",
+            enabled=self.main,
+        )
         self.latest = os.path.join(output_folder, LATEST_CHECKPOINT)
         self.history = {"epoch": [], "loss": [], "lr": [], "slices_per_s": [], "epoch_time_s": []}
         torch.manual_seed(settings.seed)
@@ -89,8 +171,12 @@ class Pretrainer:
         self.autocast = settings.precision == "bf16"
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(method.parameter_groups(self.model, settings.weight_decay), lr=settings.lr,
-                                         momentum=settings.momentum, nesterov=settings.nesterov)
+        self.optimizer = torch.optim.SGD(
+            method.parameter_groups(self.model, settings.weight_decay),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            nesterov=settings.nesterov,
+        )
         self.ddp = distributed.data_parallel(_MethodLoss(method, self.model))  # None in one process
         self.start_epoch = 0
         self.progress = EpochProgress(0)  # of the epoch to run next
@@ -103,10 +189,20 @@ class Pretrainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _save_latest(self, progress: EpochProgress) -> None:
-        torch_save_atomic({"format": STATE_FORMAT, "epoch": progress.epoch, "iteration": progress.iteration,
-                           "settings": asdict(self.settings), "model": self.model.state_dict(),
-                           "optimizer": self.optimizer.state_dict(), "history": self.history,
-                           "progress": asdict(progress), "skipped": self.skipped}, self.latest)
+        torch_save_atomic(
+            {
+                "format": STATE_FORMAT,
+                "epoch": progress.epoch,
+                "iteration": progress.iteration,
+                "settings": asdict(self.settings),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "history": self.history,
+                "progress": asdict(progress),
+                "skipped": self.skipped,
+            },
+            self.latest,
+        )
 
     def resume(self, state: Optional[dict] = None) -> bool:
         """Continues from ``state`` (default: :func:`load_state` of ``checkpoint_latest.pth``); False (starting at
@@ -115,13 +211,19 @@ class Pretrainer:
         if state is None:
             return False
         if state["settings"]["method"] != self.settings.method:
-            raise SSPError(f"{self.latest}: written by --method {state['settings']['method']}, "
-                           f"not {self.settings.method}")
-        changed = [f"{k} {v} -> {getattr(self.settings, k)}" for k, v in state["settings"].items()
-                   if k not in RESUMABLE_CHANGES and getattr(self.settings, k) != v]
+            raise SSPError(
+                f"{self.latest}: written by --method {state['settings']['method']}, not {self.settings.method}"
+            )
+        changed = [
+            f"{k} {v} -> {getattr(self.settings, k)}"
+            for k, v in state["settings"].items()
+            if k not in RESUMABLE_CHANGES and getattr(self.settings, k) != v
+        ]
         if changed:
-            raise SSPError(f"{self.latest}: settings differ from the interrupted run ({', '.join(changed)}); "
-                           f"continue with the same options")
+            raise SSPError(
+                f"{self.latest}: settings differ from the interrupted run ({', '.join(changed)}); "
+                f"continue with the same options"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.history = state["history"]
@@ -158,11 +260,15 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         where = f"{problem} at epoch {step.epoch}, iteration {step.iteration}"
         if self.skipped >= self.settings.skip_nonfinite:
-            raise SSPError(f"{where}: run stopped; the last good state is {self.latest} (resume with --continue "
-                           f"--skip-nonfinite N to skip up to N such steps, or start a new run with a lower --lr)")
+            raise SSPError(
+                f"{where}: run stopped; the last good state is {self.latest} (resume with --continue "
+                f"--skip-nonfinite N to skip up to N such steps, or start a new run with a lower --lr)"
+            )
         self.skipped += 1
-        self.log(f"warning: {where}: step skipped without an update ({self.skipped} of "
-                 f"{self.settings.skip_nonfinite} allowed)")
+        self.log(
+            f"warning: {where}: step skipped without an update ({self.skipped} of "
+            f"{self.settings.skip_nonfinite} allowed)"
+        )
 
     def train_step(self, batch: dict, step: Step) -> Optional[Tuple[float, Dict[str, float]]]:
         """One optimisation step on a loader batch: the loss and the method's extra metrics, or None when the step
@@ -192,8 +298,11 @@ class Pretrainer:
         return value, extra
 
     def _interrupted(self, signum: int, where: str) -> Interrupted:
-        return Interrupted(f"{signal.Signals(signum).name}: stopped {where}; the state is saved in {self.latest} "
-                           f"(resume with --continue)", signum)
+        return Interrupted(
+            f"{signal.Signals(signum).name}: stopped {where}; the state is saved in {self.latest} "
+            f"(resume with --continue)",
+            signum,
+        )
 
     def _iterations(self, progress: EpochProgress, stop: StopRequest) -> dict:
         """Runs the epoch's remaining steps into ``progress``; returns the last batch. On a stop request before the
@@ -203,11 +312,19 @@ class Pretrainer:
         if progress.rng is not None:
             set_rng_state(progress.rng, self.device)
         start, batch = time.perf_counter() - progress.seconds, None
-        batches = itertools.islice(self._batch_stream(epoch, progress.iteration),
-                                   s.iters_per_epoch - progress.iteration)
+        batches = itertools.islice(
+            self._batch_stream(epoch, progress.iteration), s.iters_per_epoch - progress.iteration
+        )
         self._stream_position = None  # until the epoch's batches are all taken
-        bar = tqdm(batches, total=s.iters_per_epoch, initial=progress.iteration, desc=f"epoch {epoch}", leave=False,
-                   mininterval=1.0, disable=not self.main)
+        bar = tqdm(
+            batches,
+            total=s.iters_per_epoch,
+            initial=progress.iteration,
+            desc=f"epoch {epoch}",
+            leave=False,
+            mininterval=1.0,
+            disable=not self.main,
+        )
         for iteration, batch in enumerate(bar, start=progress.iteration):
             result = self.train_step(batch, self._step(epoch, iteration))
             if result is not None:
@@ -233,10 +350,21 @@ class Pretrainer:
         go on where the last epoch ended (a resumed run, a stopped epoch)."""
         if self._stream is None or self._stream_position != (epoch, iteration):
             s = self.settings
-            self._stream = iter(make_loader(self.dataset, s.batch_size, s.iters_per_epoch, epoch, s.seed,
-                                            s.num_workers, pin_memory=self.device.type == "cuda",
-                                            first_iteration=iteration, rank=distributed.rank(),
-                                            world_size=s.world_size, num_epochs=s.epochs - epoch))
+            self._stream = iter(
+                make_loader(
+                    self.dataset,
+                    s.batch_size,
+                    s.iters_per_epoch,
+                    epoch,
+                    s.seed,
+                    s.num_workers,
+                    pin_memory=self.device.type == "cuda",
+                    first_iteration=iteration,
+                    rank=distributed.rank(),
+                    world_size=s.world_size,
+                    num_epochs=s.epochs - epoch,
+                )
+            )
         return self._stream
 
     def _finish_epoch(self, progress: EpochProgress, batch: dict) -> None:
@@ -255,8 +383,10 @@ class Pretrainer:
         for key, metric in metrics.items():
             self.history.setdefault(key, []).append(metric)
         described = "".join(f", {key} {metric:.4g}" for key, metric in metrics.items())
-        self.log(f"epoch {epoch}: loss {self.history['loss'][-1]:.5f}, lr {self.history['lr'][-1]:.3g}, "
-                 f"{self.history['slices_per_s'][-1]:.1f} slices/s, {progress.seconds:.1f} s{described}")
+        self.log(
+            f"epoch {epoch}: loss {self.history['loss'][-1]:.5f}, lr {self.history['lr'][-1]:.3g}, "
+            f"{self.history['slices_per_s'][-1]:.1f} slices/s, {progress.seconds:.1f} s{described}"
+        )
         warning = self.method.epoch_warning(metrics)
         if warning:
             self.log(f"warning: {warning}")
@@ -279,11 +409,15 @@ class Pretrainer:
         """Trains from ``start_epoch`` to the end (or ``max_epochs_this_run`` epochs); returns the checkpoint path.
         SIGINT or SIGTERM stops it at the next step with the state saved (Interrupted)."""
         s = self.settings
-        self.log(f"ssp_pretrain {s.method} on {self.target.dataset_name} ({self.target.plans_name}, "
-                 f"{self.target.configuration}): {asdict(s)}; data {self.data_summary}")
+        self.log(
+            f"ssp_pretrain {s.method} on {self.target.dataset_name} ({self.target.plans_name}, "
+            f"{self.target.configuration}): {asdict(s)}; data {self.data_summary}"
+        )
         if s.world_size > 1:
-            self.log(f"distributed data parallel: {s.world_size} processes ({distributed.backend()}), batch "
-                     f"{s.batch_per_process} per process, global batch {s.batch_size}")
+            self.log(
+                f"distributed data parallel: {s.world_size} processes ({distributed.backend()}), batch "
+                f"{s.batch_per_process} per process, global batch {s.batch_size}"
+            )
         last = s.epochs if max_epochs_this_run is None else min(s.epochs, self.start_epoch + max_epochs_this_run)
         try:
             with StopRequest() as stop:
@@ -305,8 +439,9 @@ class Pretrainer:
         final = os.path.join(self.output_folder, FINAL_CHECKPOINT)
         if self.main:
             network = self.method.checkpoint_network(self.model, self.calibration_images).cpu()
-            save_checkpoint(final, network, self.target, s.method,
-                            self.method.parts, pretraining=asdict(s), data=self.data_summary)
+            save_checkpoint(
+                final, network, self.target, s.method, self.method.parts, pretraining=asdict(s), data=self.data_summary
+            )
             self.log(f"wrote {final}")
         distributed.barrier()
         return final

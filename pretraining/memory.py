@@ -4,6 +4,7 @@ The pass runs exactly what training runs (every view, every module the loss call
 reconstruction), so it works for any method by construction. It uses 2 samples, the fewest that BatchNorm layers in
 training mode accept, and counts the bytes of every leaf module's output per sample.
 """
+
 import math
 
 import torch
@@ -49,8 +50,9 @@ def activation_bytes_per_sample(method: SSPMethod, model: torch.nn.Module, num_c
     return math.ceil(total / SIZING_SAMPLES)
 
 
-def affordable_batch_size(method: SSPMethod, model: torch.nn.Module, num_channels: int, requested: int,
-                          device: torch.device) -> int:
+def affordable_batch_size(
+    method: SSPMethod, model: torch.nn.Module, num_channels: int, requested: int, device: torch.device
+) -> int:
     """The largest power-of-two fraction of ``requested`` whose estimated training memory fits the device."""
     per_sample = activation_bytes_per_sample(method, model, num_channels) * _TRAINING_OVERHEAD
     budget = available_bytes(device) * _USABLE_FRACTION

@@ -2,10 +2,11 @@
 
 A fixed set of slices (image-centred crops at the patch size, no augmentation) from half of the subjects is the
 reference, the same number from the other half the queries. Each epoch the encoder embeds both (the deepest
-features pooled to a 2x2 grid, as the embedding methods read them); each query takes the mean position and the circular mean
-phase of its k most cosine-similar references. A representation that knows where in the heart and when in the cycle
-a slice is drives both errors below the chance level, whatever the method's own loss says.
+features pooled to a 2x2 grid, as the embedding methods read them); each query takes the mean position and the
+circular mean phase of its k most cosine-similar references. A representation that knows where in the heart and
+when in the cycle a slice is drives both errors below the chance level, whatever the method's own loss says.
 """
+
 from typing import Dict, Optional, Protocol
 
 import numpy as np
@@ -20,8 +21,7 @@ class Probe(Protocol):
     Keys starting with ``probe_`` are plotted in progress.png; a reference line's key ends in ``_chance`` or
     ``_random_init``."""
 
-    def evaluate(self, network: torch.nn.Module) -> Dict[str, float]:
-        ...
+    def evaluate(self, network: torch.nn.Module) -> Dict[str, float]: ...
 
 
 class PositionPhaseProbe:
@@ -53,8 +53,10 @@ class PositionPhaseProbe:
 
     @torch.no_grad()
     def _embed(self, network: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        chunks = [encoder_embedding(network, images[i:i + self.batch_size].to(device)).float().cpu()
-                  for i in range(0, len(images), self.batch_size)]
+        chunks = [
+            encoder_embedding(network, images[i : i + self.batch_size].to(device)).float().cpu()
+            for i in range(0, len(images), self.batch_size)
+        ]
         return torch.nn.functional.normalize(torch.cat(chunks), dim=1)
 
     def evaluate(self, network: torch.nn.Module) -> Dict[str, float]:
@@ -78,9 +80,11 @@ def knn_errors(reference: torch.Tensor, query: torch.Tensor, position: dict, pha
     angles = 2 * np.pi * phase["reference"][neighbours]
     predicted_phase = (np.arctan2(np.sin(angles).mean(1), np.cos(angles).mean(1)) / (2 * np.pi)) % 1.0
     phase_error = np.abs(predicted_phase - phase["query"])
-    return {"probe_position_mae": float(np.abs(predicted_position - position["query"]).mean()),
-            "probe_position_mae_chance": float(np.abs(np.median(position["reference"]) - position["query"]).mean()),
-            "probe_phase_error": float(np.minimum(phase_error, 1 - phase_error).mean())}
+    return {
+        "probe_position_mae": float(np.abs(predicted_position - position["query"]).mean()),
+        "probe_position_mae_chance": float(np.abs(np.median(position["reference"]) - position["query"]).mean()),
+        "probe_phase_error": float(np.minimum(phase_error, 1 - phase_error).mean()),
+    }
 
 
 def make_probe(cache, patch_size, num_slices: int, seed: int) -> Optional[PositionPhaseProbe]:

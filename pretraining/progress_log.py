@@ -1,5 +1,6 @@
 """A pretraining run's log (``training_log.txt``, also printed) and its ``progress.png``: loss and learning rate per
 epoch, and each probe's values on its own axis (k-NN errors, segmentation Dice), as nnU-Net's trainers show theirs."""
+
 import os
 from datetime import datetime
 from typing import Dict, List, Tuple
@@ -35,8 +36,10 @@ class ProgressLog:
         if not self.enabled:
             return
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         panels = probe_panels(history)
         fig, axes = plt.subplots(1 + len(panels), 1, figsize=(8, 4.5 + 3.5 * len(panels)), squeeze=False)
         loss_axis = axes[0, 0]
@@ -50,8 +53,13 @@ class ProgressLog:
         for axis, (label, keys) in zip(axes[1:, 0], panels):
             for key in keys:
                 values = history[key]  # a probe switched on when a run was resumed covers its last epochs only
-                axis.plot(history["epoch"][len(history["epoch"]) - len(values):], values,
-                          "--" if key.endswith(REFERENCE_SUFFIXES) else "-o", markersize=3, label=key[len("probe_"):])
+                axis.plot(
+                    history["epoch"][len(history["epoch"]) - len(values) :],
+                    values,
+                    "--" if key.endswith(REFERENCE_SUFFIXES) else "-o",
+                    markersize=3,
+                    label=key[len("probe_") :],
+                )
             axis.set_xlabel("epoch")
             axis.set_ylabel(label)
             axis.legend(loc="best")
@@ -65,9 +73,11 @@ class ProgressLog:
 #: keys of reference lines (drawn dashed): a k-NN probe's chance level, a probe of the randomly initialised network
 REFERENCE_SUFFIXES = ("_chance", "_random_init")
 #: (key prefix, axis label) of each probe's axis; a key goes to the first prefix it has
-PROBE_AXES = (("probe_seg_", "segmentation probe Dice, held out (up: better)"),
-              ("probe_decoder_rank_", "decoder effective rank / channels (up: better)"),
-              ("probe_", "k-NN probe error, held out (down: better)"))
+PROBE_AXES = (
+    ("probe_seg_", "segmentation probe Dice, held out (up: better)"),
+    ("probe_decoder_rank_", "decoder effective rank / channels (up: better)"),
+    ("probe_", "k-NN probe error, held out (down: better)"),
+)
 
 
 def probe_panels(history: Dict[str, List[float]]) -> List[Tuple[str, List[str]]]:

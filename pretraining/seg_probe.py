@@ -17,6 +17,7 @@
 - Reference: the same probe on the randomly initialised network a run of the seed starts from, computed once (at
   the first evaluation).
 """
+
 import os
 import time
 from contextlib import contextmanager
@@ -34,12 +35,13 @@ FIT_SUBJECTS = 4
 SCORED_SUBJECTS = 4
 FIT_STEPS = 100
 FIT_LR = 0.05
-FIT_PIXELS = 2 ** 15
+FIT_PIXELS = 2**15
 
 
 @dataclass
 class LabelledSlices:
     """2D slices with their labels: ``images`` (N, C, H, W) float32, ``labels`` (N, H, W) int64 (0 background)."""
+
     images: torch.Tensor
     labels: torch.Tensor
     subjects: List[str]
@@ -47,26 +49,29 @@ class LabelledSlices:
 
 def preprocessed_cases_folder(target) -> str:
     """nnU-Net's preprocessed folder of ``target``'s configuration (``$nnUNet_preprocessed/<Dataset>/<data id>``)."""
-    return os.path.join(os.environ["nnUNet_preprocessed"], target.dataset_name,
-                        target.configuration_manager.data_identifier)
+    return os.path.join(
+        os.environ["nnUNet_preprocessed"], target.dataset_name, target.configuration_manager.data_identifier
+    )
 
 
 def labelled_dataset(folder: str):
     """nnU-Net's dataset of the preprocessed cases in ``folder`` (its own class for the files found), or None when
     the folder holds none."""
     from nnunetv2.training.dataloading.nnunet_dataset import file_ending_dataset_mapping, infer_dataset_class
+
     if not os.path.isdir(folder) or not any(f.endswith(tuple(file_ending_dataset_mapping)) for f in os.listdir(folder)):
         return None
     dataset_class = infer_dataset_class(folder)
     return dataset_class(folder) if dataset_class.get_identifiers(folder) else None
 
 
-def choose_subjects(subjects: Sequence[str], seed: int, fit: int = FIT_SUBJECTS,
-                    scored: int = SCORED_SUBJECTS) -> Tuple[List[str], List[str]]:
+def choose_subjects(
+    subjects: Sequence[str], seed: int, fit: int = FIT_SUBJECTS, scored: int = SCORED_SUBJECTS
+) -> Tuple[List[str], List[str]]:
     """A seeded choice of ``fit`` subjects and ``scored`` others (at most half of them fit)."""
     order = [str(s) for s in np.random.default_rng(seed).permutation(sorted(subjects))]
     num_fit = min(fit, len(order) // 2)
-    return order[:num_fit], order[num_fit:num_fit + scored]
+    return order[:num_fit], order[num_fit : num_fit + scored]
 
 
 def read_slices(dataset, subjects: Sequence[str], patch_size: Sequence[int]) -> LabelledSlices:
@@ -80,8 +85,9 @@ def read_slices(dataset, subjects: Sequence[str], patch_size: Sequence[int]) -> 
         data, seg, _, _ = dataset.load_case(case)
         data, seg = np.asarray(data, dtype=np.float32), np.asarray(seg)
         for z in range(data.shape[1]):
-            out = crop(image=torch.from_numpy(data[:, z].copy()),
-                       segmentation=torch.from_numpy(seg[:, z].astype(np.int16)))
+            out = crop(
+                image=torch.from_numpy(data[:, z].copy()), segmentation=torch.from_numpy(seg[:, z].astype(np.int16))
+            )
             images.append(out["image"])
             labels.append(out["segmentation"][0].clamp_min(0).long())
             owners.append(subject_of_case(case))
@@ -100,8 +106,11 @@ def pooled_dice(predicted: np.ndarray, reference: np.ndarray, classes: Sequence[
 
 def upsampled(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """``x`` (N, C, h, w) upsampled bilinearly to ``size``."""
-    return x if tuple(x.shape[2:]) == tuple(size) else F.interpolate(x, size=tuple(size), mode="bilinear",
-                                                                     align_corners=False)
+    return (
+        x
+        if tuple(x.shape[2:]) == tuple(size)
+        else F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    )
 
 
 class LinearSegmentationHead:
@@ -126,8 +135,9 @@ def features_at(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """(N * P, C): ``x`` (N, C, h, w) upsampled bilinearly to full resolution as :func:`upsampled` does, read only at
     ``grid`` (N, P, 2), pixel centres in grid_sample's (-1, 1) coordinates (clamping at the border is what
     interpolate does there)."""
-    values = F.grid_sample(x, grid[:, None].to(x.device, x.dtype), mode="bilinear", padding_mode="border",
-                           align_corners=False)
+    values = F.grid_sample(
+        x, grid[:, None].to(x.device, x.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
     return values[:, :, 0].permute(0, 2, 1).reshape(-1, x.shape[1])
 
 
@@ -159,19 +169,22 @@ def one_cpu_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
-def fit_linear(x: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = FIT_STEPS,
-               lr: float = FIT_LR) -> Tuple[torch.Tensor, torch.Tensor]:
+def fit_linear(
+    x: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = FIT_STEPS, lr: float = FIT_LR
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(weight (K, D), bias (K)) of a softmax classifier of the rows of ``x`` (P, D) into ``labels`` (P): each column
     standardised, zero start, full-batch Adam on nnU-Net's Dice (foreground, over all rows) + cross-entropy loss;
     returned for the unstandardised ``x``."""
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     x = (x - mean) / std
     weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
-    loss_function = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                                   dice_class=MemoryEfficientSoftDiceLoss)
+    loss_function = DC_and_CE_loss(
+        {"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, dice_class=MemoryEfficientSoftDiceLoss
+    )
     optimizer = torch.optim.Adam([weight, bias], lr=lr)
     target = labels[None, None]  # nnU-Net's losses take (batch, classes, spatial...): one batch of P "pixels"
     with torch.enable_grad(), one_cpu_thread(x.device):
@@ -201,9 +214,17 @@ class SegmentationProbe:
     random network of ``build_random_network()`` (``probe_seg_dice_random_init``, computed once) and the probe's
     seconds (``seg_probe_time_s``)."""
 
-    def __init__(self, fit: LabelledSlices, scored: LabelledSlices, num_classes: int, source: str,
-                 build_random_network: Callable[[], torch.nn.Module], seed: int = 0, fit_pixels: int = FIT_PIXELS,
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        fit: LabelledSlices,
+        scored: LabelledSlices,
+        num_classes: int,
+        source: str,
+        build_random_network: Callable[[], torch.nn.Module],
+        seed: int = 0,
+        fit_pixels: int = FIT_PIXELS,
+        batch_size: int = 16,
+    ):
         self.fit, self.scored, self.num_classes, self.source = fit, scored, num_classes, source
         self.build_random_network, self.batch_size = build_random_network, batch_size
         self.fit_pixels = sample_pixels(fit.labels, fit_pixels, seed)
@@ -213,13 +234,13 @@ class SegmentationProbe:
         """(first slice index, feature maps) of ``images`` in chunks of ``batch_size``."""
         device = next(network.parameters()).device
         for i in range(0, len(images), self.batch_size):
-            yield i, [f.float() for f in feature_maps(network, images[i:i + self.batch_size].to(device), self.source)]
+            yield i, [f.float() for f in feature_maps(network, images[i : i + self.batch_size].to(device), self.source)]
 
     def _fit_head(self, network: torch.nn.Module) -> LinearSegmentationHead:
         grid, labels = self.fit_pixels
         rows, channels = [], []
         for first, features in self._chunks(network, self.fit.images):
-            at = grid[first:first + len(features[0])]
+            at = grid[first : first + len(features[0])]
             rows.append(torch.cat([features_at(f, at) for f in features], dim=1))
             channels = [f.shape[1] for f in features]
         x = torch.cat(rows)
@@ -233,8 +254,9 @@ class SegmentationProbe:
         try:
             head = self._fit_head(network)
             with torch.no_grad():
-                predicted = [head(features).argmax(1).cpu()
-                             for _, features in self._chunks(network, self.scored.images)]
+                predicted = [
+                    head(features).argmax(1).cpu() for _, features in self._chunks(network, self.scored.images)
+                ]
         finally:
             network.train(was_training)
         scores = pooled_dice(torch.cat(predicted).numpy(), self.scored.labels.numpy(), range(1, self.num_classes))
@@ -249,16 +271,21 @@ class SegmentationProbe:
         reference = self._random_init_dice(next(network.parameters()).device)
         start = time.perf_counter()
         dice = self.dice(network)
-        return {"probe_seg_dice": dice, "probe_seg_dice_random_init": reference,
-                "seg_probe_time_s": time.perf_counter() - start}
+        return {
+            "probe_seg_dice": dice,
+            "probe_seg_dice_random_init": reference,
+            "seg_probe_time_s": time.perf_counter() - start,
+        }
 
 
 def random_network_builder(method, seed: int) -> Callable[[], torch.nn.Module]:
     """Builds ``method``'s network as a run of ``seed`` starts it, leaving the global RNG as it was."""
+
     def build() -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return method.export_network(method.build_model())
+
     return build
 
 
@@ -271,8 +298,10 @@ def make_seg_probe(target, method, seed: int) -> Tuple[Optional[SegmentationProb
         return None, "segmentation probe off: region-based or ignore labels are not supported"
     dataset = labelled_dataset(folder)
     if dataset is None:
-        return None, (f"segmentation probe off: {folder} holds no preprocessed labelled training cases (run "
-                      f"nnUNetv2_plan_and_preprocess -c {target.configuration} to have them)")
+        return None, (
+            f"segmentation probe off: {folder} holds no preprocessed labelled training cases (run "
+            f"nnUNetv2_plan_and_preprocess -c {target.configuration} to have them)"
+        )
     subjects = sorted({subject_of_case(case) for case in dataset.identifiers})
     if len(subjects) < 2:
         return None, f"segmentation probe off: {folder} holds the cases of {len(subjects)} subject, 2 are needed"
@@ -282,9 +311,12 @@ def make_seg_probe(target, method, seed: int) -> Tuple[Optional[SegmentationProb
     if not (fit.labels > 0).any() or not (scored.labels > 0).any():
         return None, f"segmentation probe off: the cases in {folder} hold no foreground labels"
     source = "decoder" if "decoder" in method.parts else "encoder"
-    probe = SegmentationProbe(fit, scored, label_manager.num_segmentation_heads, source,
-                              random_network_builder(method, seed), seed=seed)
+    probe = SegmentationProbe(
+        fit, scored, label_manager.num_segmentation_heads, source, random_network_builder(method, seed), seed=seed
+    )
     features = "the decoder's last features" if source == "decoder" else "every encoder stage's features"
-    return probe, (f"segmentation probe: a linear head on {features}, fit on subjects {', '.join(fit_subjects)} "
-                   f"({len(fit.labels)} slices), Dice on subjects {', '.join(scored_subjects)} "
-                   f"({len(scored.labels)} slices) after every epoch")
+    return probe, (
+        f"segmentation probe: a linear head on {features}, fit on subjects {', '.join(fit_subjects)} "
+        f"({len(fit.labels)} slices), Dice on subjects {', '.join(scored_subjects)} "
+        f"({len(scored.labels)} slices) after every epoch"
+    )

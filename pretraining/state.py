@@ -1,5 +1,6 @@
 """The resumable state of a pretraining run: ``checkpoint_latest.pth`` (written after every epoch, and mid-epoch when
 a signal stops the run), what may change when a run continues, per-epoch seeds, RNG states and the stop request."""
+
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ RESUMABLE_CHANGES = ("device", "num_workers", "skip_nonfinite", "precision", "ch
 class EpochProgress:
     """Where an epoch stands: the next iteration, the losses and extra metrics of the steps done, their seconds, and
     the torch RNG states after them (mid-epoch only)."""
+
     epoch: int
     iteration: int = 0
     losses: List[float] = field(default_factory=list)
@@ -52,12 +54,13 @@ def load_state(path: str) -> Optional[dict]:
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2 ** 31)
+    return (seed * 1_000_003 + epoch * 7919) % (2**31)
 
 
 class StopRequest:
     """Within ``with``: SIGINT and SIGTERM ask the loop to stop after the current step (``signum``); a second SIGINT
     interrupts at once. Only the main thread can install signal handlers; elsewhere this does nothing."""
+
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):

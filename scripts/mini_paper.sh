@@ -3,7 +3,7 @@
 # be re-run whenever the code changes:
 #   every method (SimCLR, PCL, DINO, MIM) and the baseline at the smallest budget (1 subject); MIM and the baseline
 #   at budgets 1, 2 and 4; split seeds 0-5 (6 folds per budget), training seed 0; the paper's recipe (MIM: encoder +
-#   decoder at lr 5e-3) and the best recipe measured so far (MIM: the encoder alone at lr 1e-2); the paper's schedule
+#   decoder at lr 5e-3) and the encoder-only recipe (MIM: the encoder alone at lr 1e-2); the paper's schedule
 #   scaled to 40 epochs; pretraining 3 x 100 iterations. 72 fine-tuning runs (36 at budget 1, 18 each at 2 and 4; 5,040 iterations in all,
 #   as its dry run counts them).
 # Usage: bash scripts/mini_paper.sh   (idempotent; results in $DEMO_DIR/protocol/report, default ./mini_paper_output;

@@ -1,6 +1,7 @@
 """Slice cache reads at scale: slices come from positioned reads, so a reading process maps no cache file and its
 resident memory does not grow with the slices it reads; values equal the block files as numpy loads them. Fast: the
 cache folders are written here with the build's own index assembly, no nnU-Net preprocessing."""
+
 import json
 import multiprocessing
 import os
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 from nnunet_ssp.errors import SSPError
-from pretraining.data import cache as cache_module, frames as frames_module, slice_cache as format_module
+from pretraining.data import cache as cache_module
+from pretraining.data import frames as frames_module
+from pretraining.data import slice_cache as format_module
 from pretraining.data.slice_cache import SliceCache
 
 
@@ -27,17 +30,35 @@ def _write_cache(folder: str, blocks_per_subject: list, channels: int = 1, hw=(6
             shape = (frames, z, *hw) if channels == 1 else (frames, channels, z, *hw)
             name = f"{format_module.SUBJECTS_DIR}/s{s:06d}_b{k}.npy"
             np.save(os.path.join(folder, name), rng.standard_normal(shape).astype(np.float32))
-            entries.append({"file": name, "frames": list(range(t0, t0 + frames)), "shape": list(shape),
-                            "z_offset": 0, "num_slices": z, "bytes": os.path.getsize(os.path.join(folder, name))})
+            entries.append(
+                {
+                    "file": name,
+                    "frames": list(range(t0, t0 + frames)),
+                    "shape": list(shape),
+                    "z_offset": 0,
+                    "num_slices": z,
+                    "bytes": os.path.getsize(os.path.join(folder, name)),
+                }
+            )
             t0 += frames
-        markers.append({"index": s, "subject": f"sub{s}", "kind": "cineTr", "num_frames": t0, "ed_frame": 0,
-                        "num_channels": channels, "blocks": entries})
+        markers.append(
+            {
+                "index": s,
+                "subject": f"sub{s}",
+                "kind": "cineTr",
+                "num_frames": t0,
+                "ed_frame": 0,
+                "num_channels": channels,
+                "blocks": entries,
+            }
+        )
     arrays, summary = cache_module._assemble_index(folder, markers)
     with open(os.path.join(folder, format_module.INDEX_FILE), "wb") as f:
         np.savez(f, **arrays)
     with open(os.path.join(folder, format_module.FINGERPRINT_FILE), "w") as f:
-        json.dump({"format_version": format_module.CACHE_FORMAT_VERSION, "key": "k", "summary": summary,
-                   "fingerprint": {}}, f)
+        json.dump(
+            {"format_version": format_module.CACHE_FORMAT_VERSION, "key": "k", "summary": summary, "fingerprint": {}}, f
+        )
     return SliceCache(folder)
 
 
@@ -127,12 +148,16 @@ def test_a_truncated_block_file_is_an_error_naming_it(tmp_path):
 def _frames(path: str, monkeypatch, one_read: bool) -> list:
     """read_frames of a 4D cine, by the one-read path (nibabel's voxels) or forced through SimpleITK's read."""
     import types
+
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
     from pretraining.data.frames import read_frames
     from pretraining.data.sources import CineSource
+
     if not one_read:
         monkeypatch.setattr(frames_module, "_same_as_simpleitk", lambda image, voxels: False)
     import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     reader.ReadImageInformation()
@@ -146,6 +171,7 @@ def _frames(path: str, monkeypatch, one_read: bool) -> list:
 @pytest.mark.parametrize("dtype", ["int16", "uint8", "float32", "int32"])
 def test_a_cine_read_once_equals_simpleitks_read(tmp_path, monkeypatch, dtype):
     import SimpleITK as sitk
+
     rng = np.random.default_rng(1)
     array = (rng.standard_normal((3, 4, 7, 5)) * 50 + 100).astype(dtype)  # (T, Z, Y, X)
     image = sitk.GetImageFromArray(array, isVector=False)
@@ -172,6 +198,7 @@ def test_a_cine_read_once_equals_simpleitks_read(tmp_path, monkeypatch, dtype):
 
 def test_a_scaled_cine_is_read_by_simpleitk(tmp_path, monkeypatch):
     import nibabel as nib
+
     array = np.arange(2 * 3 * 4 * 5, dtype=np.int16).reshape(5, 4, 3, 2) + 1  # (X, Y, Z, T)
     image = nib.Nifti1Image(array, np.diag([1.5, 1.5, 8.0, 1.0]))
     image.header.set_slope_inter(2.0, 10.0)

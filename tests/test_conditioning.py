@@ -1,20 +1,28 @@
 """The decoder-conditioning figures on inputs of known covariance, the probe and the decoder's rescaling on nnU-Net's
 U-Net, and both in a MIM pretraining run."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
+from test_seg_probe import phantom_cache, pretrainer  # noqa: F401 (a fixture)
 
 from nnunet_ssp.checkpoint import load_checkpoint
 from nnunet_ssp.network import load_parts
-from pretraining.conditioning import (DecoderConditioningProbe, calibration_slices, channel_spectrum, conditioning,
-                                      decoder_conditioning, decoder_stage_outputs, make_conditioning_probe,
-                                      rescale_decoder_outputs)
+from pretraining.conditioning import (
+    DecoderConditioningProbe,
+    calibration_slices,
+    channel_spectrum,
+    conditioning,
+    decoder_conditioning,
+    decoder_stage_outputs,
+    make_conditioning_probe,
+    rescale_decoder_outputs,
+)
 from pretraining.methods import METHODS
 from pretraining.progress_log import probe_panels
 from pretraining.state import LATEST_CHECKPOINT
-from test_seg_probe import phantom_cache, pretrainer  # noqa: F401 (a fixture)
 
 
 def _features_with_covariance(eigenvalues, pixels=200_000, seed=0) -> torch.Tensor:
@@ -58,7 +66,8 @@ def test_probe_reads_every_decoder_stage_and_its_random_init_reference(target, s
     probe = DecoderConditioningProbe(images, lambda: target.network_spec.build(4))
     first = probe.evaluate(network)
     assert set(first) == {f"probe_decoder_rank_{i}{s}" for i in range(3) for s in ("", "_random_init")} | {
-        f"decoder_condition_{i}" for i in range(3)}
+        f"decoder_condition_{i}" for i in range(3)
+    }
     assert first["probe_decoder_rank_2"] == pytest.approx(stages[2].effective_rank / 8)
     with torch.no_grad():  # a decoder whose last stage carries one direction only
         for block in network.decoder.stages[-1].convs:
@@ -90,16 +99,21 @@ def test_rescaling_gives_every_stage_output_the_target_std_and_changes_nothing_b
     assert len(medians) == 3 and all(m > 0 for m in medians)
 
 
-def test_mim_logs_each_decoder_stage_rescales_its_checkpoint_and_the_probe_changes_no_weight(phantom_cache,
-                                                                                               tmp_path):
+def test_mim_logs_each_decoder_stage_rescales_its_checkpoint_and_the_probe_changes_no_weight(
+    phantom_cache,  # noqa: F811 (the fixture imported above)
+    tmp_path,
+):
     """Two MIM runs of one seed: with the probes and ``decoder_output_std`` 1, and with neither."""
     target, cache = phantom_cache
-    probed = pretrainer("mim", target, cache, str(tmp_path / "probed"), seg_probe=False, mask_patch_size=16,
-                        decoder_output_std=1.0)
-    plain = pretrainer("mim", target, cache, str(tmp_path / "plain"), seg_probe=False, probe_slices=0,
-                       mask_patch_size=16)
-    weights = {name: load_checkpoint(run.run())["network_weights"] for name, run in (("probed", probed),
-                                                                                       ("plain", plain))}
+    probed = pretrainer(
+        "mim", target, cache, str(tmp_path / "probed"), seg_probe=False, mask_patch_size=16, decoder_output_std=1.0
+    )
+    plain = pretrainer(
+        "mim", target, cache, str(tmp_path / "plain"), seg_probe=False, probe_slices=0, mask_patch_size=16
+    )
+    weights = {
+        name: load_checkpoint(run.run())["network_weights"] for name, run in (("probed", probed), ("plain", plain))
+    }
     history = torch.load(os.path.join(probed.output_folder, LATEST_CHECKPOINT), weights_only=True)["history"]
     ranks = [f"probe_decoder_rank_{i}" for i in range(len(probed.method.export_network(probed.model).decoder.stages))]
     for key in ranks:
@@ -108,7 +122,8 @@ def test_mim_logs_each_decoder_stage_rescales_its_checkpoint_and_the_probe_chang
         assert all(v >= 1 for v in history[key.replace("probe_decoder_rank", "decoder_condition")])
     panels = dict(probe_panels(history))
     assert set(panels["decoder effective rank / channels (up: better)"]) == {
-        k + suffix for k in ranks for suffix in ("", "_random_init")}
+        k + suffix for k in ranks for suffix in ("", "_random_init")
+    }
     assert "decoder_condition_0" in open(os.path.join(probed.output_folder, "training_log.txt")).read()
     assert not any(k.startswith(("probe_decoder", "decoder_condition")) for k in plain.history)
     trained, alone = probed.model.state_dict(), plain.model.state_dict()

@@ -2,6 +2,7 @@
 through the real CLI; the output must be the phantom's nnU-Net raw layout with the right cases, ED/ES frames,
 labels, geometry, exclusions and tables, with slice 0 at the base also for subjects stored apex first, and bad input
 must fail with one line, exit code 2 and no output."""
+
 import csv
 import json
 import os
@@ -13,15 +14,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_ssp.convert.common import Volume, orthonormal_affine, read_labels
-from nnunet_ssp.raw_layout import target_folder
+from nnunet_ssp.convert.common import Volume, orthonormal_affine, read_labels, reverse_slices
 from nnunet_ssp.convert.mnms import labelled_frames
 from nnunet_ssp.convert.mnms2 import vendor_code
-from nnunet_ssp.convert.orientation import (APEX_FIRST, BASE_FIRST, header_vote, label_position, label_vote,
-                                            reverse_slices, stored_order)
+from nnunet_ssp.convert.orientation import APEX_FIRST, BASE_FIRST, header_vote, label_position, label_vote, stored_order
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.phantom import simulate_subject, subject_rng
-from nnunet_ssp.raw_layout import LABELS
+from nnunet_ssp.raw_layout import LABELS, target_folder
 
 SIZE, SEED = 48, 5
 # SimpleITK direction (LPS): orthonormal, right-handed, oblique; the slice direction (third column) points towards the
@@ -38,6 +37,7 @@ class Source:
     """A synthetic subject as written in a dataset's layout: cine and labels (T, Z, Y, X) base first, 0-based ED/ES;
     ``apex_first``: stored with the slices reversed and the geometry adjusted (same world geometry), ``stale_header``
     too but with the geometry left as for base first (header and labels disagree)."""
+
     subject: str
     split: str
     vendor: str
@@ -52,8 +52,9 @@ class Source:
     stale_header: bool = False
 
 
-def make_source(index, subject, split, vendor, pathology, ed_after_es=False, apex_first=False,
-                stale_header=False) -> Source:
+def make_source(
+    index, subject, split, vendor, pathology, ed_after_es=False, apex_first=False, stale_header=False
+) -> Source:
     s = simulate_subject(subject_rng(SEED, index), subject, SIZE)
     cine, labels, ed, es = s.cine.astype(np.int16), s.labels, s.ed_frame, s.es_frame
     if ed_after_es:  # rotate the cycle so that ES is frame 1 and ED comes later
@@ -61,8 +62,20 @@ def make_source(index, subject, split, vendor, pathology, ed_after_es=False, ape
         cine, labels = np.roll(cine, shift, axis=0), np.roll(labels, shift, axis=0)
         ed, es = (ed + shift) % s.num_frames, 1
         assert ed > es
-    return Source(subject, split, vendor, pathology, cine, labels, ed, es, s.spacing, s.frame_interval_ms,
-                  apex_first or stale_header, stale_header)
+    return Source(
+        subject,
+        split,
+        vendor,
+        pathology,
+        cine,
+        labels,
+        ed,
+        es,
+        s.spacing,
+        s.frame_interval_ms,
+        apex_first or stale_header,
+        stale_header,
+    )
 
 
 def geometry(source: Source, reversed_: bool):
@@ -111,8 +124,24 @@ def write_mnms(root: str, placed) -> None:
         rows.append([i, s.subject, "Siemens", s.vendor, 1, ed, es, 50, s.pathology, "M", 170, 70])
     for folder in ("Training/Labeled", "Training/Unlabeled", "Validation", "Testing"):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
-    write_csv(os.path.join(root, MNMS_TABLE), ["", "External code", "VendorName", "Vendor", "Centre", "ED", "ES",
-                                               "Age", "Pathology", "Sex", "Height", "Weight"], rows)
+    write_csv(
+        os.path.join(root, MNMS_TABLE),
+        [
+            "",
+            "External code",
+            "VendorName",
+            "Vendor",
+            "Centre",
+            "ED",
+            "ES",
+            "Age",
+            "Pathology",
+            "Sex",
+            "Height",
+            "Weight",
+        ],
+        rows,
+    )
 
 
 MNMS2_VENDORS = {"A": "SIEMENS", "B": "Philips Medical Systems", "C": "GE MEDICAL SYSTEMS"}
@@ -133,8 +162,11 @@ def write_mnms2(root: str, sources, excluded=()) -> None:
     for code, pathology in excluded:
         os.makedirs(os.path.join(root, "dataset", code))
         rows.append([int(code), pathology, "SIEMENS", "Scanner", 1.5])
-    write_csv(os.path.join(root, "dataset_information.csv"), ["SUBJECT_CODE", "DISEASE", "VENDOR", "SCANNER", "FIELD"],
-              rows + [[""] * 5] * 2)
+    write_csv(
+        os.path.join(root, "dataset_information.csv"),
+        ["SUBJECT_CODE", "DISEASE", "VENDOR", "SCANNER", "FIELD"],
+        rows + [[""] * 5] * 2,
+    )
 
 
 def write_acdc(root: str, sources) -> None:
@@ -144,11 +176,14 @@ def write_acdc(root: str, sources) -> None:
         write_image(s.cine, s, os.path.join(folder, f"{s.subject}_4d.nii.gz"))
         for frame in (s.ed, s.es):
             write_image(s.cine[frame], s, os.path.join(folder, f"{s.subject}_frame{frame + 1:02d}.nii.gz"))
-            write_image(ACDC_LABELS[s.labels[frame]], s,
-                        os.path.join(folder, f"{s.subject}_frame{frame + 1:02d}_gt.nii.gz"))
+            write_image(
+                ACDC_LABELS[s.labels[frame]], s, os.path.join(folder, f"{s.subject}_frame{frame + 1:02d}_gt.nii.gz")
+            )
         with open(os.path.join(folder, "Info.cfg"), "w") as f:
-            f.write(f"ED: {s.ed + 1}\nES: {s.es + 1}\nGroup: {s.pathology}\nHeight: 170.0\n"
-                    f"NbFrame: {len(s.cine)}\nWeight: 70.0\n")
+            f.write(
+                f"ED: {s.ed + 1}\nES: {s.es + 1}\nGroup: {s.pathology}\nHeight: 170.0\n"
+                f"NbFrame: {len(s.cine)}\nWeight: 70.0\n"
+            )
     for folder in ("training", "testing"):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
 
@@ -156,8 +191,17 @@ def write_acdc(root: str, sources) -> None:
 # -------------------------------------------------------------------------------------------------- helpers
 def convert(tmp, dataset, source_root, dataset_id, *extra):
     env = dict(os.environ, nnUNet_raw=os.path.join(tmp, "raw"))
-    command = [os.path.join(os.path.dirname(sys.executable), "nnunet_ssp"), "convert", dataset, source_root,
-               "-d", str(dataset_id), "-n", "Test", *extra]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "nnunet_ssp"),
+        "convert",
+        dataset,
+        source_root,
+        "-d",
+        str(dataset_id),
+        "-n",
+        "Test",
+        *extra,
+    ]
     return subprocess.run(command, env=env, capture_output=True, text=True)
 
 
@@ -168,7 +212,9 @@ def converted(tmp, dataset, source_root, dataset_id, warned=()) -> str:
     assert result.returncode == 0, result.stderr
     assert sorted(result.stderr.strip().splitlines()) == sorted(
         f"warning: {cine}: the labels put the apex at slice 0 but the header's slice direction points from base to "
-        f"apex; following the labels" for cine in warned), result.stderr
+        f"apex; following the labels"
+        for cine in warned
+    ), result.stderr
     path = result.stdout.strip().splitlines()[-1]
     assert path == os.path.join(tmp, "raw", f"Dataset{dataset_id:03d}_Test")
     return path
@@ -194,8 +240,9 @@ def assert_geometry(image, source: Source) -> None:
     """The source's base-first geometry; with a stale header, the stored one reversed (the labels win)."""
     dim = image.GetDimension()
     rotation, origin = geometry(source, source.stale_header)
-    np.testing.assert_allclose(image.GetSpacing(), list(source.spacing) + [source.frame_interval] * (dim - 3),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        image.GetSpacing(), list(source.spacing) + [source.frame_interval] * (dim - 3), rtol=1e-6
+    )
     np.testing.assert_allclose(image.GetOrigin()[:3], origin, atol=1e-4)
     np.testing.assert_allclose(np.reshape(image.GetDirection(), (dim, dim))[:3, :3], rotation, atol=1e-6)
 
@@ -214,6 +261,7 @@ def check_dataset(path: str, sources, unlabeled=()) -> None:
 
     def cases(group, suffix):
         return sorted(f"{s.subject}_{phase}{suffix}.nii.gz" for s in group for phase in ("ED", "ES"))
+
     assert names("imagesTr") == cases(train, "_0000") and names("labelsTr") == cases(train, "")
     assert names("imagesTs") == cases(test, "_0000") and names("labelsTs") == cases(test, "")
     assert names("cineTr") == sorted(f"{s.subject}_0000.nii.gz" for s in train + list(unlabeled))
@@ -248,11 +296,13 @@ def check_dataset(path: str, sources, unlabeled=()) -> None:
 @pytest.fixture(scope="module")
 def mnms(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("mnms"))
-    placed = [("Training/Labeled", make_source(1, "A1B2C3", "train", "A", "HCM")),
-              ("Training/Labeled", make_source(2, "B2C3D4", "train", "B", "NOR", ed_after_es=True)),
-              ("Validation", make_source(3, "D4E5F6", "train", "D", "DCM", apex_first=True)),
-              ("Testing", make_source(4, "A7B8C9", "test", "A", "NOR")),
-              ("Training/Unlabeled", make_source(5, "C1D2E3", "unlabeled", "C", "HHD", apex_first=True))]
+    placed = [
+        ("Training/Labeled", make_source(1, "A1B2C3", "train", "A", "HCM")),
+        ("Training/Labeled", make_source(2, "B2C3D4", "train", "B", "NOR", ed_after_es=True)),
+        ("Validation", make_source(3, "D4E5F6", "train", "D", "DCM", apex_first=True)),
+        ("Testing", make_source(4, "A7B8C9", "test", "A", "NOR")),
+        ("Training/Unlabeled", make_source(5, "C1D2E3", "unlabeled", "C", "HHD", apex_first=True)),
+    ]
     write_mnms(os.path.join(tmp, "OpenDataset"), placed)
     sources, unlabeled = [s for _, s in placed[:-1]], [placed[-1][1]]
     return tmp, converted(tmp, "mnms", os.path.join(tmp, "OpenDataset"), 601), sources, unlabeled
@@ -270,13 +320,15 @@ def test_mnms_test_set_from_the_papers_split_file(mnms):
     """--test-split: the YAML's test subjects (here one from Training/Labeled) become test cases and the release's
     own Testing subject a training case; a test subject the source lacks fails with nothing written."""
     from dataclasses import replace
+
     tmp, _, sources, unlabeled = mnms
     split = os.path.join(tmp, "default-cine-split.yaml")
     with open(split, "w") as f:
         f.write('test:\n  mm1: ["B2C3D4"]\n  mm2: ["281"]\n')
     result = convert(tmp, "mnms", os.path.join(tmp, "OpenDataset"), 602, "--test-split", split)
     assert result.returncode == 2 and result.stderr.strip() == (
-        f"error: {split}: test subject(s) 281 not in the source (1 in all)")
+        f"error: {split}: test subject(s) 281 not in the source (1 in all)"
+    )
     assert os.listdir(os.path.join(tmp, "raw")) == ["Dataset601_Test"]  # no partial output
     with open(split, "w") as f:
         f.write('test:\n  mm1: ["B2C3D4"]\n')
@@ -298,8 +350,9 @@ def test_mnms_missing_table(tmp_path):
     tmp = str(tmp_path)
     write_mnms(os.path.join(tmp, "src"), [("Training/Labeled", make_source(1, "A1B2C3", "train", "A", "HCM"))])
     os.remove(os.path.join(tmp, "src", MNMS_TABLE))
-    assert_failed(convert(tmp, "mnms", os.path.join(tmp, "src"), 602), tmp, os.path.join(tmp, "src", MNMS_TABLE),
-                  "not found")
+    assert_failed(
+        convert(tmp, "mnms", os.path.join(tmp, "src"), 602), tmp, os.path.join(tmp, "src", MNMS_TABLE), "not found"
+    )
 
 
 def test_mnms_labelled_part_only(tmp_path):
@@ -319,8 +372,10 @@ def test_mnms_ground_truth_with_other_frames_than_the_cine(tmp_path):
     """The second subject fails after the first was written: nothing may be left behind."""
     tmp = str(tmp_path)
     second = make_source(2, "D4E5F6", "train", "D", "NOR")
-    write_mnms(os.path.join(tmp, "src"), [("Training/Labeled", make_source(1, "A1B2C3", "train", "A", "HCM")),
-                                          ("Validation", second)])
+    write_mnms(
+        os.path.join(tmp, "src"),
+        [("Training/Labeled", make_source(1, "A1B2C3", "train", "A", "HCM")), ("Validation", second)],
+    )
     gt = os.path.join(tmp, "src", "Validation", "D4E5F6", "D4E5F6_sa_gt.nii.gz")
     labels = np.zeros_like(second.labels[:-1])
     labels[[second.ed, second.es]] = second.labels[[second.ed, second.es]]
@@ -334,12 +389,19 @@ def test_mnms2(tmp_path):
     frames; vendors coded A/B/C; long-axis files ignored; 176 stored apex first is reversed; 101, stored apex first
     with a header as for base first, warns and follows its labels."""
     tmp = str(tmp_path)
-    sources = [make_source(1, "101", "train", "A", "ARR", stale_header=True),
-               make_source(2, "176", "train", "B", "CIA", apex_first=True),
-               make_source(3, "290", "test", "C", "FALL", ed_after_es=True)]
+    sources = [
+        make_source(1, "101", "train", "A", "ARR", stale_header=True),
+        make_source(2, "176", "train", "B", "CIA", apex_first=True),
+        make_source(3, "290", "test", "C", "FALL", ed_after_es=True),
+    ]
     write_mnms2(os.path.join(tmp, "MnM2"), sources, excluded=[("005", "NOR"), ("170", "HCM"), ("250", "LV")])
-    path = converted(tmp, "mnms2", os.path.join(tmp, "MnM2"), 611,
-                     warned=[os.path.join(tmp, "MnM2", "dataset", "101", "101_SA_CINE.nii.gz")])
+    path = converted(
+        tmp,
+        "mnms2",
+        os.path.join(tmp, "MnM2"),
+        611,
+        warned=[os.path.join(tmp, "MnM2", "dataset", "101", "101_SA_CINE.nii.gz")],
+    )
     check_dataset(path, sources)
 
 
@@ -356,9 +418,11 @@ def test_acdc(tmp_path):
     """training -> Tr, testing -> Ts; Info.cfg's 1-based ED/ES -> 0-based; labels remapped to 1 LV, 2 MYO, 3 RV;
     a test subject stored apex first is reversed; --overwrite replaces an existing dataset."""
     tmp = str(tmp_path)
-    sources = [make_source(1, "patient001", "train", "A", "DCM"),
-               make_source(2, "patient002", "train", "A", "NOR", ed_after_es=True),
-               make_source(3, "patient101", "test", "A", "MINF", apex_first=True)]
+    sources = [
+        make_source(1, "patient001", "train", "A", "DCM"),
+        make_source(2, "patient002", "train", "A", "NOR", ed_after_es=True),
+        make_source(3, "patient101", "test", "A", "MINF", apex_first=True),
+    ]
     write_acdc(os.path.join(tmp, "database"), sources[:1])
     converted(tmp, "acdc", os.path.join(tmp, "database"), 621)
     write_acdc(os.path.join(tmp, "database"), sources[1:])
@@ -399,7 +463,7 @@ def affine_with_cosine(cosine: float) -> np.ndarray:
     """A voxel-to-RAS affine whose slice direction has ``cosine`` with the long axis from base to apex."""
     apex, across = np.array([-1.0, 1.0, -1.0]) / np.sqrt(3.0), np.array([1.0, 1.0, 0.0]) / np.sqrt(2.0)
     affine = np.eye(4)
-    affine[:3, 2] = 8.0 * (cosine * apex + np.sqrt(1.0 - cosine ** 2) * across)
+    affine[:3, 2] = 8.0 * (cosine * apex + np.sqrt(1.0 - cosine**2) * across)
     return affine
 
 
@@ -445,8 +509,14 @@ def test_stored_order(capsys):
     """Labels win when they decide, the header otherwise, neither: None; one warning when both decide and differ."""
     base, apex, undecided = stack_with_areas(6, 3, 1), stack_with_areas(1, 3, 6), stack_with_areas(4, 4, 4)
     towards_apex, towards_base, across = affine_with_cosine(0.8), affine_with_cosine(-0.8), affine_with_cosine(0.0)
-    cases = [(base, towards_apex, BASE_FIRST), (apex, across, APEX_FIRST), (undecided, towards_base, APEX_FIRST),
-             (None, towards_base, APEX_FIRST), (None, towards_apex, BASE_FIRST), (undecided, across, None)]
+    cases = [
+        (base, towards_apex, BASE_FIRST),
+        (apex, across, APEX_FIRST),
+        (undecided, towards_base, APEX_FIRST),
+        (None, towards_base, APEX_FIRST),
+        (None, towards_apex, BASE_FIRST),
+        (undecided, across, None),
+    ]
     for labels, affine, order in cases:
         assert stored_order(labels, affine, "cine.nii.gz") == order
     assert capsys.readouterr().err == ""
@@ -456,7 +526,8 @@ def test_stored_order(capsys):
         "warning: cine.nii.gz: the labels put the base at slice 0 but the header's slice direction points from apex "
         "to base; following the labels",
         "warning: cine.nii.gz: the labels put the apex at slice 0 but the header's slice direction points from base "
-        "to apex; following the labels"]
+        "to apex; following the labels",
+    ]
 
 
 def test_reverse_slices_keeps_world_geometry():

@@ -1,4 +1,5 @@
 """Trainer discovery through nnUNet_extTrainer, the torchvision guard, and `nnunet_ssp env/doctor`."""
+
 import os
 import subprocess
 import sys
@@ -19,12 +20,14 @@ def test_shim_folder_only_re_exports_classes_defined_in_the_package():
 
 def test_stock_lookup_finds_every_trainer_in_a_fresh_interpreter():
     names = [t.__name__ for t in ALL_TRAINERS]
-    code = ("import pickle\n"
-            "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
-            f"for name in {names!r}:\n"
-            "    cls = find(name)\n"
-            "    assert pickle.loads(pickle.dumps(cls)) is cls\n"  # picklable for spawn and DDP
-            "    print('FOUND', name, cls.__module__)\n")
+    code = (
+        "import pickle\n"
+        "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find\n"
+        f"for name in {names!r}:\n"
+        "    cls = find(name)\n"
+        "    assert pickle.loads(pickle.dumps(cls)) is cls\n"  # picklable for spawn and DDP
+        "    print('FOUND', name, cls.__module__)\n"
+    )
     env = dict(os.environ, nnUNet_extTrainer=EXT_TRAINER_DIR)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -34,7 +37,8 @@ def test_stock_lookup_finds_every_trainer_in_a_fresh_interpreter():
 def test_ext_trainer_value_puts_ours_first_and_keeps_others():
     assert ext_trainer_value(None) == EXT_TRAINER_DIR
     assert ext_trainer_value(os.pathsep.join(["/a", EXT_TRAINER_DIR, "/b"])) == os.pathsep.join(
-        [EXT_TRAINER_DIR, "/a", "/b"])
+        [EXT_TRAINER_DIR, "/a", "/b"]
+    )
 
 
 @pytest.mark.parametrize("importable", [True, False])

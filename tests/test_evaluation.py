@@ -1,4 +1,5 @@
 """Evaluation: HD95, clinical measures and agreement against hand arithmetic, and ``nnunet_ssp evaluate``."""
+
 import csv
 import json
 import math
@@ -9,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import DATASET_JSON, make_plans, run_cli
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from scipy import ndimage
 
@@ -16,9 +18,7 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import agreement, clinical_measures, hd95, label_volumes_ml
 from nnunet_ssp.evaluation.evaluate import evaluate_predictions, method_of_run, results_fold_folder
 
-from conftest import DATASET_JSON, make_plans, run_cli
-
-SPACING = (8.0, 1.5, 1.5)          # mm, array order (z, y, x)
+SPACING = (8.0, 1.5, 1.5)  # mm, array order (z, y, x)
 VOXEL_ML = 8.0 * 1.5 * 1.5 / 1000  # 0.018 ml
 DATASET_ID, DATASET = 992, "Dataset992_EvalUnit"
 
@@ -32,9 +32,9 @@ def write_seg(path, seg, spacing=SPACING):
 def heart(lv_rows, rv_rows, shape=(6, 32, 32)):
     """LV blood pool 40 voxels per row, a 2-row myocardium below it (80 voxels), RV 32 voxels per row."""
     seg = np.zeros(shape, np.uint8)
-    seg[1:5, 4:4 + lv_rows, 4:14] = 1
-    seg[1:5, 4 + lv_rows:6 + lv_rows, 4:14] = 2
-    seg[1:5, 4:4 + rv_rows, 16:24] = 3
+    seg[1:5, 4 : 4 + lv_rows, 4:14] = 1
+    seg[1:5, 4 + lv_rows : 6 + lv_rows, 4:14] = 2
+    seg[1:5, 4 : 4 + rv_rows, 16:24] = 3
     return seg
 
 
@@ -74,6 +74,7 @@ def test_a_subject_with_one_phase_gets_the_measures_it_can():
 def brute_force_hd95(a, b, spacing):
     """All pairwise distances between surface voxel centres (surface: a 6-neighbour outside, image edge = outside);
     the larger of the two directed 95th percentiles."""
+
     def surface_points(mask):
         padded = np.pad(mask, 1)
         inner = np.ones_like(mask)
@@ -129,8 +130,9 @@ def test_hd95_is_nan_when_a_mask_is_empty():
 def test_agreement_against_hand_computation():
     got = agreement([10.0, 20.0, 30.0, float("nan")], [12.0, 18.0, 33.0, 5.0])  # differences 2, -2, 3
     sd = math.sqrt(((2 - 1) ** 2 + (-2 - 1) ** 2 + (3 - 1) ** 2) / 2)
-    assert got == pytest.approx({"n": 3, "mae": 7 / 3, "bias": 1.0, "sd": sd, "loa_low": 1 - 1.96 * sd,
-                                 "loa_high": 1 + 1.96 * sd})
+    assert got == pytest.approx(
+        {"n": 3, "mae": 7 / 3, "bias": 1.0, "sd": sd, "loa_low": 1 - 1.96 * sd, "loa_high": 1 + 1.96 * sd}
+    )
     one = agreement([1.0], [3.0])
     assert one["n"] == 1 and one["bias"] == 2.0 and one["mae"] == 2.0 and math.isnan(one["sd"])
     assert agreement([], [])["n"] == 0 and math.isnan(agreement([], [])["mae"])
@@ -152,6 +154,7 @@ def _prediction():
 @pytest.fixture
 def workspace(nnunet_env, tmp_path, monkeypatch):
     from trainers import EXT_TRAINER_DIR
+
     monkeypatch.setenv("nnUNet_extTrainer", EXT_TRAINER_DIR)  # the plugin's trainers, for the method lookup
     raw = os.path.join(nnunet_env["nnUNet_raw"], DATASET)
     os.makedirs(os.path.join(raw, "labelsTs"))
@@ -187,15 +190,41 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     fold = os.path.join(env["nnUNet_results"], DATASET, "nnUNetTrainerMIM_warmup__nnUNetPlans__2d", "fold_5")
     os.makedirs(fold)
     with open(os.path.join(fold, "debug.json"), "w") as f:  # as nnU-Net writes it: every attribute as a string
-        json.dump({"schedule_name": "paper", "num_epochs": "1000", "num_iterations_per_epoch": "8",
-                   "initial_lr": "0.005", "batch_size": "32"}, f)
-    result = run_cli(["nnunet_ssp", "evaluate", str(pred), "-d", str(DATASET_ID), "-tr", "nnUNetTrainerMIM_warmup",
-                      "-f", "5", "-np", "1", "--tta", "off"], env)
+        json.dump(
+            {
+                "schedule_name": "paper",
+                "num_epochs": "1000",
+                "num_iterations_per_epoch": "8",
+                "initial_lr": "0.005",
+                "batch_size": "32",
+            },
+            f,
+        )
+    result = run_cli(
+        [
+            "nnunet_ssp",
+            "evaluate",
+            str(pred),
+            "-d",
+            str(DATASET_ID),
+            "-tr",
+            "nnUNetTrainerMIM_warmup",
+            "-f",
+            "5",
+            "-np",
+            "1",
+            "--tta",
+            "off",
+        ],
+        env,
+    )
     assert "Dice" in result.stdout and "MAE: LV EF" in result.stdout
 
     summary = _load(pred, "summary.json")
-    dice = {os.path.basename(c["prediction_file"]): {k: v["Dice"] for k, v in c["metrics"].items()}
-            for c in summary["metric_per_case"]}
+    dice = {
+        os.path.basename(c["prediction_file"]): {k: v["Dice"] for k, v in c["metrics"].items()}
+        for c in summary["metric_per_case"]
+    }
     assert all(os.path.isfile(c["prediction_file"]) for c in summary["metric_per_case"])
     assert dice["s01_ED.nii.gz"] == dice["s01_ES.nii.gz"] == {"1": 1.0, "2": 1.0, "3": 1.0}
     assert dice["s02_ED.nii.gz"] == pytest.approx({"1": 2 * 440 / (480 + 440), "2": 1.0, "3": 1.0})
@@ -203,15 +232,30 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     assert summary["mean"]["1"]["Dice"] == pytest.approx((3 + 880 / 920) / 4)
 
     ev = _load(pred, "ssp_evaluation.json")
-    assert ev["format"] == "nnunet_ssp.evaluation" and ev["format_version"] == 1 and ev["dice_summary"] == "summary.json"
-    assert ev["run"] == {"dataset": DATASET, "trainer": "nnUNetTrainerMIM_warmup", "method": "mim", "recipe": "warmup",
-                         "fold": 5, "training_seed": None,
-                         "budget": 2, "seed": 1, "num_train_subjects": 2, "tta": False,
-                         "plans": "nnUNetPlans", "width": None,
-                         "schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": 8,
-                                      "initial_lr": 0.005}, "prediction_folder": str(pred),
-                         "reference_folder": os.path.join(env["nnUNet_raw"], DATASET, "labelsTs"), "vendors": None,
-                         "phases": None, "train_vendors": None, "train_phases": None}
+    assert (
+        ev["format"] == "nnunet_ssp.evaluation" and ev["format_version"] == 1 and ev["dice_summary"] == "summary.json"
+    )
+    assert ev["run"] == {
+        "dataset": DATASET,
+        "trainer": "nnUNetTrainerMIM_warmup",
+        "method": "mim",
+        "recipe": "warmup",
+        "fold": 5,
+        "training_seed": None,
+        "budget": 2,
+        "seed": 1,
+        "num_train_subjects": 2,
+        "tta": False,
+        "plans": "nnUNetPlans",
+        "width": None,
+        "schedule": {"name": "paper", "num_epochs": 1000, "iterations_per_epoch": 8, "initial_lr": 0.005},
+        "prediction_folder": str(pred),
+        "reference_folder": os.path.join(env["nnUNet_raw"], DATASET, "labelsTs"),
+        "vendors": None,
+        "phases": None,
+        "train_vendors": None,
+        "train_phases": None,
+    }
     assert ev["labels"] == {"1": "LV_bloodpool", "2": "LV_myocardium", "3": "RV_bloodpool"}
     assert ev["hd95_per_case"]["s01_ED"] == {"1": 0.0, "2": 0.0, "3": 0.0}
     assert ev["hd95_per_case"]["s02_ED"]["1"] == pytest.approx(1.5)  # the missing row is one 1.5 mm step
@@ -219,24 +263,42 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
     assert ev["hd95_mean"]["1"] == pytest.approx(1.5 / 4) and ev["hd95_mean"]["3"] == 0.0
 
     ref2, pred2 = ev["clinical_per_subject"]["s02"]["reference"], ev["clinical_per_subject"]["s02"]["prediction"]
-    assert ref2 == pytest.approx({"lv_edv_ml": 480 * VOXEL_ML, "lv_esv_ml": 240 * VOXEL_ML, "lv_ef_pct": 50.0,
-                                  "rv_edv_ml": 320 * VOXEL_ML, "rv_esv_ml": 128 * VOXEL_ML, "rv_ef_pct": 60.0,
-                                  "lv_myo_mass_g": 80 * VOXEL_ML * 1.05})
+    assert ref2 == pytest.approx(
+        {
+            "lv_edv_ml": 480 * VOXEL_ML,
+            "lv_esv_ml": 240 * VOXEL_ML,
+            "lv_ef_pct": 50.0,
+            "rv_edv_ml": 320 * VOXEL_ML,
+            "rv_esv_ml": 128 * VOXEL_ML,
+            "rv_ef_pct": 60.0,
+            "lv_myo_mass_g": 80 * VOXEL_ML * 1.05,
+        }
+    )
     pred_lv_ef = 100 * (440 - 240) / 440
-    assert pred2 == pytest.approx(dict(ref2, lv_edv_ml=440 * VOXEL_ML, lv_ef_pct=pred_lv_ef, rv_esv_ml=0.0,
-                                       rv_ef_pct=100.0))
+    assert pred2 == pytest.approx(
+        dict(ref2, lv_edv_ml=440 * VOXEL_ML, lv_ef_pct=pred_lv_ef, rv_esv_ml=0.0, rv_ef_pct=100.0)
+    )
     assert ev["clinical_per_subject"]["s01"]["reference"] == ev["clinical_per_subject"]["s01"]["prediction"]
     lv_ef = ev["clinical_agreement"]["lv_ef_pct"]
-    diff = pred_lv_ef - 50.0   # s01 agrees exactly
-    assert lv_ef == pytest.approx({"n": 2, "mae": abs(diff) / 2, "bias": diff / 2, "sd": abs(diff) / math.sqrt(2),
-                                   "loa_low": diff / 2 - 1.96 * abs(diff) / math.sqrt(2),
-                                   "loa_high": diff / 2 + 1.96 * abs(diff) / math.sqrt(2)})
+    diff = pred_lv_ef - 50.0  # s01 agrees exactly
+    assert lv_ef == pytest.approx(
+        {
+            "n": 2,
+            "mae": abs(diff) / 2,
+            "bias": diff / 2,
+            "sd": abs(diff) / math.sqrt(2),
+            "loa_low": diff / 2 - 1.96 * abs(diff) / math.sqrt(2),
+            "loa_high": diff / 2 + 1.96 * abs(diff) / math.sqrt(2),
+        }
+    )
     assert set(ev["clinical_agreement"]) == set(ref2)
 
     run_cli(["nnunet_ssp", "evaluate", str(pred), "-d", DATASET, "--vendors", "B", "-np", "1"], env)
     summary = _load(pred, "summary.json")
-    assert sorted(os.path.basename(c["reference_file"]) for c in summary["metric_per_case"]) == \
-        ["s02_ED.nii.gz", "s02_ES.nii.gz"]
+    assert sorted(os.path.basename(c["reference_file"]) for c in summary["metric_per_case"]) == [
+        "s02_ED.nii.gz",
+        "s02_ES.nii.gz",
+    ]
     ev = _load(pred, "ssp_evaluation.json")
     assert sorted(ev["hd95_per_case"]) == ["s02_ED", "s02_ES"] and list(ev["clinical_per_subject"]) == ["s02"]
     assert ev["run"]["vendors"] == ["B"] and ev["run"]["fold"] is None and ev["run"]["budget"] is None
@@ -244,8 +306,10 @@ def test_cli_evaluate_writes_nnunet_dice_hd95_and_clinical_measures(workspace):
 
 def _scored_cases(folder):
     """The reference cases in nnU-Net's summary.json, as nnU-Net's evaluation wrote it."""
-    return sorted(os.path.basename(c["reference_file"])[:-len(".nii.gz")]
-                  for c in _load(folder, "summary.json")["metric_per_case"])
+    return sorted(
+        os.path.basename(c["reference_file"])[: -len(".nii.gz")]
+        for c in _load(folder, "summary.json")["metric_per_case"]
+    )
 
 
 def test_cli_evaluate_phases_scores_that_phase_only(workspace):
@@ -254,14 +318,32 @@ def test_cli_evaluate_phases_scores_that_phase_only(workspace):
     pred, env = workspace
     sidecar = os.path.join(env["nnUNet_preprocessed"], DATASET, "splits_ssp.json")
     with open(sidecar, "w") as f:
-        json.dump({"folds": {"5": {"budget": 2, "seed": 1, "subjects": ["s03", "s04"], "phases": ["ED"],
-                                   "group": "budgets phases=ED"}}, "groups": {}}, f)
+        json.dump(
+            {
+                "folds": {
+                    "5": {
+                        "budget": 2,
+                        "seed": 1,
+                        "subjects": ["s03", "s04"],
+                        "phases": ["ED"],
+                        "group": "budgets phases=ED",
+                    }
+                },
+                "groups": {},
+            },
+            f,
+        )
     result = run_cli(["nnunet_ssp", "evaluate", str(pred), "-d", DATASET, "-f", "5", "--phases", "ES", "-np", "1"], env)
     assert _scored_cases(pred) == ["s01_ES", "s02_ES"] and ", phases ES" in result.stdout
     ev = _load(pred, "ssp_evaluation.json")
     assert sorted(ev["hd95_per_case"]) == ["s01_ES", "s02_ES"]
     assert {k: ev["run"][k] for k in ("phases", "vendors", "train_phases", "train_vendors", "budget")} == {
-        "phases": ["ES"], "vendors": None, "train_phases": ["ED"], "train_vendors": None, "budget": 2}
+        "phases": ["ES"],
+        "vendors": None,
+        "train_phases": ["ED"],
+        "train_vendors": None,
+        "budget": 2,
+    }
     s02 = ev["clinical_per_subject"]["s02"]["reference"]
     assert s02["lv_esv_ml"] == pytest.approx(240 * VOXEL_ML) and s02["lv_ef_pct"] is None and s02["lv_edv_ml"] is None
     assert ev["clinical_agreement"]["lv_ef_pct"]["n"] == 0 and ev["clinical_agreement"]["lv_ef_pct"]["mae"] is None
@@ -269,10 +351,15 @@ def test_cli_evaluate_phases_scores_that_phase_only(workspace):
 
     evaluation, _ = evaluate_predictions(str(pred), DATASET, vendors=["B"], phases=["ED"], num_processes=1)
     assert _scored_cases(pred) == ["s02_ED"] and (evaluation["run"]["vendors"], evaluation["run"]["phases"]) == (
-        ["B"], ["ED"])
+        ["B"],
+        ["ED"],
+    )
     os.remove(os.path.join(env["nnUNet_raw"], DATASET, "labelsTs", "s02_ED.nii.gz"))
-    with pytest.raises(SSPError, match=r"labelsTs: no reference cases of phase\(s\) ED \(<subject>_ED\.nii\.gz\) "
-                                       r"of vendor\(s\) B$"):
+    with pytest.raises(
+        SSPError,
+        match=r"labelsTs: no reference cases of phase\(s\) ED \(<subject>_ED\.nii\.gz\) "
+        r"of vendor\(s\) B$",
+    ):
         evaluate_predictions(str(pred), DATASET, vendors=["B"], phases=["ED"], num_processes=1)
 
 
@@ -290,11 +377,14 @@ def _replace(path, seg, spacing=SPACING):
     write_seg(path, seg, spacing)
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("unknown label", "label(s) 7 not in dataset.json"),
-    ("shape", "shape (6, 32, 30) differs"),
-    ("spacing", "spacing [8.0, 1.5, 2.0] differs"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("unknown label", "label(s) 7 not in dataset.json"),
+        ("shape", "shape (6, 32, 30) differs"),
+        ("spacing", "spacing [8.0, 1.5, 2.0] differs"),
+    ],
+)
 def test_bad_prediction_is_refused_before_anything_is_written(workspace, problem, message):
     pred, _ = workspace
     bad = pred / "s02_ES.nii.gz"
@@ -340,6 +430,7 @@ def _record_run(trainer, fold, method):
 def test_the_method_is_what_the_run_recorded_never_the_trainer_name(workspace):
     def method(trainer, fold):
         return method_of_run(trainer, results_fold_folder(DATASET, trainer, "nnUNetPlans", "2d", fold))
+
     _record_run("nnUNetTrainerSSP", 5, "pcl")
     assert method("nnUNetTrainerSSP", 5) == "pcl"  # the checkpoint it loaded
     assert method("nnUNetTrainerMIM_warmup", 5) == "mim"  # no record: the trainer class's method
@@ -355,11 +446,15 @@ def test_report_names_the_methods_of_a_warmup_run_and_a_baseline_variant(workspa
     """Method and recipe come from the run and its trainer class; the report's row is the method, with the recipe
     when it is not the paper's."""
     from nnunet_ssp.evaluation.report import write_report
+
     pred, _ = workspace
     _record_run("nnUNetTrainerMIM_warmup", 5, "mim")
-    expected = {"nnUNetTrainerMIM_warmup": ("mim", "warmup"), "nnUNetTrainerBaseline_warmup": ("baseline", "warmup"),
-                "nnUNetTrainerBaseline_paperSchedule": ("baseline", ""),
-                "nnUNetTrainerMIM_baselineLR_paperSchedule": ("mim", "baselineLR")}
+    expected = {
+        "nnUNetTrainerMIM_warmup": ("mim", "warmup"),
+        "nnUNetTrainerBaseline_warmup": ("baseline", "warmup"),
+        "nnUNetTrainerBaseline_paperSchedule": ("baseline", ""),
+        "nnUNetTrainerMIM_baselineLR_paperSchedule": ("mim", "baselineLR"),
+    }
     for trainer, (method, recipe) in expected.items():
         folder = tmp_path / "predictions" / trainer
         shutil.copytree(pred, folder)

@@ -1,10 +1,11 @@
-"""Fault injection through the real command line: every bad input of tests/fault_matrix.py, 20 SIGKILLs at
-random points of a run with a bitwise-equal result after --continue, SIGTERM/SIGINT mid-epoch saves, two runs on one
-output folder or one slice cache, and the NNUNET_SSP_FAULT hook itself.
+"""Fault injection through the real command line: every bad input of tests/fault_matrix.py (and docs/faults.md, its
+table), 20 SIGKILLs at random points of a run with a bitwise-equal result after --continue, SIGTERM/SIGINT mid-epoch
+saves, two runs on one output folder or one slice cache, and the NNUNET_SSP_FAULT hook itself.
 
 Kills are placed by the hook, never by timing: the process writes a marker file at a named point and waits there;
 the test waits for the marker, then signals.
 """
+
 import os
 import random
 import shutil
@@ -12,23 +13,24 @@ import signal
 import subprocess
 import time
 
+import fault_matrix
 import numpy as np
 import pytest
 import torch
+from fault_matrix import BIN, CASES, DATASET, Scratch, Workspace, format_markdown, pretrain_command, run_case
 
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import FAULT_ENV, fault_point, torch_save_atomic
 from pretraining.data.slice_cache import SliceCache
 from pretraining.state import LATEST_CHECKPOINT, load_state
 
-import fault_matrix
-from fault_matrix import BIN, CASES, DATASET, Scratch, Workspace, pretrain_command, run_case
-
 EPOCHS, ITERS, SUBJECTS = 4, 3, 4
 RUN = pretrain_command("--iters-per-epoch", str(ITERS), "--seed", "7", epochs=EPOCHS)
 SHORT_RUN = pretrain_command("--seed", "7")  # one epoch of one step
 CACHE = ("nnUNet_preprocessed", DATASET, "ssp_cache__nnUNetPlans_2d")
 MARKER_TIMEOUT_S = 300
+FAULTS_PAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "faults.md")
+ROWS = {}  # case name -> its row, as the matrix's cases run: docs/faults.md is compared once all have
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,19 @@ def workspace(phantom_workspace, tmp_path_factory) -> Workspace:
 # ------------------------------------------------------------------------------------------------ the matrix
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_fault_matrix_case(workspace, case, tmp_path):
-    row = run_case(workspace, case, str(tmp_path / "case"))
+    row = ROWS[case.name] = run_case(workspace, case, str(tmp_path / "case"))
     assert row.passed, row
     assert not os.path.exists(tmp_path / "case" / "payload_ran")  # a pickle's payload never ran
+
+
+def test_faults_page_is_the_matrix_table():
+    """docs/faults.md is the table of the rows the cases above printed (they run first, in file order)."""
+    if len(ROWS) < len(CASES):
+        pytest.skip("needs every case of the matrix run before it (not with -k)")
+    with open(FAULTS_PAGE, encoding="utf-8", newline="") as f:
+        page = f.read()
+    stale = "docs/faults.md is stale: python tests/fault_matrix.py --markdown docs/faults.md"
+    assert format_markdown([ROWS[case.name] for case in CASES]) == page, stale
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -83,16 +95,18 @@ def _finish(scratch: Scratch, output: str, run=RUN) -> subprocess.CompletedProce
 
 def _assert_same_training(output: str, reference: str) -> None:
     """Final weights, and model, optimizer and losses of the last state, equal bit for bit."""
-    final, expected = (torch.load(os.path.join(f, "checkpoint_final.pth"), weights_only=True)
-                       for f in (output, reference))
+    final, expected = (
+        torch.load(os.path.join(f, "checkpoint_final.pth"), weights_only=True) for f in (output, reference)
+    )
     assert final["network_weights"].keys() == expected["network_weights"].keys()
     for key, tensor in expected["network_weights"].items():
         assert torch.equal(final["network_weights"][key], tensor), key
     state, expected_state = (load_state(os.path.join(f, LATEST_CHECKPOINT)) for f in (output, reference))
     for key, tensor in expected_state["model"].items():
         assert torch.equal(state["model"][key], tensor), key
-    for (i, a), (_, b) in zip(sorted(state["optimizer"]["state"].items()),
-                              sorted(expected_state["optimizer"]["state"].items())):
+    for (i, a), (_, b) in zip(
+        sorted(state["optimizer"]["state"].items()), sorted(expected_state["optimizer"]["state"].items())
+    ):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"]), i
     assert state["history"]["loss"] == expected_state["history"]["loss"]
     assert not [f for f in os.listdir(output) if ".tmp" in f]
@@ -149,8 +163,10 @@ def test_20_random_kills_then_continue_equals_an_uninterrupted_run(workspace, re
     _finish(scratch, output)
     reference_scratch, reference_output = reference
     _assert_same_training(output, reference_output)
-    mine, theirs = SliceCache(os.path.join(scratch.root, *CACHE)), SliceCache(os.path.join(reference_scratch.root,
-                                                                                           *CACHE))
+    mine, theirs = (
+        SliceCache(os.path.join(scratch.root, *CACHE)),
+        SliceCache(os.path.join(reference_scratch.root, *CACHE)),
+    )
     assert len(mine) == len(theirs) and all(np.array_equal(mine.slice(i), theirs.slice(i)) for i in range(len(mine)))
     for folder in (os.path.join(scratch.root, *CACHE), os.path.join(scratch.root, *CACHE, "subjects")):
         assert not [f for f in os.listdir(folder) if ".tmp" in f]
@@ -194,7 +210,8 @@ def test_a_second_run_on_the_same_output_refuses_and_a_crash_frees_the_folder(wo
     second = subprocess.run(_command(output, SHORT_RUN), env=scratch.env, capture_output=True, text=True)
     assert second.returncode == 2 and second.stderr.strip().splitlines()[-1] == (
         f"error: {output}: another ssp_pretrain run (pid {first.pid}) is writing here; wait for it to end or choose "
-        f"another -o")
+        f"another -o"
+    )
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     _finish(scratch, output, SHORT_RUN)  # the kernel released the dead run's lock

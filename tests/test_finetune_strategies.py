@@ -1,6 +1,7 @@
 """The fine-tuning strategies (trainers/strategies.py) in real nnU-Net training on the phantom: the pretrained parts
 frozen bit for bit while the others train, trained after the freeze, resumed by ``nnUNetv2_train --c`` with the same
 parameter groups; and the freeze mechanism under DistributedDataParallel."""
+
 import hashlib
 import math
 import os
@@ -9,14 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from conftest import DATASET_JSON, PHANTOM_DATASET, PHANTOM_ID, make_plans, run_cli
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, save_checkpoint
 from nnunet_ssp.network import PlannedConfiguration
 from pretraining.methods import METHODS
 from trainers import ssp_trainers
 from trainers.strategies import freeze_groups_at_zero_lr, split_parameters
-
-from conftest import DATASET_JSON, PHANTOM_DATASET, PHANTOM_ID, make_plans, run_cli
 
 CPU = torch.device("cpu")
 #: the phantom's plans with a 4x narrower network (same preprocessed data), so that CPU training steps are quick
@@ -48,8 +48,9 @@ def _phantom_checkpoint(env, method, path=None):
     target = PlannedConfiguration.from_preprocessed(str(PHANTOM_ID), PLANS)
     torch.manual_seed(7)
     network = target.network_spec.build(1 if method == "mim" else 4)
-    path = path or os.path.join(default_checkpoint_folder(env["nnUNet_results"], PHANTOM_DATASET, method,
-                                                          PLANS, "2d"), "checkpoint_final.pth")
+    path = path or os.path.join(
+        default_checkpoint_folder(env["nnUNet_results"], PHANTOM_DATASET, method, PLANS, "2d"), "checkpoint_final.pth"
+    )
     return path, save_checkpoint(path, network, target, method, METHODS[method].parts)
 
 
@@ -78,8 +79,9 @@ def _ssp_init(trainer):
     return load_json(os.path.join(trainer.output_folder, "ssp_init.json"))
 
 
-def test_freeze50epochs_freezes_the_encoder_in_epoch_0_trains_it_in_epoch_1_and_resumes_with_c(narrow_plans,
-                                                                                               monkeypatch):
+def test_freeze50epochs_freezes_the_encoder_in_epoch_0_trains_it_in_epoch_1_and_resumes_with_c(
+    narrow_plans, monkeypatch
+):
     """nnUNetTrainerSSP_freeze50epochs from an exported PCL checkpoint, 2 epochs (5% of 2: 1 frozen epoch): after
     epoch 0 the encoder is the checkpoint's bit for bit and the decoder has moved;
     after epoch 1 every encoder parameter has moved. ``nnUNetv2_train --c`` (3 epochs, without the export: the
@@ -97,23 +99,47 @@ def test_freeze50epochs_freezes_the_encoder_in_epoch_0_trains_it_in_epoch_1_and_
     parameters = [k for k, _ in trainer.network.named_parameters() if k.startswith("encoder.")]
     assert all(not torch.equal(trained_epoch[k], pretrained[k]) for k in parameters)
     assert lrs0 == [_poly(0, 2), 0.0] and lrs1 == [_poly(1, 2)] * 2
-    assert _ssp_init(trainer)["fine_tuning"] == {"recipe": "freeze50epochs", "pretrained_lr_factor": 1.0,
-                                                 "frozen_epochs": 1}
+    assert _ssp_init(trainer)["fine_tuning"] == {
+        "recipe": "freeze50epochs",
+        "pretrained_lr_factor": 1.0,
+        "frozen_epochs": 1,
+    }
     groups = trainer.optimizer.state_dict()["param_groups"]
 
-    resume_env = dict(env, nnUNet_ssp_num_epochs="3", nnUNet_ssp_iters_per_epoch="1",
-                      nnUNet_ssp_skip_final_validation="1")
-    run_cli(["nnUNetv2_train", str(PHANTOM_ID), "2d", "0", "-tr", "nnUNetTrainerSSP_freeze50epochs", "-p", PLANS,
-             "--c", "-device", "cpu"], resume_env)
-    final = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), map_location="cpu",
-                       weights_only=False)  # nnU-Net's own checkpoint holds numpy scalars
+    resume_env = dict(
+        env, nnUNet_ssp_num_epochs="3", nnUNet_ssp_iters_per_epoch="1", nnUNet_ssp_skip_final_validation="1"
+    )
+    run_cli(
+        [
+            "nnUNetv2_train",
+            str(PHANTOM_ID),
+            "2d",
+            "0",
+            "-tr",
+            "nnUNetTrainerSSP_freeze50epochs",
+            "-p",
+            PLANS,
+            "--c",
+            "-device",
+            "cpu",
+        ],
+        resume_env,
+    )
+    final = torch.load(
+        os.path.join(trainer.output_folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False
+    )  # nnU-Net's own checkpoint holds numpy scalars
     assert final["current_epoch"] == 3
     resumed = final["optimizer_state"]["param_groups"]
     assert [(g["name"], g["params"]) for g in resumed] == [(g["name"], g["params"]) for g in groups]
     assert all(math.isclose(g["lr"], _poly(2, 3), rel_tol=1e-12) for g in resumed)
     assert not torch.equal(final["network_weights"][parameters[0]], trained_epoch[parameters[0]])
-    log = open(sorted(os.path.join(trainer.output_folder, f) for f in os.listdir(trainer.output_folder)
-                      if f.startswith("training_log"))[-1]).read()
+    log = open(
+        sorted(
+            os.path.join(trainer.output_folder, f)
+            for f in os.listdir(trainer.output_folder)
+            if f.startswith("training_log")
+        )[-1]
+    ).read()
     assert "the pretrained encoder (" in log and "frozen in epochs 0-0, from epoch 1 at 1 x the trainer's lr" in log
 
 
@@ -126,8 +152,11 @@ def test_frozen_mim_trains_only_the_segmentation_heads(narrow_plans, monkeypatch
     trainer, epochs = _train_in_process(ssp_trainers.nnUNetTrainerMIM_frozen_paperSchedule, 1, monkeypatch, epochs=2)
     (first, lrs0), (last, lrs1) = epochs
     assert all(torch.equal(last[k], v) for k, v in checkpoint["network_weights"].items())
-    heads = [k for k, _ in trainer.network.named_parameters()
-             if k.startswith("decoder.seg_layers.") and not k.startswith("decoder.seg_layers.0.")]
+    heads = [
+        k
+        for k, _ in trainer.network.named_parameters()
+        if k.startswith("decoder.seg_layers.") and not k.startswith("decoder.seg_layers.0.")
+    ]
     assert heads and all(not torch.equal(first[k], last[k]) for k in heads)
     assert lrs0 == [_poly(0, 2), 0.0] and lrs1 == [_poly(1, 2), 0.0]
     assert "frozen in every epoch (0-1)" in open(trainer.log_file).read()
@@ -139,8 +168,9 @@ def _ddp_training(state=None):
     torch.manual_seed(0)
     network = PlannedConfiguration(make_plans(), "2d", DATASET_JSON).network_spec.build(4, deep_supervision=True)
     pretrained, new = split_parameters(network, ("encoder",))
-    optimizer = torch.optim.SGD([{"params": new}, {"params": pretrained}], lr=0.01, momentum=0.99, nesterov=True,
-                                weight_decay=3e-5)
+    optimizer = torch.optim.SGD(
+        [{"params": new}, {"params": pretrained}], lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5
+    )
     freeze_groups_at_zero_lr(optimizer)
     if state:
         network.load_state_dict(state[0])

@@ -1,4 +1,5 @@
 """The self-supervised losses against independent float64 NumPy references written with explicit loops."""
+
 import math
 
 import numpy as np
@@ -8,9 +9,9 @@ from torch import nn
 
 from pretraining.losses.decorrelation import offdiagonal_correlation
 from pretraining.losses.dino import DINOLoss
-from pretraining.methods.dino import collapse_warning, ema_update, teacher_momentum, teacher_temperature
 from pretraining.losses.ntxent import nt_xent
 from pretraining.losses.positional_contrastive import positional_contrastive, positive_mask, supervised_contrastive
+from pretraining.methods.dino import collapse_warning, ema_update, teacher_momentum, teacher_temperature
 
 
 def normalised(z):
@@ -61,8 +62,7 @@ def positive_mask_reference(positions, threshold):
 def test_nt_xent_matches_reference(n, d, tau):
     generator = torch.Generator().manual_seed(n * d)
     z_a, z_b = torch.randn(n, d, generator=generator), torch.randn(n, d, generator=generator)
-    assert nt_xent(z_a, z_b, tau).item() == pytest.approx(nt_xent_reference(z_a.numpy(), z_b.numpy(), tau),
-                                                          abs=1e-5)
+    assert nt_xent(z_a, z_b, tau).item() == pytest.approx(nt_xent_reference(z_a.numpy(), z_b.numpy(), tau), abs=1e-5)
 
 
 @pytest.mark.parametrize("n, tau", [(3, 0.1), (5, 0.5)])
@@ -96,11 +96,9 @@ def test_positive_mask_by_hand(dtype):
     # The one boundary pair is (0.0, 0.1): 0.1 − 0.0 is exactly the threshold in either dtype (the scalar is
     # rounded to the tensor's dtype), so strict < excludes it. The other differences are clearly off 0.1.
     positions = torch.tensor([0.0, 0.05, 0.1, 0.3, 0.32], dtype=dtype)
-    expected = torch.tensor([[0, 1, 0, 0, 0],
-                             [1, 0, 1, 0, 0],
-                             [0, 1, 0, 0, 0],
-                             [0, 0, 0, 0, 1],
-                             [0, 0, 0, 1, 0]], dtype=torch.bool)
+    expected = torch.tensor(
+        [[0, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0]], dtype=torch.bool
+    )
     assert torch.equal(positive_mask(positions, 0.1), expected)
 
 
@@ -130,7 +128,8 @@ def test_supervised_contrastive_with_partners_only_is_nt_xent(seeded):
     z_a, z_b = torch.randn(5, 6), torch.randn(5, 6)
     partners = torch.eye(10, dtype=torch.bool).roll(5, dims=1)
     assert supervised_contrastive(torch.cat([z_a, z_b]), partners, 0.3).item() == pytest.approx(
-        nt_xent(z_a, z_b, 0.3).item(), rel=1e-5)
+        nt_xent(z_a, z_b, 0.3).item(), rel=1e-5
+    )
 
 
 def dino_reference(students, teachers, center, tau_s, tau_t):
@@ -195,7 +194,8 @@ def test_teacher_temperature_schedule():
     assert teacher_temperature(29, 30) == pytest.approx(0.04)
     assert teacher_temperature(30, 30) == teacher_temperature(100, 30) == 0.04
     assert [teacher_temperature(e, 5, 0.1, 0.5) for e in range(7)] == pytest.approx(
-        list(np.linspace(0.1, 0.5, 5)) + [0.5, 0.5])
+        list(np.linspace(0.1, 0.5, 5)) + [0.5, 0.5]
+    )
     assert teacher_temperature(0, 1) == teacher_temperature(0, 0) == 0.04
 
 
@@ -238,7 +238,8 @@ def _offdiagonal_correlation_reference(features: np.ndarray) -> float:
 def test_decorrelation_matches_reference_and_its_extremes(seeded):
     features = torch.randn(4, 6, 9, 9) @ torch.eye(9) + torch.randn(4, 1, 9, 9)  # channels share a component
     assert offdiagonal_correlation(features).item() == pytest.approx(
-        _offdiagonal_correlation_reference(features.numpy()), rel=1e-3)
+        _offdiagonal_correlation_reference(features.numpy()), rel=1e-3
+    )
     same = torch.randn(4, 1, 9, 9).repeat(1, 5, 1, 1) * torch.arange(1.0, 6.0).view(1, 5, 1, 1)
     assert offdiagonal_correlation(same).item() == pytest.approx(1.0, rel=1e-3)
     features.requires_grad_(True)

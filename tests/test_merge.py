@@ -1,11 +1,12 @@
 """``nnunet_ssp merge``: two phantom raw datasets as one, through the CLI."""
+
 import csv
 import json
 import os
 
 import pytest
-
 from conftest import run_cli
+
 from nnunet_ssp.phantom import CSV_COLUMNS, VOLUME_KEYS, write_phantom_dataset
 from nnunet_ssp.raw_layout import SUBFOLDERS
 
@@ -77,8 +78,9 @@ def test_merge(raw):
     dataset_json = json.load(open(os.path.join(merged, "dataset.json")))
     source_json = json.load(open(os.path.join(raw, A, "dataset.json")))
     assert dataset_json["numTraining"] == 10 and list(dataset_json["sources"]) == [A, B]
-    assert {k: dataset_json[k] for k in ("labels", "channel_names", "file_ending")} == \
-        {k: source_json[k] for k in ("labels", "channel_names", "file_ending")}
+    assert {k: dataset_json[k] for k in ("labels", "channel_names", "file_ending")} == {
+        k: source_json[k] for k in ("labels", "channel_names", "file_ending")
+    }
 
     again = merge(raw, check=False)
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
@@ -87,8 +89,13 @@ def test_merge(raw):
 
 
 def test_subject_in_two_sources_is_refused(raw):
-    assert_refused(merge(raw, check=False), raw, "subject ph001", os.path.join(raw, A, "subjects.csv"),
-                   os.path.join(raw, B, "subjects.csv"))
+    assert_refused(
+        merge(raw, check=False),
+        raw,
+        "subject ph001",
+        os.path.join(raw, A, "subjects.csv"),
+        os.path.join(raw, B, "subjects.csv"),
+    )
 
 
 def test_different_labels_are_refused(raw):

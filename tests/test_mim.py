@@ -1,14 +1,15 @@
 """MIM: patch masking and the masked-pixel loss against hand computations."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from pretraining.losses.masked_mse import masked_mse
 from nnunet_ssp.checkpoint import load_checkpoint, save_checkpoint
 from nnunet_ssp.network import load_parts
 from pretraining.losses.decorrelation import offdiagonal_correlation
+from pretraining.losses.masked_mse import masked_mse
 from pretraining.methods.mim import MIM, decoder_stage_outputs, random_patch_mask
 
 
@@ -22,7 +23,7 @@ def test_mask_has_exactly_round_ratio_of_whole_or_cut_patches(height, width, pat
         masked_patches = 0
         for gy in range(grid_h):
             for gx in range(grid_w):
-                cell = image[gy * patch:(gy + 1) * patch, gx * patch:(gx + 1) * patch]
+                cell = image[gy * patch : (gy + 1) * patch, gx * patch : (gx + 1) * patch]
                 assert cell.min() == cell.max()  # a patch is masked entirely or not at all
                 masked_patches += int(cell[0, 0])
         assert masked_patches == expected
@@ -75,8 +76,9 @@ def _block_any(mask: np.ndarray, grid) -> np.ndarray:
 
 
 @pytest.mark.parametrize("skip_features", ["kept", "masked", "dropped"])
-def test_skip_features_reach_the_decoder_kept_masked_at_masked_patches_or_dropped_per_image(target, seeded,
-                                                                                             skip_features):
+def test_skip_features_reach_the_decoder_kept_masked_at_masked_patches_or_dropped_per_image(
+    target, seeded, skip_features
+):
     method = MIM(target.network_spec, (64, 64), mask_patch_size=16, skip_features=skip_features)
     model = method.build_model().eval()
     images = torch.randn(12, 1, 64, 64)

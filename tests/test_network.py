@@ -1,22 +1,24 @@
 """Network parts: which state-dict keys are the encoder and decoder, and in-place loading."""
+
 import pytest
 import torch
+from conftest import DATASET_JSON, make_plans
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.network import extract_parts, load_parts, part_of_key
-
-from conftest import DATASET_JSON, make_plans
-from nnunet_ssp.network import PlannedConfiguration
+from nnunet_ssp.network import PlannedConfiguration, extract_parts, load_parts, part_of_key
 
 
-@pytest.mark.parametrize("key, part", [
-    ("encoder.stages.0.0.convs.0.conv.weight", "encoder"),
-    ("encoder.stem.convs.0.conv.weight", "encoder"),
-    ("decoder.stages.1.convs.0.norm.bias", "decoder"),
-    ("decoder.transpconvs.0.weight", "decoder"),
-    ("decoder.encoder.stages.0.0.convs.0.conv.weight", None),
-    ("decoder.seg_layers.2.weight", None),
-])
+@pytest.mark.parametrize(
+    "key, part",
+    [
+        ("encoder.stages.0.0.convs.0.conv.weight", "encoder"),
+        ("encoder.stem.convs.0.conv.weight", "encoder"),
+        ("decoder.stages.1.convs.0.norm.bias", "decoder"),
+        ("decoder.transpconvs.0.weight", "decoder"),
+        ("decoder.encoder.stages.0.0.convs.0.conv.weight", None),
+        ("decoder.seg_layers.2.weight", None),
+    ],
+)
 def test_part_of_key(key, part):
     assert part_of_key(key) == part
 

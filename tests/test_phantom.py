@@ -1,5 +1,6 @@
 """The cine phantom: nnU-Net raw layout, geometry, anatomy of the labels, the subjects table against the label
 files, determinism, refusals, cardiac timing and phenotypes, tissue contrast."""
+
 import csv
 import hashlib
 import json
@@ -10,8 +11,17 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.phantom import (CSV_COLUMNS, DEFAULT_SIZE, PHANTOM_VERSION, PHENOTYPES, VENDORS, contraction_curve,
-                                simulate_subject, subject_rng, write_phantom_dataset)
+from nnunet_ssp.phantom import (
+    CSV_COLUMNS,
+    DEFAULT_SIZE,
+    PHANTOM_VERSION,
+    PHENOTYPES,
+    VENDORS,
+    contraction_curve,
+    simulate_subject,
+    subject_rng,
+    write_phantom_dataset,
+)
 from nnunet_ssp.phantom import dataset as dataset_module
 
 SEED, SIZE, N_TRAIN, N_TEST = 3, 64, 3, 1
@@ -46,8 +56,13 @@ def mid_slices(num_slices):
 def case_files(raw, row):
     images, labels = ("imagesTr", "labelsTr") if row["split"] == "train" else ("imagesTs", "labelsTs")
     sid = row["subject"]
-    return {phase: (os.path.join(raw, images, f"{sid}_{phase}_0000.nii.gz"),
-                    os.path.join(raw, labels, f"{sid}_{phase}.nii.gz")) for phase in ("ED", "ES")}
+    return {
+        phase: (
+            os.path.join(raw, images, f"{sid}_{phase}_0000.nii.gz"),
+            os.path.join(raw, labels, f"{sid}_{phase}.nii.gz"),
+        )
+        for phase in ("ED", "ES")
+    }
 
 
 def file_digests(folder):
@@ -62,12 +77,20 @@ def file_digests(folder):
 
 # ---------------------------------------------------------------- layout, dataset.json, geometry
 
+
 def test_layout_counts_and_dataset_json(raw, table):
     train = ["ph001", "ph002", "ph003"]
     test = ["ph004"]
-    assert sorted(os.listdir(raw)) == ["cineTr", "dataset.json", "imagesTr", "imagesTs", "labelsTr", "labelsTs",
-                                       "subjects.csv"]
-    assert sorted(os.listdir(os.path.dirname(raw))) == [DATASET]      # no temporary folder left behind
+    assert sorted(os.listdir(raw)) == [
+        "cineTr",
+        "dataset.json",
+        "imagesTr",
+        "imagesTs",
+        "labelsTr",
+        "labelsTs",
+        "subjects.csv",
+    ]
+    assert sorted(os.listdir(os.path.dirname(raw))) == [DATASET]  # no temporary folder left behind
     cases = lambda ids: sorted(f"{s}_{p}" for s in ids for p in ("ED", "ES"))  # noqa: E731
     assert sorted(os.listdir(os.path.join(raw, "imagesTr"))) == [f"{c}_0000.nii.gz" for c in cases(train)]
     assert sorted(os.listdir(os.path.join(raw, "labelsTr"))) == [f"{c}.nii.gz" for c in cases(train)]
@@ -82,8 +105,13 @@ def test_layout_counts_and_dataset_json(raw, table):
     assert meta["numTraining"] == 2 * N_TRAIN
     assert meta["file_ending"] == ".nii.gz"
     assert meta["cine_folder"] == "cineTr" and meta["subjects_table"] == "subjects.csv"
-    assert meta["phantom"] == {"seed": SEED, "size": SIZE, "num_subjects": N_TRAIN, "num_test_subjects": N_TEST,
-                               "version": PHANTOM_VERSION}
+    assert meta["phantom"] == {
+        "seed": SEED,
+        "size": SIZE,
+        "num_subjects": N_TRAIN,
+        "num_test_subjects": N_TEST,
+        "version": PHANTOM_VERSION,
+    }
     for r in table:
         assert r["vendor"] in VENDORS and r["pathology"] in PHENOTYPES
 
@@ -94,7 +122,7 @@ def test_geometry_of_cases_and_cines(raw, table):
         spacing = (float(row["spacing_x_mm"]), float(row["spacing_y_mm"]), float(row["spacing_z_mm"]))
         assert 8 <= z <= 12 and 15 <= t <= 30
         assert 6.0 <= spacing[2] <= 10.0 and spacing[0] == spacing[1]
-        assert 200.0 <= spacing[0] * SIZE <= 300.0                     # field of view in mm
+        assert 200.0 <= spacing[0] * SIZE <= 300.0  # field of view in mm
         images = {}
         for phase, (image_path, label_path) in case_files(raw, row).items():
             img, arr = read(image_path)
@@ -106,7 +134,7 @@ def test_geometry_of_cases_and_cines(raw, table):
             images[phase] = arr
         if row["split"] == "train":
             cine, cine_arr = read(os.path.join(raw, "cineTr", f"{row['subject']}_0000.nii.gz"))
-            assert cine.GetDimension() == 4 and cine.GetSize() == (SIZE, SIZE, z, t)   # (X, Y, Z, T) like M&Ms
+            assert cine.GetDimension() == 4 and cine.GetSize() == (SIZE, SIZE, z, t)  # (X, Y, Z, T) like M&Ms
             assert cine.GetSpacing()[:3] == pytest.approx(spacing) and 15.0 < cine.GetSpacing()[3] < 80.0
             assert cine_arr.shape == (t, z, SIZE, SIZE)
             assert np.array_equal(cine_arr[int(row["ed_frame"])], images["ED"])
@@ -116,6 +144,7 @@ def test_geometry_of_cases_and_cines(raw, table):
 
 
 # ---------------------------------------------------------------- anatomy of the labels
+
 
 def test_labels_are_anatomical(raw, table):
     for row in table:
@@ -131,7 +160,7 @@ def test_labels_are_anatomical(raw, table):
                 padded = np.pad(sl, 1)
                 lv = sl == 1
                 for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
-                    neighbour = padded[1 + dy:1 + dy + sl.shape[0], 1 + dx:1 + dx + sl.shape[1]]
+                    neighbour = padded[1 + dy : 1 + dy + sl.shape[0], 1 + dx : 1 + dx + sl.shape[1]]
                     assert np.isin(neighbour[lv], (1, 2)).all(), f"LV blood pool not enclosed in slice {z}"
         # apex tapers: the apex-most slice holds less LV than the mid slices
         area = lambda lab, z, v: int((lab[z] == v).sum())  # noqa: E731
@@ -155,9 +184,11 @@ def test_subjects_table_matches_the_label_files(raw, table):
             voxel_ml = sx * sy * sz / 1000.0
             vols[phase] = {v: np.count_nonzero(lab == v) * voxel_ml for v in (1, 2, 3)}
         expected = {
-            "lv_edv_ml": vols["ED"][1], "lv_esv_ml": vols["ES"][1],
+            "lv_edv_ml": vols["ED"][1],
+            "lv_esv_ml": vols["ES"][1],
             "lv_ef_pct": 100.0 * (vols["ED"][1] - vols["ES"][1]) / vols["ED"][1],
-            "rv_edv_ml": vols["ED"][3], "rv_esv_ml": vols["ES"][3],
+            "rv_edv_ml": vols["ED"][3],
+            "rv_esv_ml": vols["ES"][3],
             "rv_ef_pct": 100.0 * (vols["ED"][3] - vols["ES"][3]) / vols["ED"][3],
             "lv_myo_mass_g": vols["ED"][2] * 1.05,
         }
@@ -181,6 +212,7 @@ def test_subject_depends_only_on_seed_and_index(raw, table):
 
 
 # ---------------------------------------------------------------- determinism, re-runs, refusals
+
 
 def test_same_seed_gives_identical_files_and_other_seeds_differ(tmp_path, raw):
     again = write_phantom_dataset(str(tmp_path / "a"), 742, "Unit", N_TRAIN, N_TEST, seed=SEED, size=SIZE)
@@ -234,17 +266,19 @@ def test_rerun_reuses_and_refusals_name_the_path(tmp_path, capsys):
         write_phantom_dataset(root, 10, "Mine", 1, 0, size=48)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_subjects=0), "num_subjects"),
-    (dict(num_test_subjects=-1), "num_test_subjects"),
-    (dict(size=32), "too small"),
-    (dict(name="a/b"), "dataset name"),
-    (dict(dataset_id=0), "dataset id"),
-    (dict(seed=-1), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_subjects=0), "num_subjects"),
+        (dict(num_test_subjects=-1), "num_test_subjects"),
+        (dict(size=32), "too small"),
+        (dict(name="a/b"), "dataset name"),
+        (dict(dataset_id=0), "dataset id"),
+        (dict(seed=-1), "seed"),
+    ],
+)
 def test_bad_arguments_are_refused(tmp_path, kwargs, message):
-    args = dict(raw_root=str(tmp_path / "raw"), dataset_id=3, name="Bad", num_subjects=1, num_test_subjects=0,
-                size=48)
+    args = dict(raw_root=str(tmp_path / "raw"), dataset_id=3, name="Bad", num_subjects=1, num_test_subjects=0, size=48)
     args.update(kwargs)
     with pytest.raises(SSPError, match=message) as err:
         write_phantom_dataset(**args)
@@ -286,14 +320,15 @@ def test_default_size_gives_realistic_spacing():
 
 # ---------------------------------------------------------------- cardiac timing, phenotypes, contrast
 
+
 def test_contraction_curve_is_smooth_periodic_and_peaks_at_es():
     phase = np.linspace(0.0, 1.0, 2001)
     c = contraction_curve(phase, 0.35, 0.2, 0.1, 0.85)
     assert c[0] == 0.0 and c[-1] == pytest.approx(0.0, abs=1e-12)
     assert c.max() == pytest.approx(1.0) and phase[np.argmax(c)] == pytest.approx(0.35, abs=1e-3)
     assert (c >= 0).all() and (c <= 1).all()
-    assert np.abs(np.diff(c)).max() < 0.01                                   # no jumps
-    assert np.abs(np.diff(c, 2)).max() < 1e-4                                # no kinks
+    assert np.abs(np.diff(c)).max() < 0.01  # no jumps
+    assert np.abs(np.diff(c, 2)).max() < 1e-4  # no kinks
 
 
 def test_es_at_about_35_percent_and_ed_near_frame_0(table):
@@ -303,7 +338,7 @@ def test_es_at_about_35_percent_and_ed_near_frame_0(table):
     for ed, es, t in timing:
         assert ed in (0, 1)
         assert 0.28 <= (es - ed) / t <= 0.42
-    for s in subjects:   # ES is the frame with the smallest LV cavity, ED among the largest
+    for s in subjects:  # ES is the frame with the smallest LV cavity, ED among the largest
         lv = (s.labels == 1).sum(axis=(1, 2, 3))
         assert lv[s.es_frame] == lv.min()
         assert lv[s.ed_frame] >= 0.97 * lv.max()
@@ -331,7 +366,7 @@ def test_vendor_is_honoured_and_changes_the_images():
     a = simulate_subject(subject_rng(2, 1), "x", 48, vendor="A", phenotype="normal")
     c = simulate_subject(subject_rng(2, 1), "x", 48, vendor="C", phenotype="normal")
     assert (a.vendor, c.vendor) == ("A", "C")
-    assert np.array_equal(a.labels, c.labels)                  # same anatomy
+    assert np.array_equal(a.labels, c.labels)  # same anatomy
     assert not np.array_equal(a.cine, c.cine)
     with pytest.raises(ValueError, match="vendor"):
         simulate_subject(0, "x", 48, vendor="Z")

@@ -1,20 +1,20 @@
 """The pretraining loop on the phantom's real slice cache: outputs, a smoke run per method, exact resume, non-finite
 losses, CLI errors."""
+
 import os
 
 import pytest
 import torch
+from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
 from nnunet_ssp.checkpoint import load_checkpoint
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.network import PlannedConfiguration
 from pretraining.data.cache import build_or_load_cache
 from pretraining.data.sources import discover_sources
+from pretraining.methods import METHODS
 from pretraining.run import PretrainSettings, make_pretrainer
 from pretraining.state import LATEST_CHECKPOINT
-from pretraining.methods import METHODS
-
-from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
 
 @pytest.fixture
@@ -22,15 +22,39 @@ def pretrainer(phantom_env, tmp_path):
     """make(method, output, ...) -> a Pretrainer on the phantom's slice cache with the method's own recipe."""
     root, env = phantom_env
     target = PlannedConfiguration.from_preprocessed(str(PHANTOM_ID))
-    cache = build_or_load_cache(target, discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
-                                str(root / "pretraining_cache"), num_processes=1, progress=False)
+    cache = build_or_load_cache(
+        target,
+        discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
+        str(root / "pretraining_cache"),
+        num_processes=1,
+        progress=False,
+    )
 
-    def make(name, output, num_workers=0, epochs=3, iters=2, batch_size=4, lr=None, probe_slices=0,
-             skip_nonfinite=0, **options):
+    def make(
+        name,
+        output,
+        num_workers=0,
+        epochs=3,
+        iters=2,
+        batch_size=4,
+        lr=None,
+        probe_slices=0,
+        skip_nonfinite=0,
+        **options,
+    ):
         method = METHODS[name](target.network_spec, target.configuration_manager.patch_size, **options)
-        settings = PretrainSettings.of_method(method, epochs=epochs, iters_per_epoch=iters, batch_size=batch_size,
-                                              lr=lr, num_workers=num_workers, seed=5, skip_nonfinite=skip_nonfinite)
+        settings = PretrainSettings.of_method(
+            method,
+            epochs=epochs,
+            iters_per_epoch=iters,
+            batch_size=batch_size,
+            lr=lr,
+            num_workers=num_workers,
+            seed=5,
+            skip_nonfinite=skip_nonfinite,
+        )
         return make_pretrainer(method, target, cache, settings, str(tmp_path / output), probe_slices)
+
     return make
 
 
@@ -43,8 +67,14 @@ def test_outputs_of_a_run(mim_setup):
     trainer = mim_setup("run", epochs=2)
     final = trainer.run()
     folder = os.path.dirname(final)
-    for name in ("training_log.txt", "progress.png", "previews/epoch_000.png", "previews/epoch_001.png",
-                 LATEST_CHECKPOINT, "checkpoint_final.pth"):
+    for name in (
+        "training_log.txt",
+        "progress.png",
+        "previews/epoch_000.png",
+        "previews/epoch_001.png",
+        LATEST_CHECKPOINT,
+        "checkpoint_final.pth",
+    ):
         assert os.path.isfile(os.path.join(folder, name)), name
     checkpoint = load_checkpoint(final)
     assert checkpoint["parts"] == ["encoder", "decoder"] and checkpoint["pretraining"]["batch_size"] == 4
@@ -54,12 +84,13 @@ def test_outputs_of_a_run(mim_setup):
     assert not [f for f in os.listdir(folder) if ".tmp" in f]
 
 
-SMOKE = {"simclr": dict(epochs=4, iters=3),
-         "pcl": dict(epochs=4, iters=3, position_threshold=0.2),
-         # DINO's loss is H(teacher) + KL(teacher || student) and the centring raises H(teacher) in the first
-         # epochs: the KL is what must fall (a constant teacher temperature keeps the schedule out of it)
-         "dino": dict(epochs=5, iters=4, lr=0.03, dino_out_dim=256, dino_local_views=2,
-                      dino_teacher_temperature_start=0.04)}
+SMOKE = {
+    "simclr": dict(epochs=4, iters=3),
+    "pcl": dict(epochs=4, iters=3, position_threshold=0.2),
+    # DINO's loss is H(teacher) + KL(teacher || student) and the centring raises H(teacher) in the first
+    # epochs: the KL is what must fall (a constant teacher temperature keeps the schedule out of it)
+    "dino": dict(epochs=5, iters=4, lr=0.03, dino_out_dim=256, dino_local_views=2, dino_teacher_temperature_start=0.04),
+}
 
 
 @pytest.mark.parametrize("name", sorted(SMOKE))
@@ -159,17 +190,21 @@ def test_resume_refuses_other_settings(mim_setup):
 
 def test_cli_errors_are_one_line(phantom_env):
     root, env = phantom_env
-    foreign = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "dino", "--mask-ratio", "0.5"], env,
-                      check=False)
+    foreign = run_cli(
+        ["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "dino", "--mask-ratio", "0.5"], env, check=False
+    )
     assert foreign.returncode == 2 and foreign.stderr.strip() == (
-        "error: --mask-ratio do(es) not apply to --method dino")
-    bad_option = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "--mask-ratio", "1.5"], env,
-                         check=False)
+        "error: --mask-ratio do(es) not apply to --method dino"
+    )
+    bad_option = run_cli(
+        ["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "--mask-ratio", "1.5"], env, check=False
+    )
     assert bad_option.returncode == 2 and "mask_ratio in (0, 1)" in bad_option.stderr
     unknown = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "byol"], env, check=False)
     assert unknown.returncode == 2 and "invalid choice: 'byol'" in unknown.stderr
-    no_plans = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-p", "missingPlans"], env,
-                       check=False)
+    no_plans = run_cli(
+        ["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-p", "missingPlans"], env, check=False
+    )
     assert no_plans.returncode == 2 and "missingPlans.json: plans not found" in no_plans.stderr
     assert "Traceback" not in no_plans.stderr and len(no_plans.stderr.strip().splitlines()) == 1
     out = str(root / "cli_exists")
@@ -177,12 +212,28 @@ def test_cli_errors_are_one_line(phantom_env):
     open(os.path.join(out, "checkpoint_final.pth"), "wb").close()
     exists = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", out], env, check=False)
     assert exists.returncode == 2 and "pass --continue to resume" in exists.stderr
-    finished = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", out, "--continue"], env,
-                       check=False)
+    finished = run_cli(
+        ["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", out, "--continue"], env, check=False
+    )
     assert finished.returncode == 2 and "checkpoint_latest.pth does not: nothing to continue" in finished.stderr
     assert os.listdir(out) == ["checkpoint_final.pth"]
-    too_big = run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "-o", str(root / "big"),
-                       "--batch-size", "100000", "--num-workers", "0"], env, check=False)
+    too_big = run_cli(
+        [
+            "ssp_pretrain",
+            "-d",
+            str(PHANTOM_ID),
+            "--method",
+            "mim",
+            "-o",
+            str(root / "big"),
+            "--batch-size",
+            "100000",
+            "--num-workers",
+            "0",
+        ],
+        env,
+        check=False,
+    )
     assert too_big.returncode == 2 and "fewer than one batch of 100000" in too_big.stderr
 
 
@@ -200,6 +251,7 @@ def test_example_batch_has_the_loaders_keys_shapes_and_types(pretrainer, name):
 def test_batch_sizing_measures_every_view_and_halves_to_fit(target, monkeypatch):
     from pretraining import memory
     from pretraining.methods.dino import DINO
+
     patch = target.configuration_manager.patch_size
     small, large = (DINO(target.network_spec, patch, dino_out_dim=64, dino_local_views=n) for n in (0, 6))
     per_sample = {n: memory.activation_bytes_per_sample(m, m.build_model(), 1) for n, m in ((0, small), (6, large))}
@@ -215,8 +267,24 @@ def test_ssp_pretrain_with_the_methods_default_batch(phantom_env, tmp_path, name
     exit 0, a checkpoint, the chosen batch in the log, and the precision that ran (fp32 on the CPU) recorded."""
     root, env = phantom_env
     out = tmp_path / name
-    run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", name, "--epochs", "1", "--iters-per-epoch", "1",
-             "--device", "cpu", "-o", str(out)], env)
+    run_cli(
+        [
+            "ssp_pretrain",
+            "-d",
+            str(PHANTOM_ID),
+            "--method",
+            name,
+            "--epochs",
+            "1",
+            "--iters-per-epoch",
+            "1",
+            "--device",
+            "cpu",
+            "-o",
+            str(out),
+        ],
+        env,
+    )
     pretraining = load_checkpoint(str(out / "checkpoint_final.pth"))["pretraining"]
     default = METHODS[name].defaults.batch_size
     assert pretraining["batch_size"] in {default >> k for k in range(default.bit_length())}

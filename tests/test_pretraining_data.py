@@ -1,4 +1,5 @@
 """Pretraining data: slice cache vs nnU-Net's own preprocessing, metadata, reuse/rebuild/resume, views, loader."""
+
 import csv
 import json
 import os
@@ -17,9 +18,9 @@ from nnunet_ssp.errors import SSPError
 from nnunet_ssp.network import PlannedConfiguration
 from pretraining.data import cache as cache_module
 from pretraining.data.cache import build_or_load_cache
+from pretraining.data.loader import SliceViewDataset, default_iters_per_epoch, make_loader
 from pretraining.data.slice_cache import SliceCache
 from pretraining.data.sources import discover_sources
-from pretraining.data.loader import SliceViewDataset, default_iters_per_epoch, make_loader
 from pretraining.data.views import augmentation, make_view
 
 DATASET_ID = 987
@@ -29,16 +30,20 @@ SPACING = (1.5, 1.5, 8.0, 30.0)
 # ES frame), so nnU-Net crops that frame along z; sub002 has another spacing, so it is resampled; sub000 has two
 # empty rows in every frame, so it is cropped in-plane.
 SUBJECTS = {"sub000": (4, 5, 1, 3, 1.5), "sub001": (3, 4, 0, 2, 1.5), "sub002": (3, 4, 2, 0, 1.25)}
-DATASET_JSON = {"channel_names": {"0": "cineMRI"},
-                "labels": {"background": 0, "LV_bloodpool": 1, "LV_myocardium": 2, "RV_bloodpool": 3},
-                "numTraining": 2 * len(SUBJECTS), "file_ending": ".nii.gz"}
+DATASET_JSON = {
+    "channel_names": {"0": "cineMRI"},
+    "labels": {"background": 0, "LV_bloodpool": 1, "LV_myocardium": 2, "RV_bloodpool": 3},
+    "numTraining": 2 * len(SUBJECTS),
+    "file_ending": ".nii.gz",
+}
 
 
 def _cine(name: str, frames: int, slices: int, size=(48, 40)) -> np.ndarray:
     """(T, Z, Y, X) positive images with a bright disc that moves with the frame."""
     rng = np.random.default_rng(int(name[-3:]))
-    t, z, y, x = np.meshgrid(np.arange(frames), np.arange(slices), np.arange(size[0]), np.arange(size[1]),
-                             indexing="ij")
+    t, z, y, x = np.meshgrid(
+        np.arange(frames), np.arange(slices), np.arange(size[0]), np.arange(size[1]), indexing="ij"
+    )
     r = np.sqrt((y - size[0] / 2) ** 2 + (x - size[1] / 2 - t) ** 2)
     data = 100 + 300 * (r < 8 + z) + rng.normal(0, 20, (frames, slices, *size))
     return np.clip(data, 1, None).astype(np.float32)
@@ -87,15 +92,29 @@ def planned(tmp_path_factory):
         os.makedirs(env[name])
     raw = os.path.join(env["nnUNet_raw"], DATASET_NAME)
     write_raw_dataset(raw)
-    command = [os.path.join(os.path.dirname(sys.executable), "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID),
-               "-c", "2d", "-np", "1", "-npfp", "1"]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "nnUNetv2_plan_and_preprocess"),
+        "-d",
+        str(DATASET_ID),
+        "-c",
+        "2d",
+        "-np",
+        "1",
+        "-npfp",
+        "1",
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     preprocessed = os.path.join(env["nnUNet_preprocessed"], DATASET_NAME)
     with open(os.path.join(preprocessed, "dataset.json")) as f:
         dataset_json = json.load(f)
-    return {"raw": raw, "preprocessed": preprocessed, "plans_file": os.path.join(preprocessed, "nnUNetPlans.json"),
-            "dataset_json": dataset_json, "root": str(root)}
+    return {
+        "raw": raw,
+        "preprocessed": preprocessed,
+        "plans_file": os.path.join(preprocessed, "nnUNetPlans.json"),
+        "dataset_json": dataset_json,
+        "root": str(root),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +131,9 @@ def built(planned, real_target, tmp_path_factory):
     saved = cache_module.POOL_START_METHOD, cache_module.MIN_SUBJECTS_PER_PROCESS
     cache_module.POOL_START_METHOD, cache_module.MIN_SUBJECTS_PER_PROCESS = "fork", 1
     try:
-        return build_or_load_cache(real_target, discover_sources(planned["raw"]), folder, num_processes=2,
-                                   progress=False)
+        return build_or_load_cache(
+            real_target, discover_sources(planned["raw"]), folder, num_processes=2, progress=False
+        )
     finally:
         cache_module.POOL_START_METHOD, cache_module.MIN_SUBJECTS_PER_PROCESS = saved
 
@@ -127,6 +147,7 @@ def frame_volume(cache: SliceCache, subject: int, frame: int) -> np.ndarray:
 
 def nnunet_case(planned, case: str) -> np.ndarray:
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
     dataset = nnUNetDatasetBlosc2(os.path.join(planned["preprocessed"], "nnUNetPlans_2d"))
     data, _, _, _ = dataset.load_case(case)
     return np.asarray(data[:])
@@ -147,7 +168,7 @@ def test_metadata(built):
     assert set(meta) == {"subject", "frame", "frame_from_ed", "slice_index", "num_slices", "num_frames"}
     expected_len = sum(f * z for f, z, *_ in SUBJECTS.values()) - 1  # sub001 frame 2 lost its empty slice
     assert len(built) == expected_len == len(meta["subject"])
-    for s, (name, (frames, slices, ed, _, _)) in enumerate(SUBJECTS.items()):
+    for s, (frames, slices, ed, _, _) in enumerate(SUBJECTS.values()):
         rows = meta["subject"] == s
         assert set(meta["num_frames"][rows]) == {frames} and set(meta["num_slices"][rows]) == {slices}
         assert sorted(set(meta["frame"][rows])) == list(range(frames))
@@ -236,8 +257,9 @@ def test_multichannel_imagestr(planned, real_target, tmp_path):
     assert cache.num_channels == 2 and cache.slice_channels(0).shape[0] == 2 and cache.slice(0).ndim == 3
     preprocessor = target.configuration_manager.preprocessor_class(verbose=False)
     for s, source in enumerate(sources):
-        expected, _, _ = preprocessor.run_case(list(source.paths), None, target.plans_manager,
-                                               target.configuration_manager, dataset_json)
+        expected, _, _ = preprocessor.run_case(
+            list(source.paths), None, target.plans_manager, target.configuration_manager, dataset_json
+        )
         got = np.stack([cache.slice_channels(i) for i in np.flatnonzero(cache.meta["subject"] == s)], axis=1)
         np.testing.assert_array_equal(got, expected)
     item = SliceViewDataset(cache, [augmentation((32, 32))])[0]
@@ -248,8 +270,11 @@ def test_multichannel_imagestr(planned, real_target, tmp_path):
 
 
 def _mtimes(folder):
-    return {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in sorted(os.listdir(folder))
-            if os.path.isfile(os.path.join(folder, f))}
+    return {
+        f: os.stat(os.path.join(folder, f)).st_mtime_ns
+        for f in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, f))
+    }
 
 
 def test_reuse_rebuild_and_resume(planned, real_target, built, tmp_path, monkeypatch):
@@ -279,8 +304,12 @@ def test_reuse_rebuild_and_resume(planned, real_target, built, tmp_path, monkeyp
 
     # a lost index is reassembled without rebuilding any subject
     os.remove(os.path.join(folder, "index.npz"))
-    assert build_or_load_cache(real_target, discover_sources(str(raw)), folder, num_processes=1,
-                               progress=False).meta["frame"].tolist() == first.meta["frame"].tolist()
+    assert (
+        build_or_load_cache(real_target, discover_sources(str(raw)), folder, num_processes=1, progress=False)
+        .meta["frame"]
+        .tolist()
+        == first.meta["frame"].tolist()
+    )
     assert built_subjects == []
 
     # a vanished array is rebuilt alone; a leftover temporary file is removed
@@ -314,7 +343,7 @@ def test_reuse_rebuild_and_resume(planned, real_target, built, tmp_path, monkeyp
     # changed input (mtime) -> rebuilt into a fresh folder and swapped in
     built_subjects.clear()
     cine = os.path.join(raw, "cineTr", "sub002_0000.nii.gz")
-    os.utime(cine, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
+    os.utime(cine, ns=(time.time_ns(), time.time_ns() + 10**9))
     changed = build_or_load_cache(real_target, discover_sources(str(raw)), folder, num_processes=1, progress=False)
     assert built_subjects == [0, 1, 2] and changed.key != first.key
     assert sorted(os.listdir(tmp_path)) == ["cache", "cache.lock", "raw"]
@@ -323,8 +352,13 @@ def test_reuse_rebuild_and_resume(planned, real_target, built, tmp_path, monkeyp
     built_subjects.clear()
     plans = json.loads(json.dumps(real_target.plans_manager.plans))
     plans["configurations"]["2d"]["spacing"] = [3.0, 3.0]
-    coarse = build_or_load_cache(PlannedConfiguration(plans, "2d", real_target.dataset_json), discover_sources(str(raw)),
-                                 folder, num_processes=1, progress=False)
+    coarse = build_or_load_cache(
+        PlannedConfiguration(plans, "2d", real_target.dataset_json),
+        discover_sources(str(raw)),
+        folder,
+        num_processes=1,
+        progress=False,
+    )
     assert built_subjects == [0, 1, 2] and coarse.key != changed.key
     assert coarse.slice(0).shape == (23, 20)
 
@@ -361,7 +395,9 @@ def test_extra_folders_and_ed_frame_checks(tmp_path):
     _write(np.ones((4, 10, 12), dtype=np.float32), str(extra / "vol.nii.gz"), SPACING[:3])
     sources = discover_sources(None, [str(extra)])
     assert [(s.subject, s.ndim, s.num_frames, s.kind) for s in sources] == [
-        ("extra/cine", 4, 3, "extra"), ("extra/vol", 3, 1, "extra")]
+        ("extra/cine", 4, 3, "extra"),
+        ("extra/vol", 3, 1, "extra"),
+    ]
     raw = tmp_path / "raw"
     (raw / "cineTr").mkdir(parents=True)
     shutil.copy(extra / "cine.nii.gz", raw / "cineTr" / "a_0000.nii.gz")
@@ -421,9 +457,11 @@ def test_loader_is_a_function_of_seed_and_epoch(built):
         assert index.shape == (8,)
         assert batch_views[0].shape == (8, 1, 32, 32) and batch_views[1].shape == (8, 1, 16, 16)
     drawn = torch.cat([i for i, _ in serial]).numpy()
-    assert sorted(drawn[:len(built)]) == list(range(len(built)))  # first pass: a permutation of all slices
-    for other in (_batches(make_loader(dataset, 8, iters, epoch=3, seed=7, num_workers=0)),
-                  _batches(make_loader(dataset, 8, iters, epoch=3, seed=7, num_workers=2))):
+    assert sorted(drawn[: len(built)]) == list(range(len(built)))  # first pass: a permutation of all slices
+    for other in (
+        _batches(make_loader(dataset, 8, iters, epoch=3, seed=7, num_workers=0)),
+        _batches(make_loader(dataset, 8, iters, epoch=3, seed=7, num_workers=2)),
+    ):
         for (i1, v1), (i2, v2) in zip(serial, other):
             assert torch.equal(i1, i2) and all(torch.equal(a, b) for a, b in zip(v1, v2))
     next_epoch = _batches(make_loader(dataset, 8, iters, epoch=4, seed=7, num_workers=0))
@@ -448,9 +486,11 @@ def test_one_loader_for_several_epochs_yields_each_epochs_batches_in_turn(built)
     the per-epoch loaders, from a resumed iteration on."""
     dataset = SliceViewDataset(built, [augmentation((16, 16))])
     run = _batches(make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=2, first_iteration=3, num_epochs=3))
-    per_epoch = (_batches(make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=0, first_iteration=3))
-                 + _batches(make_loader(dataset, 4, 5, epoch=3, seed=3, num_workers=0))
-                 + _batches(make_loader(dataset, 4, 5, epoch=4, seed=3, num_workers=0)))
+    per_epoch = (
+        _batches(make_loader(dataset, 4, 5, epoch=2, seed=3, num_workers=0, first_iteration=3))
+        + _batches(make_loader(dataset, 4, 5, epoch=3, seed=3, num_workers=0))
+        + _batches(make_loader(dataset, 4, 5, epoch=4, seed=3, num_workers=0))
+    )
     assert len(run) == len(per_epoch) == 2 + 5 + 5
     for (i1, v1), (i2, v2) in zip(run, per_epoch):
         assert torch.equal(i1, i2) and torch.equal(v1[0], v2[0])

@@ -1,13 +1,22 @@
 """The raw-layout contract: subjects.csv written and read back (old phantom tables included), its refusals, and
 dataset.json through nnU-Net's helper."""
+
 import json
 import os
 
 import pytest
 
 from nnunet_ssp.errors import SSPError
-from nnunet_ssp.raw_layout import (LABELS, SUBJECT_COLUMNS, SubjectRow, build_into_place, read_subjects,
-                                   read_vendor_table, write_dataset_json, write_subjects)
+from nnunet_ssp.raw_layout import (
+    LABELS,
+    SUBJECT_COLUMNS,
+    SubjectRow,
+    build_into_place,
+    read_subjects,
+    read_vendor_table,
+    write_dataset_json,
+    write_subjects,
+)
 
 
 def write_text(path, text):
@@ -17,9 +26,12 @@ def write_text(path, text):
 
 
 def test_subjects_table_round_trip(tmp_path):
-    rows = [SubjectRow("a01", "train", "A", "NOR", 25, 0, 9, 11, (1.25, 1.25, 10.0), "base_first",
-                       {"lv_edv_ml": "140.125"}),
-            SubjectRow("b02", "unlabeled", "B", extra={"source_dataset": "Dataset1_X"})]
+    rows = [
+        SubjectRow(
+            "a01", "train", "A", "NOR", 25, 0, 9, 11, (1.25, 1.25, 10.0), "base_first", {"lv_edv_ml": "140.125"}
+        ),
+        SubjectRow("b02", "unlabeled", "B", extra={"source_dataset": "Dataset1_X"}),
+    ]
     path = write_subjects(str(tmp_path), rows)
     with open(path, encoding="utf-8") as f:
         header, first, second = f.read().splitlines()
@@ -37,12 +49,15 @@ def test_old_phantom_tables_read_phenotype_as_pathology(tmp_path):
     assert (row.pathology, row.ed_frame, row.es_frame, row.spacing_mm) == ("dilated", 3, None, None)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("split,vendor\ntrain,A\n", "no column 'subject'"),
-    ("subject,split\nx,train\n", "no column 'vendor'"),
-    ("subject,split,vendor\nx,train,A\nx,test,A\n", "subject x appears twice"),
-    ("subject,split,vendor,ed_frame\nx,train,A,first\n", "ed_frame of subject x is not a number: 'first'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("split,vendor\ntrain,A\n", "no column 'subject'"),
+        ("subject,split\nx,train\n", "no column 'vendor'"),
+        ("subject,split,vendor\nx,train,A\nx,test,A\n", "subject x appears twice"),
+        ("subject,split,vendor,ed_frame\nx,train,A,first\n", "ed_frame of subject x is not a number: 'first'"),
+    ],
+)
 def test_bad_subjects_tables_name_the_file_and_the_problem(tmp_path, text, message):
     path = write_text(tmp_path / "subjects.csv", text)
     with pytest.raises(SSPError) as err:
@@ -75,6 +90,7 @@ def test_build_into_place_leaves_nothing_on_error_and_replaces_on_success(tmp_pa
     def failing(folder):
         write_text(os.path.join(folder, "half"), "half")
         raise SSPError("stop")
+
     with pytest.raises(SSPError, match="stop"):
         build_into_place(target, failing)
     assert os.listdir(tmp_path) == ["Dataset001_X"] and os.listdir(target) == ["old"]

@@ -4,6 +4,7 @@ The ``nnUNetv2_train`` runs (2 epochs x 3 iterations on a private copy of the ph
 network; each run in its own nnUNet_results) go two at a time and are shared by the tests: seed 0 with 0 and with 2
 data-loading workers, seed 0 stopped after epoch 0's checkpoint_latest.pth and continued with ``--c``, seed 1, and
 the unseeded trainer twice. A run's digest is the sha256 of its final network tensors and SGD momentum buffers."""
+
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
 from nnunet_ssp import workspace
 from nnunet_ssp.checkpoint import save_checkpoint
@@ -24,8 +26,6 @@ from nnunet_ssp.runner import PARALLEL_RUN_ENV
 from pretraining.methods import METHODS
 from trainers import EXT_TRAINER_DIR, ssp_trainers
 from trainers.seeding import RECORD_FILE, SCHEME, check_resumable
-
-from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
 CPU = torch.device("cpu")
 PLANS = "nnUNetPlansNarrow"
@@ -45,8 +45,14 @@ def seeding_workspace(phantom_workspace, tmp_path_factory):
     validation case (nnU-Net's final validation costs the most), written before any run."""
     source, _ = phantom_workspace
     root = tmp_path_factory.mktemp("seeding")
-    env = workspace.workspace_env(str(root), nnUNet_def_n_proc="1", nnUNet_ssp_num_epochs="2",
-                                  nnUNet_ssp_iters_per_epoch="3", nnUNet_ssp_save_every="1", **PARALLEL_RUN_ENV)
+    env = workspace.workspace_env(
+        str(root),
+        nnUNet_def_n_proc="1",
+        nnUNet_ssp_num_epochs="2",
+        nnUNet_ssp_iters_per_epoch="3",
+        nnUNet_ssp_save_every="1",
+        **PARALLEL_RUN_ENV,
+    )
     for name in ("nnUNet_raw", "nnUNet_preprocessed"):
         shutil.copytree(os.path.join(source, name), env[name], dirs_exist_ok=True)
     folder = os.path.join(env["nnUNet_preprocessed"], PHANTOM_DATASET)
@@ -54,15 +60,21 @@ def seeding_workspace(phantom_workspace, tmp_path_factory):
     arch_kwargs = plans["configurations"]["2d"]["architecture"]["arch_kwargs"]
     arch_kwargs["features_per_stage"] = [f // 4 for f in arch_kwargs["features_per_stage"]]
     save_json(dict(plans, plans_name=PLANS), os.path.join(folder, f"{PLANS}.json"), sort_keys=False)
-    cases = sorted(f[:-len(".b2nd")] for f in os.listdir(os.path.join(folder, "nnUNetPlans_2d"))
-                   if f.endswith(".b2nd") and not f.endswith("_seg.b2nd"))
+    cases = sorted(
+        f[: -len(".b2nd")]
+        for f in os.listdir(os.path.join(folder, "nnUNetPlans_2d"))
+        if f.endswith(".b2nd") and not f.endswith("_seg.b2nd")
+    )
     save_json([{"train": cases[:-1], "val": cases[-1:]}], os.path.join(folder, "splits_final.json"))
     return root, env
 
 
 def _train(env, trainer, *extra, check=True, **settings):
-    return run_cli(["nnUNetv2_train", str(PHANTOM_ID), "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu",
-                    *extra], dict(env, **settings), check=check)
+    return run_cli(
+        ["nnUNetv2_train", str(PHANTOM_ID), "2d", "0", "-tr", trainer, "-p", PLANS, "-device", "cpu", *extra],
+        dict(env, **settings),
+        check=check,
+    )
 
 
 def _fold(env, trainer, fold=0):
@@ -82,6 +94,7 @@ def runs(seeding_workspace):
         def job():
             _train(own_env(name, workers), trainer, **settings)
             return _fold(own_env(name, workers), trainer)
+
         return job
 
     def stopped_then_continued():
@@ -94,17 +107,22 @@ def runs(seeding_workspace):
         _train(own, f"{BASELINE}_seed0", "--c")
         return folder
 
-    return _in_pairs({"resumed": stopped_then_continued,
-                      "workers0": run("workers0", f"{BASELINE}_seed0", 0),
-                      "workers2": run("workers2", f"{BASELINE}_seed0", 2),
-                      "seed1": run("seed1", f"{BASELINE}_seed1", 2, **skip_validation),
-                      "unseeded_a": run("unseeded_a", BASELINE, 2, **skip_validation),
-                      "unseeded_b": run("unseeded_b", BASELINE, 2, **skip_validation)})
+    return _in_pairs(
+        {
+            "resumed": stopped_then_continued,
+            "workers0": run("workers0", f"{BASELINE}_seed0", 0),
+            "workers2": run("workers2", f"{BASELINE}_seed0", 2),
+            "seed1": run("seed1", f"{BASELINE}_seed1", 2, **skip_validation),
+            "unseeded_a": run("unseeded_a", BASELINE, 2, **skip_validation),
+            "unseeded_b": run("unseeded_b", BASELINE, 2, **skip_validation),
+        }
+    )
 
 
 def _digest(folder: str) -> str:
-    checkpoint = torch.load(os.path.join(folder, "checkpoint_final.pth"), map_location="cpu",
-                            weights_only=False)  # nnU-Net's own checkpoint holds numpy scalars
+    checkpoint = torch.load(
+        os.path.join(folder, "checkpoint_final.pth"), map_location="cpu", weights_only=False
+    )  # nnU-Net's own checkpoint holds numpy scalars
     digest = hashlib.sha256()
     tensors = [v for _, v in sorted(checkpoint["network_weights"].items())]
     tensors += [s["momentum_buffer"] for _, s in sorted(checkpoint["optimizer_state"]["state"].items())]
@@ -132,10 +150,18 @@ def test_one_seed_repeats_bit_for_bit_with_0_or_2_workers_and_after_a_stop_and_c
     records = [load_json(os.path.join(f, RECORD_FILE)) for f in folders]
     assert all((r["trainer"], r["seed"], r["scheme"]) == (f"{BASELINE}_seed0", 0, SCHEME) for r in records)
     assert [[(s["epoch"], s["nnUNet_n_proc_DA"]) for s in r["starts"]] for r in records] == [
-        [(0, 0)], [(0, 2)], [(0, 2), (1, 2)]]
+        [(0, 0)],
+        [(0, 2)],
+        [(0, 2), (1, 2)],
+    ]
     assert records[0]["starts"][0]["world_size"] == 1 and records[0]["starts"][0]["device"] == "cpu"
-    assert set(records[0]["starts"][0]["versions"]) == {"torch", "numpy", "nnunetv2", "batchgenerators",
-                                                         "batchgeneratorsv2"}
+    assert set(records[0]["starts"][0]["versions"]) == {
+        "torch",
+        "numpy",
+        "nnunetv2",
+        "batchgenerators",
+        "batchgeneratorsv2",
+    }
 
 
 def test_another_seed_differs_and_the_unseeded_trainer_differs_from_itself(runs):
@@ -157,7 +183,8 @@ def test_c_under_another_seed_is_refused_in_one_line_and_writes_nothing(runs, se
     record = os.path.join(folder, RECORD_FILE)
     assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1] == (
         f"nnunet_ssp error: {record}: this fold was trained with seed 0 ({SCHEME}), but {BASELINE}_seed1 trains with "
-        f"seed 1 ({SCHEME}); continue it with {BASELINE}_seed0 or train afresh without --c")
+        f"seed 1 ({SCHEME}); continue it with {BASELINE}_seed0 or train afresh without --c"
+    )
     assert sorted(os.listdir(folder)) == before
 
 
@@ -168,14 +195,16 @@ def test_c_refusals_of_mixed_streams(tmp_path):
     check_resumable(folder, f"{BASELINE}_seed0", 0)
     (tmp_path / "checkpoint_latest.pth").touch()
     check_resumable(folder, BASELINE, None)
-    with pytest.raises(SSPError, match=f"trained unseeded .*{BASELINE}_seed0 trains with seed 0 .*continue it with "
-                                       f"{BASELINE} or"):
+    with pytest.raises(
+        SSPError, match=f"trained unseeded .*{BASELINE}_seed0 trains with seed 0 .*continue it with {BASELINE} or"
+    ):
         check_resumable(folder, f"{BASELINE}_seed0", 0)
     record = {"trainer": f"{BASELINE}_seed0", "seed": 0, "scheme": SCHEME}
     (tmp_path / RECORD_FILE).write_text(json.dumps(record))
     check_resumable(folder, f"{BASELINE}_seed0", 0)
-    with pytest.raises(SSPError, match=f"trained with seed 0 .* but {BASELINE} trains unseeded; continue it with "
-                                       f"{BASELINE}_seed0"):
+    with pytest.raises(
+        SSPError, match=f"trained with seed 0 .* but {BASELINE} trains unseeded; continue it with {BASELINE}_seed0"
+    ):
         check_resumable(folder, BASELINE, None)
     (tmp_path / RECORD_FILE).write_text(json.dumps(dict(record, scheme="another scheme")))
     with pytest.raises(SSPError, match=r"seed 0 \(another scheme\)"):
@@ -184,12 +213,15 @@ def test_c_refusals_of_mixed_streams(tmp_path):
 
 def test_seeded_trainers_are_made_on_demand_for_every_trainer_and_found_by_nnunet(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
     name = "nnUNetTrainerMIM_baselineLR_encoderOnly_paperSchedule_seed3"
     monkeypatch.setenv("nnUNet_extTrainer", EXT_TRAINER_DIR)
     cls = recursive_find_trainer_class_by_name(name)  # through the shim's hasattr, as nnUNetv2_train
     assert cls is getattr(ssp_trainers, name) and cls.__module__ == "trainers.ssp_trainers"
-    assert cls.__mro__[1:3] == (ssp_trainers.SeededTrainingMixin,
-                                ssp_trainers.nnUNetTrainerMIM_baselineLR_encoderOnly_paperSchedule)
+    assert cls.__mro__[1:3] == (
+        ssp_trainers.SeededTrainingMixin,
+        ssp_trainers.nnUNetTrainerMIM_baselineLR_encoderOnly_paperSchedule,
+    )
     assert cls.training_seed == 3 and all(t.training_seed is None for t in ssp_trainers.ALL_TRAINERS)
     pickled = pickle.dumps(cls)
     assert pickle.loads(pickled) is cls
@@ -197,16 +229,24 @@ def test_seeded_trainers_are_made_on_demand_for_every_trainer_and_found_by_nnune
     remade = pickle.loads(pickled)
     assert remade is not cls and remade.__name__ == name and remade.training_seed == 3
     assert ssp_trainers.nnUNetTrainerBaseline_seed12345678901.training_seed == 12345678901
-    for bad in ("nnUNetTrainer_seed0", f"{BASELINE}_seed01", f"{BASELINE}_seed-1", f"{BASELINE}_seed",
-                f"{BASELINE}_seed0_seed1", f"{BASELINE}_baselineLR_seed0", f"{BASELINE}_seed0_paperSchedule",
-                "seeded_trainer_seed0"):
+    for bad in (
+        "nnUNetTrainer_seed0",
+        f"{BASELINE}_seed01",
+        f"{BASELINE}_seed-1",
+        f"{BASELINE}_seed",
+        f"{BASELINE}_seed0_seed1",
+        f"{BASELINE}_baselineLR_seed0",
+        f"{BASELINE}_seed0_paperSchedule",
+        "seeded_trainer_seed0",
+    ):
         assert not hasattr(ssp_trainers, bad), bad
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer"):
         recursive_find_trainer_class_by_name(f"{BASELINE}_seed0_seed1")
 
 
-def test_the_parts_an_ssp_trainer_does_not_load_start_as_the_baselines_of_its_seed(seeding_workspace, monkeypatch,
-                                                                                   tmp_path):
+def test_the_parts_an_ssp_trainer_does_not_load_start_as_the_baselines_of_its_seed(
+    seeding_workspace, monkeypatch, tmp_path
+):
     """MIM's seeded trainer loads encoder and decoder; its segmentation heads then equal those of the baseline of
     the same seed, and every tensor of the two differs from another seed's."""
     _, env = seeding_workspace
@@ -221,20 +261,23 @@ def test_the_parts_an_ssp_trainer_does_not_load_start_as_the_baselines_of_its_se
 
     def initialized(name):
         plans = dict(load_json(os.path.join(preprocessed, f"{PLANS}.json")), continue_training=False)
-        trainer = getattr(ssp_trainers, name)(plans, "2d", 0, load_json(os.path.join(preprocessed, "dataset.json")),
-                                              CPU)
+        trainer = getattr(ssp_trainers, name)(
+            plans, "2d", 0, load_json(os.path.join(preprocessed, "dataset.json")), CPU
+        )
         trainer.initialize()
         return trainer
 
-    mim, baseline, other = (initialized(n) for n in ("nnUNetTrainerMIM_seed0", f"{BASELINE}_seed0",
-                                                     f"{BASELINE}_seed1"))
+    mim, baseline, other = (
+        initialized(n) for n in ("nnUNetTrainerMIM_seed0", f"{BASELINE}_seed0", f"{BASELINE}_seed1")
+    )
     assert all(torch.equal(v, baseline.network.state_dict()[k]) for k, v in mim.network.state_dict().items())
     mim._load_ssp_weights()
     heads = [k for k in baseline.network.state_dict() if k.startswith("decoder.seg_layers.")]
     state, reference, another = (t.network.state_dict() for t in (mim, baseline, other))
     assert heads and all(torch.equal(state[k], reference[k]) for k in heads)
-    assert not torch.equal(state["decoder.stages.0.convs.0.conv.weight"],
-                           reference["decoder.stages.0.convs.0.conv.weight"])  # loaded from the checkpoint
+    assert not torch.equal(
+        state["decoder.stages.0.convs.0.conv.weight"], reference["decoder.stages.0.convs.0.conv.weight"]
+    )  # loaded from the checkpoint
     assert not any(torch.equal(v, another[k]) for k, v in reference.items() if k.endswith(".weight") and v.dim() > 1)
 
 
@@ -242,10 +285,32 @@ def test_ssp_pretrain_with_a_seed_repeats_bit_for_bit_with_workers_and_the_probe
     """ssp_pretrain --seed 4 twice, 2 loader workers, the k-NN and segmentation probes on (their defaults), 2 epochs:
     the same weights, and the seed in the checkpoint."""
     root, env = seeding_workspace
-    command = ["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "mim", "--epochs", "2", "--iters-per-epoch", "2",
-               "--batch-size", "4", "--num-workers", "2", "--device", "cpu", "--seed", "4", "-o"]
-    outputs = _in_pairs({name: lambda name=name: run_cli(command + [str(root / name)], env) and str(root / name)
-                         for name in ("pretrain_a", "pretrain_b")})
+    command = [
+        "ssp_pretrain",
+        "-d",
+        str(PHANTOM_ID),
+        "--method",
+        "mim",
+        "--epochs",
+        "2",
+        "--iters-per-epoch",
+        "2",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "2",
+        "--device",
+        "cpu",
+        "--seed",
+        "4",
+        "-o",
+    ]
+    outputs = _in_pairs(
+        {
+            name: lambda name=name: run_cli(command + [str(root / name)], env) and str(root / name)
+            for name in ("pretrain_a", "pretrain_b")
+        }
+    )
     checkpoints = [torch.load(os.path.join(o, "checkpoint_final.pth"), weights_only=True) for o in outputs.values()]
     log = open(os.path.join(outputs["pretrain_a"], "training_log.txt")).read()
     assert "segmentation probe:" in log and "probe_seg_dice" in log and "probe_position_mae" in log

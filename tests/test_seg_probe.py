@@ -1,6 +1,7 @@
 """The segmentation probe: its Dice against numpy on known masks, its head against the concatenated upsampled
 features, its data (training cases only, seeded, deterministic), ``--seg-probe``/``--no-seg-probe``, a dataset without
 labels, the columns in the log, metrics and progress.png, and MIM beating the random network on the phantom."""
+
 import glob
 import os
 import shutil
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
 from nnunet_ssp.network import PlannedConfiguration
 from nnunet_ssp.splits import subject_of_case
@@ -17,11 +19,17 @@ from pretraining.data.sources import discover_sources
 from pretraining.methods import METHODS
 from pretraining.progress_log import probe_panels
 from pretraining.run import PretrainSettings, make_pretrainer
-from pretraining.seg_probe import (LabelledSlices, LinearSegmentationHead, SegmentationProbe, features_at,
-                                   make_seg_probe, pooled_dice, random_network_builder, sample_pixels)
+from pretraining.seg_probe import (
+    LabelledSlices,
+    LinearSegmentationHead,
+    SegmentationProbe,
+    features_at,
+    make_seg_probe,
+    pooled_dice,
+    random_network_builder,
+    sample_pixels,
+)
 from pretraining.state import LATEST_CHECKPOINT
-
-from conftest import PHANTOM_DATASET, PHANTOM_ID, run_cli
 
 
 def numpy_dice(predicted: np.ndarray, reference: np.ndarray, label: int) -> float:
@@ -40,10 +48,10 @@ def known_masks(num_slices=6, size=32, seed=0) -> np.ndarray:
     labels = np.zeros((num_slices, size, size), dtype=np.int64)
     for n in range(num_slices):
         y, x = rng.integers(4, 10, size=2)
-        labels[n, y - 3:y + 5, x - 3:x + 5] = 2
-        labels[n, y - 1:y + 3, x - 1:x + 3] = 1
+        labels[n, y - 3 : y + 5, x - 3 : x + 5] = 2
+        labels[n, y - 1 : y + 3, x - 1 : x + 3] = 1
         y, x = rng.integers(20, 26, size=2)
-        labels[n, y:y + 5, x:x + 4] = 3
+        labels[n, y : y + 5, x : x + 4] = 3
     return labels
 
 
@@ -84,8 +92,9 @@ def test_probe_dice_equals_numpy_dice_of_what_the_features_can_tell(source):
         images = torch.stack([(labels == 1), (labels == 2)], dim=1).float()
         return LabelledSlices(images, labels, ["s"] * len(labels))
 
-    probe = SegmentationProbe(slices(fit_labels), slices(scored_labels), 4, source, FeatureNetwork, seed=0,
-                              fit_pixels=4096)
+    probe = SegmentationProbe(
+        slices(fit_labels), slices(scored_labels), 4, source, FeatureNetwork, seed=0, fit_pixels=4096
+    )
     blind_to_3 = np.where(scored_labels.numpy() == 3, 0, scored_labels.numpy())
     expected = np.mean([numpy_dice(blind_to_3, scored_labels.numpy(), label) for label in (1, 2, 3)])
     assert expected == pytest.approx(2 / 3)
@@ -97,18 +106,26 @@ def test_probe_dice_equals_numpy_dice_of_what_the_features_can_tell(source):
 
 def test_head_is_a_linear_map_of_the_concatenated_upsampled_features():
     generator = torch.Generator().manual_seed(0)
-    features = [torch.randn(3, c, 32 // 2 ** s, 32 // 2 ** s, generator=generator) for s, c in enumerate((4, 6, 8))]
+    features = [torch.randn(3, c, 32 // 2**s, 32 // 2**s, generator=generator) for s, c in enumerate((4, 6, 8))]
     weight, bias = torch.randn(5, 18, generator=generator), torch.randn(5, generator=generator)
-    concatenated = torch.cat([F.interpolate(f, size=(32, 32), mode="bilinear", align_corners=False)
-                              if f.shape[-1] != 32 else f for f in features], dim=1)
+    concatenated = torch.cat(
+        [
+            F.interpolate(f, size=(32, 32), mode="bilinear", align_corners=False) if f.shape[-1] != 32 else f
+            for f in features
+        ],
+        dim=1,
+    )
     expected = torch.einsum("kc,nchw->nkhw", weight, concatenated) + bias[None, :, None, None]
     logits = LinearSegmentationHead([4, 6, 8], weight, bias, (32, 32))(features)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     grid, labels = sample_pixels(torch.zeros(3, 32, 32, dtype=torch.long), 300, seed=0)
     rows = torch.cat([features_at(f, grid) for f in features], dim=1)
     pixels = ((grid + 1) * 16 - 0.5).round().long()  # back from grid_sample's coordinates to (x, y)
-    at = (torch.arange(3)[:, None].expand(-1, grid.shape[1]).reshape(-1), pixels[..., 1].reshape(-1),
-          pixels[..., 0].reshape(-1))
+    at = (
+        torch.arange(3)[:, None].expand(-1, grid.shape[1]).reshape(-1),
+        pixels[..., 1].reshape(-1),
+        pixels[..., 0].reshape(-1),
+    )
     torch.testing.assert_close(rows, concatenated.permute(0, 2, 3, 1)[at], rtol=1e-5, atol=1e-5)
     assert len(labels) == 3 * 100 and len(set(map(tuple, pixels[0].tolist()))) == 100
 
@@ -116,8 +133,8 @@ def test_head_is_a_linear_map_of_the_concatenated_upsampled_features():
 def test_probe_reads_only_training_cases_a_seeded_choice(phantom_env):
     root, env = phantom_env
     raw = os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)
-    training = {subject_of_case(os.path.basename(f)[:-len(".nii.gz")]) for f in glob.glob(f"{raw}/labelsTr/*.nii.gz")}
-    test = {subject_of_case(os.path.basename(f)[:-len(".nii.gz")]) for f in glob.glob(f"{raw}/labelsTs/*.nii.gz")}
+    training = {subject_of_case(os.path.basename(f)[: -len(".nii.gz")]) for f in glob.glob(f"{raw}/labelsTr/*.nii.gz")}
+    test = {subject_of_case(os.path.basename(f)[: -len(".nii.gz")]) for f in glob.glob(f"{raw}/labelsTs/*.nii.gz")}
     assert training and test and not training & test
     target = PlannedConfiguration.from_preprocessed(str(PHANTOM_ID))
     method = METHODS["mim"](target.network_spec, target.configuration_manager.patch_size)
@@ -137,8 +154,13 @@ def test_probe_is_deterministic_and_leaves_the_rngs_and_the_network_alone():
     generator = torch.Generator().manual_seed(0)
     labels = torch.from_numpy(known_masks(num_slices=4))
     images = torch.randn(4, 3, 32, 32, generator=generator) + labels[:, None].float()
-    probe = SegmentationProbe(LabelledSlices(images, labels, ["a"] * 4), LabelledSlices(images, labels, ["b"] * 4),
-                              4, "encoder", FeatureNetwork)
+    probe = SegmentationProbe(
+        LabelledSlices(images, labels, ["a"] * 4),
+        LabelledSlices(images, labels, ["b"] * 4),
+        4,
+        "encoder",
+        FeatureNetwork,
+    )
     network = FeatureNetwork().train()
     torch.manual_seed(7)
     first = probe.evaluate(network)
@@ -161,17 +183,35 @@ def test_the_random_network_is_the_one_a_run_of_the_seed_starts_from(target):
 def phantom_cache(phantom_env):
     root, env = phantom_env
     target = PlannedConfiguration.from_preprocessed(str(PHANTOM_ID))
-    cache = build_or_load_cache(target, discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
-                                str(root / "pretraining_cache"), num_processes=1, progress=False)
+    cache = build_or_load_cache(
+        target,
+        discover_sources(os.path.join(env["nnUNet_raw"], PHANTOM_DATASET)),
+        str(root / "pretraining_cache"),
+        num_processes=1,
+        progress=False,
+    )
     return target, cache
 
 
-def pretrainer(name, target, cache, output, epochs=2, iters=1, batch_size=4, lr=None, seed=0, probe_slices=16,
-               seg_probe=True, **options):
+def pretrainer(
+    name,
+    target,
+    cache,
+    output,
+    epochs=2,
+    iters=1,
+    batch_size=4,
+    lr=None,
+    seed=0,
+    probe_slices=16,
+    seg_probe=True,
+    **options,
+):
     """A Pretrainer of method ``name`` on the phantom's slice cache, with the segmentation probe by default."""
     method = METHODS[name](target.network_spec, target.configuration_manager.patch_size, **options)
-    settings = PretrainSettings.of_method(method, epochs=epochs, iters_per_epoch=iters, batch_size=batch_size,
-                                          lr=lr, seed=seed)
+    settings = PretrainSettings.of_method(
+        method, epochs=epochs, iters_per_epoch=iters, batch_size=batch_size, lr=lr, seed=seed
+    )
     return make_pretrainer(method, target, cache, settings, output, probe_slices=probe_slices, seg_probe=seg_probe)
 
 
@@ -184,8 +224,11 @@ def test_probe_columns_reach_the_log_the_metrics_and_progress_png_and_leave_the_
     assert 0 <= history["probe_seg_dice"][-1] <= 1 and len(set(history["probe_seg_dice_random_init"])) == 1
     assert probe_panels(history) == [
         ("segmentation probe Dice, held out (up: better)", ["probe_seg_dice", "probe_seg_dice_random_init"]),
-        ("k-NN probe error, held out (down: better)", ["probe_position_mae", "probe_position_mae_chance",
-                                                      "probe_phase_error"])]
+        (
+            "k-NN probe error, held out (down: better)",
+            ["probe_position_mae", "probe_position_mae_chance", "probe_phase_error"],
+        ),
+    ]
     assert os.path.isfile(os.path.join(trainer.output_folder, "progress.png"))
     log = open(os.path.join(trainer.output_folder, "training_log.txt")).read()
     assert "segmentation probe: a linear head on every encoder stage's features" in log
@@ -208,8 +251,9 @@ def test_a_dataset_without_labelled_cases_turns_the_probe_off_with_a_log_line(ph
     assert not any(isinstance(probe, SegmentationProbe) for probe in trainer.probes)  # the k-NN and decoder ones stay
     assert len(trainer.probes) == 2
     log = open(os.path.join(trainer.output_folder, "training_log.txt")).read()
-    assert f"segmentation probe off: {unlabelled / 'nnUNetPlans_2d'} holds no preprocessed labelled training cases" \
-           in log
+    assert (
+        f"segmentation probe off: {unlabelled / 'nnUNetPlans_2d'} holds no preprocessed labelled training cases" in log
+    )
 
 
 def test_ssp_pretrain_runs_the_probe_by_default_and_not_with_no_seg_probe(phantom_env):
@@ -217,9 +261,31 @@ def test_ssp_pretrain_runs_the_probe_by_default_and_not_with_no_seg_probe(phanto
     logs = {}
     for flag in ([], ["--no-seg-probe"]):
         output = str(root / f"cli_seg_probe{'_'.join(flag)}")
-        run_cli(["ssp_pretrain", "-d", str(PHANTOM_ID), "--method", "simclr", "--epochs", "1", "--iters-per-epoch",
-                 "1", "--batch-size", "4", "--num-workers", "0", "--device", "cpu", "--probe-slices", "0", "-o",
-                 output, *flag], env)
+        run_cli(
+            [
+                "ssp_pretrain",
+                "-d",
+                str(PHANTOM_ID),
+                "--method",
+                "simclr",
+                "--epochs",
+                "1",
+                "--iters-per-epoch",
+                "1",
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+                "--device",
+                "cpu",
+                "--probe-slices",
+                "0",
+                "-o",
+                output,
+                *flag,
+            ],
+            env,
+        )
         logs[tuple(flag)] = open(os.path.join(output, "training_log.txt")).read()
     assert "segmentation probe: a linear head on every encoder stage's features" in logs[()]
     assert "probe_seg_dice" in logs[()]
@@ -230,8 +296,18 @@ def test_mim_pretraining_lifts_the_probe_above_the_random_network(phantom_cache,
     """20 MIM steps at batch 16 (16-px masks) on the 4-subject phantom: the k-NN probe beats chance and the
     segmentation probe the random network it started from (0.505 against 0.363 when measured; 3 x 30 steps at seed 2
     gave 0.449, 0.378, 0.407: the decoder's last features drift towards reconstruction)."""
-    trainer = pretrainer("mim", *phantom_cache, str(tmp_path / "mim"), epochs=1, iters=20, batch_size=16, lr=0.02,
-                         seed=2, probe_slices=256, mask_patch_size=16)
+    trainer = pretrainer(
+        "mim",
+        *phantom_cache,
+        str(tmp_path / "mim"),
+        epochs=1,
+        iters=20,
+        batch_size=16,
+        lr=0.02,
+        seed=2,
+        probe_slices=256,
+        mask_patch_size=16,
+    )
     trainer.run()
     h = trainer.history
     assert h["probe_position_mae"][-1] < h["probe_position_mae_chance"][-1]

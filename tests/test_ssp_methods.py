@@ -1,10 +1,12 @@
 """SimCLR, PCL and DINO as methods of the loop: views, heads, where gradients flow, schedules, and the k-NN probe."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from nnunet_ssp.errors import SSPError
 from pretraining.data.views import SolarizeTransform
 from pretraining.heads import NormalizedLinear, encoder_width
 from pretraining.losses.ntxent import nt_xent
@@ -15,8 +17,6 @@ from pretraining.methods.dino import DINO
 from pretraining.methods.pcl import PCL
 from pretraining.methods.simclr import SimCLR
 from pretraining.probe import knn_errors
-
-from nnunet_ssp.errors import SSPError
 
 PATCH = (64, 64)
 
@@ -108,7 +108,10 @@ def test_dino_head_matches_the_recipe(dino, seeded):
     head = model.student.head
     linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
-        (4 * encoder_width(model.student.network), 2048), (2048, 2048), (2048, 256)]
+        (4 * encoder_width(model.student.network), 2048),
+        (2048, 2048),
+        (2048, 256),
+    ]
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in head.mlp) == 2
     assert isinstance(head.last_layer, NormalizedLinear) and head.last_layer.weight.shape == (64, 256)
     x = torch.randn(3, 256)
@@ -121,16 +124,25 @@ def test_dino_head_matches_the_recipe(dino, seeded):
 
 def test_dino_gradients_reach_the_student_only_and_the_last_layer_is_frozen_in_epoch_0(dino, seeded):
     model = dino.build_model()
-    batch = {"views": [torch.randn(3, 1, 64, 64), torch.randn(3, 1, 64, 64), torch.randn(3, 1, 32, 32),
-                       torch.randn(3, 1, 32, 32)]}
+    batch = {
+        "views": [
+            torch.randn(3, 1, 64, 64),
+            torch.randn(3, 1, 64, 64),
+            torch.randn(3, 1, 32, 32),
+            torch.randn(3, 1, 32, 32),
+        ]
+    }
     for epoch, frozen in ((0, True), (1, False)):
         model.zero_grad(set_to_none=True)
         loss, metrics = dino.loss(model, batch, Step(epoch, 0, 1, 10))
         loss.backward()
         dino.before_optimizer_step(model, Step(epoch, 0, 1, 10))
         assert all(p.grad is None for p in model.teacher.parameters())
-        assert all(p.grad is not None and p.grad.abs().sum() > 0
-                   for k, p in model.student.named_parameters() if k.startswith("network.encoder.") and p.ndim > 1)
+        assert all(
+            p.grad is not None and p.grad.abs().sum() > 0
+            for k, p in model.student.named_parameters()
+            if k.startswith("network.encoder.") and p.ndim > 1
+        )
         assert (model.student.head.last_layer.weight.grad is None) == frozen
         assert set(metrics) == {"teacher_entropy", "teacher_kl_to_uniform", "student_teacher_kl"}
 
@@ -189,8 +201,10 @@ def test_knn_probe_errors():
 
     def informative(group):  # an embedding that encodes position and phase
         angle = 2 * np.pi * phase[group]
-        return torch.nn.functional.normalize(torch.tensor(np.stack(
-            [np.cos(angle), np.sin(angle), 3 * position[group]], axis=1), dtype=torch.float32), dim=1)
+        return torch.nn.functional.normalize(
+            torch.tensor(np.stack([np.cos(angle), np.sin(angle), 3 * position[group]], axis=1), dtype=torch.float32),
+            dim=1,
+        )
 
     good = knn_errors(informative("reference"), informative("query"), position, phase, k=3)
     noise = [torch.nn.functional.normalize(torch.randn(n, 16), dim=1) for n in (200, 100)]
@@ -201,8 +215,13 @@ def test_knn_probe_errors():
     assert bad["probe_position_mae"] > 0.7 * expected_chance and bad["probe_phase_error"] > 0.15
     # circular phase: neighbours at 0.95 and 0.05 average to 0, not 0.5
     one = torch.tensor([[1.0, 0.0]])
-    wrap = knn_errors(torch.cat([one, one]), one, {"reference": np.array([0.1, 0.1]), "query": np.array([0.1])},
-                      {"reference": np.array([0.95, 0.05]), "query": np.array([0.0])}, k=2)
+    wrap = knn_errors(
+        torch.cat([one, one]),
+        one,
+        {"reference": np.array([0.1, 0.1]), "query": np.array([0.1])},
+        {"reference": np.array([0.95, 0.05]), "query": np.array([0.0])},
+        k=2,
+    )
     assert wrap["probe_phase_error"] == pytest.approx(0.0, abs=1e-9) and wrap["probe_position_mae"] == 0
 
 

@@ -1,6 +1,7 @@
 """Run-level statistics (nnunet_ssp.evaluation.statistics) against references written here and scipy's, and one
 report end to end on a synthetic design: 6 folds x 3 training repeats x 16 test volumes with a planted effect (main
 experiment), and an unseen-phase experiment of 5 folds x 2 repeats plus budget "all"."""
+
 import itertools
 import math
 import shutil
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import t as student_t
 from scipy.stats import wilcoxon
-
 from test_report import PNG_SIGNATURE, UNSEEN_PHASE, _read_csv, _table_after, _write_run
+
 from nnunet_ssp.cli import main as cli_main
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation import statistics as st
@@ -22,7 +23,7 @@ def _sign_flip_reference(d):
     d = np.asarray(d, dtype=float)
     observed = abs(d.mean())
     hits = sum(abs(np.mean(np.array(s) * d)) >= observed - 1e-12 for s in itertools.product((1, -1), repeat=d.size))
-    return hits / 2 ** d.size
+    return hits / 2**d.size
 
 
 def _holm_reference(p):
@@ -101,7 +102,8 @@ def test_variance_components_and_probability_of_improvement():
     unbalanced = [[0.1, 0.2], [0.3], [0.0, 0.1, 0.5]]
     w = ((0.1 - 0.15) ** 2 + (0.2 - 0.15) ** 2 + (0.0 - 0.2) ** 2 + (0.1 - 0.2) ** 2 + (0.5 - 0.2) ** 2) / 3
     assert st.variance_components(unbalanced) == pytest.approx(
-        (w, max(0.0, np.var([0.15, 0.3, 0.2], ddof=1) - w * np.mean([1 / 2, 1, 1 / 3]))))
+        (w, max(0.0, np.var([0.15, 0.3, 0.2], ddof=1) - w * np.mean([1 / 2, 1, 1 / 3])))
+    )
     assert all(math.isnan(v) for v in st.variance_components([[0.1], [0.2]]))  # one repeat: not separable
     assert math.isnan(st.variance_components([[0.1, 0.2]])[1])  # one fold: no between
     assert st.probability_of_improvement([0.1, -0.2, 0.0, 0.3]) == 0.625
@@ -115,10 +117,10 @@ def test_detectable_difference_and_folds_needed():
     assert st.detectable_difference(sd, 5) == math.inf and math.isnan(st.detectable_difference(sd, 1))
     # reproducibility.md's sizing: run sd 0.17 within folds, none between, an effect of 0.1
     for repeats in (3, 5):
-        s = st.unit_sd(0.17 ** 2, 0.0, repeats)
+        s = st.unit_sd(0.17**2, 0.0, repeats)
         n = st.units_needed(0.1, s)
         assert st.detectable_difference(s, n) <= 0.1 < st.detectable_difference(s, n - 1)
-    assert st.units_needed(0.1, st.unit_sd(0.17 ** 2, 0.0, 3)) > st.units_needed(0.1, st.unit_sd(0.17 ** 2, 0.0, 5))
+    assert st.units_needed(0.1, st.unit_sd(0.17**2, 0.0, 3)) > st.units_needed(0.1, st.unit_sd(0.17**2, 0.0, 5))
     assert st.units_needed(0.05, 0.0) == 6  # no noise: the exact test's own floor
     assert math.isnan(st.units_needed(0.05, math.nan)) and math.isnan(st.units_needed(1e-6, 1.0))
 
@@ -136,10 +138,13 @@ def _design():
     runs = []
     folds = rng.normal(0.06, 0.02, 6)
     for seed, training_seed in itertools.product(range(6), range(3)):
-        runs += [("", None, "baseline", 2, 2, seed, training_seed, 0.0),
-                 ("", None, "mim", 2, 2, seed, training_seed, folds[seed] + rng.normal(0, 0.01))]
+        runs += [
+            ("", None, "baseline", 2, 2, seed, training_seed, 0.0),
+            ("", None, "mim", 2, 2, seed, training_seed, folds[seed] + rng.normal(0, 0.01)),
+        ]
     for (budget, n, seeds, repeats), (method, offset) in itertools.product(
-            ((2, 2, range(5), range(2)), ("all", 8, [0], range(3))), (("baseline", 0.0), ("mim", 0.03), ("dino", 0.0))):
+        ((2, 2, range(5), range(2)), ("all", 8, [0], range(3))), (("baseline", 0.0), ("mim", 0.03), ("dino", 0.0))
+    ):
         runs += [(UNSEEN_PHASE, UNSEEN, method, budget, n, s, r, offset) for s in seeds for r in repeats]
     return runs
 
@@ -154,15 +159,17 @@ def synthetic(tmp_path_factory):
     for experiment, filters, method, budget, n, seed, training_seed, offset in _design():
         folder = root / (experiment[:6] or "main") / f"{method}_seed{training_seed}" / f"fold_{budget}_{seed}"
         summaries[(experiment, method, str(budget), seed, training_seed)] = _write_run(
-            str(folder), method, budget, seed, n, offset, rng, filters, CASES16, training_seed)[0]
+            str(folder), method, budget, seed, n, offset, rng, filters, CASES16, training_seed
+        )[0]
     out = root.parent / (root.name + "_report")
     write_report([str(root)], str(out))
     return root, out, summaries
 
 
 def _case_dice(summary):
-    return {c["reference_file"]: np.nanmean([m["Dice"] for m in c["metrics"].values()])
-            for c in summary["metric_per_case"]}
+    return {
+        c["reference_file"]: np.nanmean([m["Dice"] for m in c["metrics"].values()]) for c in summary["metric_per_case"]
+    }
 
 
 def _expected_folds(summaries, experiment, method, budget):
@@ -180,16 +187,23 @@ def test_run_level_csv_against_independent_references(synthetic):
     rows = _read_csv(out / "run_level.csv")
     assert list(rows[0]) == list(RUN_LEVEL_COLUMNS)
     assert [(r["experiment"], r["method"], r["budget"], r["unit"]) for r in rows] == [
-        ("", "mim", "2", "fold"), (UNSEEN_PHASE, "dino", "2", "fold"), (UNSEEN_PHASE, "dino", "all", "(fold, repeat)"),
-        (UNSEEN_PHASE, "mim", "2", "fold"), (UNSEEN_PHASE, "mim", "all", "(fold, repeat)")]
+        ("", "mim", "2", "fold"),
+        (UNSEEN_PHASE, "dino", "2", "fold"),
+        (UNSEEN_PHASE, "dino", "all", "(fold, repeat)"),
+        (UNSEEN_PHASE, "mim", "2", "fold"),
+        (UNSEEN_PHASE, "mim", "all", "(fold, repeat)"),
+    ]
     for row in rows:
         folds = _expected_folds(summaries, row["experiment"], row["method"], row["budget"])
         units = np.concatenate(folds) if row["unit"] != "fold" else np.array([np.mean(f) for f in folds])
-        assert (int(row["n_folds"]), int(row["n_repeats"]), int(row["n_units"])) == (len(folds), len(folds[0]),
-                                                                                     units.size)
+        assert (int(row["n_folds"]), int(row["n_repeats"]), int(row["n_units"])) == (
+            len(folds),
+            len(folds[0]),
+            units.size,
+        )
         assert float(row["p_signflip"]) == _sign_flip_reference(units)
         assert float(row["p_wilcoxon"]) == wilcoxon(units, method="exact").pvalue
-        assert float(row["min_p"]) == 2 / 2 ** units.size
+        assert float(row["min_p"]) == 2 / 2**units.size
         assert [float(row[k]) for k in ("mean_diff", "ci_low", "ci_high")] == pytest.approx(_t_reference(units))
         d = np.concatenate(folds)
         assert float(row["prob_improvement"]) == pytest.approx(np.mean(d > 0) + 0.5 * np.mean(d == 0))
@@ -202,12 +216,13 @@ def test_run_level_csv_against_independent_references(synthetic):
             assert row["var_between"] == ""
         n = units.size
         mde = (student_t.ppf(0.975, n - 1) + student_t.ppf(0.8, n - 1)) * np.std(units, ddof=1) / math.sqrt(n)
-        assert float(row["mde_80"]) == (math.inf if 2 / 2 ** n >= 0.05 else pytest.approx(mde))
+        assert float(row["mde_80"]) == (math.inf if 2 / 2**n >= 0.05 else pytest.approx(mde))
     main = rows[0]
     assert (main["n_folds"], main["n_repeats"], main["p_signflip"], main["p_holm"]) == ("6", "3", "0.03125", "0.03125")
     unseen = [r for r in rows if r["experiment"] == UNSEEN_PHASE]
-    np.testing.assert_allclose([float(r["p_holm"]) for r in unseen],
-                               _holm_reference([float(r["p_signflip"]) for r in unseen]))
+    np.testing.assert_allclose(
+        [float(r["p_holm"]) for r in unseen], _holm_reference([float(r["p_signflip"]) for r in unseen])
+    )
     assert [(r["min_p"], r["mde_80"]) for r in unseen] == [("0.0625", "inf"), ("0.25", "inf")] * 2
 
 
@@ -215,27 +230,51 @@ def test_report_md_run_level_section_and_claims(synthetic):
     _, out, _ = synthetic
     text = (out / "report.md").read_text()
     assert text.index("## Run-level comparison against the baseline") < text.index(
-        "## Per-volume Wilcoxon test, given these trained networks")
+        "## Per-volume Wilcoxon test, given these trained networks"
+    )
     header, rows = _table_after(text, "## Run-level comparison against the baseline")
     assert header[:6] == ["method", "budget", "folds", "repeats", "unit", "difference [95% CI]"]
     main = _read_csv(out / "run_level.csv")[0]
-    assert rows == [["mim", "2", "6", "3", "fold", f"{float(main['mean_diff']):+.3f} [{float(main['ci_low']):+.3f}, "
-                     f"{float(main['ci_high']):+.3f}]", "0.03125", "0.03125", "0.03125", "0.03125", "1.00",
-                     f"{math.sqrt(float(main['var_within'])):.3f}", f"{math.sqrt(float(main['var_between'])):.3f}",
-                     f"{float(main['mde_80']):.3f}"]]
-    assert (f"- mim above baseline at 2 subjects: {float(main['mean_diff']):+.3f} [{float(main['ci_low']):+.3f}, "
-            f"{float(main['ci_high']):+.3f}], p_holm = 0.031\n") in text
-    section = text[text.index(f"## Experiment: {UNSEEN_PHASE}"):]
+    assert rows == [
+        [
+            "mim",
+            "2",
+            "6",
+            "3",
+            "fold",
+            f"{float(main['mean_diff']):+.3f} [{float(main['ci_low']):+.3f}, {float(main['ci_high']):+.3f}]",
+            "0.03125",
+            "0.03125",
+            "0.03125",
+            "0.03125",
+            "1.00",
+            f"{math.sqrt(float(main['var_within'])):.3f}",
+            f"{math.sqrt(float(main['var_between'])):.3f}",
+            f"{float(main['mde_80']):.3f}",
+        ]
+    ]
+    assert (
+        f"- mim above baseline at 2 subjects: {float(main['mean_diff']):+.3f} [{float(main['ci_low']):+.3f}, "
+        f"{float(main['ci_high']):+.3f}], p_holm = 0.031\n"
+    ) in text
+    section = text[text.index(f"## Experiment: {UNSEEN_PHASE}") :]
     _, unseen_rows = _table_after(section, "### Run-level comparison against the baseline")
     assert [r[:5] for r in unseen_rows] == [
-        [method, *design] for method in ("dino", "mim")
-        for design in (["2", "5", "2", "fold"], ["all", "1", "3", "(fold, repeat)"])]
-    assert ("Holm over this experiment's 4 comparisons: no p_holm can be below 0.25 with these designs; a claim "
-            "needs at least 8 units per comparison.") in section
-    assert ("- No claim for mim at 2 subjects: with 5 folds the smallest reachable p is 0.0625, not below 0.05."
-            in section)
-    assert ("- No claim for dino at budget all: with 3 run pairs the smallest reachable p is 0.25, not below 0.05."
-            in section)
+        [method, *design]
+        for method in ("dino", "mim")
+        for design in (["2", "5", "2", "fold"], ["all", "1", "3", "(fold, repeat)"])
+    ]
+    assert (
+        "Holm over this experiment's 4 comparisons: no p_holm can be below 0.25 with these designs; a claim "
+        "needs at least 8 units per comparison."
+    ) in section
+    assert (
+        "- No claim for mim at 2 subjects: with 5 folds the smallest reachable p is 0.0625, not below 0.05." in section
+    )
+    assert (
+        "- No claim for dino at budget all: with 3 run pairs the smallest reachable p is 0.25, not below 0.05."
+        in section
+    )
 
 
 def test_figures_are_written(synthetic):
@@ -253,8 +292,16 @@ def test_power_prints_the_detectable_difference_and_the_folds_a_claim_needs(synt
     assert header[-2:] == ["units for 0.02, R=1", "units for 0.02, R=3"]
     main = _read_csv(out / "run_level.csv")[0]
     within, between = float(main["var_within"]), float(main["var_between"])
-    assert rows[0][:8] == ["main", "mim", "2", "fold", "6", "3", f"{float(main['sd_unit']):.3f}",
-                           f"{float(main['mde_80']):.3f}"]
+    assert rows[0][:8] == [
+        "main",
+        "mim",
+        "2",
+        "fold",
+        "6",
+        "3",
+        f"{float(main['sd_unit']):.3f}",
+        f"{float(main['mde_80']):.3f}",
+    ]
     assert rows[0][8:] == [str(st.units_needed(0.02, math.sqrt(between + within / r))) for r in (1, 3)]
     assert rows[2][2:4] == ["all", "(fold, repeat)"] and rows[2][-1] == "–"  # a run pair has no repeats
     assert f"{UNSEEN_PHASE}: Holm over this experiment's 4 comparisons" in printed
@@ -268,5 +315,6 @@ def test_report_refuses_a_run_without_its_baseline_run(synthetic, tmp_path, caps
     stderr = capsys.readouterr().err
     assert stderr.count("\n") == 1 and stderr.startswith(
         "error: unpaired runs: no baseline run of budget 2, seed 4, training seed 2 to pair with "
-        f"{tmp_path / 'main' / 'mim_seed2' / 'fold_2_4'};"), stderr
+        f"{tmp_path / 'main' / 'mim_seed2' / 'fold_2_4'};"
+    ), stderr
     assert not (tmp_path / "out").exists()

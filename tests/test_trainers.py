@@ -1,10 +1,12 @@
 """The plugin's trainers, instantiated as nnU-Net does: schedules, checkpoint lookup, loading and refusals."""
+
 import json
 import math
 import os
 
 import pytest
 import torch
+from conftest import DATASET_JSON, make_plans
 
 from nnunet_ssp.checkpoint import default_checkpoint_folder, save_checkpoint
 from nnunet_ssp.network import PlannedConfiguration, tensor_digests
@@ -12,10 +14,13 @@ from pretraining.methods import METHODS
 from trainers import ssp_trainers
 from trainers.base import WarmupMixin
 from trainers.schedules import WarmupPolyLRScheduler
-from trainers.ssp_trainers import (nnUNetTrainerBaseline, nnUNetTrainerDINO, nnUNetTrainerMIM,
-                                   nnUNetTrainerMIM_warmup, nnUNetTrainerSSP)
-
-from conftest import DATASET_JSON, make_plans
+from trainers.ssp_trainers import (
+    nnUNetTrainerBaseline,
+    nnUNetTrainerDINO,
+    nnUNetTrainerMIM,
+    nnUNetTrainerMIM_warmup,
+    nnUNetTrainerSSP,
+)
 
 CPU = torch.device("cpu")
 
@@ -33,8 +38,10 @@ def _write_checkpoint(nnunet_env, method, plans=None, path=None):
     target = PlannedConfiguration(plans or make_plans(), "2d", DATASET_JSON)
     torch.manual_seed(123)
     net = target.network_spec.build(1 if method == "mim" else 4)
-    path = path or os.path.join(default_checkpoint_folder(nnunet_env["nnUNet_results"], "Dataset990_Unit", method,
-                                                          "nnUNetPlans", "2d"), "checkpoint_final.pth")
+    path = path or os.path.join(
+        default_checkpoint_folder(nnunet_env["nnUNet_results"], "Dataset990_Unit", method, "nnUNetPlans", "2d"),
+        "checkpoint_final.pth",
+    )
     save_checkpoint(path, net, target, method, METHODS[method].parts)
     return path, net
 
@@ -63,13 +70,21 @@ def test_progress_plot_is_drawn_once_per_50_iterations_and_after_the_last_epoch(
         monkeypatch.setenv("nnUNet_ssp_iters_per_epoch", str(iterations))
         trainer, drawn[:] = _trainer(nnUNetTrainerBaseline), []
         # nnU-Net's logger, which draws the plot (the trainer's logger hands it to its local logger)
-        monkeypatch.setattr(type(trainer.logger.local_logger), "plot_progress_png",
-                            lambda logger, folder: drawn.append(trainer.current_epoch))
+        monkeypatch.setattr(
+            type(trainer.logger.local_logger),
+            "plot_progress_png",
+            lambda logger, folder, trainer=trainer: drawn.append(trainer.current_epoch),
+        )
         trainer.disable_checkpointing = True
         for epoch in range(20):
             trainer.on_epoch_start()
-            for key, value in (("train_losses", 1.0), ("val_losses", 1.0), ("mean_fg_dice", 0.5),
-                               ("dice_per_class_or_region", [0.5]), ("lrs", 0.01)):
+            for key, value in (
+                ("train_losses", 1.0),
+                ("val_losses", 1.0),
+                ("mean_fg_dice", 0.5),
+                ("dice_per_class_or_region", [0.5]),
+                ("lrs", 0.01),
+            ):
                 trainer.logger.log(key, value, epoch)
             trainer.on_epoch_end()
         assert drawn == expected and trainer.current_epoch == 20  # 7 iterations: every 8th epoch and the last
@@ -81,8 +96,11 @@ def test_baseline_lr_recipe_fine_tunes_at_the_scratch_lr_and_loads_the_same_part
     assert trainer.initial_lr == _trainer(nnUNetTrainerBaseline).initial_lr == 1e-2 and trainer.recipe == "baselineLR"
     _load_like_on_train_start(trainer)
     source_state = source.state_dict()
-    assert all(torch.equal(v, source_state[k]) for k, v in trainer.network.state_dict().items()
-               if not k.startswith("decoder.seg_layers."))
+    assert all(
+        torch.equal(v, source_state[k])
+        for k, v in trainer.network.state_dict().items()
+        if not k.startswith("decoder.seg_layers.")
+    )
     assert not hasattr(ssp_trainers, "nnUNetTrainerBaseline_baselineLR")  # it would be the baseline itself
     assert ssp_trainers.nnUNetTrainerMIM_warmup_paperSchedule.recipe == "warmup"
     assert nnUNetTrainerMIM.recipe == nnUNetTrainerBaseline.recipe == ""
@@ -133,8 +151,10 @@ def test_mim_trainer_loads_encoder_and_decoder_and_records_it(nnunet_env):
     assert record["initial_lr"] == 5e-3 and len(record["sha256"]) == 64
 
 
-@pytest.mark.parametrize("method, cls, lr", [("dino", nnUNetTrainerDINO, 5e-3),
-                                             ("mim", ssp_trainers.nnUNetTrainerMIM_baselineLR_encoderOnly, 1e-2)])
+@pytest.mark.parametrize(
+    "method, cls, lr",
+    [("dino", nnUNetTrainerDINO, 5e-3), ("mim", ssp_trainers.nnUNetTrainerMIM_baselineLR_encoderOnly, 1e-2)],
+)
 def test_encoder_trainer_loads_only_the_encoder(nnunet_env, method, cls, lr):
     """An encoder method's trainer, and MIM's encoder-only recipe: the encoder equals the checkpoint's, the decoder
     keeps its fresh init although the MIM checkpoint holds one."""
@@ -142,10 +162,14 @@ def test_encoder_trainer_loads_only_the_encoder(nnunet_env, method, cls, lr):
     trainer = _trainer(cls)
     before = _load_like_on_train_start(trainer)
     for k, v in trainer.network.state_dict().items():
-        reference = source.state_dict()[k] if k.startswith("encoder.") or k.startswith("decoder.encoder.") else before[k]
+        reference = (
+            source.state_dict()[k] if k.startswith("encoder.") or k.startswith("decoder.encoder.") else before[k]
+        )
         assert torch.equal(v, reference), k
-    assert any(k.startswith("decoder.stages.") and not torch.equal(v, source.state_dict()[k])
-               for k, v in trainer.network.state_dict().items())
+    assert any(
+        k.startswith("decoder.stages.") and not torch.equal(v, source.state_dict()[k])
+        for k, v in trainer.network.state_dict().items()
+    )
     record = json.load(open(os.path.join(_fold_folder(nnunet_env, cls), "ssp_init.json")))
     assert record["loaded"]["parts"] == ["encoder"] and record["method"] == method and record["warnings"] == []
     assert record["initial_lr"] == lr
@@ -168,14 +192,22 @@ def test_named_trainer_refuses_another_methods_checkpoint_and_the_generic_one_lo
     with pytest.raises(SystemExit) as e:
         _trainer(nnUNetTrainerDINO)
     message = str(e.value.code)
-    assert message.startswith(f"nnunet_ssp error: {path}: checkpoint pretrained with 'mim', but nnUNetTrainerDINO "
-                              f"fine-tunes from 'dino' checkpoints") and "\n" not in message
+    assert (
+        message.startswith(
+            f"nnunet_ssp error: {path}: checkpoint pretrained with 'mim', but nnUNetTrainerDINO "
+            f"fine-tunes from 'dino' checkpoints"
+        )
+        and "\n" not in message
+    )
     assert not os.path.exists(os.path.dirname(_fold_folder(nnunet_env, nnUNetTrainerDINO)))
     trainer = _trainer(nnUNetTrainerSSP)
     _load_like_on_train_start(trainer)
     source_state = source.state_dict()
-    assert all(torch.equal(v, source_state[k]) for k, v in trainer.network.state_dict().items()
-               if not k.startswith("decoder.seg_layers."))
+    assert all(
+        torch.equal(v, source_state[k])
+        for k, v in trainer.network.state_dict().items()
+        if not k.startswith("decoder.seg_layers.")
+    )
     record = json.load(open(os.path.join(_fold_folder(nnunet_env, nnUNetTrainerSSP), "ssp_init.json")))
     assert record["method"] == "mim" and record["loaded"]["parts"] == ["encoder", "decoder"]
 
@@ -206,6 +238,18 @@ def test_every_pretraining_method_has_a_trainer_that_loads_its_parts():
         assert ssp_trainers.loads_decoder(trainer) == ("decoder" in METHODS[name].parts)
 
 
+def test_the_core_finds_the_trainers_through_nnunets_lookup():
+    """The core names the public trainers without importing them; nnU-Net's lookup finds exactly the registry's."""
+    from nnunet_ssp.env import PUBLIC_TRAINERS, ssp_method_trainers
+
+    assert sorted(PUBLIC_TRAINERS) == sorted(trainer.__name__ for trainer in ssp_trainers.BASE_TRAINERS)
+    found = ssp_method_trainers()
+    assert list(found) == list(ssp_trainers.TRAINER_OF_METHOD)
+    assert {m: c.__name__ for m, c in found.items()} == {
+        m: c.__name__ for m, c in ssp_trainers.TRAINER_OF_METHOD.items()
+    }
+
+
 # ------------------------------------------------------------------ fine-tuning strategies (trainers/strategies.py)
 STRATEGY_RECIPES = ("freeze50epochs", "frozen", "pretrainedTenthLR")
 
@@ -225,9 +269,13 @@ def _pretrained_names(network, parts):
     return names
 
 
-@pytest.mark.parametrize("cls, method, parts", [
-    (ssp_trainers.nnUNetTrainerMIM_pretrainedTenthLR, "mim", ("encoder", "decoder")),
-    (ssp_trainers.nnUNetTrainerDINO_pretrainedTenthLR_paperSchedule, "dino", ("encoder",))])
+@pytest.mark.parametrize(
+    "cls, method, parts",
+    [
+        (ssp_trainers.nnUNetTrainerMIM_pretrainedTenthLR, "mim", ("encoder", "decoder")),
+        (ssp_trainers.nnUNetTrainerDINO_pretrainedTenthLR_paperSchedule, "dino", ("encoder",)),
+    ],
+)
 def test_tenth_lr_groups_partition_the_network_and_follow_the_poly_lr(nnunet_env, monkeypatch, cls, method, parts):
     _write_checkpoint(nnunet_env, method)
     monkeypatch.setenv("nnUNet_ssp_num_epochs", "20")
@@ -246,8 +294,10 @@ def test_tenth_lr_groups_partition_the_network_and_follow_the_poly_lr(nnunet_env
         expected = _poly(epoch or 0, 20)
         assert math.isclose(new["lr"], expected, rel_tol=1e-12)
         assert math.isclose(pretrained["lr"], expected / 10, rel_tol=1e-12)
-    assert optimizer.defaults == torch.optim.SGD([torch.zeros(1)], 5e-3, momentum=0.99, nesterov=True,
-                                                 weight_decay=3e-5).defaults  # nnU-Net's SGD settings
+    assert (
+        optimizer.defaults
+        == torch.optim.SGD([torch.zeros(1)], 5e-3, momentum=0.99, nesterov=True, weight_decay=3e-5).defaults
+    )  # nnU-Net's SGD settings
 
 
 @pytest.mark.parametrize("num_epochs, frozen", [(1000, 50), (2000, 50), (100, 5), (20, 1), (2, 1)])
@@ -257,21 +307,27 @@ def test_freeze_recipes_freeze_the_pretrained_parts_for_50_epochs_or_all(nnunet_
     _write_checkpoint(nnunet_env, "mim")
     monkeypatch.setenv("nnUNet_ssp_num_epochs", str(num_epochs))
     assert _trainer(nnUNetTrainerMIM_warmup).warmup_epochs == frozen
-    for cls, last_frozen in ((ssp_trainers.nnUNetTrainerMIM_freeze50epochs, frozen - 1),
-                             (ssp_trainers.nnUNetTrainerMIM_frozen_paperSchedule, num_epochs - 1)):
+    for cls, last_frozen in (
+        (ssp_trainers.nnUNetTrainerMIM_freeze50epochs, frozen - 1),
+        (ssp_trainers.nnUNetTrainerMIM_frozen_paperSchedule, num_epochs - 1),
+    ):
         trainer = _trainer(cls)
         trainer.network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4)
         optimizer, scheduler = trainer.configure_optimizers()
         for epoch in sorted({0, last_frozen, min(last_frozen + 1, num_epochs - 1), num_epochs - 1}):
             scheduler.step(epoch)
             pretrained = 0.0 if epoch <= last_frozen else _poly(epoch, num_epochs)
-            assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([_poly(epoch, num_epochs), pretrained],
-                                                                              rel=1e-12, abs=0)
+            assert [g["lr"] for g in optimizer.param_groups] == pytest.approx(
+                [_poly(epoch, num_epochs), pretrained], rel=1e-12, abs=0
+            )
 
 
 def _loaded_digests(record):
-    return {k: v for k, v in record["network_tensor_sha256_after_load"].items()
-            if k.split(".")[0] in record["loaded"]["parts"]}
+    return {
+        k: v
+        for k, v in record["network_tensor_sha256_after_load"].items()
+        if k.split(".")[0] in record["loaded"]["parts"]
+    }
 
 
 def test_every_strategy_variant_loads_the_same_parts_as_its_parent(nnunet_env, monkeypatch):
@@ -280,8 +336,13 @@ def test_every_strategy_variant_loads_the_same_parts_as_its_parent(nnunet_env, m
     for method in ("mim", "dino"):
         _write_checkpoint(nnunet_env, method)
     monkeypatch.setenv("nnUNet_ssp_num_epochs", "40")
-    for parent in (nnUNetTrainerMIM, nnUNetTrainerDINO, ssp_trainers.nnUNetTrainerSimCLR, ssp_trainers.nnUNetTrainerPCL,
-                   nnUNetTrainerSSP):
+    for parent in (
+        nnUNetTrainerMIM,
+        nnUNetTrainerDINO,
+        ssp_trainers.nnUNetTrainerSimCLR,
+        ssp_trainers.nnUNetTrainerPCL,
+        nnUNetTrainerSSP,
+    ):
         if parent.ssp_method in ("simclr", "pcl"):
             _write_checkpoint(nnunet_env, parent.ssp_method)
         if parent is nnUNetTrainerSSP:  # the generic trainer loads what the exported file holds
@@ -297,7 +358,10 @@ def test_every_strategy_variant_loads_the_same_parts_as_its_parent(nnunet_env, m
             for key in ("loaded", "method", "initial_lr"):
                 assert record[key] == expected[key], (cls.__name__, key)
             assert _loaded_digests(record) == _loaded_digests(expected)  # the other parts keep their random init
-            assert record["fine_tuning"] == {"recipe": recipe, "pretrained_lr_factor": 0.1 if "Tenth" in recipe else 1.0,
-                                             "frozen_epochs": {"freeze50epochs": 2, "frozen": 40}.get(recipe, 0)}
+            assert record["fine_tuning"] == {
+                "recipe": recipe,
+                "pretrained_lr_factor": 0.1 if "Tenth" in recipe else 1.0,
+                "frozen_epochs": {"freeze50epochs": 2, "frozen": 40}.get(recipe, 0),
+            }
     for recipe in STRATEGY_RECIPES:  # nothing is pretrained in the from-scratch baseline
         assert not hasattr(ssp_trainers, f"nnUNetTrainerBaseline_{recipe}")

@@ -2,6 +2,7 @@
 
 Point ``nnUNet_extTrainer`` at :data:`EXT_TRAINER_DIR` (``nnunet_ssp env`` prints the line).
 """
+
 import os
 
 #: the folder nnU-Net's trainer lookup scans; it only re-exports the classes defined in this package.

@@ -1,4 +1,5 @@
 """Learning-rate schedules that are pure functions of the epoch, so ``--c`` resumes them exactly."""
+
 from typing import Callable, Optional, Sequence
 
 from torch.optim.lr_scheduler import _LRScheduler
@@ -12,9 +13,21 @@ class WarmupPolyLRScheduler(_LRScheduler):
     lr(e) = initial_lr * (1 - (e - W) / (N - W)) ** 0.9         for e >= W
     """
 
-    def __init__(self, optimizer, initial_lr: float, num_epochs: int, warmup_epochs: int = 0, exponent: float = 0.9,
-                 group_scales: Optional[Callable[[int], Sequence[float]]] = None):
-        self.initial_lr, self.num_epochs, self.warmup_epochs, self.exponent = initial_lr, num_epochs, warmup_epochs, exponent
+    def __init__(
+        self,
+        optimizer,
+        initial_lr: float,
+        num_epochs: int,
+        warmup_epochs: int = 0,
+        exponent: float = 0.9,
+        group_scales: Optional[Callable[[int], Sequence[float]]] = None,
+    ):
+        self.initial_lr, self.num_epochs, self.warmup_epochs, self.exponent = (
+            initial_lr,
+            num_epochs,
+            warmup_epochs,
+            exponent,
+        )
         self.group_scales = group_scales or (lambda epoch: [1.0] * len(optimizer.param_groups))
         self.ctr = 0
         super().__init__(optimizer, -1)

@@ -13,8 +13,10 @@ without benchmarking, deterministic algorithms (warn only: nnU-Net's cross-entro
 kernel), ``CUBLAS_WORKSPACE_CONFIG=:4096:8``. CPU runs repeat bit for bit; CUDA runs are meant to agree closely.
 
 ``fold_X/training_seed.json`` records the seed, the scheme and, per start of the run, the data-loading workers, the
-DDP world size, the device and the library versions; ``nnUNetv2_train --c`` of a fold trained under another seed or scheme, or unseeded, is refused.
+DDP world size, the device and the library versions; ``nnUNetv2_train --c`` of a fold trained under another seed or
+scheme, or unseeded, is refused.
 """
+
 import os
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -97,16 +99,25 @@ def check_resumable(folder: str, trainer: str, seed: Optional[int]) -> None:
         record = load_json_file(record_path, dict)
         recorded = (record.get("seed"), record.get("scheme"))
         if recorded != ((seed, SCHEME) if seed is not None else (None, None)):
-            raise SSPError(f"{record_path}: this fold was trained with seed {recorded[0]} ({recorded[1]}), but "
-                           f"{ours}; continue it with {record.get('trainer')} or train afresh without --c")
+            raise SSPError(
+                f"{record_path}: this fold was trained with seed {recorded[0]} ({recorded[1]}), but "
+                f"{ours}; continue it with {record.get('trainer')} or train afresh without --c"
+            )
     elif seed is not None and any(os.path.isfile(os.path.join(folder, c)) for c in _CHECKPOINTS):
-        raise SSPError(f"{folder}: this fold was trained unseeded (no {RECORD_FILE}), but {ours}; continue it with "
-                       f"{split_training_seed(trainer)[0]} or train afresh without --c")
+        raise SSPError(
+            f"{folder}: this fold was trained unseeded (no {RECORD_FILE}), but {ours}; continue it with "
+            f"{split_training_seed(trainer)[0]} or train afresh without --c"
+        )
 
 
 class SeededTrainingMixin:
-    """Seeded training (module docstring) for any of the plugin's trainers; first in the bases, with
-    ``training_seed`` set."""
+    """Trains under training seed ``training_seed``, reproducibly: every batch, the network's initialisation and the
+    RNGs of every epoch are drawn from it (:data:`SCHEME`), whatever the worker count; a ``--c`` of a fold trained
+    under another seed is refused.
+
+    Seeded training (module docstring) for any of the plugin's trainers; first in the bases, with ``training_seed``
+    set."""
+
     training_seed: int
 
     def initialize(self):
@@ -132,30 +143,60 @@ class SeededTrainingMixin:
         and augmenters that keep the order of the batches."""
         patch_size = self.configuration_manager.patch_size
         scales = self._get_deep_supervision_scales()
-        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+        rotation, dummy_2d, initial_patch_size, mirror_axes = (
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
         labels = self.label_manager
-        label_kwargs = dict(is_cascaded=self.is_cascaded, foreground_labels=labels.foreground_labels,
-                            regions=labels.foreground_regions if labels.has_regions else None,
-                            ignore_label=labels.ignore_label)
-        train_transforms = self.get_training_transforms(patch_size, rotation, scales, mirror_axes, dummy_2d,
-                                                        use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
-                                                        **label_kwargs)
+        label_kwargs = dict(
+            is_cascaded=self.is_cascaded,
+            foreground_labels=labels.foreground_labels,
+            regions=labels.foreground_regions if labels.has_regions else None,
+            ignore_label=labels.ignore_label,
+        )
+        train_transforms = self.get_training_transforms(
+            patch_size,
+            rotation,
+            scales,
+            mirror_axes,
+            dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm,
+            **label_kwargs,
+        )
         validation_transforms = self.get_validation_transforms(scales, **label_kwargs)
         dataset_train, dataset_validation = self.get_tr_and_val_datasets()
         workers = get_allowed_n_proc_DA()
         augmenters = []
         for stream, dataset, patch, transforms, iterations, processes in (
-                (TRAIN, dataset_train, initial_patch_size, train_transforms, self.num_iterations_per_epoch, workers),
-                (VALIDATION, dataset_validation, patch_size, validation_transforms,
-                 self.num_val_iterations_per_epoch, max(1, workers // 2))):
-            loader = SeededDataLoader(dataset, self.batch_size, patch, patch_size, labels,
-                                      oversample_foreground_percent=self.oversample_foreground_percent,
-                                      transforms=transforms, probabilistic_oversampling=self.probabilistic_oversampling,
-                                      entropy=(self.training_seed, stream, self.local_rank),
-                                      start=self.current_epoch * iterations, num_workers=processes if workers else 1)
-            augmenters.append(SingleThreadedAugmenter(loader, None) if workers == 0 else MultiThreadedAugmenter(
-                loader, None, processes, pin_memory=self.device.type == "cuda", wait_time=0.002))
+            (TRAIN, dataset_train, initial_patch_size, train_transforms, self.num_iterations_per_epoch, workers),
+            (
+                VALIDATION,
+                dataset_validation,
+                patch_size,
+                validation_transforms,
+                self.num_val_iterations_per_epoch,
+                max(1, workers // 2),
+            ),
+        ):
+            loader = SeededDataLoader(
+                dataset,
+                self.batch_size,
+                patch,
+                patch_size,
+                labels,
+                oversample_foreground_percent=self.oversample_foreground_percent,
+                transforms=transforms,
+                probabilistic_oversampling=self.probabilistic_oversampling,
+                entropy=(self.training_seed, stream, self.local_rank),
+                start=self.current_epoch * iterations,
+                num_workers=processes if workers else 1,
+            )
+            augmenters.append(
+                SingleThreadedAugmenter(loader, None)
+                if workers == 0
+                else MultiThreadedAugmenter(
+                    loader, None, processes, pin_memory=self.device.type == "cuda", wait_time=0.002
+                )
+            )
         for augmenter in augmenters:
             next(augmenter)  # nnU-Net's warm-up batch: batch `start` of the stream
         return tuple(augmenters)
@@ -163,8 +204,15 @@ class SeededTrainingMixin:
     def _write_record(self):
         path = os.path.join(self.output_folder, RECORD_FILE)
         starts = load_json_file(path, dict).get("starts", []) if self.current_epoch and os.path.isfile(path) else []
-        starts.append({"epoch": self.current_epoch, "nnUNet_n_proc_DA": get_allowed_n_proc_DA(),
-                       "world_size": dist.get_world_size() if self.is_ddp else 1, "device": self.device.type,
-                       "versions": {name: version(name) for name in _LIBRARIES}})
-        save_json_atomic({"trainer": type(self).__name__, "seed": self.training_seed, "scheme": SCHEME,
-                          "starts": starts}, path)
+        starts.append(
+            {
+                "epoch": self.current_epoch,
+                "nnUNet_n_proc_DA": get_allowed_n_proc_DA(),
+                "world_size": dist.get_world_size() if self.is_ddp else 1,
+                "device": self.device.type,
+                "versions": {name: version(name) for name in _LIBRARIES},
+            }
+        )
+        save_json_atomic(
+            {"trainer": type(self).__name__, "seed": self.training_seed, "scheme": SCHEME, "starts": starts}, path
+        )

@@ -21,17 +21,32 @@ e.g. ``nnUNetTrainerMIM_baselineLR_paperSchedule``, ``nnUNetTrainerPCL_frozen_pa
 Any of them plus ``_seed<K>`` (last) trains with training seed K, reproducibly (:mod:`trainers.seeding`), e.g.
 ``nnUNetTrainerBaseline_seed0``; seeds are unbounded, so :func:`seeded_trainer` makes these classes on first use.
 """
+
 from itertools import product
 
 from nnunet_ssp.network import PARTS
-from nnunet_ssp.schedule import (BASELINE_LR, DECODER_METHOD_RECIPES, ENCODER_ONLY, FREEZE_50_EPOCHS, FROZEN,
-                                 PRETRAINED_ONLY_RECIPES, PRETRAINED_TENTH_LR, SCHEDULE_SUFFIX, WARMUP,
-                                 split_training_seed)
-from trainers.base import (BaselineLRMixin, EncoderOnlyMixin, PaperScheduleMixin, WarmupMixin, nnUNetTrainerBaseline,
-                           nnUNetTrainerSSP)
+from nnunet_ssp.schedule import (
+    BASELINE_LR,
+    DECODER_METHOD_RECIPES,
+    ENCODER_ONLY,
+    FREEZE_50_EPOCHS,
+    FROZEN,
+    PRETRAINED_ONLY_RECIPES,
+    PRETRAINED_TENTH_LR,
+    SCHEDULE_SUFFIX,
+    WARMUP,
+    split_training_seed,
+)
+from trainers.base import (
+    BaselineLRMixin,
+    EncoderOnlyMixin,
+    PaperScheduleMixin,
+    WarmupMixin,
+    nnUNetTrainerBaseline,
+    nnUNetTrainerSSP,
+)
 from trainers.seeding import SeededTrainingMixin
 from trainers.strategies import FreezePretrained50EpochsMixin, FrozenPretrainedMixin, PretrainedTenthLRMixin
-
 
 ENCODER, ENCODER_AND_DECODER = PARTS[:1], PARTS
 
@@ -57,9 +72,15 @@ class nnUNetTrainerMIM(nnUNetTrainerSSP):
 TRAINER_OF_METHOD = {cls.ssp_method: cls for cls in nnUNetTrainerSSP.__subclasses__() if cls.ssp_method}
 BASE_TRAINERS = (nnUNetTrainerBaseline, nnUNetTrainerSSP, *TRAINER_OF_METHOD.values())
 #: recipe -> its mixins; "" is the paper's recipe
-RECIPES = {"": (), WARMUP: (WarmupMixin,), BASELINE_LR: (BaselineLRMixin,),
-           ENCODER_ONLY: (BaselineLRMixin, EncoderOnlyMixin), FREEZE_50_EPOCHS: (FreezePretrained50EpochsMixin,),
-           FROZEN: (FrozenPretrainedMixin,), PRETRAINED_TENTH_LR: (PretrainedTenthLRMixin,)}
+RECIPES = {
+    "": (),
+    WARMUP: (WarmupMixin,),
+    BASELINE_LR: (BaselineLRMixin,),
+    ENCODER_ONLY: (BaselineLRMixin, EncoderOnlyMixin),
+    FREEZE_50_EPOCHS: (FreezePretrained50EpochsMixin,),
+    FROZEN: (FrozenPretrainedMixin,),
+    PRETRAINED_TENTH_LR: (PretrainedTenthLRMixin,),
+}
 #: schedule name-suffix -> its mixins
 SCHEDULES = {SCHEDULE_SUFFIX["nnunet"]: (), SCHEDULE_SUFFIX["paper"]: (PaperScheduleMixin,)}
 
@@ -84,16 +105,24 @@ def _applies(base: type, recipe: str) -> bool:
 def _define_variant(base: type, recipe: str, schedule_suffix: str) -> type:
     """The variant, defined in this module so that nnU-Net's lookup by name (and pickling) finds it."""
     mixins = SCHEDULES[schedule_suffix] + RECIPES[recipe]
-    variant = type(variant_name(base.__name__, recipe, schedule_suffix), (*mixins, base), {
-        "__module__": __name__, "recipe": recipe,
-        "__doc__": f"{base.__name__} with {' and '.join(m.__name__ for m in mixins)}."})
+    variant = type(
+        variant_name(base.__name__, recipe, schedule_suffix),
+        (*mixins, base),
+        {
+            "__module__": __name__,
+            "recipe": recipe,
+            "__doc__": f"{base.__name__} with {' and '.join(m.__name__ for m in mixins)}.",
+        },
+    )
     globals()[variant.__name__] = variant
     return variant
 
 
 ALL_TRAINERS = BASE_TRAINERS + tuple(
-    _define_variant(base, recipe, schedule) for base, recipe, schedule in product(BASE_TRAINERS, RECIPES, SCHEDULES)
-    if (recipe or schedule) and _applies(base, recipe))
+    _define_variant(base, recipe, schedule)
+    for base, recipe, schedule in product(BASE_TRAINERS, RECIPES, SCHEDULES)
+    if (recipe or schedule) and _applies(base, recipe)
+)
 
 
 def seeded_trainer(name: str) -> type:
@@ -104,8 +133,11 @@ def seeded_trainer(name: str) -> type:
     if seed is None or globals().get(base) not in ALL_TRAINERS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if name not in globals():
-        globals()[name] = type(name, (SeededTrainingMixin, globals()[base]), {
-            "__module__": __name__, "training_seed": seed, "__doc__": f"{base} with training seed {seed}."})
+        globals()[name] = type(
+            name,
+            (SeededTrainingMixin, globals()[base]),
+            {"__module__": __name__, "training_seed": seed, "__doc__": f"{base} with training seed {seed}."},
+        )
     return globals()[name]
 
 

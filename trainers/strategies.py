@@ -12,6 +12,7 @@ groups round-trip through nnU-Net's optimizer checkpoint). A group at lr 0 is fr
 - :class:`FrozenPretrainedMixin` (``_frozen``): frozen throughout;
 - :class:`PretrainedTenthLRMixin` (``_pretrainedTenthLR``): at a tenth of the trainer's lr throughout.
 """
+
 import functools
 from typing import List, Tuple
 
@@ -60,6 +61,7 @@ def _skip_frozen_groups(optimizer, args, kwargs) -> None:
 class PretrainedPartsLRMixin:
     """Trains the parts loaded from the SSP checkpoint at ``pretrained_lr_factor`` times the trainer's lr after
     ``frozen_epochs`` epochs at lr 0. Put it first in the bases, as the other recipe mixins."""
+
     #: the pretrained parts' lr relative to the trainer's, once they train
     pretrained_lr_factor = 1.0
 
@@ -77,14 +79,21 @@ class PretrainedPartsLRMixin:
         optimizer, _ = super().configure_optimizers()
         parts = self.pretrained_parts()
         pretrained, new = split_parameters(self.network, parts)
-        optimizer = type(optimizer)([{"params": new, "name": NEW}, {"params": pretrained, "name": PRETRAINED}],
-                                    **optimizer.defaults)
+        optimizer = type(optimizer)(
+            [{"params": new, "name": NEW}, {"params": pretrained, "name": PRETRAINED}], **optimizer.defaults
+        )
         freeze_groups_at_zero_lr(optimizer)
-        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs,
-                                          group_scales=lambda epoch: (1.0, self.pretrained_lr_scale(epoch)))
-        self.print_to_log_file(f"fine-tuning recipe {self.recipe}: the pretrained {'+'.join(parts)} "
-                               f"({_size(pretrained)}) {self._describe_strategy()}; the other parameters "
-                               f"({_size(new)}) at the trainer's lr; both with nnU-Net's poly decay")
+        scheduler = WarmupPolyLRScheduler(
+            optimizer,
+            self.initial_lr,
+            self.num_epochs,
+            group_scales=lambda epoch: (1.0, self.pretrained_lr_scale(epoch)),
+        )
+        self.print_to_log_file(
+            f"fine-tuning recipe {self.recipe}: the pretrained {'+'.join(parts)} "
+            f"({_size(pretrained)}) {self._describe_strategy()}; the other parameters "
+            f"({_size(new)}) at the trainer's lr; both with nnU-Net's poly decay"
+        )
         return optimizer, scheduler
 
     def _describe_strategy(self) -> str:
@@ -96,8 +105,11 @@ class PretrainedPartsLRMixin:
         return trained
 
     def fine_tuning_strategy(self) -> dict:
-        return {**super().fine_tuning_strategy(), "pretrained_lr_factor": self.pretrained_lr_factor,
-                "frozen_epochs": self.frozen_epochs}
+        return {
+            **super().fine_tuning_strategy(),
+            "pretrained_lr_factor": self.pretrained_lr_factor,
+            "frozen_epochs": self.frozen_epochs,
+        }
 
 
 def _size(parameters) -> str:
@@ -123,4 +135,5 @@ class FrozenPretrainedMixin(PretrainedPartsLRMixin):
 
 class PretrainedTenthLRMixin(PretrainedPartsLRMixin):
     """The pretrained parts at a tenth of the trainer's lr, the other parts at the trainer's lr."""
+
     pretrained_lr_factor = 0.1

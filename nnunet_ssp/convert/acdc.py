@@ -7,14 +7,22 @@ Layout of SRC: ``{training,testing}/patientNNN/patientNNN_4d.nii.gz`` (4D cine),
 ACDC labels (1 RV, 2 MYO, 3 LV) are remapped to the project convention (1 LV, 2 MYO, 3 RV). ACDC is single-vendor
 (Siemens, vendor code A). training subjects are training cases, testing subjects test cases.
 """
+
 import os
 from functools import partial
 from typing import Dict, List
 
-from nnunet_ssp.convert.common import (Subject, SubjectLoader, parse_int, read_image, read_phases, required_file,
-                                       subject_folders)
-from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN
+from nnunet_ssp.convert.common import (
+    Subject,
+    SubjectLoader,
+    parse_int,
+    read_image,
+    read_phases,
+    required_file,
+    subject_folders,
+)
 from nnunet_ssp.errors import SSPError
+from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN
 
 DESCRIPTION = "ACDC (2017) short-axis cine CMR"
 FOLDERS = (("training", TRAIN), ("testing", TEST))
@@ -53,7 +61,16 @@ def read_info(path: str) -> Dict[str, str]:
     return info
 
 
-def _load(patient: str, split: str, group: str, frames: List[int], cine_path: str, ed_path: str, ed_gt_path: str,
-          es_path: str, es_gt_path: str) -> Subject:
+def _load(
+    patient: str,
+    split: str,
+    group: str,
+    frames: List[int],
+    cine_path: str,
+    ed_path: str,
+    ed_gt_path: str,
+    es_path: str,
+    es_gt_path: str,
+) -> Subject:
     phases = read_phases(ed_path, ed_gt_path, es_path, es_gt_path, ACDC_TO_PROJECT_LABELS)
     return Subject(patient, split, VENDOR, group, read_image(cine_path, 4), frames[0], frames[1], phases)

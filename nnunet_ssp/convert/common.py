@@ -6,6 +6,7 @@ spatial part) and the frame interval of a cine; direction cosines that are not o
 reader) refuses, become the nearest rotation. Label files get the geometry of their image. Slice 0 is the base: a
 subject stored apex first is reversed with its world geometry kept (see ``nnunet_ssp.convert.orientation``).
 """
+
 import csv
 import os
 import sys
@@ -14,12 +15,24 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from nnunet_ssp.convert.orientation import base_first
+from nnunet_ssp.convert.orientation import APEX_FIRST, reverse_slice_axis, stored_order
 from nnunet_ssp.errors import SSPError, first_line
 from nnunet_ssp.io import check_intensities
-from nnunet_ssp.raw_layout import (BASE_FIRST, LABELS, PHASES, REVERSED, TEST, TRAIN, SubjectRow,
-                                   build_into_place, case_files, cine_file, make_subfolders, write_dataset_json,
-                                   write_subjects)
+from nnunet_ssp.raw_layout import (
+    BASE_FIRST,
+    LABELS,
+    PHASES,
+    REVERSED,
+    TEST,
+    TRAIN,
+    SubjectRow,
+    build_into_place,
+    case_files,
+    cine_file,
+    make_subfolders,
+    write_dataset_json,
+    write_subjects,
+)
 
 MAX_LABEL = max(LABELS.values())
 IDENTITY_LABELS = tuple(range(MAX_LABEL + 1))
@@ -30,6 +43,7 @@ _AXES = {3: "X, Y, Z", 4: "X, Y, Z, T"}
 class Volume:
     """A NIfTI image: ``array`` in file index order (X, Y, Z[, T]), ``affine`` voxel -> world (mm) as nibabel reads
     it, the cine's ``frame_interval`` and ``units`` (space, time), and the ``path`` it was read from."""
+
     array: np.ndarray
     affine: np.ndarray
     path: str
@@ -49,6 +63,7 @@ class Volume:
 class Subject:
     """One subject as a converter hands it over. ``phases`` maps ED and ES to (image, labels), None for a subject
     without ground truth (split UNLABELED); ``ed_frame`` and ``es_frame`` are 0-based cine frame indices."""
+
     subject: str
     split: str
     vendor: str
@@ -66,6 +81,7 @@ def read_image(path: str, ndim: int) -> Volume:
     """A ``ndim``-dimensional image (trailing axes of length 1 dropped); integer data keeps its type, scaled or
     floating-point data becomes float32."""
     import nibabel as nib
+
     try:
         image = nib.load(path)
         array = np.asanyarray(image.dataobj)
@@ -99,11 +115,14 @@ def read_labels(path: str, ndim: int, mapping: Sequence[int] = IDENTITY_LABELS) 
     return replace(volume, array=np.asarray(mapping, dtype=np.uint8)[array.astype(np.uint8)])
 
 
-def read_phases(ed_image: str, ed_labels: str, es_image: str, es_labels: str,
-                mapping: Sequence[int] = IDENTITY_LABELS) -> Dict[str, Tuple[Volume, Volume]]:
+def read_phases(
+    ed_image: str, ed_labels: str, es_image: str, es_labels: str, mapping: Sequence[int] = IDENTITY_LABELS
+) -> Dict[str, Tuple[Volume, Volume]]:
     """ED and ES (image, labels) from 3D files; ``mapping`` as for read_labels."""
-    return {"ED": (read_image(ed_image, 3), read_labels(ed_labels, 3, mapping)),
-            "ES": (read_image(es_image, 3), read_labels(es_labels, 3, mapping))}
+    return {
+        "ED": (read_image(ed_image, 3), read_labels(ed_labels, 3, mapping)),
+        "ES": (read_image(es_image, 3), read_labels(es_labels, 3, mapping)),
+    }
 
 
 def required_file(path: str) -> str:
@@ -157,15 +176,21 @@ def parse_int(text: str, what: str, where: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- writing
-def write_dataset(target: str, name: str, description: str, loaders: Sequence[SubjectLoader],
-                  source: dict) -> str:
+def write_dataset(target: str, name: str, description: str, loaders: Sequence[SubjectLoader], source: dict) -> str:
     """Loads and writes every subject, then the tables, with ``build_into_place``; returns ``target``."""
+
     def build(folder: str) -> None:
         rows = _write_subjects(folder, loaders)
         write_subjects(folder, rows)
-        write_dataset_json(folder, name, description + ": ED and ES volumes as separate cases, 4D cines of the "
-                           "training subjects in cineTr for unlabeled pretraining",
-                           sum(len(PHASES) for r in rows if r.split == TRAIN), source=source)
+        write_dataset_json(
+            folder,
+            name,
+            description + ": ED and ES volumes as separate cases, 4D cines of the "
+            "training subjects in cineTr for unlabeled pretraining",
+            sum(len(PHASES) for r in rows if r.split == TRAIN),
+            source=source,
+        )
+
     return build_into_place(target, build)
 
 
@@ -191,13 +216,34 @@ def _check_subject(s: Subject) -> None:
     for image, labels in (s.phases or {}).values():
         check_intensities(image.array, image.path)
         if image.array.shape != s.cine.array.shape[:3]:
-            raise SSPError(f"{image.path}: shape {image.array.shape} differs from the cine's "
-                           f"{s.cine.array.shape[:3]} ({s.cine.path})")
+            raise SSPError(
+                f"{image.path}: shape {image.array.shape} differs from the cine's "
+                f"{s.cine.array.shape[:3]} ({s.cine.path})"
+            )
         if labels.array.shape != image.array.shape:
-            raise SSPError(f"{labels.path}: shape {labels.array.shape} differs from the image's "
-                           f"{image.array.shape} ({image.path})")
+            raise SSPError(
+                f"{labels.path}: shape {labels.array.shape} differs from the image's {image.array.shape} ({image.path})"
+            )
         if not np.allclose(labels.affine, image.affine, atol=1e-3):
             raise SSPError(f"{labels.path}: voxel-to-world affine differs from the image's ({image.path})")
+
+
+def reverse_slices(volume: Volume) -> Volume:
+    """A volume with its slice axis (Z, the third) reversed and the same world geometry."""
+    array, affine = reverse_slice_axis(volume.array, volume.affine)
+    return replace(volume, array=array, affine=affine)
+
+
+def base_first(subject: Subject) -> Tuple[Subject, bool]:
+    """The subject with slice 0 at the base (its cine, ED/ES images and labels alike) and whether it was
+    reversed."""
+    ed_labels = subject.phases["ED"][1].array if subject.phases else None
+    if stored_order(ed_labels, subject.cine.affine, subject.cine.path) != APEX_FIRST:
+        return subject, False
+    phases = subject.phases and {
+        phase: (reverse_slices(image), reverse_slices(labels)) for phase, (image, labels) in subject.phases.items()
+    }
+    return replace(subject, cine=reverse_slices(subject.cine), phases=phases), True
 
 
 def _write_subject(folder: str, s: Subject) -> SubjectRow:
@@ -211,8 +257,18 @@ def _write_subject(folder: str, s: Subject) -> SubjectRow:
     if s.split != TEST:
         _save(s.cine, os.path.join(folder, cine_file(s.subject)))
     x, y, z, t = s.cine.array.shape
-    return SubjectRow(s.subject, s.split, s.vendor, s.pathology, t, s.ed_frame, s.es_frame, z, s.cine.spacing[:3],
-                      REVERSED if reversed_ else BASE_FIRST)
+    return SubjectRow(
+        s.subject,
+        s.split,
+        s.vendor,
+        s.pathology,
+        t,
+        s.ed_frame,
+        s.es_frame,
+        z,
+        s.cine.spacing[:3],
+        REVERSED if reversed_ else BASE_FIRST,
+    )
 
 
 def orthonormal_affine(affine: np.ndarray) -> np.ndarray:
@@ -229,6 +285,7 @@ def orthonormal_affine(affine: np.ndarray) -> np.ndarray:
 
 def _save(volume: Volume, path: str) -> None:
     import nibabel as nib
+
     affine = orthonormal_affine(volume.affine)
     image = nib.Nifti1Image(volume.array, affine)
     image.header.set_qform(affine, code=1)

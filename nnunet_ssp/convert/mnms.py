@@ -10,16 +10,25 @@ As in the paper, ED and ES are recomputed from the ground truth: of its two labe
 foreground voxels is ED. Training and Validation subjects are training cases, Testing subjects test cases; a
 Training/Unlabeled subject without ground truth only gives its cine (split ``unlabeled``, ED/ES from the table).
 """
+
 import os
 from functools import partial
 from typing import List, Optional
 
 import numpy as np
 
-from nnunet_ssp.convert.common import (Subject, SubjectLoader, parse_int, read_image, read_labels, read_table,
-                                       required_file, subject_folders)
-from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN, UNLABELED
+from nnunet_ssp.convert.common import (
+    Subject,
+    SubjectLoader,
+    parse_int,
+    read_image,
+    read_labels,
+    read_table,
+    required_file,
+    subject_folders,
+)
 from nnunet_ssp.errors import SSPError
+from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN, UNLABELED
 
 DESCRIPTION = "M&Ms (2020) short-axis cine CMR"
 TABLE = "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv"
@@ -55,8 +64,9 @@ def labelled_frames(gt_array: np.ndarray, path: str) -> tuple:
     counts = np.count_nonzero(gt_array.reshape(-1, gt_array.shape[-1]), axis=0)
     frames = np.flatnonzero(counts)
     if len(frames) != 2:
-        raise SSPError(f"{path}: expected exactly 2 labelled frames (ED and ES), found {len(frames)}: "
-                       f"{frames.tolist()}")
+        raise SSPError(
+            f"{path}: expected exactly 2 labelled frames (ED and ES), found {len(frames)}: {frames.tolist()}"
+        )
     ed = int(frames[np.argmax(counts[frames])])
     return ed, int(frames[0] + frames[1] - ed)
 
@@ -67,8 +77,9 @@ def _load(code: str, split: str, row: dict, cine_path: str, gt_path: Optional[st
     if gt_path is not None:
         gt = read_labels(gt_path, 4)
         if gt.array.shape != cine.array.shape:
-            raise SSPError(f"{gt_path}: shape {gt.array.shape} differs from the cine's {cine.array.shape} "
-                           f"({cine_path})")
+            raise SSPError(
+                f"{gt_path}: shape {gt.array.shape} differs from the cine's {cine.array.shape} ({cine_path})"
+            )
         frames = labelled_frames(gt.array, gt_path)
         phases = {phase: (cine.frame(t), gt.frame(t)) for phase, t in zip(PHASES, frames)}
     return Subject(code, split, row["Vendor"], row["Pathology"], cine, frames[0], frames[1], phases)

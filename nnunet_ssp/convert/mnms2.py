@@ -10,6 +10,7 @@ indices are those of the cine frames equal to the ED/ES volumes. The challenge's
 (001-200) are training cases, its test subjects (201-360) test cases: after the exclusion, the paper's development
 subjects 101-160 and 176-200 and test subjects 281-360.
 """
+
 import os
 import re
 from functools import partial
@@ -17,10 +18,19 @@ from typing import List
 
 import numpy as np
 
-from nnunet_ssp.convert.common import (Subject, SubjectLoader, Volume, parse_int, read_image, read_phases, read_table,
-                                       required_file, subject_folders)
-from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN
+from nnunet_ssp.convert.common import (
+    Subject,
+    SubjectLoader,
+    Volume,
+    parse_int,
+    read_image,
+    read_phases,
+    read_table,
+    required_file,
+    subject_folders,
+)
 from nnunet_ssp.errors import SSPError
+from nnunet_ssp.raw_layout import PHASES, TEST, TRAIN
 
 DESCRIPTION = "M&Ms-2 short-axis cine CMR (pathologies NOR, HCM and LV excluded)"
 TABLE = "dataset_information.csv"
@@ -33,8 +43,10 @@ MATCH_TOLERANCE = 1e-3
 
 def list_subjects(source: str) -> List[SubjectLoader]:
     table_path = os.path.join(source, TABLE)
-    table = {f"{parse_int(code, 'SUBJECT_CODE', table_path):03d}": row
-             for code, row in read_table(table_path, "SUBJECT_CODE", ("DISEASE", "VENDOR")).items()}
+    table = {
+        f"{parse_int(code, 'SUBJECT_CODE', table_path):03d}": row
+        for code, row in read_table(table_path, "SUBJECT_CODE", ("DISEASE", "VENDOR")).items()
+    }
     loaders = []
     for subject_dir in subject_folders(os.path.join(source, "dataset")):
         sid = os.path.basename(subject_dir)
@@ -45,8 +57,10 @@ def list_subjects(source: str) -> List[SubjectLoader]:
         pathology = table[sid]["DISEASE"]
         if pathology in EXCLUDED_PATHOLOGIES:
             continue
-        paths = [required_file(os.path.join(subject_dir, f"{sid}_SA_{part}.nii.gz"))
-                 for part in ("CINE", "ED", "ED_gt", "ES", "ES_gt")]
+        paths = [
+            required_file(os.path.join(subject_dir, f"{sid}_SA_{part}.nii.gz"))
+            for part in ("CINE", "ED", "ED_gt", "ES", "ES_gt")
+        ]
         split = TRAIN if int(sid) <= LAST_DEVELOPMENT_SUBJECT else TEST
         vendor = vendor_code(table[sid]["VENDOR"], f"{table_path}: subject {sid}")
         loaders.append(partial(_load, sid, split, vendor, pathology, *paths))
@@ -64,19 +78,31 @@ def vendor_code(vendor: str, where: str) -> str:
 def matching_frame(cine: Volume, volume: Volume) -> int:
     """The index of the cine frame equal to ``volume`` (to MATCH_TOLERANCE)."""
     if volume.array.shape != cine.array.shape[:3]:
-        raise SSPError(f"{volume.path}: shape {volume.array.shape} differs from the cine's {cine.array.shape[:3]} "
-                       f"({cine.path})")
+        raise SSPError(
+            f"{volume.path}: shape {volume.array.shape} differs from the cine's {cine.array.shape[:3]} ({cine.path})"
+        )
     target = volume.array.astype(np.float64)
     differences = [np.mean(np.abs(cine.array[..., t] - target)) for t in range(cine.array.shape[3])]
     best = int(np.argmin(differences))
     if differences[best] > MATCH_TOLERANCE * max(float(np.ptp(target)), 1.0):
-        raise SSPError(f"{volume.path}: equals no frame of {cine.path} (closest: frame {best}, mean absolute "
-                       f"difference {differences[best]:.4g})")
+        raise SSPError(
+            f"{volume.path}: equals no frame of {cine.path} (closest: frame {best}, mean absolute "
+            f"difference {differences[best]:.4g})"
+        )
     return best
 
 
-def _load(sid: str, split: str, vendor: str, pathology: str, cine_path: str, ed_path: str, ed_gt_path: str,
-          es_path: str, es_gt_path: str) -> Subject:
+def _load(
+    sid: str,
+    split: str,
+    vendor: str,
+    pathology: str,
+    cine_path: str,
+    ed_path: str,
+    ed_gt_path: str,
+    es_path: str,
+    es_gt_path: str,
+) -> Subject:
     cine = read_image(cine_path, 4)
     phases = read_phases(ed_path, ed_gt_path, es_path, es_gt_path)
     ed, es = (matching_frame(cine, phases[phase][0]) for phase in PHASES)

@@ -7,14 +7,11 @@ unreliable), else the header's slice direction, else the stored order is kept. W
 warning line goes to stderr and the labels win. Reversing a stack flips its slice axis and moves the origin to the
 old last slice with the slice direction negated, so every voxel keeps its world position.
 """
+
 import sys
-from dataclasses import replace
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from nnunet_ssp.convert.common import Subject, Volume
 
 BASE_FIRST, APEX_FIRST = "base_first", "apex_first"
 # the LV long axis from base to apex points to the patient's left, anterior and inferior: (-1, +1, -1) in RAS+
@@ -48,7 +45,7 @@ def label_position(labels: np.ndarray) -> Optional[float]:
         return None
     first, last = int(labelled[0]), int(labelled[-1])
     position = (np.arange(first, last + 1) - first) / (last - first)
-    return float(np.average(position, weights=area[first:last + 1]))
+    return float(np.average(position, weights=area[first : last + 1]))
 
 
 def label_vote(labels: np.ndarray) -> Optional[str]:
@@ -65,25 +62,18 @@ def stored_order(ed_labels: Optional[np.ndarray], affine: np.ndarray, path: str)
     warns on stderr when both decide and disagree."""
     by_labels, by_header = label_vote(ed_labels) if ed_labels is not None else None, header_vote(affine)
     if by_labels and by_header and by_labels != by_header:
-        print(f"warning: {path}: the labels put {_SLICE_0_WORDS[by_labels]} at slice 0 but the header's slice "
-              f"direction points {_DIRECTION_WORDS[by_header]}; following the labels", file=sys.stderr)
+        print(
+            f"warning: {path}: the labels put {_SLICE_0_WORDS[by_labels]} at slice 0 but the header's slice "
+            f"direction points {_DIRECTION_WORDS[by_header]}; following the labels",
+            file=sys.stderr,
+        )
     return by_labels or by_header
 
 
-def reverse_slices(volume: "Volume") -> "Volume":
-    """A volume with its slice axis (Z, the third) reversed and the same world geometry."""
-    affine = volume.affine.copy()
-    affine[:3, 2] = -volume.affine[:3, 2]
-    affine[:3, 3] = volume.affine[:3, 3] + (volume.array.shape[2] - 1) * volume.affine[:3, 2]
-    return replace(volume, array=volume.array[:, :, ::-1], affine=affine)
-
-
-def base_first(subject: "Subject") -> Tuple["Subject", bool]:
-    """The subject with slice 0 at the base (its cine, ED/ES images and labels alike) and whether it was
-    reversed."""
-    ed_labels = subject.phases["ED"][1].array if subject.phases else None
-    if stored_order(ed_labels, subject.cine.affine, subject.cine.path) != APEX_FIRST:
-        return subject, False
-    phases = subject.phases and {phase: (reverse_slices(image), reverse_slices(labels))
-                                 for phase, (image, labels) in subject.phases.items()}
-    return replace(subject, cine=reverse_slices(subject.cine), phases=phases), True
+def reverse_slice_axis(array: np.ndarray, affine: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``array`` (X, Y, Z[, T]) with its slice axis Z reversed, and the voxel-to-world ``affine`` that keeps every
+    voxel's world position."""
+    reversed_affine = affine.copy()
+    reversed_affine[:3, 2] = -affine[:3, 2]
+    reversed_affine[:3, 3] = affine[:3, 3] + (array.shape[2] - 1) * affine[:3, 2]
+    return array[:, :, ::-1], reversed_affine

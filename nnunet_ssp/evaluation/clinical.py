@@ -3,6 +3,7 @@
 Labels follow the raw layout (``nnunet_ssp.raw_layout``): 1 LV blood pool, 2 LV myocardium, 3 RV blood pool. The
 MEASURES are also the phantom's ground-truth columns of subjects.csv; myocardial mass = myocardial volume x 1.05 g/ml.
 """
+
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -38,12 +39,17 @@ def hd95(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]
         return float("nan")
     ref_surface, pred_surface = surface_voxels(reference), surface_voxels(prediction)
     spacing = [float(s) for s in spacing]
-    return float(max(np.percentile(_directed_surface_distances(ref_surface, pred_surface, spacing), 95),
-                     np.percentile(_directed_surface_distances(pred_surface, ref_surface, spacing), 95)))
+    return float(
+        max(
+            np.percentile(_directed_surface_distances(ref_surface, pred_surface, spacing), 95),
+            np.percentile(_directed_surface_distances(pred_surface, ref_surface, spacing), 95),
+        )
+    )
 
 
-def label_volumes_ml(segmentation: np.ndarray, spacing: Sequence[float],
-                     labels: Sequence[int] = CLINICAL_LABELS) -> Dict[int, float]:
+def label_volumes_ml(
+    segmentation: np.ndarray, spacing: Sequence[float], labels: Sequence[int] = CLINICAL_LABELS
+) -> Dict[int, float]:
     """Volume in ml of each label: voxel count x voxel volume (mm^3) / 1000."""
     voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
     return {label: float(np.count_nonzero(segmentation == label)) * voxel_ml for label in labels}
@@ -54,8 +60,9 @@ def ejection_fraction_pct(edv: float, esv: float) -> float:
     return 100.0 * (edv - esv) / edv if edv > 0 else float("nan")
 
 
-def clinical_measures(ed_volumes: Optional[Mapping[int, float]],
-                      es_volumes: Optional[Mapping[int, float]]) -> Dict[str, float]:
+def clinical_measures(
+    ed_volumes: Optional[Mapping[int, float]], es_volumes: Optional[Mapping[int, float]]
+) -> Dict[str, float]:
     """LV/RV EDV, ESV (ml), EF (%) and LV myocardial mass at ED (g) from the label volumes of one subject.
 
     Either phase may be None (the subject has no such case): measures that need it are NaN.
@@ -63,9 +70,13 @@ def clinical_measures(ed_volumes: Optional[Mapping[int, float]],
     nan = float("nan")
     ed = ed_volumes or {}
     es = es_volumes or {}
-    out = {"lv_edv_ml": ed.get(LV_BLOODPOOL, nan), "lv_esv_ml": es.get(LV_BLOODPOOL, nan),
-           "rv_edv_ml": ed.get(RV_BLOODPOOL, nan), "rv_esv_ml": es.get(RV_BLOODPOOL, nan),
-           "lv_myo_mass_g": ed.get(LV_MYOCARDIUM, nan) * MYOCARDIUM_DENSITY_G_PER_ML}
+    out = {
+        "lv_edv_ml": ed.get(LV_BLOODPOOL, nan),
+        "lv_esv_ml": es.get(LV_BLOODPOOL, nan),
+        "rv_edv_ml": ed.get(RV_BLOODPOOL, nan),
+        "rv_esv_ml": es.get(RV_BLOODPOOL, nan),
+        "lv_myo_mass_g": ed.get(LV_MYOCARDIUM, nan) * MYOCARDIUM_DENSITY_G_PER_ML,
+    }
     out["lv_ef_pct"] = ejection_fraction_pct(out["lv_edv_ml"], out["lv_esv_ml"])
     out["rv_ef_pct"] = ejection_fraction_pct(out["rv_edv_ml"], out["rv_esv_ml"])
     return {k: out[k] for k in MEASURES}
@@ -83,5 +94,11 @@ def agreement(reference: Sequence[float], prediction: Sequence[float]) -> Dict[s
     n = int(diff.size)
     bias = float(diff.mean()) if n else float("nan")
     sd = float(diff.std(ddof=1)) if n > 1 else float("nan")
-    return {"n": n, "mae": float(np.abs(diff).mean()) if n else float("nan"), "bias": bias, "sd": sd,
-            "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd}
+    return {
+        "n": n,
+        "mae": float(np.abs(diff).mean()) if n else float("nan"),
+        "bias": bias,
+        "sd": sd,
+        "loa_low": bias - 1.96 * sd,
+        "loa_high": bias + 1.96 * sd,
+    }

@@ -7,7 +7,7 @@ neither file behind. ``--vendors`` and ``--phases`` evaluate some reference case
 (``run.vendors``, ``run.phases``) beside what the run's fold was trained on (``run.train_vendors``,
 ``run.train_phases``, from splits_ssp.json).
 """
-import functools
+
 import math
 import os
 import tempfile
@@ -17,7 +17,7 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_ssp.checkpoint import SSP_INIT_FILE
-from nnunet_ssp.env import nnunet_path
+from nnunet_ssp.env import find_trainer_class, nnunet_path
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.evaluation.clinical import MEASURES, agreement, clinical_measures, hd95, label_volumes_ml
 from nnunet_ssp.fold_files import described_fold
@@ -41,6 +41,7 @@ def results_fold_folder(dataset_name: str, trainer: str, plans_name: str, config
     None when the fold or ``nnUNet_results`` is not known."""
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.file_path_utilities import get_output_folder
+
     if fold is None or not nnUNet_results.is_set():
         return None
     return get_output_folder(dataset_name, trainer, plans_name, configuration, fold)
@@ -53,12 +54,14 @@ def method_of_run(trainer: str, fold_folder: Optional[str]) -> str:
     record = os.path.join(fold_folder, SSP_INIT_FILE) if fold_folder else None
     if record and os.path.isfile(record):
         return load_json(record)["method"]
-    trainer_class = _trainer_class(trainer)
+    trainer_class = find_trainer_class(trainer)
     if not hasattr(trainer_class, "ssp_method"):
         return BASELINE
     if trainer_class.ssp_method is None:
-        raise SSPError(f"{record or trainer}: not found; {trainer} loads any method's checkpoint, so the method is read "
-                       f"from its run's {SSP_INIT_FILE} (give -f and -c of the run)")
+        raise SSPError(
+            f"{record or trainer}: not found; {trainer} loads any method's checkpoint, so the method is read "
+            f"from its run's {SSP_INIT_FILE} (give -f and -c of the run)"
+        )
     return trainer_class.ssp_method
 
 
@@ -70,37 +73,27 @@ def schedule_of_run(fold_folder: Optional[str]) -> Optional[dict]:
         return None
     debug = load_json(path)
     try:
-        return {"name": debug.get("schedule_name", "nnunet"), "num_epochs": int(debug["num_epochs"]),
-                "iterations_per_epoch": int(debug["num_iterations_per_epoch"]),
-                "initial_lr": float(debug["initial_lr"])}
+        return {
+            "name": debug.get("schedule_name", "nnunet"),
+            "num_epochs": int(debug["num_epochs"]),
+            "iterations_per_epoch": int(debug["num_iterations_per_epoch"]),
+            "initial_lr": float(debug["initial_lr"]),
+        }
     except (KeyError, ValueError):
-        raise SSPError(f"{path}: not nnU-Net's debug.json (no num_epochs, num_iterations_per_epoch, initial_lr)") from None
+        raise SSPError(
+            f"{path}: not nnU-Net's debug.json (no num_epochs, num_iterations_per_epoch, initial_lr)"
+        ) from None
 
 
 def training_seed_of_run(trainer: str) -> Optional[int]:
     """The run's training seed: the trainer class's ``training_seed``, else the ``_seed<K>`` ending its name; None
     for an unseeded trainer."""
-    seed = getattr(_trainer_class(trainer), "training_seed", None)
+    seed = getattr(find_trainer_class(trainer), "training_seed", None)
     return split_training_seed(trainer)[1] if seed is None else int(seed)
 
 
-@functools.lru_cache(maxsize=None)
-def _trainer_class(trainer: str) -> type:
-    """The trainer class, found as nnUNetv2_train finds it (nnU-Net's trainers, then ``nnUNet_extTrainer``); the
-    search imports every trainer module, so each name is looked up once (method and recipe both need it)."""
-    import contextlib
-    import io
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the lookup narrates its search
-            return recursive_find_trainer_class_by_name(trainer)
-    except RuntimeError:
-        raise SSPError(f"trainer {trainer}: not found among nnU-Net's trainers nor in nnUNet_extTrainer="
-                       f"{os.environ.get('nnUNet_extTrainer', '')} (run: eval \"$(nnunet_ssp env)\")") from None
-
-
 def _cases(folder: str, file_ending: str) -> List[str]:
-    return sorted(f[:-len(file_ending)] for f in os.listdir(folder) if f.endswith(file_ending))
+    return sorted(f[: -len(file_ending)] for f in os.listdir(folder) if f.endswith(file_ending))
 
 
 def _raw_dataset_folder(dataset_name: str, why: str) -> str:
@@ -112,8 +105,14 @@ def _subjects_of_vendors(table: str, vendors: Sequence[str]) -> set:
     return {subject for subject, row in read_vendor_table(table, vendors).items() if row.vendor in vendors}
 
 
-def _selected_cases(reference_folder: str, prediction_folder: str, file_ending: str, dataset_name: str,
-                    vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]) -> List[str]:
+def _selected_cases(
+    reference_folder: str,
+    prediction_folder: str,
+    file_ending: str,
+    dataset_name: str,
+    vendors: Optional[Sequence[str]],
+    phases: Optional[Sequence[str]],
+) -> List[str]:
     """The reference cases to evaluate (of ``vendors`` and ``phases`` only, if given); each must have a
     prediction."""
     cases = _cases(reference_folder, file_ending)
@@ -128,14 +127,17 @@ def _selected_cases(reference_folder: str, prediction_folder: str, file_ending: 
     if phases:
         cases = [c for c in cases if phase_of_case(c) in phases]
         if not cases:
-            raise SSPError(f"{reference_folder}: no reference cases of phase(s) {', '.join(phases)} "
-                           f"(<subject>_{phases[0]}{file_ending})" + (f" of vendor(s) {', '.join(vendors)}"
-                                                                       if vendors else ""))
+            raise SSPError(
+                f"{reference_folder}: no reference cases of phase(s) {', '.join(phases)} "
+                f"(<subject>_{phases[0]}{file_ending})" + (f" of vendor(s) {', '.join(vendors)}" if vendors else "")
+            )
     missing = [c for c in cases if not os.path.isfile(os.path.join(prediction_folder, c + file_ending))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SSPError(f"{os.path.join(prediction_folder, missing[0] + file_ending)}: no prediction for reference "
-                       f"case {missing[0]}{more}")
+        raise SSPError(
+            f"{os.path.join(prediction_folder, missing[0] + file_ending)}: no prediction for reference "
+            f"case {missing[0]}{more}"
+        )
     return cases
 
 
@@ -144,48 +146,76 @@ def _read_mask(reader, path: str, allowed_labels: set) -> Tuple[np.ndarray, List
     seg, properties = reader.read_seg(path)
     unknown = sorted(set(np.unique(seg).tolist()) - allowed_labels)
     if unknown:
-        raise SSPError(f"{path}: label(s) {', '.join(f'{v:g}' for v in unknown)} not in dataset.json "
-                       f"(labels {', '.join(str(v) for v in sorted(allowed_labels))})")
+        raise SSPError(
+            f"{path}: label(s) {', '.join(f'{v:g}' for v in unknown)} not in dataset.json "
+            f"(labels {', '.join(str(v) for v in sorted(allowed_labels))})"
+        )
     return seg[0], [float(s) for s in properties["spacing"]]
 
 
-def _evaluate_case(reader, reference_file: str, prediction_file: str, allowed_labels: set,
-                   hd95_labels: Sequence[int]) -> dict:
+def _evaluate_case(
+    reader, reference_file: str, prediction_file: str, allowed_labels: set, hd95_labels: Sequence[int]
+) -> dict:
     """HD95 per label, labels whose HD95 is undefined because one mask is empty, and label volumes per side."""
     reference, spacing = _read_mask(reader, reference_file, allowed_labels)
     prediction, prediction_spacing = _read_mask(reader, prediction_file, allowed_labels)
     if prediction.shape != reference.shape:
-        raise SSPError(f"{prediction_file}: shape {prediction.shape} differs from the reference's "
-                       f"{reference.shape} ({reference_file})")
+        raise SSPError(
+            f"{prediction_file}: shape {prediction.shape} differs from the reference's "
+            f"{reference.shape} ({reference_file})"
+        )
     if not np.allclose(prediction_spacing, spacing, rtol=1e-4, atol=1e-6):
-        raise SSPError(f"{prediction_file}: spacing {prediction_spacing} differs from the reference's {spacing} "
-                       f"({reference_file})")
+        raise SSPError(
+            f"{prediction_file}: spacing {prediction_spacing} differs from the reference's {spacing} ({reference_file})"
+        )
     distances, undefined = {}, []
     for label in hd95_labels:
         ref_mask, pred_mask = reference == label, prediction == label
         distances[label] = hd95(ref_mask, pred_mask, spacing)
         if ref_mask.any() != pred_mask.any():
             undefined.append(label)
-    return {"hd95": distances, "undefined": undefined,
-            "volumes": {"reference": label_volumes_ml(reference, spacing),
-                        "prediction": label_volumes_ml(prediction, spacing)}}
+    return {
+        "hd95": distances,
+        "undefined": undefined,
+        "volumes": {
+            "reference": label_volumes_ml(reference, spacing),
+            "prediction": label_volumes_ml(prediction, spacing),
+        },
+    }
 
 
-def _nnunet_dice(reference_folder: str, prediction_folder: str, cases: Sequence[str], file_ending: str, reader,
-                 label_manager, num_processes: int) -> dict:
+def _nnunet_dice(
+    reference_folder: str,
+    prediction_folder: str,
+    cases: Sequence[str],
+    file_ending: str,
+    reader,
+    label_manager,
+    num_processes: int,
+) -> dict:
     """nnU-Net's ``compute_metrics_on_folder`` on exactly ``cases``, saved as ``PRED/summary.json``.
 
     nnU-Net evaluates every file of the prediction folder it is given, so it gets a temporary folder of links to the
     selected predictions; the summary names the real prediction files.
     """
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, save_summary_json
-    regions_or_labels = (label_manager.foreground_regions if label_manager.has_regions
-                         else label_manager.foreground_labels)
+
+    regions_or_labels = (
+        label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    )
     with tempfile.TemporaryDirectory(prefix="nnunet_ssp_evaluate_") as staging:
         for case in cases:
             os.symlink(os.path.join(prediction_folder, case + file_ending), os.path.join(staging, case + file_ending))
-        result = compute_metrics_on_folder(reference_folder, staging, None, reader, file_ending, regions_or_labels,
-                                           label_manager.ignore_label, max(1, min(num_processes, len(cases))))
+        result = compute_metrics_on_folder(
+            reference_folder,
+            staging,
+            None,
+            reader,
+            file_ending,
+            regions_or_labels,
+            label_manager.ignore_label,
+            max(1, min(num_processes, len(cases))),
+        )
     for entry in result["metric_per_case"]:
         entry["prediction_file"] = os.path.join(prediction_folder, os.path.basename(entry["prediction_file"]))
     with atomic_path(os.path.join(prediction_folder, DICE_SUMMARY)) as tmp:
@@ -193,9 +223,19 @@ def _nnunet_dice(reference_folder: str, prediction_folder: str, cases: Sequence[
     return result
 
 
-def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str], fold, plans_manager,
-              configuration: str, tta: Optional[bool], prediction_folder: str, reference_folder: str,
-              vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]) -> dict:
+def _run_info(
+    dataset_name: str,
+    preprocessed_folder: str,
+    trainer: Optional[str],
+    fold,
+    plans_manager,
+    configuration: str,
+    tta: Optional[bool],
+    prediction_folder: str,
+    reference_folder: str,
+    vendors: Optional[Sequence[str]],
+    phases: Optional[Sequence[str]],
+) -> dict:
     """The run's identity, method and schedule (what the run recorded), its fine-tuning recipe (the trainer class's;
     "" for the paper's and for stock trainers) and training seed (:func:`training_seed_of_run`), whether the
     predictions used test-time augmentation (as the caller says; None: not said), the plans and their width
@@ -205,16 +245,27 @@ def _run_info(dataset_name: str, preprocessed_folder: str, trainer: Optional[str
     described = described_fold(preprocessed_folder, fold) if fold is not None else {}
     plans_name = plans_manager.plans_name
     fold_folder = results_fold_folder(dataset_name, trainer, plans_name, configuration, fold) if trainer else None
-    return {"dataset": dataset_name, "trainer": trainer, "method": method_of_run(trainer, fold_folder) if trainer else None,
-            "recipe": getattr(_trainer_class(trainer), "recipe", "") if trainer else None,
-            "training_seed": training_seed_of_run(trainer) if trainer else None,
-            "fold": fold, "budget": described.get("budget"), "seed": described.get("seed"),
-            "num_train_subjects": len(described["subjects"]) if "subjects" in described else None,
-            "schedule": schedule_of_run(fold_folder), "tta": tta,
-            "plans": plans_name, "width": plans_width(plans_manager.plans),
-            "prediction_folder": prediction_folder, "reference_folder": reference_folder,
-            "vendors": list(vendors) if vendors else None, "phases": phases,
-            "train_vendors": described.get("vendors"), "train_phases": described.get("phases")}
+    return {
+        "dataset": dataset_name,
+        "trainer": trainer,
+        "method": method_of_run(trainer, fold_folder) if trainer else None,
+        "recipe": getattr(find_trainer_class(trainer), "recipe", "") if trainer else None,
+        "training_seed": training_seed_of_run(trainer) if trainer else None,
+        "fold": fold,
+        "budget": described.get("budget"),
+        "seed": described.get("seed"),
+        "num_train_subjects": len(described["subjects"]) if "subjects" in described else None,
+        "schedule": schedule_of_run(fold_folder),
+        "tta": tta,
+        "plans": plans_name,
+        "width": plans_width(plans_manager.plans),
+        "prediction_folder": prediction_folder,
+        "reference_folder": reference_folder,
+        "vendors": list(vendors) if vendors else None,
+        "phases": phases,
+        "train_vendors": described.get("vendors"),
+        "train_phases": described.get("phases"),
+    }
 
 
 def _clinical_per_subject(cases: Sequence[str], volumes: Dict[str, dict]) -> Dict[str, dict]:
@@ -223,9 +274,10 @@ def _clinical_per_subject(cases: Sequence[str], volumes: Dict[str, dict]) -> Dic
     for case in cases:
         if phase_of_case(case):
             phases.setdefault(subject_of_case(case), {})[phase_of_case(case)] = volumes[case]
-    return {subject: {side: clinical_measures(p.get("ED", {}).get(side), p.get("ES", {}).get(side))
-                      for side in SIDES}
-            for subject, p in sorted(phases.items())}
+    return {
+        subject: {side: clinical_measures(p.get("ED", {}).get(side), p.get("ES", {}).get(side)) for side in SIDES}
+        for subject, p in sorted(phases.items())
+    }
 
 
 def _nan_to_none(obj):
@@ -249,22 +301,32 @@ def _nanmean(values: Sequence[float]) -> float:
 def _prediction_records(prediction_folder: str):
     """(dataset.json, PlansManager) of a folder nnUNetv2_predict wrote, which must hold predictions."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     if not os.path.isdir(prediction_folder):
         raise SSPError(f"{prediction_folder}: prediction folder not found")
     for name in ("dataset.json", "plans.json"):
         if not os.path.isfile(os.path.join(prediction_folder, name)):
-            raise SSPError(f"{os.path.join(prediction_folder, name)}: not found; PRED must be a folder written by "
-                           f"nnUNetv2_predict")
+            raise SSPError(
+                f"{os.path.join(prediction_folder, name)}: not found; PRED must be a folder written by nnUNetv2_predict"
+            )
     dataset_json = load_json(os.path.join(prediction_folder, "dataset.json"))
     if not _cases(prediction_folder, dataset_json["file_ending"]):
         raise SSPError(f"{prediction_folder}: no predictions (*{dataset_json['file_ending']})")
     return dataset_json, PlansManager(os.path.join(prediction_folder, "plans.json"))
 
 
-def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder: Optional[str] = None,
-                         trainer: Optional[str] = None, fold=None, vendors: Optional[Sequence[str]] = None,
-                         num_processes: Optional[int] = None, configuration: str = "2d",
-                         tta: Optional[bool] = None, phases: Optional[Sequence[str]] = None) -> Tuple[dict, dict]:
+def evaluate_predictions(
+    prediction_folder: str,
+    dataset: str,
+    reference_folder: Optional[str] = None,
+    trainer: Optional[str] = None,
+    fold=None,
+    vendors: Optional[Sequence[str]] = None,
+    num_processes: Optional[int] = None,
+    configuration: str = "2d",
+    tta: Optional[bool] = None,
+    phases: Optional[Sequence[str]] = None,
+) -> Tuple[dict, dict]:
     """Evaluates the reference cases (of ``vendors`` and cardiac ``phases`` only, if given) against their
     predictions; measures that need both phases (EF) are None where a subject has one.
 
@@ -283,54 +345,94 @@ def evaluate_predictions(prediction_folder: str, dataset: str, reference_folder:
     file_ending = dataset_json["file_ending"]
     preprocessed_folder = preprocessed_dataset_folder(dataset)
     dataset_name = os.path.basename(preprocessed_folder)
-    reference_folder = os.path.abspath(reference_folder or os.path.join(
-        _raw_dataset_folder(dataset_name, "the default reference folder"), "labelsTs"))
+    reference_folder = os.path.abspath(
+        reference_folder or os.path.join(_raw_dataset_folder(dataset_name, "the default reference folder"), "labelsTs")
+    )
     if not os.path.isdir(reference_folder):
         raise SSPError(f"{reference_folder}: reference folder not found")
     cases = _selected_cases(reference_folder, prediction_folder, file_ending, dataset_name, vendors, phases)
 
     label_manager = plans_manager.get_label_manager(dataset_json)
     reader = plans_manager.image_reader_writer_class()
-    allowed_labels = set(label_manager.all_labels) | ({label_manager.ignore_label} if label_manager.has_ignore_label
-                                                      else set())
+    allowed_labels = set(label_manager.all_labels) | (
+        {label_manager.ignore_label} if label_manager.has_ignore_label else set()
+    )
     hd95_labels = label_manager.foreground_labels
-    per_case = {c: _evaluate_case(reader, os.path.join(reference_folder, c + file_ending),
-                                  os.path.join(prediction_folder, c + file_ending), allowed_labels, hd95_labels)
-                for c in cases}
+    per_case = {
+        c: _evaluate_case(
+            reader,
+            os.path.join(reference_folder, c + file_ending),
+            os.path.join(prediction_folder, c + file_ending),
+            allowed_labels,
+            hd95_labels,
+        )
+        for c in cases
+    }
 
-    dice = _nnunet_dice(reference_folder, prediction_folder, cases, file_ending, reader, label_manager,
-                        num_processes or default_num_processes)
+    dice = _nnunet_dice(
+        reference_folder,
+        prediction_folder,
+        cases,
+        file_ending,
+        reader,
+        label_manager,
+        num_processes or default_num_processes,
+    )
     clinical = _clinical_per_subject(cases, {c: r["volumes"] for c, r in per_case.items()})
-    evaluation = _nan_to_none({
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "run": _run_info(dataset_name, preprocessed_folder, trainer, int(fold) if str(fold).isdigit() else fold,
-                         plans_manager, configuration, tta, prediction_folder, reference_folder, vendors,
-                         phases),
-        "dice_summary": DICE_SUMMARY,
-        "labels": {str(value): name for name, value in dataset_json["labels"].items()
-                   if isinstance(value, int) and value in hd95_labels},
-        "hd95_per_case": {c: {str(label): r["hd95"][label] for label in hd95_labels} for c, r in per_case.items()},
-        "hd95_mean": {str(label): _nanmean([r["hd95"][label] for r in per_case.values()]) for label in hd95_labels},
-        "hd95_undefined": {str(label): sum(label in r["undefined"] for r in per_case.values())
-                           for label in hd95_labels},
-        "clinical_per_subject": clinical,
-        "clinical_agreement": {m: agreement([c["reference"][m] for c in clinical.values()],
-                                            [c["prediction"][m] for c in clinical.values()]) for m in MEASURES},
-    })
+    evaluation = _nan_to_none(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "run": _run_info(
+                dataset_name,
+                preprocessed_folder,
+                trainer,
+                int(fold) if str(fold).isdigit() else fold,
+                plans_manager,
+                configuration,
+                tta,
+                prediction_folder,
+                reference_folder,
+                vendors,
+                phases,
+            ),
+            "dice_summary": DICE_SUMMARY,
+            "labels": {
+                str(value): name
+                for name, value in dataset_json["labels"].items()
+                if isinstance(value, int) and value in hd95_labels
+            },
+            "hd95_per_case": {c: {str(label): r["hd95"][label] for label in hd95_labels} for c, r in per_case.items()},
+            "hd95_mean": {str(label): _nanmean([r["hd95"][label] for r in per_case.values()]) for label in hd95_labels},
+            "hd95_undefined": {
+                str(label): sum(label in r["undefined"] for r in per_case.values()) for label in hd95_labels
+            },
+            "clinical_per_subject": clinical,
+            "clinical_agreement": {
+                m: agreement(
+                    [c["reference"][m] for c in clinical.values()], [c["prediction"][m] for c in clinical.values()]
+                )
+                for m in MEASURES
+            },
+        }
+    )
     save_json_atomic(evaluation, os.path.join(prediction_folder, OUTPUT_FILE))
     return evaluation, dice
 
 
-def evaluated_with(prediction_folder: str, vendors: Optional[Sequence[str]] = None,
-                   phases: Optional[Sequence[str]] = None) -> bool:
+def evaluated_with(
+    prediction_folder: str, vendors: Optional[Sequence[str]] = None, phases: Optional[Sequence[str]] = None
+) -> bool:
     """Whether the folder holds an evaluation of exactly the cases of ``vendors`` and ``phases`` (None: every one)."""
     path = os.path.join(prediction_folder, OUTPUT_FILE)
     try:
         run = load_json(path)["run"] if os.path.isfile(path) else None
     except (ValueError, KeyError, TypeError):
         return False
-    return bool(run) and (run.get("vendors"), run.get("phases")) == (list(vendors) if vendors else None,
-                                                                     normalized_phases(phases))
+    return bool(run) and (run.get("vendors"), run.get("phases")) == (
+        list(vendors) if vendors else None,
+        normalized_phases(phases),
+    )
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -340,15 +442,19 @@ def _fmt(value: Optional[float], spec: str) -> str:
 def summary_lines(evaluation: dict, dice: dict) -> List[str]:
     """A short human summary: mean Dice (nnU-Net) and HD95 per class, MAE of LV EF, RV EF and LV mass."""
     run = evaluation["run"]
-    lines = [f"{run['dataset']}: {len(evaluation['hd95_per_case'])} cases, {len(evaluation['clinical_per_subject'])} "
-             f"subjects, trainer {run['trainer']}, fold {run['fold']}"
-             + "".join(f", {key} {' '.join(run[key])}" for key in ("vendors", "phases") if run.get(key)),
-             f"{'class':<20} {'Dice':>6} {'HD95 mm':>8}"]
+    lines = [
+        f"{run['dataset']}: {len(evaluation['hd95_per_case'])} cases, {len(evaluation['clinical_per_subject'])} "
+        f"subjects, trainer {run['trainer']}, fold {run['fold']}"
+        + "".join(f", {key} {' '.join(run[key])}" for key in ("vendors", "phases") if run.get(key)),
+        f"{'class':<20} {'Dice':>6} {'HD95 mm':>8}",
+    ]
     for key, metrics in dice["mean"].items():
         name, hd = evaluation["labels"].get(str(key), str(key)), evaluation["hd95_mean"].get(str(key))
         lines.append(f"{name:<20} {_fmt(metrics['Dice'], '6.4f')} {_fmt(hd, '8.2f')}")
     mae = {m: evaluation["clinical_agreement"][m]["mae"] for m in ("lv_ef_pct", "rv_ef_pct", "lv_myo_mass_g")}
-    lines.append(f"MAE: LV EF {_fmt(mae['lv_ef_pct'], '.2f')} %, RV EF {_fmt(mae['rv_ef_pct'], '.2f')} %, "
-                 f"LV mass {_fmt(mae['lv_myo_mass_g'], '.2f')} g")
+    lines.append(
+        f"MAE: LV EF {_fmt(mae['lv_ef_pct'], '.2f')} %, RV EF {_fmt(mae['rv_ef_pct'], '.2f')} %, "
+        f"LV mass {_fmt(mae['lv_myo_mass_g'], '.2f')} g"
+    )
     lines.append(os.path.join(run["prediction_folder"], OUTPUT_FILE))
     return lines

@@ -7,6 +7,7 @@ each run with its baseline run.
 A run's experiment is named from what it was trained and tested on (its fold's ``train_vendors``/``train_phases``,
 its evaluation's ``vendors``/``phases``): "" for the main experiment (no filter), ``unseen phase: trained on ED,
 tested on ES``, ``unseen vendor: trained on A+B, tested on C+D``, else ``trained on …, tested on …``."""
+
 import json
 import math
 import os
@@ -30,27 +31,29 @@ NAN = float("nan")
 @dataclass
 class Run:
     """One evaluated prediction folder. Missing values are NaN."""
+
     folder: str
-    method: str                                 # the row: the method, with its recipe unless the paper's
+    method: str  # the row: the method, with its recipe unless the paper's
     budget: Budget
-    seed: Optional[int]                         # the split seed that drew the fold's labelled subjects
-    training_seed: Optional[int]                # the fine-tuning's seed (repeats of a fold); None: unseeded
+    seed: Optional[int]  # the split seed that drew the fold's labelled subjects
+    training_seed: Optional[int]  # the fine-tuning's seed (repeats of a fold); None: unseeded
     num_train_subjects: Optional[int]
-    labels: Dict[str, str]                      # label key -> class name
-    dice: Dict[str, float]                      # MEAN and label key -> nnU-Net's 3D Dice
-    case_dice: Dict[str, float]                 # reference file name -> mean Dice over foreground classes
-    hd95: Dict[str, float]                      # label key -> mean HD95 (mm)
-    clinical: Dict[str, Dict[str, float]]       # measure -> n, mae, bias, sd, loa_low, loa_high
+    labels: Dict[str, str]  # label key -> class name
+    dice: Dict[str, float]  # MEAN and label key -> nnU-Net's 3D Dice
+    case_dice: Dict[str, float]  # reference file name -> mean Dice over foreground classes
+    hd95: Dict[str, float]  # label key -> mean HD95 (mm)
+    clinical: Dict[str, Dict[str, float]]  # measure -> n, mae, bias, sd, loa_low, loa_high
     subjects: Dict[str, Dict[str, Dict[str, float]]]  # subject -> reference/prediction -> measure -> value
-    schedule: Optional[dict] = None             # the fine-tuning schedule the run recorded (name, epochs, ...)
-    tta: Optional[bool] = None                  # whether its predictions used test-time augmentation
-    plans: Optional[str] = None                 # the plans identifier it was trained with (None: not recorded)
-    width: Optional[float] = None               # their width factor (nnunet_ssp plans --width); None: as planned
-    experiment: str = ""                        # "" for the main experiment, see experiment_label
+    schedule: Optional[dict] = None  # the fine-tuning schedule the run recorded (name, epochs, ...)
+    tta: Optional[bool] = None  # whether its predictions used test-time augmentation
+    plans: Optional[str] = None  # the plans identifier it was trained with (None: not recorded)
+    width: Optional[float] = None  # their width factor (nnunet_ssp plans --width); None: as planned
+    experiment: str = ""  # "" for the main experiment, see experiment_label
 
 
 class Experiment(NamedTuple):
     """The runs of one experiment, by (method, budget), with the methods and budgets in report order."""
+
     label: str
     runs: List[Run]
     groups: Dict[Tuple[str, Budget], List[Run]]
@@ -107,12 +110,15 @@ def _condition(vendors: Optional[Sequence[str]], phases: Optional[Sequence[str]]
 
 def experiment_label(run: dict) -> str:
     """The experiment of an evaluation's ``run`` record (see the module docstring)."""
-    train_vendors, train_phases, vendors, phases = (run.get(k) or None for k in ("train_vendors", "train_phases",
-                                                                                   "vendors", "phases"))
+    train_vendors, train_phases, vendors, phases = (
+        run.get(k) or None for k in ("train_vendors", "train_phases", "vendors", "phases")
+    )
     if not any((train_vendors, train_phases, vendors, phases)):
         return ""
-    for kind, (trained, tested), others in (("phase", (train_phases, phases), (train_vendors, vendors)),
-                                            ("vendor", (train_vendors, vendors), (train_phases, phases))):
+    for kind, (trained, tested), others in (
+        ("phase", (train_phases, phases), (train_vendors, vendors)),
+        ("vendor", (train_vendors, vendors), (train_phases, phases)),
+    ):
         if trained and tested and not any(others) and not set(trained) & set(tested):
             return f"unseen {kind}: trained on {'+'.join(trained)}, tested on {'+'.join(tested)}"
     return f"trained on {_condition(train_vendors, train_phases)}, tested on {_condition(vendors, phases)}"
@@ -124,10 +130,12 @@ def cell_text(value) -> str:
 
 
 def _draw_text(run: Run) -> str:
-    """"budget 2, seed 0", then ", training seed 1" when seeded and " (experiment)" outside the main one."""
-    return (f"budget {cell_text(run.budget)}, seed {run.seed}"
-            + (f", training seed {run.training_seed}" if run.training_seed is not None else "")
-            + (f" ({run.experiment})" if run.experiment else ""))
+    """ "budget 2, seed 0", then ", training seed 1" when seeded and " (experiment)" outside the main one."""
+    return (
+        f"budget {cell_text(run.budget)}, seed {run.seed}"
+        + (f", training seed {run.training_seed}" if run.training_seed is not None else "")
+        + (f" ({run.experiment})" if run.experiment else "")
+    )
 
 
 def _load_json(path: str) -> dict:
@@ -144,22 +152,34 @@ def load_run(folder: str) -> Run:
     ev = _load_json(path)
     try:
         if ev["format"] != "nnunet_ssp.evaluation" or ev["format_version"] != 1:
-            raise ValueError(f"format {ev['format']!r} version {ev['format_version']!r}, expected "
-                             "'nnunet_ssp.evaluation' version 1")
+            raise ValueError(
+                f"format {ev['format']!r} version {ev['format_version']!r}, expected 'nnunet_ssp.evaluation' version 1"
+            )
         run = ev["run"]
         labels = {str(k): str(v) for k, v in ev["labels"].items()}
         fields = dict(
-            folder=folder, method=row_label(run["method"], run.get("recipe")), budget=_budget(run["budget"]),
+            folder=folder,
+            method=row_label(run["method"], run.get("recipe")),
+            budget=_budget(run["budget"]),
             seed=None if run["seed"] is None else int(run["seed"]),
             training_seed=None if run.get("training_seed") is None else int(run["training_seed"]),
             num_train_subjects=None if run["num_train_subjects"] is None else int(run["num_train_subjects"]),
-            labels=labels, hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
-            schedule=run.get("schedule"), tta=run.get("tta"), experiment=experiment_label(run),
-            plans=run.get("plans"), width=run.get("width"),
-            clinical={m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
-                      for m, a in ev["clinical_agreement"].items()},
-            subjects={s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}
-                      for s, d in ev["clinical_per_subject"].items()})
+            labels=labels,
+            hd95={k: _num(ev["hd95_mean"].get(k)) for k in labels},
+            schedule=run.get("schedule"),
+            tta=run.get("tta"),
+            experiment=experiment_label(run),
+            plans=run.get("plans"),
+            width=run.get("width"),
+            clinical={
+                m: {k: int(v) if k == "n" and v is not None else _num(v) for k, v in a.items()}
+                for m, a in ev["clinical_agreement"].items()
+            },
+            subjects={
+                s: {side: {k: _num(v) for k, v in d[side].items()} for side in ("reference", "prediction")}
+                for s, d in ev["clinical_per_subject"].items()
+            },
+        )
         summary_path = os.path.join(folder, ev["dice_summary"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise SSPError(f"{path}: malformed evaluation file ({type(e).__name__}: {e})") from None
@@ -190,8 +210,10 @@ def find_runs(results: Sequence[str]) -> List[Run]:
                 seen_paths.add(os.path.realpath(dirpath))
                 folders.append(dirpath)
     if not folders:
-        raise SSPError(f"no evaluated prediction folder ({EVALUATION_FILE}) under {', '.join(results)}; "
-                       "run nnunet_ssp evaluate first")
+        raise SSPError(
+            f"no evaluated prediction folder ({EVALUATION_FILE}) under {', '.join(results)}; "
+            "run nnunet_ssp evaluate first"
+        )
     runs, seen = [], {}
     for folder in folders:
         run = load_run(folder)
@@ -200,9 +222,16 @@ def find_runs(results: Sequence[str]) -> List[Run]:
             raise SSPError(f"two evaluations of method {run.method}, {_draw_text(run)}: {seen[key]} and {folder}")
         seen[key] = folder
         runs.append(run)
-    return sorted(runs, key=lambda r: (experiment_sort_key(r.experiment), method_sort_key(r.method),
-                                       budget_sort_key(r.budget), seed_sort_key(r.seed),
-                                       seed_sort_key(r.training_seed)))
+    return sorted(
+        runs,
+        key=lambda r: (
+            experiment_sort_key(r.experiment),
+            method_sort_key(r.method),
+            budget_sort_key(r.budget),
+            seed_sort_key(r.seed),
+            seed_sort_key(r.training_seed),
+        ),
+    )
 
 
 def experiment_sort_key(label: str) -> Tuple:
@@ -223,8 +252,15 @@ def experiments(runs: Sequence[Run]) -> List[Experiment]:
     found = []
     for label in sorted({r.experiment for r in runs}, key=experiment_sort_key):
         mine = [r for r in runs if r.experiment == label]
-        found.append(Experiment(label, mine, group_runs(mine), sorted({r.method for r in mine}, key=method_sort_key),
-                                sorted({r.budget for r in mine}, key=budget_sort_key)))
+        found.append(
+            Experiment(
+                label,
+                mine,
+                group_runs(mine),
+                sorted({r.method for r in mine}, key=method_sort_key),
+                sorted({r.budget for r in mine}, key=budget_sort_key),
+            )
+        )
     return found
 
 
@@ -246,8 +282,10 @@ def run_pairs(experiment: Experiment) -> Dict[Tuple[str, Budget], List[Tuple[Run
                 missing = [run for key, run in have.items() if key not in lack]
                 if missing:
                     more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-                    raise SSPError(f"unpaired runs: no {lacking} run of {_draw_text(missing[0])} to pair with "
-                                   f"{missing[0].folder}{more}; every comparison with the baseline needs both "
-                                   "trained on the same fold with the same training seed")
+                    raise SSPError(
+                        f"unpaired runs: no {lacking} run of {_draw_text(missing[0])} to pair with "
+                        f"{missing[0].folder}{more}; every comparison with the baseline needs both "
+                        "trained on the same fold with the same training seed"
+                    )
             pairs[(method, budget)] = [(run, base[key]) for key, run in own.items()]
     return pairs

@@ -6,6 +6,7 @@ r, D_f the mean of fold f's d_{f,r} over its repeats. The unit of the tests and 
 (fold, repeat) pair where the folds hold the same subjects (budget "all"): repeats within a fold make its mean less
 noisy but are not independent draws of labelled subjects.
 """
+
 import itertools
 import math
 from typing import Dict, Sequence, Tuple
@@ -58,17 +59,19 @@ def sign_flip_p(units: Sequence[float]) -> float:
     threshold = abs(d.sum()) - 1e-9 * np.abs(d).sum()
     if threshold <= 0:
         return 1.0
-    left, right = _signed_sums(d[:d.size // 2]), np.sort(_signed_sums(d[d.size // 2:]))
+    left, right = _signed_sums(d[: d.size // 2]), np.sort(_signed_sums(d[d.size // 2 :]))
     # |l + r| ≥ threshold  <=>  r ≥ threshold − l  or  r ≤ −threshold − l (disjoint as threshold > 0)
-    hits = (right.size - np.searchsorted(right, threshold - left, side="left")).sum() \
-        + np.searchsorted(right, -threshold - left, side="right").sum()
-    return float(hits) / 2.0 ** d.size
+    hits = (right.size - np.searchsorted(right, threshold - left, side="left")).sum() + np.searchsorted(
+        right, -threshold - left, side="right"
+    ).sum()
+    return float(hits) / 2.0**d.size
 
 
 def wilcoxon_p(units: Sequence[float]) -> float:
     """Two-sided exact Wilcoxon signed-rank test over the units, ``scipy.stats.wilcoxon(units, method="exact")``
     (zero differences dropped, scipy's default); NaN when scipy cannot compute it."""
     from scipy.stats import wilcoxon
+
     d = _finite(units)
     if not d.size:
         return NAN
@@ -95,6 +98,7 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Tuple[float, flo
     """(mean, low, high): Student t interval of the mean, mean ± t_{(1+level)/2, S−1}·sd/√S with sd of ddof=1;
     NaN bounds below two values, all NaN without values."""
     from scipy.stats import t
+
     v = _finite(values)
     if not v.size:
         return NAN, NAN, NAN
@@ -149,6 +153,7 @@ def detectable_difference(sd: float, n_units: int, alpha: float = ALPHA, power: 
     Infinite where the sign-flip test cannot reach ``alpha`` (2 / 2^S ≥ α: S ≤ 5 at 0.05); NaN below two units or
     without an sd."""
     from scipy.stats import t
+
     if n_units < 2 or not math.isfinite(sd):
         return NAN
     if smallest_p(n_units) >= alpha:
@@ -173,8 +178,17 @@ def paired_design(folds: Sequence[Sequence[float]], pooled: bool = False) -> Dic
     mean, low, high = t_interval(units)
     within, between = variance_components(folds)
     sd = float(units.std(ddof=1)) if units.size > 1 else NAN
-    return {"n_units": units.size, "mean_diff": mean, "ci_low": low, "ci_high": high,
-            "p_signflip": sign_flip_p(units), "p_wilcoxon": wilcoxon_p(units), "min_p": smallest_p(units.size),
-            "prob_improvement": probability_of_improvement(list(itertools.chain.from_iterable(folds))),
-            "var_within": within, "var_between": between, "sd_unit": sd,
-            "mde_80": detectable_difference(sd, units.size)}
+    return {
+        "n_units": units.size,
+        "mean_diff": mean,
+        "ci_low": low,
+        "ci_high": high,
+        "p_signflip": sign_flip_p(units),
+        "p_wilcoxon": wilcoxon_p(units),
+        "min_p": smallest_p(units.size),
+        "prob_improvement": probability_of_improvement(list(itertools.chain.from_iterable(folds))),
+        "var_within": within,
+        "var_between": between,
+        "sd_unit": sd,
+        "mde_80": detectable_difference(sd, units.size),
+    }

@@ -11,6 +11,7 @@ side, that contracts over the cycle with a smooth periodic curve (ED at phase 0,
 contraction follows the subject's target EF, the base descends towards the fixed apex (longitudinal shortening)
 and the wall thickens so that the myocardial area of each material level is conserved.
 """
+
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Tuple
@@ -23,27 +24,52 @@ from nnunet_ssp.raw_layout import LV_BLOODPOOL, LV_MYOCARDIUM, RV_BLOODPOOL
 BACKGROUND = 0
 PHENOTYPES = ("normal", "dilated", "hypertrophic")
 PHENOTYPE_PROBABILITIES = (0.5, 0.25, 0.25)
-FOV_RANGE_MM = (220.0, 280.0)   # square field of view; pixel spacing = FOV / size
+FOV_RANGE_MM = (220.0, 280.0)  # square field of view; pixel spacing = FOV / size
 MIN_SIZE = 48
 MAX_SIZE = 512
-SUBSLICES = (-1.0 / 3.0, 0.0, 1.0 / 3.0)   # through-plane sample offsets (fractions of the slice thickness)
-_TABLE = 1024                              # samples of the angular shape functions over [-pi, pi)
+SUBSLICES = (-1.0 / 3.0, 0.0, 1.0 / 3.0)  # through-plane sample offsets (fractions of the slice thickness)
+_TABLE = 1024  # samples of the angular shape functions over [-pi, pi)
 
 # ranges drawn per phenotype: mid-cavity ED radius, wall thickness (mm), LV EF, ED long axis (mm),
 # RV crescent width (mm), RV EF, apical wall as a fraction of the wall, regional contraction heterogeneity
 _PHENOTYPE_RANGES = {
-    "normal": dict(r_endo=(22.0, 27.0), wall=(7.5, 10.5), ef=(0.55, 0.70), length=(82.0, 100.0),
-                   rv_width=(17.0, 25.0), rv_ef=(0.50, 0.65), apex_wall=(0.8, 1.1), hetero=0.05),
-    "dilated": dict(r_endo=(29.0, 35.0), wall=(6.5, 8.5), ef=(0.20, 0.40), length=(95.0, 112.0),
-                    rv_width=(20.0, 30.0), rv_ef=(0.30, 0.50), apex_wall=(0.8, 1.0), hetero=0.12),
-    "hypertrophic": dict(r_endo=(20.0, 24.0), wall=(13.0, 19.0), ef=(0.68, 0.83), length=(82.0, 96.0),
-                         rv_width=(15.0, 21.0), rv_ef=(0.55, 0.70), apex_wall=(0.6, 0.85), hetero=0.05),
+    "normal": dict(
+        r_endo=(22.0, 27.0),
+        wall=(7.5, 10.5),
+        ef=(0.55, 0.70),
+        length=(82.0, 100.0),
+        rv_width=(17.0, 25.0),
+        rv_ef=(0.50, 0.65),
+        apex_wall=(0.8, 1.1),
+        hetero=0.05,
+    ),
+    "dilated": dict(
+        r_endo=(29.0, 35.0),
+        wall=(6.5, 8.5),
+        ef=(0.20, 0.40),
+        length=(95.0, 112.0),
+        rv_width=(20.0, 30.0),
+        rv_ef=(0.30, 0.50),
+        apex_wall=(0.8, 1.0),
+        hetero=0.12,
+    ),
+    "hypertrophic": dict(
+        r_endo=(20.0, 24.0),
+        wall=(13.0, 19.0),
+        ef=(0.68, 0.83),
+        length=(82.0, 96.0),
+        rv_width=(15.0, 21.0),
+        rv_ef=(0.55, 0.70),
+        apex_wall=(0.6, 0.85),
+        hetero=0.05,
+    ),
 }
 
 
 @dataclass
 class Anatomy:
     """Everything drawn for one subject's geometry and timing (lengths in mm, angles in radians)."""
+
     phenotype: str
     size: int
     spacing_xy: float
@@ -53,26 +79,26 @@ class Anatomy:
     ed_frame: int
     es_frame: int
     frame_interval_ms: float
-    curve: Tuple[float, float, float, float]      # phase of ES, early-filling level, diastasis level, atrial kick
-    center: Tuple[float, float]                    # LV centre at slice 0
-    tilt: Tuple[float, float]                      # LV centre drift from base to apex
+    curve: Tuple[float, float, float, float]  # phase of ES, early-filling level, diastasis level, atrial kick
+    center: Tuple[float, float]  # LV centre at slice 0
+    tilt: Tuple[float, float]  # LV centre drift from base to apex
     rotation: float
     r_endo: float
     wall: float
-    u_base: float                                  # material level of the mitral valve plane (z at ED)
-    u_eq: float                                    # level below which the LV tapers towards the apex
-    u_apex: float                                  # epicardial apex
-    u_apex_endo: float                             # cavity apex
+    u_base: float  # material level of the mitral valve plane (z at ED)
+    u_eq: float  # level below which the LV tapers towards the apex
+    u_apex: float  # epicardial apex
+    u_apex_endo: float  # cavity apex
     r_atrium: float
     target_ef: float
-    l_es: float                                    # long-axis length at ES / ED
-    a_es: float                                    # cavity cross-section area at ES / ED (same material level)
+    l_es: float  # long-axis length at ES / ED
+    a_es: float  # cavity cross-section area at ES / ED (same material level)
     rv_width: float
     rv_u_base: float
     rv_u_eq: float
     rv_u_end: float
     rv_target_ef: float
-    rv_k_es: float                                 # RV crescent width at ES / ED
+    rv_k_es: float  # RV crescent width at ES / ED
     rv_wall: float
     theta_rv: float
     papillary_radius: float
@@ -80,7 +106,7 @@ class Anatomy:
     papillary_levels: Tuple[float, float]
     has_lvot: bool
     theta_lvot: float
-    tables: Dict[str, np.ndarray] = field(repr=False)   # angular shape functions sampled on _TABLE points
+    tables: Dict[str, np.ndarray] = field(repr=False)  # angular shape functions sampled on _TABLE points
 
     @property
     def slice_positions(self) -> np.ndarray:
@@ -128,9 +154,9 @@ def sample_anatomy(rng: np.random.Generator, size: int, phenotype: str) -> Anato
     """Draws one subject's geometry, timing and cardiac function."""
     p = _PHENOTYPE_RANGES[phenotype]
     u = rng.uniform
-    spacing_xy = round(u(*FOV_RANGE_MM) / size * 64.0) / 64.0     # exact in float32 and in the CSV
+    spacing_xy = round(u(*FOV_RANGE_MM) / size * 64.0) / 64.0  # exact in float32 and in the CSV
     num_frames = int(rng.integers(15, 31))
-    rr_ms = u(660.0, 1100.0)                                        # heart rate 55-90 bpm
+    rr_ms = u(660.0, 1100.0)  # heart rate 55-90 bpm
     ed_frame = int(rng.random() < 0.25)
     es_offset = int(round(u(0.32, 0.38) * num_frames))
     curve = (es_offset / num_frames, u(0.15, 0.3), u(0.08, 0.14), u(0.78, 0.88))
@@ -143,7 +169,7 @@ def sample_anatomy(rng: np.random.Generator, size: int, phenotype: str) -> Anato
     thickness = float(np.clip(round(u(lo, max(lo, hi)) * 2.0) / 2.0, 6.0, 10.0))
     num_slices = int(np.clip(round((length_target - base_gap - 3.0) / thickness) + 1, 8, 12))
     u_base = -base_gap
-    u_apex = (num_slices - 1) * thickness + u(1.5, 5.0)        # the apex-most slice cuts the apical cap
+    u_apex = (num_slices - 1) * thickness + u(1.5, 5.0)  # the apex-most slice cuts the apical cap
     length = u_apex - u_base
     u_eq = u_base + u(0.15, 0.3) * length
     u_apex_endo = u_apex - max(u(*p["apex_wall"]) * wall, 6.0)
@@ -170,25 +196,51 @@ def sample_anatomy(rng: np.random.Generator, size: int, phenotype: str) -> Anato
     w_rv[np.abs(d) >= half_width] = 0.0
     rv_taper = np.clip(w_rv / 0.25, 0.0, 1.0)
     fat = u(1.0, 5.0) * np.clip(0.45 + _fourier_table(rng, (1, 2, 3, 4), (0.1, 0.35), theta), 0.0, 1.0)
-    fat += 2.5 * rv_taper * (1.0 - rv_taper)                    # fat in the grooves at the RV insertions
-    theta_lvot = theta_rv + 0.75 * half_width                       # anterior-septal, towards the aortic root
+    fat += 2.5 * rv_taper * (1.0 - rv_taper)  # fat in the grooves at the RV insertions
+    theta_lvot = theta_rv + 0.75 * half_width  # anterior-septal, towards the aortic root
     lvot = (np.abs(np.angle(np.exp(1j * (theta - theta_lvot)))) < u(0.25, 0.4)).astype(np.float64)
     tables = dict(m_endo=m_endo, m_epi=m_epi, hetero=hetero, w_rv=w_rv, rv_taper=rv_taper, fat=fat, lvot=lvot)
 
     fov = spacing_xy * size
     return Anatomy(
-        phenotype=phenotype, size=size, spacing_xy=spacing_xy, thickness=thickness, num_slices=num_slices,
-        num_frames=num_frames, ed_frame=ed_frame, es_frame=ed_frame + es_offset,
-        frame_interval_ms=round(rr_ms / num_frames, 1), curve=curve,
-        center=(u(-0.04, 0.07) * fov, u(-0.09, 0.02) * fov), tilt=tuple(u(-6.0, 6.0, size=2)),
-        rotation=rotation, r_endo=r_endo, wall=wall, u_base=u_base, u_eq=u_eq, u_apex=u_apex,
-        u_apex_endo=u_apex_endo, r_atrium=u(0.75, 0.9) * r_endo, target_ef=ef, l_es=l_es, a_es=a_es,
-        rv_width=rv_width, rv_u_base=u_base - u(2.0, 8.0), rv_u_eq=u_base + u(0.2, 0.3) * length,
-        rv_u_end=u_base + u(0.7, 0.82) * length, rv_target_ef=rv_ef, rv_k_es=rv_k_es, rv_wall=u(2.5, 4.0),
-        theta_rv=theta_rv, papillary_radius=u(3.0, 4.5) * (1.25 if phenotype == "hypertrophic" else 1.0),
+        phenotype=phenotype,
+        size=size,
+        spacing_xy=spacing_xy,
+        thickness=thickness,
+        num_slices=num_slices,
+        num_frames=num_frames,
+        ed_frame=ed_frame,
+        es_frame=ed_frame + es_offset,
+        frame_interval_ms=round(rr_ms / num_frames, 1),
+        curve=curve,
+        center=(u(-0.04, 0.07) * fov, u(-0.09, 0.02) * fov),
+        tilt=tuple(u(-6.0, 6.0, size=2)),
+        rotation=rotation,
+        r_endo=r_endo,
+        wall=wall,
+        u_base=u_base,
+        u_eq=u_eq,
+        u_apex=u_apex,
+        u_apex_endo=u_apex_endo,
+        r_atrium=u(0.75, 0.9) * r_endo,
+        target_ef=ef,
+        l_es=l_es,
+        a_es=a_es,
+        rv_width=rv_width,
+        rv_u_base=u_base - u(2.0, 8.0),
+        rv_u_eq=u_base + u(0.2, 0.3) * length,
+        rv_u_end=u_base + u(0.7, 0.82) * length,
+        rv_target_ef=rv_ef,
+        rv_k_es=rv_k_es,
+        rv_wall=u(2.5, 4.0),
+        theta_rv=theta_rv,
+        papillary_radius=u(3.0, 4.5) * (1.25 if phenotype == "hypertrophic" else 1.0),
         papillary_theta=(-0.65 + rotation + u(-0.2, 0.2), 1.15 + rotation + u(-0.2, 0.2)),
         papillary_levels=(u_base + u(0.25, 0.35) * length, u_base + u(0.7, 0.8) * length),
-        has_lvot=bool(rng.random() < 0.6), theta_lvot=theta_lvot, tables=tables)
+        has_lvot=bool(rng.random() < 0.6),
+        theta_lvot=theta_lvot,
+        tables=tables,
+    )
 
 
 def _taper(level, start, end):
@@ -201,19 +253,19 @@ def heart_state(anat: Anatomy, z: float, contraction: np.ndarray) -> Dict[str, n
     """Radii and flags of the heart at through-plane position ``z`` for each frame (arrays over frames)."""
     c = contraction
     lengthening = 1.0 - (1.0 - anat.l_es) * c
-    level = anat.u_apex - (anat.u_apex - z) / lengthening       # material level that the plane cuts
+    level = anat.u_apex - (anat.u_apex - z) / lengthening  # material level that the plane cuts
     basal = 1.0 - 0.06 * np.clip((anat.u_eq - level) / (anat.u_eq - anat.u_base), 0.0, 1.0)
     r_endo_ed = anat.r_endo * basal * _taper(level, anat.u_eq, anat.u_apex_endo)
     r_epi_ed = (anat.r_endo + anat.wall) * basal * _taper(level, anat.u_eq, anat.u_apex)
-    myo_area = r_epi_ed ** 2 - r_endo_ed ** 2                  # / pi; conserved per material level
+    myo_area = r_epi_ed**2 - r_endo_ed**2  # / pi; conserved per material level
     r_endo = r_endo_ed * np.sqrt(1.0 - (1.0 - anat.a_es) * c)
-    r_epi = np.sqrt(r_endo ** 2 + myo_area / lengthening)
+    r_epi = np.sqrt(r_endo**2 + myo_area / lengthening)
     lv_on = level >= anat.u_base
-    r_endo = np.where(lv_on, r_endo, anat.r_atrium)             # above the valve plane: left atrium, thin wall
+    r_endo = np.where(lv_on, r_endo, anat.r_atrium)  # above the valve plane: left atrium, thin wall
     r_epi = np.where(lv_on, r_epi, anat.r_atrium + 2.0)
     rv_on = level >= anat.rv_u_base
     width = anat.rv_width * _taper(level, anat.rv_u_eq, anat.rv_u_end) * (1.0 - (1.0 - anat.rv_k_es) * c)
-    width = np.where(level >= anat.u_base, width, 0.85 * anat.rv_width)   # right atrium / outflow above
+    width = np.where(level >= anat.u_base, width, 0.85 * anat.rv_width)  # right atrium / outflow above
     p0, p1 = anat.papillary_levels
     pm = np.sin(np.pi * np.clip((level - p0) / (p1 - p0), 0.0, 1.0)) ** 0.5
     pm_radius = np.where(lv_on, anat.papillary_radius * pm * (1.0 - (1.0 - anat.a_es) * c) ** -0.25, 0.0)
@@ -272,7 +324,7 @@ def render_heart(anat: Anatomy, background: np.ndarray, tissue: Dict[str, float]
             r_epi = st["r_epi"][:, None, None]
             b_epi = r_epi * tab["m_epi"]
             b_endo = st["r_endo"][:, None, None] * (tab["m_endo"] + c3 * tab["hetero"])
-            np.minimum(b_endo, b_epi - 1.5 * pix, out=b_endo)        # wall at least 1.5 px: LV stays enclosed
+            np.minimum(b_endo, b_epi - 1.5 * pix, out=b_endo)  # wall at least 1.5 px: LV stays enclosed
             width = st["rv_width"][:, None, None]
             b_rvo = b_epi + width * tab["w_rv"]
             b_rvw = b_rvo + anat.rv_wall * tab["rv_taper"] * np.clip(width / 3.0, 0.0, 1.0)
@@ -284,10 +336,13 @@ def render_heart(anat: Anatomy, background: np.ndarray, tissue: Dict[str, float]
                     ep &= ~gap
                 lv &= st["lv_on"][:, None, None]
                 rv = (rho < b_rvo) & ~(rho < b_epi) & st["rv_on"][:, None, None]
-                lab = np.where(lv, LV_BLOODPOOL, np.where(ep & st["lv_on"][:, None, None], LV_MYOCARDIUM,
-                                                            np.where(rv, RV_BLOODPOOL, BACKGROUND)))
+                lab = np.where(
+                    lv,
+                    LV_BLOODPOOL,
+                    np.where(ep & st["lv_on"][:, None, None], LV_MYOCARDIUM, np.where(rv, RV_BLOODPOOL, BACKGROUND)),
+                )
                 labels[:, zi, y0:y1, x0:x1] = lab.astype(np.uint8)
-            if gap is not None:                                          # LV outflow: blood through the ring
+            if gap is not None:  # LV outflow: blood through the ring
                 b_endo = np.where(gap & st["lv_on"][:, None, None], b_epi + 0.5 * pix, b_endo)
             o_fat = _occupancy(b_fat - rho, inv_pix)
             o_rvw = _occupancy(b_rvw - rho, inv_pix)
@@ -299,7 +354,7 @@ def render_heart(anat: Anatomy, background: np.ndarray, tissue: Dict[str, float]
             img += o_rvo * (i_rv_blood - i_myo)
             img += o_epi * (i_myo - i_rv_blood)
             img += o_endo * (i_blood - i_myo)
-            if np.any(st["pm_radius"] > 0):                              # papillary muscles in the LV cavity
+            if np.any(st["pm_radius"] > 0):  # papillary muscles in the LV cavity
                 for k, th in enumerate(anat.papillary_theta):
                     dist = 0.66 * st["r_endo"]
                     px = (dist * math.cos(th))[:, None, None]
@@ -360,7 +415,7 @@ def render_background(anat: Anatomy, rng: np.random.Generator, tissue: Dict[str,
     cav_b = cav_dy + r_heart + u(14.0, 26.0)
     cav_a = u(125.0, 155.0)
     muscle_t, fat_t = u(10.0, 16.0), u(5.0, 16.0)
-    post_t = u(28.0, 40.0)                                  # paraspinal muscles make the back wall thicker
+    post_t = u(28.0, 40.0)  # paraspinal muscles make the back wall thicker
     body_y = cav_y + 0.5 * (post_t - muscle_t)
     body_a = cav_a + muscle_t + fat_t
     body_b = cav_b + 0.5 * (post_t + muscle_t) + fat_t
@@ -382,12 +437,21 @@ def render_background(anat: Anatomy, rng: np.random.Generator, tissue: Dict[str,
     lung = cavity.copy()
     # posterior mediastinum, paraspinal muscles, spine, descending aorta
     mid_x, mid_y = 0.5 * (hx + spine_x), 0.5 * (hy + spine_y)
-    o = paint(base, _ellipse_margin(x, y, mid_x - 4.0, mid_y, u(18.0, 26.0),
-                                    0.5 * math.hypot(hx - spine_x, hy - spine_y) + 5.0,
-                                    math.atan2(spine_y - hy, spine_x - hx) - math.pi / 2), tissue["mediastinum"])
+    o = paint(
+        base,
+        _ellipse_margin(
+            x,
+            y,
+            mid_x - 4.0,
+            mid_y,
+            u(18.0, 26.0),
+            0.5 * math.hypot(hx - spine_x, hy - spine_y) + 5.0,
+            math.atan2(spine_y - hy, spine_x - hx) - math.pi / 2,
+        ),
+        tissue["mediastinum"],
+    )
     lung *= 1.0 - o
-    o = paint(base, _ellipse_margin(x, y, spine_x, spine_y + spine_r, 3.2 * spine_r, 1.6 * spine_r),
-              tissue["muscle"])
+    o = paint(base, _ellipse_margin(x, y, spine_x, spine_y + spine_r, 3.2 * spine_r, 1.6 * spine_r), tissue["muscle"])
     lung *= 1.0 - o
     paint(base, _ellipse_margin(x, y, spine_x, spine_y, spine_r, 0.95 * spine_r), tissue["bone"])
     paint(base, _ellipse_margin(x, y, spine_x, spine_y, spine_r - 2.0, 0.95 * spine_r - 2.0), tissue["marrow"])
@@ -395,9 +459,19 @@ def render_background(anat: Anatomy, rng: np.random.Generator, tissue: Dict[str,
     o = paint(base, _ellipse_margin(x, y, aorta_x, aorta_y, aorta_r, aorta_r), 0.9 * tissue["blood"])
     lung *= 1.0 - o
     # a fat pad in front of the heart, in the cardiophrenic angle
-    o = paint(base, _ellipse_margin(x, y, hx + (r_heart + 6.0) * math.cos(anat.theta_rv - 1.2),
-                                    hy + (r_heart + 6.0) * math.sin(anat.theta_rv - 1.2), u(12.0, 22.0),
-                                    u(6.0, 10.0), anat.theta_rv - 1.2 + math.pi / 2), tissue["fat"])
+    o = paint(
+        base,
+        _ellipse_margin(
+            x,
+            y,
+            hx + (r_heart + 6.0) * math.cos(anat.theta_rv - 1.2),
+            hy + (r_heart + 6.0) * math.sin(anat.theta_rv - 1.2),
+            u(12.0, 22.0),
+            u(6.0, 10.0),
+            anat.theta_rv - 1.2 + math.pi / 2,
+        ),
+        tissue["fat"],
+    )
     lung *= 1.0 - o
     base *= 1.0 + 0.06 * _smooth_field(rng, fov, size, 40.0) + 0.05 * _smooth_field(rng, fov, size, 12.0)
 
@@ -410,7 +484,7 @@ def render_background(anat: Anatomy, rng: np.random.Generator, tissue: Dict[str,
     out = np.empty((anat.num_slices, size, size), dtype=np.float32)
     for zi, zc in enumerate(anat.slice_positions):
         img = base.copy()
-        frac = float(np.clip(zc / anat.length, 0.0, 1.0))      # 0 at the base, about 1 at the apex
+        frac = float(np.clip(zc / anat.length, 0.0, 1.0))  # 0 at the base, about 1 at the apex
         scx, scy = slice_center(anat, zc)
         # liver and stomach below the diaphragm: away from the base, close under the heart at the apex
         lx, ly = hx + liver_dx - 15.0 * (1.0 - frac), hy + liver_dy + 40.0 * (1.0 - frac)
@@ -433,11 +507,21 @@ def render_background(anat: Anatomy, rng: np.random.Generator, tissue: Dict[str,
         weight = float(np.clip(1.2 - zc / anat.thickness, 0.0, 1.0))
         if weight > 0:
             d_ao = r_heart + 0.6 * r_ao
-            paint(img, _ellipse_margin(x, y, scx + d_ao * math.cos(anat.theta_lvot),
-                                       scy + d_ao * math.sin(anat.theta_lvot), r_ao, r_ao), tissue["blood"], weight)
+            paint(
+                img,
+                _ellipse_margin(
+                    x, y, scx + d_ao * math.cos(anat.theta_lvot), scy + d_ao * math.sin(anat.theta_lvot), r_ao, r_ao
+                ),
+                tissue["blood"],
+                weight,
+            )
             d_pa = r_heart + anat.rv_width + 0.6 * r_pa
-            paint(img, _ellipse_margin(x, y, scx + d_pa * math.cos(theta_pa), scy + d_pa * math.sin(theta_pa),
-                                       r_pa, r_pa), 0.95 * tissue["blood"], weight)
+            paint(
+                img,
+                _ellipse_margin(x, y, scx + d_pa * math.cos(theta_pa), scy + d_pa * math.sin(theta_pa), r_pa, r_pa),
+                0.95 * tissue["blood"],
+                weight,
+            )
         out[zi] = img
     return out
 
@@ -445,5 +529,6 @@ def render_background(anat: Anatomy, rng: np.random.Generator, tissue: Dict[str,
 def tissue_texture(anat: Anatomy, rng: np.random.Generator, amplitude: float = 0.03) -> np.ndarray:
     """Mild smooth multiplicative inhomogeneity per slice (Z, Y, X) float32, blood and myocardium included."""
     fov = anat.size * anat.spacing_xy
-    return np.stack([1.0 + amplitude * _smooth_field(rng, fov, anat.size, 10.0)
-                     for _ in range(anat.num_slices)]).astype(np.float32)
+    return np.stack(
+        [1.0 + amplitude * _smooth_field(rng, fov, anat.size, 10.0) for _ in range(anat.num_slices)]
+    ).astype(np.float32)

@@ -1,6 +1,7 @@
 """Writes a cohort of simulated subjects as a raw dataset in the layout of ``nnunet_ssp.raw_layout`` (atomically):
 ED/ES cases, the 4D cines of the training subjects for unlabeled pretraining, and subjects.csv with each subject's
 ground-truth volumes."""
+
 import errno
 import json
 import os
@@ -13,12 +14,24 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_ssp.errors import SSPError, first_line
-from nnunet_ssp.phantom.anatomy import MAX_SIZE, MIN_SIZE
 from nnunet_ssp.evaluation.clinical import MEASURES as VOLUME_KEYS
+from nnunet_ssp.phantom.anatomy import MAX_SIZE, MIN_SIZE
 from nnunet_ssp.phantom.subject import DEFAULT_SIZE, simulate_subject, subject_rng
-from nnunet_ssp.raw_layout import (BASE_FIRST, PHASES, SUBJECT_COLUMNS, TEST, TRAIN, SubjectRow, build_into_place,
-                                   case_files, cine_file, make_subfolders, target_folder, write_dataset_json,
-                                   write_subjects)
+from nnunet_ssp.raw_layout import (
+    BASE_FIRST,
+    PHASES,
+    SUBJECT_COLUMNS,
+    TEST,
+    TRAIN,
+    SubjectRow,
+    build_into_place,
+    case_files,
+    cine_file,
+    make_subfolders,
+    target_folder,
+    write_dataset_json,
+    write_subjects,
+)
 
 PHANTOM_VERSION = 1
 CSV_COLUMNS = SUBJECT_COLUMNS + VOLUME_KEYS
@@ -34,7 +47,7 @@ def subject_ids(num_subjects: int, num_test_subjects: int) -> List[str]:
 def _write_image(array: np.ndarray, spacing, path: str, dtype) -> None:
     img = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype, copy=False)), isVector=False)
     img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([0.0] * img.GetDimension())   # identity direction, same geometry for images and labels
+    img.SetOrigin([0.0] * img.GetDimension())  # identity direction, same geometry for images and labels
     try:
         sitk.WriteImage(img, path, useCompression=True, compressionLevel=_COMPRESSION_LEVEL)
     except RuntimeError as e:  # how SimpleITK reports a failed write (disk full, no permission)
@@ -52,16 +65,35 @@ def _write_subject(folder: str, index: int, seed: int, size: int, test: bool) ->
         _write_image(image, subject.spacing, os.path.join(folder, image_file), np.int16)
         _write_image(labels, subject.spacing, os.path.join(folder, labels_file), np.uint8)
     if not test:
-        _write_image(subject.cine, tuple(subject.spacing) + (subject.frame_interval_ms,),
-                     os.path.join(folder, cine_file(sid)), np.int16)
-    return SubjectRow(sid, split, subject.vendor, subject.phenotype, subject.num_frames, subject.ed_frame,
-                      subject.es_frame, subject.num_slices, tuple(subject.spacing), BASE_FIRST,
-                      {k: f"{v:.3f}" for k, v in subject.volumes.items()})
+        _write_image(
+            subject.cine,
+            tuple(subject.spacing) + (subject.frame_interval_ms,),
+            os.path.join(folder, cine_file(sid)),
+            np.int16,
+        )
+    return SubjectRow(
+        sid,
+        split,
+        subject.vendor,
+        subject.phenotype,
+        subject.num_frames,
+        subject.ed_frame,
+        subject.es_frame,
+        subject.num_slices,
+        tuple(subject.spacing),
+        BASE_FIRST,
+        {k: f"{v:.3f}" for k, v in subject.volumes.items()},
+    )
 
 
 def _phantom_record(seed, size, num_subjects, num_test_subjects) -> dict:
-    return {"seed": seed, "size": size, "num_subjects": num_subjects, "num_test_subjects": num_test_subjects,
-            "version": PHANTOM_VERSION}
+    return {
+        "seed": seed,
+        "size": size,
+        "num_subjects": num_subjects,
+        "num_test_subjects": num_test_subjects,
+        "version": PHANTOM_VERSION,
+    }
 
 
 def _as_int(value, what: str, where: str) -> int:
@@ -90,9 +122,18 @@ def _default_workers(num_total: int) -> int:
     return max(1, min(cpus, 4, num_total // 3))
 
 
-def write_phantom_dataset(raw_root: str, dataset_id: int, name: str, num_subjects: int, num_test_subjects: int,
-                          seed: int = 0, size: int = DEFAULT_SIZE, overwrite: bool = False, *,
-                          workers: Optional[int] = None) -> str:
+def write_phantom_dataset(
+    raw_root: str,
+    dataset_id: int,
+    name: str,
+    num_subjects: int,
+    num_test_subjects: int,
+    seed: int = 0,
+    size: int = DEFAULT_SIZE,
+    overwrite: bool = False,
+    *,
+    workers: Optional[int] = None,
+) -> str:
     """Writes $raw_root/Dataset{dataset_id:03d}_{name} and returns its path.
 
     Layout: imagesTr/labelsTr with the ED and ES volumes of each training subject as separate cases
@@ -147,6 +188,11 @@ def _build(folder: str, name: str, record: dict, workers: Optional[int]) -> None
         with ProcessPoolExecutor(max_workers=min(workers, total), mp_context=get_context(method)) as pool:
             rows = list(pool.map(_write_subject, *zip(*jobs)))
     write_subjects(folder, rows)
-    write_dataset_json(folder, name, "Synthetic 2D short-axis cine CMR phantom (nnunet-ssp): ED and ES volumes as "
-                       "separate cases, 4D cines of the training subjects in cineTr for unlabeled pretraining",
-                       2 * num_train, phantom=record)
+    write_dataset_json(
+        folder,
+        name,
+        "Synthetic 2D short-axis cine CMR phantom (nnunet-ssp): ED and ES volumes as "
+        "separate cases, 4D cines of the training subjects in cineTr for unlabeled pretraining",
+        2 * num_train,
+        phantom=record,
+    )

@@ -11,6 +11,7 @@ file is written atomically (temporary file + ``os.replace``), so an interrupted 
 already done and never reads half-written files. Before a frame is cached, its file must be complete and finite
 (SimpleITK would read missing, NaN and infinite voxels as zeros) and the frame not constant.
 """
+
 import fcntl
 import hashlib
 import json
@@ -26,8 +27,16 @@ import numpy as np
 from nnunet_ssp.errors import SSPError
 from nnunet_ssp.io import acquire_lock, atomic_path, fault_point, remove_temporaries, save_json_atomic
 from pretraining.data.frames import check_frame, read_frames
-from pretraining.data.slice_cache import (BUILDING_FILE, CACHE_FORMAT_VERSION, FINGERPRINT_FILE, INDEX_FILE,
-                                          META_KEYS, SUBJECTS_DIR, SliceCache, load_json)
+from pretraining.data.slice_cache import (
+    BUILDING_FILE,
+    CACHE_FORMAT_VERSION,
+    FINGERPRINT_FILE,
+    INDEX_FILE,
+    META_KEYS,
+    SUBJECTS_DIR,
+    SliceCache,
+    load_json,
+)
 from pretraining.data.sources import CineSource
 
 # how cache-building processes start: spawn, as nnU-Net's own preprocessing does (forking a process whose torch/OpenMP
@@ -40,6 +49,7 @@ MIN_SUBJECTS_PER_PROCESS = 4
 # ------------------------------------------------------------------------------------------------ fingerprint
 def _nnunet_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("nnunetv2")
     except PackageNotFoundError:
@@ -49,13 +59,17 @@ def _nnunet_version() -> str:
 def _preprocessing_digest(target) -> str:
     """Everything in the plans (beyond target.summary()) that can change nnU-Net's preprocessing output."""
     plans = target.plans_manager.plans
-    config = {k: v for k, v in target.configuration_manager.configuration.items()
-              if k not in ("architecture", "batch_size")}
-    relevant = {"configuration": config, "transpose_forward": plans.get("transpose_forward"),
-                "image_reader_writer": plans.get("image_reader_writer"),
-                "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
-                "channel_names": target.dataset_json.get("channel_names"),
-                "labels": target.dataset_json.get("labels")}
+    config = {
+        k: v for k, v in target.configuration_manager.configuration.items() if k not in ("architecture", "batch_size")
+    }
+    relevant = {
+        "configuration": config,
+        "transpose_forward": plans.get("transpose_forward"),
+        "image_reader_writer": plans.get("image_reader_writer"),
+        "foreground_intensity_properties_per_channel": plans.get("foreground_intensity_properties_per_channel"),
+        "channel_names": target.dataset_json.get("channel_names"),
+        "labels": target.dataset_json.get("labels"),
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -71,13 +85,19 @@ def fingerprint(target, sources: Sequence[CineSource]) -> dict:
                 raise SSPError(f"{p}: {e.strerror}") from None
             entries.append([p, st.st_size, st.st_mtime_ns])
         files.append({"subject": s.subject, "kind": s.kind, "ed_frame": s.ed_frame, "files": entries})
-    return {"format_version": CACHE_FORMAT_VERSION, "nnunetv2_version": _nnunet_version(),
-            "preprocessor": target.configuration_manager.preprocessor_name, "target": target.summary(),
-            "preprocessing_digest": _preprocessing_digest(target), "sources": files}
+    return {
+        "format_version": CACHE_FORMAT_VERSION,
+        "nnunetv2_version": _nnunet_version(),
+        "preprocessor": target.configuration_manager.preprocessor_name,
+        "target": target.summary(),
+        "preprocessing_digest": _preprocessing_digest(target),
+        "sources": files,
+    }
 
 
 def _fingerprint_key(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:20]
+
 
 # ------------------------------------------------------------------------------------------------- building
 _WORKER_TARGETS: Dict[str, object] = {}
@@ -85,6 +105,7 @@ _WORKER_TARGETS: Dict[str, object] = {}
 
 def _worker_target(key: str, plans: dict, configuration: str, dataset_json: dict):
     from nnunet_ssp.network import PlannedConfiguration
+
     if key not in _WORKER_TARGETS:
         _WORKER_TARGETS.clear()
         _WORKER_TARGETS[key] = PlannedConfiguration(plans, configuration, dataset_json)
@@ -117,8 +138,10 @@ def _build_subject(job: tuple) -> dict:
     frames = []
     for t, (data, props) in enumerate(read_frames(source, pm)):
         if data.shape[0] != num_channels:
-            raise SSPError(f"{source.paths[0]}: {data.shape[0]} channel(s), but the plans normalize "
-                           f"{num_channels} (dataset.json channel_names)")
+            raise SSPError(
+                f"{source.paths[0]}: {data.shape[0]} channel(s), but the plans normalize "
+                f"{num_channels} (dataset.json channel_names)"
+            )
         check_frame(source, t, data)
         out, _, props = preprocessor.run_case_npy(data, None, props, pm, cm, target.dataset_json)
         out = np.asarray(out, dtype=np.float32)
@@ -140,11 +163,26 @@ def _build_subject(job: tuple) -> dict:
                 array[r] = frames[t][0][0] if num_channels == 1 else frames[t][0]
             array.flush()
             del array
-        blocks.append({"file": f"{SUBJECTS_DIR}/{name}", "frames": ts, "shape": list(block_shape),
-                       "z_offset": z0, "num_slices": n, "bytes": os.path.getsize(path)})
-    marker = {"index": index, "subject": source.subject, "paths": list(source.paths), "kind": source.kind,
-              "num_frames": source.num_frames, "ed_frame": source.ed_frame, "num_channels": num_channels,
-              "blocks": blocks}
+        blocks.append(
+            {
+                "file": f"{SUBJECTS_DIR}/{name}",
+                "frames": ts,
+                "shape": list(block_shape),
+                "z_offset": z0,
+                "num_slices": n,
+                "bytes": os.path.getsize(path),
+            }
+        )
+    marker = {
+        "index": index,
+        "subject": source.subject,
+        "paths": list(source.paths),
+        "kind": source.kind,
+        "num_frames": source.num_frames,
+        "ed_frame": source.ed_frame,
+        "num_channels": num_channels,
+        "blocks": blocks,
+    }
     save_json_atomic(marker, _subject_marker(folder, index))
     fault_point(f"cache:subject:{index}")
     return marker
@@ -190,9 +228,13 @@ def _assemble_index(folder: str, markers: List[dict]) -> Tuple[dict, dict]:
     for m in markers:
         if m["kind"] not in kinds:
             kinds.append(m["kind"])
-    summary = {"num_subjects": len(markers), "num_slices": int(len(order)),
-               "num_frames_total": int(sum(m["num_frames"] for m in markers)), "source_kind": "+".join(kinds),
-               "num_channels": int(markers[0]["num_channels"])}
+    summary = {
+        "num_subjects": len(markers),
+        "num_slices": int(len(order)),
+        "num_frames_total": int(sum(m["num_frames"] for m in markers)),
+        "source_kind": "+".join(kinds),
+        "num_channels": int(markers[0]["num_channels"]),
+    }
     return arrays, summary
 
 
@@ -202,9 +244,11 @@ class _WorkerDied(SSPError):
 
 def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> List[dict]:
     from tqdm import tqdm
+
     results = []
-    with tqdm(total=len(jobs), desc="SSP slice cache", unit="subject", disable=not progress or not jobs,
-              mininterval=1.0) as bar:
+    with tqdm(
+        total=len(jobs), desc="SSP slice cache", unit="subject", disable=not progress or not jobs, mininterval=1.0
+    ) as bar:
         num_processes = max(1, min(int(num_processes), len(jobs) // MIN_SUBJECTS_PER_PROCESS))
         if num_processes == 1:
             for job in jobs:
@@ -212,6 +256,7 @@ def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> List[dic
                 bar.update()
             return results
         import multiprocessing
+
         context = multiprocessing.get_context(POOL_START_METHOD)
         with ProcessPoolExecutor(num_processes, mp_context=context) as pool:
             futures = [pool.submit(_build_subject, job) for job in jobs]
@@ -220,8 +265,10 @@ def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> List[dic
                     results.append(future.result())
                     bar.update()
             except BrokenProcessPool:
-                raise _WorkerDied(f"a cache-building process died (out of memory?); rerun, e.g. with fewer "
-                                  f"processes: the {len(results)} subjects finished in this run are kept") from None
+                raise _WorkerDied(
+                    f"a cache-building process died (out of memory?); rerun, e.g. with fewer "
+                    f"processes: the {len(results)} subjects finished in this run are kept"
+                ) from None
             except BaseException:
                 for f in futures:
                     f.cancel()
@@ -229,8 +276,9 @@ def _run_jobs(jobs: List[tuple], num_processes: int, progress: bool) -> List[dic
     return results
 
 
-def _build(folder: str, key: str, fp: dict, target, sources: Sequence[CineSource], num_processes: int,
-           progress: bool) -> None:
+def _build(
+    folder: str, key: str, fp: dict, target, sources: Sequence[CineSource], num_processes: int, progress: bool
+) -> None:
     os.makedirs(os.path.join(folder, SUBJECTS_DIR), exist_ok=True)
     building = load_json(os.path.join(folder, BUILDING_FILE))
     if building is None or building.get("key") != key:
@@ -248,8 +296,10 @@ def _build(folder: str, key: str, fp: dict, target, sources: Sequence[CineSource
     with atomic_path(os.path.join(folder, INDEX_FILE)) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    save_json_atomic({"format_version": CACHE_FORMAT_VERSION, "key": key, "summary": summary, "fingerprint": fp},
-                     os.path.join(folder, FINGERPRINT_FILE))
+    save_json_atomic(
+        {"format_version": CACHE_FORMAT_VERSION, "key": key, "summary": summary, "fingerprint": fp},
+        os.path.join(folder, FINGERPRINT_FILE),
+    )
     os.remove(os.path.join(folder, BUILDING_FILE))
 
 
@@ -281,8 +331,9 @@ def _finished(cache_dir: str, key: str) -> Optional["SliceCache"]:
     return None if cache.missing_files() else cache
 
 
-def _build_locked(cache_dir: str, key: str, fp: dict, target, sources: Sequence[CineSource], num_processes: int,
-                  progress: bool) -> "SliceCache":
+def _build_locked(
+    cache_dir: str, key: str, fp: dict, target, sources: Sequence[CineSource], num_processes: int, progress: bool
+) -> "SliceCache":
     """Builds, completes or rebuilds the cache (under the exclusive lock)."""
     build_args = (key, fp, target, sources, num_processes, progress)
     _finish_swap(cache_dir)
@@ -303,8 +354,9 @@ def _build_locked(cache_dir: str, key: str, fp: dict, target, sources: Sequence[
     return SliceCache(cache_dir)
 
 
-def build_or_load_cache(target, sources: Sequence[CineSource], cache_dir: str, num_processes: int = 2,
-                        progress: bool = True) -> "SliceCache":
+def build_or_load_cache(
+    target, sources: Sequence[CineSource], cache_dir: str, num_processes: int = 2, progress: bool = True
+) -> "SliceCache":
     """The slice cache of ``sources`` for ``target`` (a PlannedConfiguration) in ``cache_dir``: reused when its
     fingerprint (inputs, plans, versions) matches, completed when files are missing or a build was interrupted,
     rebuilt into ``<cache_dir>.rebuild`` and swapped in when inputs or plans changed. Subjects are preprocessed by up to
@@ -330,8 +382,9 @@ def build_or_load_cache(target, sources: Sequence[CineSource], cache_dir: str, n
             os.close(fd)  # drops the shared lock (one POSIX lock per file and process) before waiting for the other
             fd = None
             fd = acquire_lock(lock_path, wait_message=waiting)
-            cache = _finished(cache_dir, key) or _build_locked(cache_dir, key, fp, target, sources, num_processes,
-                                                               progress)
+            cache = _finished(cache_dir, key) or _build_locked(
+                cache_dir, key, fp, target, sources, num_processes, progress
+            )
             fcntl.lockf(fd, fcntl.LOCK_SH)
     except BaseException as e:
         if isinstance(e, SSPError) and not lock_existed and not os.path.exists(cache_dir) and fd is not None:

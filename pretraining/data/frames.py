@@ -1,5 +1,6 @@
 """Reading one source frame by frame as nnU-Net's reader returns images, with the integrity checks that SimpleITK
 skips (truncated files, NaN or infinite voxels, constant frames)."""
+
 from typing import Optional
 
 import numpy as np
@@ -18,14 +19,19 @@ def read_frames(source: CineSource, plans_manager):
     intensity scaling, the usual cine), the voxels nibabel read for the integrity check are used and SimpleITK reads
     the header only; otherwise SimpleITK reads the image."""
     import SimpleITK as sitk
+
     voxels = None
     for path in source.paths:
         voxels = _check_file(path, keep=source.ndim == 4)
     reader_class = plans_manager.image_reader_writer_class
     if source.ndim == 4 and reader_class.__name__ != "SimpleITKIO":
         import warnings
-        warnings.warn(f"{source.paths[0]}: 4D cines are read with SimpleITK (as SimpleITKIO reads 3D images), but "
-                      f"the plans use {reader_class.__name__}; check that cine frames and imagesTr volumes match")
+
+        warnings.warn(
+            f"{source.paths[0]}: 4D cines are read with SimpleITK (as SimpleITKIO reads 3D images), but "
+            f"the plans use {reader_class.__name__}; check that cine frames and imagesTr volumes match",
+            stacklevel=2,
+        )
     if source.ndim == 3:
         try:
             data, props = reader_class().read_images(list(source.paths))
@@ -53,8 +59,10 @@ def read_frames(source: CineSource, plans_manager):
     spacing, origin, d = image.GetSpacing()[:3], image.GetOrigin()[:3], image.GetDirection()
     direction = (d[0], d[1], d[2], d[4], d[5], d[6], d[8], d[9], d[10])
     for t in range(array.shape[0]):
-        props = {"sitk_stuff": {"spacing": tuple(spacing), "origin": tuple(origin), "direction": direction},
-                 "spacing": list(np.abs(list(spacing)[::-1]))}
+        props = {
+            "sitk_stuff": {"spacing": tuple(spacing), "origin": tuple(origin), "direction": direction},
+            "spacing": list(np.abs(list(spacing)[::-1])),
+        }
         # C order whatever the source's layout: nnU-Net's normalization sums in memory order
         yield np.ascontiguousarray(array[t][None], dtype=np.float32), props
 
@@ -66,6 +74,7 @@ def _check_file(path: str, keep: bool = False) -> Optional[np.ndarray]:
     if not path.endswith((".nii", ".nii.gz")):
         return None
     import nibabel as nib
+
     try:
         image = nib.load(path)
         voxels = np.asanyarray(image.dataobj)
@@ -87,8 +96,14 @@ def _same_as_simpleitk(image, voxels: np.ndarray) -> bool:
         stored = header.get_data_dtype()
     except (AttributeError, KeyError, TypeError, ValueError):
         return False
-    return (voxels.ndim == 4 and dims[0] == 4 and voxels.dtype.kind in "iuf" and voxels.dtype == stored
-            and (slope in (0.0, 1.0) or np.isnan(slope)) and (inter == 0.0 or np.isnan(inter)))
+    return (
+        voxels.ndim == 4
+        and dims[0] == 4
+        and voxels.dtype.kind in "iuf"
+        and voxels.dtype == stored
+        and (slope in (0.0, 1.0) or np.isnan(slope))
+        and (inter == 0.0 or np.isnan(inter))
+    )
 
 
 def check_frame(source: CineSource, t: int, data: np.ndarray) -> None:

@@ -11,6 +11,7 @@ Distributed runs: ``batch_size`` is the global batch. Rank r of W takes the r-th
 ``batch_size / W`` samples of every global batch (same slices, same sample seeds), so the ranks' batches concatenated
 in rank order are exactly the one-process batch.
 """
+
 import itertools
 import math
 import random
@@ -98,8 +99,17 @@ class EpochSampler(Sampler):
     ``start`` (the rest of an interrupted epoch). With ``world_size`` > 1 only rank ``rank``'s share is yielded: of
     every global batch of ``batch_size`` samples its contiguous block of ``batch_size / world_size``."""
 
-    def __init__(self, num_slices: int, num_samples: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
-                 world_size: int = 1, batch_size: int = 0):
+    def __init__(
+        self,
+        num_slices: int,
+        num_samples: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 0,
+    ):
         if num_slices < 1:
             raise ValueError("no slices to sample from")
         if world_size > 1 and (batch_size < world_size or batch_size % world_size or not 0 <= rank < world_size):
@@ -111,7 +121,7 @@ class EpochSampler(Sampler):
     def plan(self) -> Tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(_seed_sequence(self.seed, self.epoch, 0x55505353))
         repeats = math.ceil(self.num_samples / self.num_slices)
-        order = np.concatenate([rng.permutation(self.num_slices) for _ in range(repeats)])[:self.num_samples]
+        order = np.concatenate([rng.permutation(self.num_slices) for _ in range(repeats)])[: self.num_samples]
         seeds = rng.integers(0, 1 << 32, size=self.num_samples, dtype=np.uint64)
         return order, seeds
 
@@ -126,7 +136,7 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         order, seeds = self.plan()
         if self.world_size == 1:
-            return iter([(int(i), int(s)) for i, s in zip(order[self.start:], seeds[self.start:])])
+            return iter([(int(i), int(s)) for i, s in zip(order[self.start :], seeds[self.start :])])
         positions = self.positions()
         return iter([(int(i), int(s)) for i, s in zip(order[positions], seeds[positions])])
 
@@ -156,28 +166,64 @@ def _init_worker(worker_id: int, seed: int, epoch: int) -> None:
     torch.manual_seed(s)
 
 
-def make_loader(dataset: Dataset, batch_size: int, iters_per_epoch: int, epoch: int, seed: int, num_workers: int,
-                pin_memory: bool = False, prefetch_factor: int = 2, first_iteration: int = 0, rank: int = 0,
-                world_size: int = 1, num_epochs: int = 1) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    iters_per_epoch: int,
+    epoch: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+    first_iteration: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_epochs: int = 1,
+) -> DataLoader:
     """Batches ``first_iteration`` .. ``iters_per_epoch - 1`` of ``batch_size`` samples of ``epoch``, then all
     batches of the next ``num_epochs - 1`` epochs; batch ``k`` of an epoch is a pure function of (seed, epoch, k)
-    whatever ``num_workers`` is. Views collate to (B, C, *patch) per view index. With ``world_size`` > 1, ``batch_size`` is the global batch and this rank's loader yields its contiguous
-    block of ``batch_size / world_size`` samples of each (see :class:`EpochSampler`)."""
+    whatever ``num_workers`` is. Views collate to (B, C, *patch) per view index. With ``world_size`` > 1,
+    ``batch_size`` is the global batch and this rank's loader yields its contiguous block of
+    ``batch_size / world_size`` samples of each (see :class:`EpochSampler`)."""
     if batch_size < 1 or not 0 <= first_iteration < iters_per_epoch:
-        raise ValueError(f"need batch_size >= 1 and 0 <= first_iteration < iters_per_epoch (got {batch_size}, "
-                         f"{first_iteration}, {iters_per_epoch})")
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= first_iteration < iters_per_epoch (got {batch_size}, "
+            f"{first_iteration}, {iters_per_epoch})"
+        )
     if batch_size % world_size:
         raise ValueError(f"a global batch of {batch_size} does not split evenly over {world_size} processes")
-    sampler = RunSampler([EpochSampler(len(dataset), batch_size * iters_per_epoch, seed, e,
-                                       start=first_iteration * batch_size if e == epoch else 0, rank=rank,
-                                       world_size=world_size, batch_size=batch_size)
-                          for e in range(epoch, epoch + num_epochs)])
+    sampler = RunSampler(
+        [
+            EpochSampler(
+                len(dataset),
+                batch_size * iters_per_epoch,
+                seed,
+                e,
+                start=first_iteration * batch_size if e == epoch else 0,
+                rank=rank,
+                world_size=world_size,
+                batch_size=batch_size,
+            )
+            for e in range(epoch, epoch + num_epochs)
+        ]
+    )
     # a private generator: the DataLoader's base seed must not consume the caller's global torch RNG
     generator = torch.Generator()
     generator.manual_seed(int(_seed_sequence(seed, epoch, 0x47454E).generate_state(1)[0]))
     kwargs = {}
     if num_workers > 0:
-        kwargs = {"worker_init_fn": partial(_init_worker, seed=seed, epoch=epoch), "persistent_workers": False,
-                  "prefetch_factor": prefetch_factor}
-    return DataLoader(dataset, batch_size=batch_size // world_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, generator=generator, **kwargs)
+        kwargs = {
+            "worker_init_fn": partial(_init_worker, seed=seed, epoch=epoch),
+            "persistent_workers": False,
+            "prefetch_factor": prefetch_factor,
+        }
+    return DataLoader(
+        dataset,
+        batch_size=batch_size // world_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=False,
+        generator=generator,
+        **kwargs,
+    )

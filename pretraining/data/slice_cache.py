@@ -14,6 +14,7 @@ Slices are read with positioned reads (``os.preadv``) from block files kept open
 a process's resident memory does not grow with the dataset nor with the slices it has read (their pages stay in the
 kernel's page cache, which the kernel reclaims at will).
 """
+
 import json
 import os
 from collections import OrderedDict
@@ -51,8 +52,10 @@ class SliceCache:
         if info is None:
             raise SSPError(f"{os.path.join(self.folder, FINGERPRINT_FILE)}: no finished slice cache here")
         if info.get("format_version") != CACHE_FORMAT_VERSION:
-            raise SSPError(f"{os.path.join(self.folder, FINGERPRINT_FILE)}: cache format "
-                           f"{info.get('format_version')}, expected {CACHE_FORMAT_VERSION}; delete the folder")
+            raise SSPError(
+                f"{os.path.join(self.folder, FINGERPRINT_FILE)}: cache format "
+                f"{info.get('format_version')}, expected {CACHE_FORMAT_VERSION}; delete the folder"
+            )
         self._info = info
         self.key = info["key"]
         self._index: Optional[dict] = None
@@ -65,8 +68,9 @@ class SliceCache:
             ids = self.subjects
             unknown = sorted(set(subjects) - set(ids))
             if unknown or not subjects:
-                raise SSPError(f"{self.folder}: no subject(s) {', '.join(unknown[:3]) or '(none given)'} in this "
-                               f"slice cache")
+                raise SSPError(
+                    f"{self.folder}: no subject(s) {', '.join(unknown[:3]) or '(none given)'} in this slice cache"
+                )
             chosen = [ids.index(s) for s in self.selected_subjects]
             self._rows = np.flatnonzero(np.isin(self._idx()["subject"], chosen))
 
@@ -125,9 +129,13 @@ class SliceCache:
         summary = {**self._info["summary"], "cache_key": self.key}
         if self._rows is not None:
             meta = self.meta
-            summary.update(num_subjects_available=summary["num_subjects"], num_subjects=len(self.selected_subjects),
-                           num_slices=len(self), subjects=self.selected_subjects,
-                           num_frames_total=len({(s, f) for s, f in zip(meta["subject"], meta["frame"])}))
+            summary.update(
+                num_subjects_available=summary["num_subjects"],
+                num_subjects=len(self.selected_subjects),
+                num_slices=len(self),
+                subjects=self.selected_subjects,
+                num_frames_total=len({(s, f) for s, f in zip(meta["subject"], meta["frame"])}),
+            )
         return summary
 
     def with_subjects_fraction(self, fraction: float, seed: int) -> "SliceCache":
@@ -138,7 +146,7 @@ class SliceCache:
             raise ValueError(f"fraction {fraction:g}: must be in (0, 1]")
         ids = sorted(self.subjects)
         order = np.random.default_rng(seed).permutation(len(ids))
-        view = SliceCache(self.folder, [ids[i] for i in order[:max(1, round(fraction * len(ids)))]])
+        view = SliceCache(self.folder, [ids[i] for i in order[: max(1, round(fraction * len(ids)))]])
         view.lock_fd = self.lock_fd  # the selection reads under the lock its cache holds
         return view
 
@@ -148,9 +156,11 @@ class SliceCache:
             idx = self._idx()
         except (OSError, ValueError, KeyError, EOFError):
             return [INDEX_FILE]
-        return [f for f, n in zip(idx["block_files"], idx["block_bytes"])
-                if not os.path.isfile(os.path.join(self.folder, f))
-                or os.path.getsize(os.path.join(self.folder, f)) != n]
+        return [
+            f
+            for f, n in zip(idx["block_files"], idx["block_bytes"])
+            if not os.path.isfile(os.path.join(self.folder, f)) or os.path.getsize(os.path.join(self.folder, f)) != n
+        ]
 
     def _check(self, i) -> int:
         """The index row of slice ``i`` (of the selection, when there is one)."""
@@ -194,8 +204,10 @@ class SliceCache:
         while done < len(view):
             n = os.preadv(fd, [view[done:]], position + done)
             if n <= 0:
-                raise SSPError(f"{os.path.join(self.folder, str(self._idx()['block_files'][block]))}: shorter than "
-                               f"its header says; delete the slice cache {self.folder}")
+                raise SSPError(
+                    f"{os.path.join(self.folder, str(self._idx()['block_files'][block]))}: shorter than "
+                    f"its header says; delete the slice cache {self.folder}"
+                )
             done += n
 
     def slice(self, i) -> np.ndarray:
@@ -232,5 +244,6 @@ class SliceCache:
 
     def __repr__(self) -> str:
         s = self._info["summary"]
-        return (f"SliceCache({self.folder!r}: {s['num_slices']} slices of {s['num_subjects']} subjects, "
-                f"{s['source_kind']})")
+        return (
+            f"SliceCache({self.folder!r}: {s['num_slices']} slices of {s['num_subjects']} subjects, {s['source_kind']})"
+        )

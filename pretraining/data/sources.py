@@ -1,5 +1,6 @@
 """What ``ssp_pretrain`` pretrains on: the sources of a raw dataset (its cines, else its imagesTr volumes) and extra
 folders, found and checked from the image headers alone."""
+
 import glob
 import json
 import os
@@ -20,6 +21,7 @@ class CineSource:
 
     ``paths`` holds one file, or for an imagesTr case its channel files ``_0000``, ``_0001``, ... in order.
     """
+
     paths: Tuple[str, ...]
     subject: str
     ed_frame: int
@@ -35,8 +37,15 @@ class CineSource:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CineSource":
-        return cls(tuple(d["paths"]), d["subject"], int(d["ed_frame"]), d["kind"], int(d["ndim"]),
-                   int(d["num_frames"]), tuple(int(n) for n in d["size"]))
+        return cls(
+            tuple(d["paths"]),
+            d["subject"],
+            int(d["ed_frame"]),
+            d["kind"],
+            int(d["ndim"]),
+            int(d["num_frames"]),
+            tuple(int(n) for n in d["size"]),
+        )
 
 
 def max_slices(sources: Sequence[CineSource], transpose_forward: Sequence[int]) -> int:
@@ -48,6 +57,7 @@ def max_slices(sources: Sequence[CineSource], transpose_forward: Sequence[int]) 
 def _image_header(path: str) -> Tuple[int, Tuple[int, ...]]:
     """(dimension, size) from the image header, or SSPError naming the file."""
     import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
@@ -62,19 +72,22 @@ def _nifti_files(folder: str, ending: str = NIFTI) -> List[str]:
 
 
 def _strip(name: str, ending: str) -> str:
-    return name[:-len(ending)] if name.endswith(ending) else name
+    return name[: -len(ending)] if name.endswith(ending) else name
 
 
 def _check_frames(subjects_csv: str, path: str, num_frames: int, row: SubjectRow) -> None:
     """The table's frame count and ED/ES frame indices must fit the cine's frames."""
     if row.num_frames is not None and row.num_frames != num_frames:
-        raise SSPError(f"{subjects_csv}: subject {row.subject} has num_frames {row.num_frames}, but {path} has "
-                       f"{num_frames} frames")
+        raise SSPError(
+            f"{subjects_csv}: subject {row.subject} has num_frames {row.num_frames}, but {path} has {num_frames} frames"
+        )
     for column in ("ed_frame", "es_frame"):
         frame = getattr(row, column)
         if frame is not None and not 0 <= frame < num_frames:
-            raise SSPError(f"{subjects_csv}: {column} {frame} of subject {row.subject} is outside "
-                           f"0..{num_frames - 1} ({path} has {num_frames} frames)")
+            raise SSPError(
+                f"{subjects_csv}: {column} {frame} of subject {row.subject} is outside "
+                f"0..{num_frames - 1} ({path} has {num_frames} frames)"
+            )
 
 
 def _cine_sources(cine_dir: str, subjects_csv: str) -> List[CineSource]:
@@ -91,8 +104,9 @@ def _cine_sources(cine_dir: str, subjects_csv: str) -> List[CineSource]:
         subject = _strip(_strip(os.path.basename(path), NIFTI), "_0000")
         row = table.get(subject, SubjectRow(subject))
         _check_frames(subjects_csv, path, num_frames, row)
-        sources.append(CineSource((os.path.abspath(path),), subject, row.ed_frame or 0, CINE_FOLDER, dim, num_frames,
-                                  size[:3]))
+        sources.append(
+            CineSource((os.path.abspath(path),), subject, row.ed_frame or 0, CINE_FOLDER, dim, num_frames, size[:3])
+        )
     return sources
 
 
@@ -134,8 +148,17 @@ def _extra_sources(folder: str) -> List[CineSource]:
         dim, size = _image_header(path)
         if dim not in (3, 4):
             raise SSPError(f"{path}: expected a 3D volume or a 4D cine, not a {dim}D image")
-        sources.append(CineSource((os.path.abspath(path),), f"{prefix}/{_strip(os.path.basename(path), NIFTI)}", 0,
-                                  "extra", dim, size[3] if dim == 4 else 1, size[:3]))
+        sources.append(
+            CineSource(
+                (os.path.abspath(path),),
+                f"{prefix}/{_strip(os.path.basename(path), NIFTI)}",
+                0,
+                "extra",
+                dim,
+                size[3] if dim == 4 else 1,
+                size[:3],
+            )
+        )
     return sources
 
 

@@ -31,6 +31,7 @@ How this approximates the paper (de Mooij et al., qcardia MONAI pipeline; paper_
 Every probability and range can be overridden by keyword (e.g. DINO's global view 1: ``p_blur=1.0,
 blur_sigma=(0.1, 2.0)``; local views: ``scale=(...)`` and a smaller ``patch_size``).
 """
+
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,16 +53,57 @@ PAPER_TRANSLATION = 40 / 256
 
 # probabilities and ranges per preset; the keys are augmentation()'s keyword arguments
 INTENSITY_PRESETS = {
-    "paper": dict(p_noise=0.2, noise_std=(0.0, 0.2), p_blur=0.2, blur_sigma=(0.5, 1.5), p_scale=1.0,
-                  scale_factor=(1.6, 2.5), p_shift=1.0, shift=(-0.4, 0.4), p_gamma=1.0, gamma=(0.7, 1.5),
-                  p_contrast=0.0, contrast=(0.75, 1.25), p_lowres=0.0, lowres_scale=(0.5, 1.0), p_solarize=0.0),
-    "dino": dict(p_noise=0.15, noise_std=(0.0, 0.2), p_blur=0.1, blur_sigma=(0.5, 1.5), p_scale=0.2,
-                 scale_factor=(1.6, 2.5), p_shift=0.15, shift=(-0.4, 0.4), p_gamma=0.15, gamma=(0.7, 1.5),
-                 p_contrast=0.0, contrast=(0.75, 1.25), p_lowres=0.0, lowres_scale=(0.5, 1.0), p_solarize=0.0),
-    "nnunet": dict(p_noise=0.5, noise_std=(0.0, 0.1), p_blur=0.2, blur_sigma=(0.5, 1.0), p_scale=0.5,
-                   scale_factor=BGContrast((0.75, 1.25)), p_shift=0.0, shift=(-0.4, 0.4), p_gamma=0.3,
-                   gamma=BGContrast((0.7, 1.5)), p_contrast=0.5, contrast=BGContrast((0.75, 1.25)), p_lowres=0.25,
-                   lowres_scale=(0.5, 1.0), p_solarize=0.0),
+    "paper": dict(
+        p_noise=0.2,
+        noise_std=(0.0, 0.2),
+        p_blur=0.2,
+        blur_sigma=(0.5, 1.5),
+        p_scale=1.0,
+        scale_factor=(1.6, 2.5),
+        p_shift=1.0,
+        shift=(-0.4, 0.4),
+        p_gamma=1.0,
+        gamma=(0.7, 1.5),
+        p_contrast=0.0,
+        contrast=(0.75, 1.25),
+        p_lowres=0.0,
+        lowres_scale=(0.5, 1.0),
+        p_solarize=0.0,
+    ),
+    "dino": dict(
+        p_noise=0.15,
+        noise_std=(0.0, 0.2),
+        p_blur=0.1,
+        blur_sigma=(0.5, 1.5),
+        p_scale=0.2,
+        scale_factor=(1.6, 2.5),
+        p_shift=0.15,
+        shift=(-0.4, 0.4),
+        p_gamma=0.15,
+        gamma=(0.7, 1.5),
+        p_contrast=0.0,
+        contrast=(0.75, 1.25),
+        p_lowres=0.0,
+        lowres_scale=(0.5, 1.0),
+        p_solarize=0.0,
+    ),
+    "nnunet": dict(
+        p_noise=0.5,
+        noise_std=(0.0, 0.1),
+        p_blur=0.2,
+        blur_sigma=(0.5, 1.0),
+        p_scale=0.5,
+        scale_factor=BGContrast((0.75, 1.25)),
+        p_shift=0.0,
+        shift=(-0.4, 0.4),
+        p_gamma=0.3,
+        gamma=BGContrast((0.7, 1.5)),
+        p_contrast=0.5,
+        contrast=BGContrast((0.75, 1.25)),
+        p_lowres=0.25,
+        lowres_scale=(0.5, 1.0),
+        p_solarize=0.0,
+    ),
 }
 
 
@@ -105,10 +147,18 @@ class CenteredSpatialTransform(SpatialTransform):
         return super().get_parameters(**data_dict)
 
 
-def augmentation(patch_size: Sequence[int], *, rotation: Tuple[float, float] = (-np.pi, np.pi),
-                 scale: Tuple[float, float] = (0.7, 1.4), p_rotation: float = 1.0, p_scaling: float = 1.0,
-                 mirror: bool = True, translation: Optional[float] = PAPER_TRANSLATION,
-                 intensity: Optional[str] = "paper", **overrides) -> BasicTransform:
+def augmentation(
+    patch_size: Sequence[int],
+    *,
+    rotation: Tuple[float, float] = (-np.pi, np.pi),
+    scale: Tuple[float, float] = (0.7, 1.4),
+    p_rotation: float = 1.0,
+    p_scaling: float = 1.0,
+    mirror: bool = True,
+    translation: Optional[float] = PAPER_TRANSLATION,
+    intensity: Optional[str] = "paper",
+    **overrides,
+) -> BasicTransform:
     """One view: spatial augmentation + crop to ``patch_size`` (2D), then the ``intensity`` preset ("paper", "dino",
     "nnunet" or None), with any preset value overridden by keyword (p_noise, noise_std, p_blur, blur_sigma, p_scale,
     scale_factor, p_shift, shift, p_gamma, gamma, p_contrast, contrast, p_lowres, lowres_scale, p_solarize).
@@ -126,35 +176,78 @@ def augmentation(patch_size: Sequence[int], *, rotation: Tuple[float, float] = (
     params.update(overrides)
 
     max_shift = None if translation is None else [translation * p for p in patch_size]
-    transforms = [CenteredSpatialTransform(
-        patch_size, max_shift, p_elastic_deform=0, p_rotation=p_rotation, rotation=tuple(rotation),
-        p_scaling=p_scaling, scaling=tuple(scale), p_synchronize_scaling_across_axes=1, mode_image="bilinear",
-        padding_mode_image="zeros")]
+    transforms = [
+        CenteredSpatialTransform(
+            patch_size,
+            max_shift,
+            p_elastic_deform=0,
+            p_rotation=p_rotation,
+            rotation=tuple(rotation),
+            p_scaling=p_scaling,
+            scaling=tuple(scale),
+            p_synchronize_scaling_across_axes=1,
+            mode_image="bilinear",
+            padding_mode_image="zeros",
+        )
+    ]
     if mirror:
         transforms.append(MirrorTransform(allowed_axes=(0, 1)))
     if intensity is not None:
+
         def maybe(p, transform):
             if p > 0:
                 transforms.append(transform if p >= 1 else RandomTransform(transform, p))
 
-        maybe(params["p_noise"], GaussianNoiseTransform(noise_variance=params["noise_std"], p_per_channel=1,
-                                                        synchronize_channels=True))
+        maybe(
+            params["p_noise"],
+            GaussianNoiseTransform(noise_variance=params["noise_std"], p_per_channel=1, synchronize_channels=True),
+        )
         # benchmark=False: the FFT-or-not benchmark depends on timing, which would break reproducibility
         nnunet = intensity == "nnunet"  # nnU-Net blurs and lowers the resolution of half the channels only
-        maybe(params["p_blur"], GaussianBlurTransform(blur_sigma=params["blur_sigma"], synchronize_channels=False,
-                                                      synchronize_axes=False, p_per_channel=0.5 if nnunet else 1,
-                                                      benchmark=False))
-        maybe(params["p_scale"], MultiplicativeBrightnessTransform(multiplier_range=params["scale_factor"],
-                                                                   synchronize_channels=True, p_per_channel=1))
+        maybe(
+            params["p_blur"],
+            GaussianBlurTransform(
+                blur_sigma=params["blur_sigma"],
+                synchronize_channels=False,
+                synchronize_axes=False,
+                p_per_channel=0.5 if nnunet else 1,
+                benchmark=False,
+            ),
+        )
+        maybe(
+            params["p_scale"],
+            MultiplicativeBrightnessTransform(
+                multiplier_range=params["scale_factor"], synchronize_channels=True, p_per_channel=1
+            ),
+        )
         maybe(params["p_shift"], UniformShiftTransform(params["shift"]))
-        maybe(params["p_contrast"], ContrastTransform(contrast_range=params["contrast"], preserve_range=True,
-                                                      synchronize_channels=False, p_per_channel=1))
-        maybe(params["p_lowres"], SimulateLowResolutionTransform(scale=params["lowres_scale"],
-                                                                 synchronize_channels=False, synchronize_axes=True,
-                                                                 ignore_axes=None, allowed_channels=None,
-                                                                 p_per_channel=0.5 if nnunet else 1))
-        maybe(params["p_gamma"], GammaTransform(gamma=params["gamma"], p_invert_image=0, synchronize_channels=False,
-                                                p_per_channel=1, p_retain_stats=1 if nnunet else 0))
+        maybe(
+            params["p_contrast"],
+            ContrastTransform(
+                contrast_range=params["contrast"], preserve_range=True, synchronize_channels=False, p_per_channel=1
+            ),
+        )
+        maybe(
+            params["p_lowres"],
+            SimulateLowResolutionTransform(
+                scale=params["lowres_scale"],
+                synchronize_channels=False,
+                synchronize_axes=True,
+                ignore_axes=None,
+                allowed_channels=None,
+                p_per_channel=0.5 if nnunet else 1,
+            ),
+        )
+        maybe(
+            params["p_gamma"],
+            GammaTransform(
+                gamma=params["gamma"],
+                p_invert_image=0,
+                synchronize_channels=False,
+                p_per_channel=1,
+                p_retain_stats=1 if nnunet else 0,
+            ),
+        )
         maybe(params["p_solarize"], SolarizeTransform())
     return ComposeTransforms(transforms)
 
@@ -163,8 +256,11 @@ def make_view(transform, image) -> torch.Tensor:
     """Applies one view transform to a (C, H, W) image (numpy or torch; never modified) and returns a contiguous
     float32 tensor (C, *patch). ``transform`` is a bgv2 transform (called as ``transform(image=x)["image"]``) or
     any callable taking ``image=`` and returning a dict with "image" or a tensor."""
-    x = torch.from_numpy(np.array(image, dtype=np.float32, copy=True)) if isinstance(image, np.ndarray) \
+    x = (
+        torch.from_numpy(np.array(image, dtype=np.float32, copy=True))
+        if isinstance(image, np.ndarray)
         else image.detach().to(torch.float32).clone()
+    )
     out = transform(image=x)
     if isinstance(out, dict):
         out = out["image"]

@@ -8,6 +8,7 @@ Every pixel of every image is a sample of the C channels; with each channel stan
 
 the mean squared off-diagonal correlation: 0 for uncorrelated channels, 1 when all carry the same signal.
 """
+
 import torch
 
 EPS = 1e-5

@@ -11,6 +11,7 @@ The centre follows the teacher outputs: c ← m·c + (1 − m)·mean(t).
 Like every loss here it knows nothing of processes: it takes the rows it is given. ``batch_mean`` averages the
 centre's and the statistics' per-batch means over the global batch (the method passes the distributed average).
 """
+
 import math
 from typing import Callable, Sequence, Tuple
 
@@ -37,28 +38,37 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, output_dim))
         self.last_statistics = {}
 
-    def forward(self, student_outputs: Sequence[torch.Tensor], teacher_outputs: Sequence[torch.Tensor],
-                teacher_temperature: float, batch_mean: Callable[..., Tuple[torch.Tensor, ...]] = _same
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        student_outputs: Sequence[torch.Tensor],
+        teacher_outputs: Sequence[torch.Tensor],
+        teacher_temperature: float,
+        batch_mean: Callable[..., Tuple[torch.Tensor, ...]] = _same,
+    ) -> torch.Tensor:
         """Loss of the student views ((B, K) each, the global ones first, in the teachers' order) against the
         teacher views ((B, K) each, global views only), the mean over these rows; the teacher side gets no gradient.
         Updates the centre with the batch's teacher mean (``batch_mean`` of the rows' means)."""
         if len(student_outputs) < len(teacher_outputs) or len(student_outputs) < 2:
-            raise ValueError(f"need at least 2 student views, the first {len(teacher_outputs)} global, got "
-                             f"{len(student_outputs)}")
+            raise ValueError(
+                f"need at least 2 student views, the first {len(teacher_outputs)} global, got {len(student_outputs)}"
+            )
         teacher = torch.cat([t.detach().float() for t in teacher_outputs])
         teacher_log_p = F.log_softmax((teacher - self.center) / teacher_temperature, dim=1)
         teacher_p = teacher_log_p.exp()
         student_log_q = [F.log_softmax(s.float() / self.student_temperature, dim=1) for s in student_outputs]
-        pair_losses = [-(p * log_q).sum(dim=1).mean()
-                       for i, p in enumerate(teacher_p.chunk(len(teacher_outputs)))
-                       for v, log_q in enumerate(student_log_q) if v != i]
+        pair_losses = [
+            -(p * log_q).sum(dim=1).mean()
+            for i, p in enumerate(teacher_p.chunk(len(teacher_outputs)))
+            for v, log_q in enumerate(student_log_q)
+            if v != i
+        ]
         with torch.no_grad():
             entropy, mean_p, batch_center = batch_mean(
-                -(teacher_p * teacher_log_p).sum(dim=1).mean(), teacher_p.mean(dim=0),
-                teacher.mean(dim=0, keepdim=True))
+                -(teacher_p * teacher_log_p).sum(dim=1).mean(), teacher_p.mean(dim=0), teacher.mean(dim=0, keepdim=True)
+            )
             self.last_statistics = {
                 "teacher_entropy": entropy.item(),
-                "teacher_kl_to_uniform": (math.log(teacher.shape[1]) + torch.xlogy(mean_p, mean_p).sum()).item()}
+                "teacher_kl_to_uniform": (math.log(teacher.shape[1]) + torch.xlogy(mean_p, mean_p).sum()).item(),
+            }
             self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
         return torch.stack(pair_losses).mean()

@@ -8,13 +8,15 @@ SimMIM (Xie et al., CVPR 2022) and MAE (He et al., CVPR 2022) reconstruct only w
 with m the binary mask (1 = masked), x the unmasked target and x̂ the reconstruction. Visible pixels do not
 contribute.
 """
+
 from typing import Tuple
 
 import torch
 
 
-def masked_squared_error(reconstruction: torch.Tensor, target: torch.Tensor,
-                         mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def masked_squared_error(
+    reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The numerator and denominator of :func:`masked_mse`: sum of m (x̂ − x)^2 and the number of masked pixels
     (a distributed run sums both over the ranks before dividing, for the global batch's loss)."""
     mask = mask.to(reconstruction.dtype)

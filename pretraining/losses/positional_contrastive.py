@@ -7,6 +7,7 @@ a threshold are positives of each other. The loss is the "L_out" supervised cont
 
     L = mean over {i : P(i) ≠ ∅} of −(1/|P(i)|) Σ_{p∈P(i)} log( exp(s_ip / τ) / Σ_{a≠i} exp(s_ia / τ) )
 """
+
 import torch
 
 from pretraining.losses.ntxent import cosine_log_softmax
@@ -35,16 +36,19 @@ def supervised_contrastive(z: torch.Tensor, positives: torch.Tensor, temperature
     return -(log_probabilities.sum(dim=1)[has_positive] / counts[has_positive]).mean()
 
 
-def positional_contrastive(z_a: torch.Tensor, z_b: torch.Tensor, positions: torch.Tensor, threshold: float = 0.1,
-                           temperature: float = 0.1) -> torch.Tensor:
+def positional_contrastive(
+    z_a: torch.Tensor, z_b: torch.Tensor, positions: torch.Tensor, threshold: float = 0.1, temperature: float = 0.1
+) -> torch.Tensor:
     """PCL loss of two views z_a, z_b (N, D) of N slices at positions (N,) (slice index / number of slices).
 
     The 2N views [z_a; z_b] carry the positions [positions; positions], so each view's partner (Δ = 0) is always a
     positive, as is every other view within ``threshold``, whatever its subject or frame.
     """
     if z_a.shape != z_b.shape or positions.shape != z_a.shape[:1]:
-        raise ValueError(f"need z_a, z_b (N, D) and positions (N,), got {tuple(z_a.shape)}, {tuple(z_b.shape)} "
-                         f"and {tuple(positions.shape)}")
+        raise ValueError(
+            f"need z_a, z_b (N, D) and positions (N,), got {tuple(z_a.shape)}, {tuple(z_b.shape)} "
+            f"and {tuple(positions.shape)}"
+        )
     if threshold <= 0:
         raise ValueError(f"threshold must be positive so partners are positives, got {threshold}")
     positives = positive_mask(torch.cat([positions, positions]), threshold)

@@ -1,5 +1,6 @@
 """SSP methods, one file each in this package: every :class:`SSPMethod` subclass with a ``name`` defined here is a
 ``--method`` of ``ssp_pretrain`` (:data:`METHODS`, the one registry); :func:`get_method` maps a key to its class."""
+
 import importlib
 import pkgutil
 

@@ -10,6 +10,7 @@ collectives of ``pretraining.distributed`` that carry gradients. What pairs samp
 every rank's projections); a summed loss is divided by the global count (MIM: masked pixels); a mean over samples is
 the mean of the ranks' means (DINO: equal rows per rank).
 """
+
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -22,6 +23,7 @@ from nnunet_ssp.network import NetworkSpec
 @dataclass(frozen=True)
 class Hyperparameters:
     """The paper's optimisation recipe of a method (all overridable from the CLI)."""
+
     batch_size: int
     lr: float
     momentum: float
@@ -33,6 +35,7 @@ class Hyperparameters:
 @dataclass(frozen=True)
 class Step:
     """Where an optimisation step is: epoch and iteration within it, and the run's length."""
+
     epoch: int
     iteration: int
     iters_per_epoch: int
@@ -50,14 +53,18 @@ class Step:
 @dataclass(frozen=True)
 class Option:
     """A method-specific setting; ``ssp_pretrain`` offers it as ``--<name-with-dashes>``."""
+
     default: Any
     help: str
 
 
 #: the embedding methods' option for the grid of :func:`pretraining.heads.encoder_embedding`
-POOL_GRID_OPTION = Option(2, "SimCLR/PCL/DINO: average-pool the deepest encoder features to a GxG grid before the "
-                             "head (default 2; 1 = the paper's global average pooling, which barely trains with "
-                             "nnU-Net's InstanceNorm)")
+POOL_GRID_OPTION = Option(
+    2,
+    "SimCLR/PCL/DINO: average-pool the deepest encoder features to a GxG grid before the "
+    "head (default 2; 1 = the paper's global average pooling, which barely trains with "
+    "nnU-Net's InstanceNorm)",
+)
 
 
 class SSPMethod:
@@ -97,8 +104,10 @@ class SSPMethod:
         """A batch with the loader's keys and shapes (random views, every slice at position 0), for measuring
         what a step costs without data."""
         generator = torch.Generator().manual_seed(0)
-        views = [torch.randn(batch_size, num_channels, *size, generator=generator).to(device)
-                 for size in self.view_patch_sizes()]
+        views = [
+            torch.randn(batch_size, num_channels, *size, generator=generator).to(device)
+            for size in self.view_patch_sizes()
+        ]
         return {"views": views, "index": torch.arange(batch_size), "slice_position": torch.zeros(batch_size)}
 
     def loss(self, model: torch.nn.Module, batch: dict, step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:

@@ -16,6 +16,7 @@ normalise over the global batch (``pretraining.distributed.GlobalBatchNorm``).
 Deviation: the teacher starts as a copy of the student (canonical DINO); the paper initialises it separately at
 random, which stops mattering within an epoch (0.996^1415 ≈ 0.004).
 """
+
 import copy
 import math
 from typing import Dict, Optional, Tuple
@@ -71,8 +72,10 @@ def collapse_warning(entropy: float, kl_to_uniform: float, output_dim: int) -> O
     if entropy > 0.95 * log_k:
         return f"DINO teacher outputs collapsed to uniform (entropy {entropy:.3f} of max {log_k:.3f}); {advice}"
     if entropy < 0.05 * log_k and kl_to_uniform > 0.5 * log_k:
-        return (f"DINO teacher outputs collapsed to one dimension (entropy {entropy:.3f}, KL to uniform "
-                f"{kl_to_uniform:.3f} of max {log_k:.3f}); {advice}")
+        return (
+            f"DINO teacher outputs collapsed to one dimension (entropy {entropy:.3f}, KL to uniform "
+            f"{kl_to_uniform:.3f} of max {log_k:.3f}); {advice}"
+        )
     return None
 
 
@@ -93,11 +96,13 @@ class DINO(SSPMethod):
     options = {
         "dino_out_dim": Option(8192, "DINO: number of prototypes of the head (default 8192)"),
         "dino_local_views": Option(6, "DINO: local views per slice, at half the patch size (default 6)"),
-        "dino_teacher_temperature": Option(0.04, "DINO: final teacher temperature (default 0.04; lower it if the "
-                                                 "outputs collapse)"),
+        "dino_teacher_temperature": Option(
+            0.04, "DINO: final teacher temperature (default 0.04; lower it if the outputs collapse)"
+        ),
         "dino_teacher_temperature_start": Option(0.02, "DINO: teacher temperature at epoch 0 (default 0.02)"),
-        "dino_teacher_warmup_epochs": Option(30, "DINO: epochs of teacher-temperature warm-up (default 30, at most "
-                                                 "30%% of the run)"),
+        "dino_teacher_warmup_epochs": Option(
+            30, "DINO: epochs of teacher-temperature warm-up (default 30, at most 30%% of the run)"
+        ),
         "dino_warmup_epochs": Option(10, "DINO: epochs of linear lr warm-up (default 10, at most 10%% of the run)"),
         "dino_teacher_momentum": Option(0.996, "DINO: initial teacher EMA momentum, raised to 1 (default 0.996)"),
         "dino_freeze_last_layer_epochs": Option(1, "DINO: epochs the head's last layer stays frozen (default 1)"),
@@ -112,16 +117,17 @@ class DINO(SSPMethod):
 
     def build_model(self) -> nn.Module:
         network = self.spec.build(num_output_channels=1)
-        head = DINOHead(encoder_width(network) * self.pool_grid ** 2, out_features=self.dino_out_dim)
+        head = DINOHead(encoder_width(network) * self.pool_grid**2, out_features=self.dino_out_dim)
         student = EncoderWithHead(network, head, self.pool_grid)
         return StudentTeacher(student, DINOLoss(self.dino_out_dim))
 
     def view_transforms(self):
-        blurred = augmentation(self.patch_size, scale=GLOBAL_SCALE, intensity="dino", p_blur=1.0,
-                               blur_sigma=(0.1, 2.0))
+        blurred = augmentation(self.patch_size, scale=GLOBAL_SCALE, intensity="dino", p_blur=1.0, blur_sigma=(0.1, 2.0))
         solarized = augmentation(self.patch_size, scale=GLOBAL_SCALE, intensity="dino", p_solarize=0.2)
-        local = [augmentation(self.local_patch_size, scale=LOCAL_SCALE, translation=LOCAL_TRANSLATION,
-                              intensity="dino") for _ in range(self.dino_local_views)]
+        local = [
+            augmentation(self.local_patch_size, scale=LOCAL_SCALE, translation=LOCAL_TRANSLATION, intensity="dino")
+            for _ in range(self.dino_local_views)
+        ]
         return [blurred, solarized, *local]
 
     def view_patch_sizes(self):
@@ -133,8 +139,10 @@ class DINO(SSPMethod):
     def parameter_groups(self, model: StudentTeacher, weight_decay: float):
         """Weight decay on the student's weight matrices and kernels only, none on biases and norms."""
         params = [p for p in model.student.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
 
     @staticmethod
     def _warmup_epochs(requested: int, fraction: float, epochs: int) -> int:
@@ -150,8 +158,9 @@ class DINO(SSPMethod):
 
     def teacher_temperature_at(self, step: Step) -> float:
         warmup = self._warmup_epochs(self.dino_teacher_warmup_epochs, 0.3, step.epochs)
-        return teacher_temperature(step.epoch, warmup, self.dino_teacher_temperature_start,
-                                   self.dino_teacher_temperature)
+        return teacher_temperature(
+            step.epoch, warmup, self.dino_teacher_temperature_start, self.dino_teacher_temperature
+        )
 
     def loss(self, model: StudentTeacher, batch, step: Step) -> Tuple[torch.Tensor, Dict[str, float]]:
         views = batch["views"]
@@ -163,8 +172,11 @@ class DINO(SSPMethod):
             student_out += model.student(torch.cat(views[2:])).float().chunk(len(views) - 2)
         # the global batch's loss: the mean of the ranks' means (equal rows per rank); the centre and the statistics
         # from the global batch's means
-        loss = distributed.all_reduce_mean(model.criterion(student_out, teacher_out, self.teacher_temperature_at(step),
-                                                           distributed.all_reduce_mean_many))
+        loss = distributed.all_reduce_mean(
+            model.criterion(
+                student_out, teacher_out, self.teacher_temperature_at(step), distributed.all_reduce_mean_many
+            )
+        )
         metrics = dict(model.criterion.last_statistics)
         # the loss is H(teacher) + KL(teacher || student); early on the centring raises H(teacher), so the loss can
         # rise while the student learns: the KL is the part the student controls

@@ -27,6 +27,7 @@ Distributed runs: every rank draws the masks of the whole global batch from the 
 keeps its own rows, and the masked squared errors and masked-pixel counts are summed over the ranks before dividing:
 the loss and the masks are the one-process run's.
 """
+
 import copy
 import math
 from contextlib import contextmanager
@@ -44,8 +45,9 @@ from pretraining.losses.masked_mse import masked_squared_error
 from pretraining.methods.base import Hyperparameters, Option, SSPMethod
 
 
-def random_patch_mask(batch_size: int, height: int, width: int, patch_size: int, ratio: float,
-                      device=None) -> torch.Tensor:
+def random_patch_mask(
+    batch_size: int, height: int, width: int, patch_size: int, ratio: float, device=None
+) -> torch.Tensor:
     """(B, 1, H, W) float mask, 1 on exactly round(ratio × patches) patches of each image.
 
     The patch grid is ceil(H / p) × ceil(W / p); patches at the right and bottom edges are cut off where the
@@ -69,21 +71,36 @@ def nonlinear_head(network: torch.nn.Module, out_channels: int) -> torch.nn.Modu
     """Conv (the plans' first kernel) - norm - non-linearity - 1×1 conv on the last decoder stage's output, built from
     the operators the plans' encoder uses."""
     from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+
     encoder = network.encoder
     channels = network.decoder.stages[-1].output_channels
     return torch.nn.Sequential(
-        ConvDropoutNormReLU(encoder.conv_op, channels, channels, encoder.kernel_sizes[0], 1, encoder.conv_bias,
-                            encoder.norm_op, encoder.norm_op_kwargs, None, None, encoder.nonlin,
-                            encoder.nonlin_kwargs),
-        encoder.conv_op(channels, out_channels, 1, 1, 0, bias=True))
+        ConvDropoutNormReLU(
+            encoder.conv_op,
+            channels,
+            channels,
+            encoder.kernel_sizes[0],
+            1,
+            encoder.conv_bias,
+            encoder.norm_op,
+            encoder.norm_op_kwargs,
+            None,
+            None,
+            encoder.nonlin,
+            encoder.nonlin_kwargs,
+        ),
+        encoder.conv_op(channels, out_channels, 1, 1, 0, bias=True),
+    )
 
 
 @contextmanager
 def decoder_stage_outputs(network: torch.nn.Module):
     """A list that the forward passes within fill with every decoder stage's output, deepest first."""
     outputs: List[torch.Tensor] = []
-    hooks = [stage.register_forward_hook(lambda module, args, output: outputs.append(output))
-             for stage in network.decoder.stages]
+    hooks = [
+        stage.register_forward_hook(lambda module, args, output: outputs.append(output))
+        for stage in network.decoder.stages
+    ]
     try:
         yield outputs
     finally:
@@ -113,21 +130,35 @@ class MIM(SSPMethod):
     name = "mim"
     parts = ("encoder", "decoder")
     defaults = Hyperparameters(batch_size=128, lr=0.01, momentum=0.99, weight_decay=3e-5, nesterov=True)
-    options = {"mask_patch_size": Option(32, "MIM: side of the masked square patches in px (default 32)"),
-               "mask_ratio": Option(0.75, "MIM: fraction of the patches masked per image (default 0.75)"),
-               "skip_features": Option("kept", "MIM: 'masked' also zeroes the encoder's skip features at the masked "
-                                               "patches, so the decoder cannot copy visible neighbours; 'dropped' "
-                                               "zeroes all of them for a random half of the images (default "
-                                               "'kept', the paper's)"),
-               "reconstruction_head": Option("linear", "MIM: 'nonlinear' reconstructs through a throw-away conv-norm-"
-                                                       "nonlinearity-1x1 head instead of the linear 1x1 conv on the "
-                                                       "last decoder stage (default 'linear', the paper's)"),
-               "decorrelation": Option(0.0, "MIM: weight of a penalty on the correlation between the channels of "
-                                            "every decoder stage's output (default 0, the paper's)"),
-               "decoder_output_std": Option(0.0, "MIM: rescale the checkpoint's decoder, without changing what it "
-                                                 "computes, so that every decoder stage's output channels have this "
-                                                 "standard deviation on 64 un-augmented slices (default 0: as "
-                                                 "trained, the paper's)")}
+    options = {
+        "mask_patch_size": Option(32, "MIM: side of the masked square patches in px (default 32)"),
+        "mask_ratio": Option(0.75, "MIM: fraction of the patches masked per image (default 0.75)"),
+        "skip_features": Option(
+            "kept",
+            "MIM: 'masked' also zeroes the encoder's skip features at the masked "
+            "patches, so the decoder cannot copy visible neighbours; 'dropped' "
+            "zeroes all of them for a random half of the images (default "
+            "'kept', the paper's)",
+        ),
+        "reconstruction_head": Option(
+            "linear",
+            "MIM: 'nonlinear' reconstructs through a throw-away conv-norm-"
+            "nonlinearity-1x1 head instead of the linear 1x1 conv on the "
+            "last decoder stage (default 'linear', the paper's)",
+        ),
+        "decorrelation": Option(
+            0.0,
+            "MIM: weight of a penalty on the correlation between the channels of "
+            "every decoder stage's output (default 0, the paper's)",
+        ),
+        "decoder_output_std": Option(
+            0.0,
+            "MIM: rescale the checkpoint's decoder, without changing what it "
+            "computes, so that every decoder stage's output channels have this "
+            "standard deviation on 64 un-augmented slices (default 0: as "
+            "trained, the paper's)",
+        ),
+    }
 
     def __init__(self, spec, patch_size, **options):
         super().__init__(spec, patch_size, **options)
@@ -136,8 +167,10 @@ class MIM(SSPMethod):
         if self.skip_features not in SKIP_FEATURES:
             raise ValueError(f"skip_features must be one of {', '.join(SKIP_FEATURES)} (got {self.skip_features!r})")
         if self.reconstruction_head not in RECONSTRUCTION_HEADS:
-            raise ValueError(f"reconstruction_head must be one of {', '.join(RECONSTRUCTION_HEADS)} "
-                             f"(got {self.reconstruction_head!r})")
+            raise ValueError(
+                f"reconstruction_head must be one of {', '.join(RECONSTRUCTION_HEADS)} "
+                f"(got {self.reconstruction_head!r})"
+            )
         for name in ("decorrelation", "decoder_output_std"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ValueError(f"{name} must be a non-negative number (got {getattr(self, name)})")
@@ -155,8 +188,9 @@ class MIM(SSPMethod):
         """(masked input with masked pixels set to 0, mask); in a distributed run the rows of this rank's block of
         the global batch's masks."""
         b, _, h, w = images.shape
-        mask = random_patch_mask(b * distributed.world_size(), h, w, self.mask_patch_size, self.mask_ratio,
-                                 device=images.device)
+        mask = random_patch_mask(
+            b * distributed.world_size(), h, w, self.mask_patch_size, self.mask_ratio, device=images.device
+        )
         mask = distributed.local_rows(mask)
         return images * (1 - mask), mask
 
@@ -203,8 +237,10 @@ class MIM(SSPMethod):
 
     def write_preview(self, model, batch, path) -> bool:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         images = batch["views"][0][:4].to(next(model.parameters()).device)  # the loader's batch is on the CPU
         with torch.no_grad():
             masked, mask = self.mask_batch(images)

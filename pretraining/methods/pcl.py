@@ -7,6 +7,7 @@ SGD lr 0.1, momentum 0.9, weight decay 1e-5, cosine to 0, batch 64 pairs.
 Distributed runs: projections and slice positions of all ranks are gathered, so positives and negatives come from the
 whole global batch.
 """
+
 from typing import Dict, Tuple
 
 import torch
@@ -20,13 +21,18 @@ from pretraining.methods.simclr import SimCLR
 class PCL(SimCLR):
     name = "pcl"
     defaults = Hyperparameters(batch_size=64, lr=0.1, momentum=0.9, weight_decay=1e-5)
-    options = {**SimCLR.options,
-               "position_threshold": Option(0.1, "PCL: views whose slice positions differ by less than this are "
-                                                 "positives (default 0.1)")}
+    options = {
+        **SimCLR.options,
+        "position_threshold": Option(
+            0.1, "PCL: views whose slice positions differ by less than this are positives (default 0.1)"
+        ),
+    }
 
     def loss(self, model, batch, step) -> Tuple[torch.Tensor, Dict[str, float]]:
         z_a, z_b, metrics = self.embed_views(model, batch)
-        positions = distributed.gather_cat(torch.as_tensor(batch["slice_position"], device=z_a.device,
-                                                           dtype=torch.float32))
-        return positional_contrastive(z_a, z_b, positions, threshold=self.position_threshold,
-                                      temperature=self.temperature), metrics
+        positions = distributed.gather_cat(
+            torch.as_tensor(batch["slice_position"], device=z_a.device, dtype=torch.float32)
+        )
+        return positional_contrastive(
+            z_a, z_b, positions, threshold=self.position_threshold, temperature=self.temperature
+        ), metrics

@@ -8,6 +8,7 @@ Only the encoder is transferred: the decoder is never run and the projection hea
 Distributed runs: the projections of all ranks are gathered (with gradients), so every view's negatives are the
 other views of the whole global batch, as in one process.
 """
+
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -25,13 +26,15 @@ COLLAPSED_SPREAD = 0.05
 class SimCLR(SSPMethod):
     name = "simclr"
     defaults = Hyperparameters(batch_size=224, lr=0.1, momentum=0.9, weight_decay=1e-4)
-    options = {"temperature": Option(0.1, "SimCLR/PCL: softmax temperature of the contrastive loss (default 0.1)"),
-               "pool_grid": POOL_GRID_OPTION}
+    options = {
+        "temperature": Option(0.1, "SimCLR/PCL: softmax temperature of the contrastive loss (default 0.1)"),
+        "pool_grid": POOL_GRID_OPTION,
+    }
 
     def build_model(self) -> torch.nn.Module:
         network = self.spec.build(num_output_channels=1)
         width = encoder_width(network)
-        return EncoderWithHead(network, ProjectionMLP(width * self.pool_grid ** 2, width, width), self.pool_grid)
+        return EncoderWithHead(network, ProjectionMLP(width * self.pool_grid**2, width, width), self.pool_grid)
 
     def __init__(self, spec, patch_size, **options):
         super().__init__(spec, patch_size, **options)
@@ -63,6 +66,8 @@ class SimCLR(SSPMethod):
     def epoch_warning(self, metrics: Dict[str, float]) -> Optional[str]:
         spread = metrics.get("projection_spread", 1.0)
         if spread < COLLAPSED_SPREAD:
-            return (f"{self.name} projections have collapsed (spread {spread:.3g}, healthy ~1): the loss sits at its "
-                    f"chance value; try a lower --lr (scaled to the batch) or a larger batch")
+            return (
+                f"{self.name} projections have collapsed (spread {spread:.3g}, healthy ~1): the loss sits at its "
+                f"chance value; try a lower --lr (scaled to the batch) or a larger batch"
+            )
         return None
