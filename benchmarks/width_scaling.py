@@ -9,16 +9,17 @@ step on width-scaled plans (``nnunet_ssp plans --width``), and the ratio to full
 - pretraining: MIM's loss, backward and SGD step (``pretraining.methods``) on random views at ``--pretrain-batch``,
   without data loading (``benchmarks/pretrain_throughput.py`` measures the data path).
 
-    python benchmarks/width_scaling.py -d 501 --widths 1 0.5 0.25 0.125 --fold 0 -o width_scaling.json
+    python benchmarks/width_scaling.py -d 501 --widths 1 0.5 0.25 0.125 --fold 0 -o docs/benchmarks/width_scaling.json
 
 (nnUNet_raw, nnUNet_preprocessed set, the dataset planned and split; trainers write into a temporary
-nnUNet_results.) Prints one line per width and writes the figures as JSON.
+nnUNet_results.) Prints one line per width and writes the figures as JSON, with the provenance of the run (commit,
+command, date, hardware, library versions); ``python scripts/render_docs.py`` renders docs/performance.md's width
+table from docs/benchmarks/width_scaling.json.
 """
 
 import argparse
 import contextlib
 import io
-import json
 import os
 import statistics
 import sys
@@ -26,6 +27,9 @@ import tempfile
 import time
 
 import torch
+
+from nnunet_ssp.io import save_json_atomic
+from nnunet_ssp.provenance import collect_provenance
 
 
 def _median_seconds(step, repeats: int, warmup: int = 2) -> float:
@@ -68,6 +72,7 @@ def finetune_seconds(dataset: str, plans: str, fold: int, repeats: int) -> dict:
         "finetune_step_s": step,
         "paper_epoch_s": per_epoch,
         "parameters": parameters,
+        "features_per_stage": list(trainer.configuration_manager.network_arch_init_kwargs["features_per_stage"]),
         "finetune_batch": trainer.batch_size,
     }
 
@@ -136,8 +141,8 @@ def main(argv=None) -> int:
             f"{r['width']:6g} {r['parameters']:11,d}  {r['finetune_step_s']:13.3f} s  {r['paper_epoch_s']:10.3f} s  "
             f"{r['pretrain_step_s']:7.3f} s{ratios}"
         )
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=1)
+    provenance = collect_provenance(["python", os.path.relpath(__file__), *(sys.argv[1:] if argv is None else argv)])
+    save_json_atomic({"provenance": provenance, "rows": rows}, args.output)
     return 0
 
 

@@ -1,5 +1,7 @@
 """Renders the reference pages docs/cli.md (every command's own ``--help``) and docs/trainers.md (the trainer registry)
-from the code, so that they are never typed by hand.
+from the code, the generated blocks of docs/performance.md from the benchmarks' JSON in docs/benchmarks/, and
+docs/results.md from the report folders stored in docs/results/ (as ``nnunet_ssp results`` does), so that they are
+never typed by hand.
 
     python scripts/render_docs.py            # (re)writes the pages
     python scripts/render_docs.py --check    # writes nothing; exit 1 naming the stale pages
@@ -216,11 +218,70 @@ def _names(classes) -> str:
     return ", ".join(f"`{cls.__name__}`" for cls in classes)
 
 
+# ------------------------------------------------------------------------------------------------ performance
+#: a generated block of a hand-written page: ``<!-- generated from docs/benchmarks/NAME.json -->`` ... end marker
+GENERATED_BLOCK = re.compile(
+    r"(<!-- generated from docs/benchmarks/(\w+)\.json -->\n).*?(<!-- end generated -->)", re.S
+)
+
+
+def render_width_scaling(result: dict) -> str:
+    """The table of ``benchmarks/width_scaling.py``'s JSON, after the provenance of the run that wrote it."""
+    from nnunet_ssp.provenance import render_provenance_markdown
+
+    rows = result["rows"]
+    full = next((r for r in rows if r["width"] == 1), None)
+    keys = ("finetune_step_s", "paper_epoch_s", "pretrain_step_s")
+    header = ["width", "features per stage", "parameters", "fine-tuning step", "paper epoch, 1 subject", "MIM step"]
+    lines = table(
+        header + (["vs full width (step, epoch, MIM)"] if full else []),
+        [
+            [
+                f"{r['width']:g}",
+                f"{r['features_per_stage'][0]}–{r['features_per_stage'][-1]}",
+                f"{r['parameters']:,d}",
+                *(f"{r[key]:.3f} s" for key in keys),
+                *([", ".join(f"{r[key] / full[key]:.2f}" for key in keys)] if full else []),
+            ]
+            for r in rows
+        ],
+    )
+    provenance = render_provenance_markdown(result["provenance"])
+    return "Measured by the run below (fine-tuning batch {}, MIM batch {}):\n\n{}\n\n{}\n".format(
+        rows[0]["finetune_batch"], rows[0]["pretrain_batch"], provenance, "\n".join(lines)
+    )
+
+
+BENCHMARK_RENDERERS = {"width_scaling": render_width_scaling}
+
+
+def render_performance() -> str:
+    """docs/performance.md with each generated block rendered from its benchmark's JSON."""
+    import json
+
+    def block(match) -> str:
+        with open(os.path.join(REPO, "docs", "benchmarks", f"{match.group(2)}.json"), encoding="utf-8") as f:
+            return match.group(1) + BENCHMARK_RENDERERS[match.group(2)](json.load(f)) + match.group(3)
+
+    with open(os.path.join(REPO, "docs", "performance.md"), encoding="utf-8") as f:
+        return GENERATED_BLOCK.sub(block, f.read())
+
+
+# ----------------------------------------------------------------------------------------------------- results
+def render_results() -> str:
+    """docs/results.md from the report folders stored under docs/results/ (what ``nnunet_ssp results`` renders)."""
+    from nnunet_ssp.evaluation.results_page import render_results_page
+
+    stored = os.path.join(REPO, "docs", "results")
+    return render_results_page(sorted(os.path.join(stored, name) for name in os.listdir(stored)))
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def render() -> dict:
     """file name -> rendered text of every page (this process's environment gets :data:`PLACEHOLDER_ENV` first)."""
     os.environ.update(PLACEHOLDER_ENV)
-    return {"cli.md": render_cli(), "trainers.md": render_trainers()}
+    pages = {"cli.md": render_cli(), "trainers.md": render_trainers(), "performance.md": render_performance()}
+    return {**pages, "results.md": render_results()}
 
 
 def shown(path: str) -> str:

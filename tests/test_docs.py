@@ -111,12 +111,24 @@ def test_readme_is_a_short_router():
         assert (REPO / page).exists(), f"README links {page}, which does not exist"
 
 
+def _anchors(path: Path) -> set:
+    """The fragments a Markdown page defines: GitHub's slugs of its headings, and explicit ``<a id=...>``."""
+    text = path.read_text(encoding="utf-8")
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    slugs = {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+    return slugs | set(re.findall(r'<a id="([^"]+)"', text))
+
+
 def test_relative_links_in_docs_resolve():
+    """Every relative link names an existing file, and its #fragment a heading of that file."""
     broken = []
     for path in DOC_FILES:
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8")):
-            if not (path.parent / target).exists():
+        for target, fragment in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", path.read_text(encoding="utf-8")):
+            linked = path.parent / target if target else path
+            if not linked.exists():
                 broken.append(f"{path.relative_to(REPO)} -> {target}")
+            elif fragment and linked.suffix == ".md" and fragment not in _anchors(linked):
+                broken.append(f"{path.relative_to(REPO)} -> {target}#{fragment}: no such heading")
     assert not broken, "broken links:\n" + "\n".join(broken)
 
 

@@ -371,12 +371,15 @@ def test_results_page_from_report_folders(results, tmp_path):
     _, out, _, _ = results
     copy = tmp_path / "elsewhere" / out.name
     shutil.copytree(out, copy)
+    (copy / "about.md").write_text("What was run, in a paragraph.\n")
     page = tmp_path / "page.md"
     done = _run_results(out, copy, "-o", page)
     assert done.returncode == 0 and done.stdout == f"{page}\n", done.stderr
     text = page.read_text()
     titles = [f"{out.parent.name}/{out.name}", f"elsewhere/{out.name}"]
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == titles
+    assert f"## {titles[1]}\n\nWhat was run, in a paragraph.\n\n### Provenance" in text
+    assert text.count("What was run") == 1
     section = text[text.index(f"## {titles[0]}\n") : text.index(f"## {titles[1]}\n")]
     assert render_provenance_markdown(load_provenance(str(out / "provenance.json"))) in section
     header, rows = _table_after(section, "### Run-level comparison against the baseline")

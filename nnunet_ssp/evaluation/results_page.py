@@ -3,7 +3,8 @@
 Each folder gets a section, titled with its name (with as many parent folders as tell the folders apart): its
 provenance (provenance.json), then per experiment the run-level comparison with the baseline in brief (run_level.csv)
 and the mean 3D Dice table (summary.csv), numbers formatted as report.md formats them. The page holds nothing but
-what the folders' files hold (no date of its own), so the same folders give the same bytes.
+what the folders' files hold (no date of its own), so the same folders give the same bytes. A folder may hold an
+``about.md`` beside the report's files: a paragraph on what was run, shown under the section's title.
 """
 
 import csv
@@ -24,7 +25,7 @@ from nnunet_ssp.evaluation.report import (
 from nnunet_ssp.evaluation.runs import MEAN, _budget, budget_sort_key, cell_text
 from nnunet_ssp.provenance import load_provenance, render_provenance_markdown
 
-RUN_LEVEL_FILE, SUMMARY_FILE = "run_level.csv", "summary.csv"
+RUN_LEVEL_FILE, SUMMARY_FILE, ABOUT_FILE = "run_level.csv", "summary.csv", "about.md"
 #: the run_level.csv columns the brief table shows, read as numbers
 RUN_LEVEL_NUMBERS = ("mean_diff", "ci_low", "ci_high", "p_signflip", "p_wilcoxon", "p_holm", "min_p")
 DICE_HEADING = "3D Dice, mean over the foreground classes"
@@ -113,9 +114,12 @@ def report_section(folder: str, title: str) -> List[str]:
     run_level = _run_level_rows(os.path.join(folder, RUN_LEVEL_FILE))
     summary_path = os.path.join(folder, SUMMARY_FILE)
     summary = _read_csv(summary_path, SUMMARY_COLUMNS)
-    lines = [
-        f"## {title}",
-        "",
+    about = os.path.join(folder, ABOUT_FILE)
+    lines = [f"## {title}", ""]
+    if os.path.isfile(about):
+        with open(about, encoding="utf-8") as f:
+            lines += [f.read().strip(), ""]
+    lines += [
         "### Provenance",
         "",
         render_provenance_markdown(load_provenance(os.path.join(folder, PROVENANCE_FILE))),
@@ -136,12 +140,18 @@ def report_section(folder: str, title: str) -> List[str]:
     return lines
 
 
-def write_results_page(folders: Sequence[str], output: str) -> str:
-    """Writes the results page of the report ``folders`` to ``output`` (atomically) and returns its path; a folder
-    without provenance.json, run_level.csv or summary.csv is refused before anything is written."""
+def render_results_page(folders: Sequence[str]) -> str:
+    """The results page of the report ``folders``; a folder without provenance.json, run_level.csv or summary.csv is
+    refused."""
     for folder in folders:
         _check_report_folder(folder)
     lines = ["# Results", "", PAGE_INTRO]
     for folder, title in zip(folders, section_titles(folders)):
         lines += ["", *report_section(folder, title)]
-    return write_text(output, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_results_page(folders: Sequence[str], output: str) -> str:
+    """Writes the results page of the report ``folders`` to ``output`` (atomically, only once every folder has been
+    read) and returns its path."""
+    return write_text(output, render_results_page(folders))
