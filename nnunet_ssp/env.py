@@ -67,10 +67,20 @@ def find_trainer_class(trainer: str) -> type:
 
 
 def ssp_method_trainers() -> dict:
-    """--method key -> its fine-tuning trainer class (``ssp_method``, ``ssp_parts``), in PUBLIC_TRAINERS' order, as
-    nnU-Net's lookup finds them."""
-    classes = (find_trainer_class(name) for name in PUBLIC_TRAINERS)
-    return {cls.ssp_method: cls for cls in classes if getattr(cls, "ssp_method", None)}
+    """--method key -> its fine-tuning trainer class (``ssp_method``, ``ssp_parts``), in PUBLIC_TRAINERS' order, found
+    in the plugin's ``nnUNet_extTrainer`` folder as nnU-Net's lookup searches it (without importing nnU-Net's own
+    trainers)."""
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+
+    folder = ext_trainer_dir()
+    found = {}
+    for name in PUBLIC_TRAINERS:
+        cls = recursive_find_python_class(folder, name, None, base_folder=folder, cleanup_imports_from_base_folder=True)
+        if cls is None:
+            raise SSPError(f"{folder}: no trainer {name}; reinstall nnunet-ssp (pip install -e .)")
+        if getattr(cls, "ssp_method", None):
+            found[cls.ssp_method] = cls
+    return found
 
 
 def ext_trainer_dir() -> str:
