@@ -240,7 +240,10 @@ def test_every_pretraining_method_has_a_trainer_that_loads_its_parts():
 
 def test_the_core_finds_the_trainers_through_nnunets_lookup():
     """The core names the public trainers without importing them; nnU-Net's lookup finds exactly the registry's."""
-    from nnunet_ssp.env import PUBLIC_TRAINERS, ssp_method_trainers
+    from nnunet_ssp.env import PUBLIC_TRAINERS, ext_trainer_dir, ssp_method_trainers
+    from trainers import EXT_TRAINER_DIR
+
+    assert ext_trainer_dir() == os.path.abspath(EXT_TRAINER_DIR)
 
     assert sorted(PUBLIC_TRAINERS) == sorted(trainer.__name__ for trainer in ssp_trainers.BASE_TRAINERS)
     found = ssp_method_trainers()
